@@ -1,0 +1,99 @@
+"""Generation with an omission set: mlx-lm's own `stream_generate`, run on a `SkipView`.
+
+Nothing here re-implements decoding: sampling, prefill chunking, the detokenizer and the stop rule
+are mlx-lm's. With no blocks omitted the output is token-identical to `mlx_lm.generate` (tested).
+"""
+
+from dataclasses import dataclass, field
+from typing import Iterator, List, Optional, Sequence
+
+import mlx.core as mx
+from mlx_lm.generate import stream_generate as mlx_stream_generate
+from mlx_lm.generate import wired_limit
+from mlx_lm.sample_utils import make_sampler
+
+from .errors import PuddingError
+from .skip import SkipView
+
+
+@dataclass
+class GenerationResult:
+    text: str
+    token_ids: List[int]
+    omitted: List[int]
+    prompt_tokens: int
+    prefill_tps: float
+    decode_tps: float
+    generation_tokens: int
+    peak_memory_gb: float
+    finish_reason: Optional[str] = None
+    extra: dict = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        out = {k: v for k, v in vars(self).items() if k != "extra"}
+        out.update(self.extra)
+        return out
+
+
+def prompt_tokens(tokenizer, prompt: str, chat_template: bool = True, system: Optional[str] = None) -> List[int]:
+    """Token ids for `prompt`, through the tokenizer's chat template when it has one."""
+    if chat_template and getattr(tokenizer, "chat_template", None):
+        messages = ([{"role": "system", "content": system}] if system else []) + [
+            {"role": "user", "content": prompt}
+        ]
+        return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True))
+    return list(tokenizer.encode(prompt))
+
+
+def context_length(model) -> Optional[int]:
+    return getattr(model.args, "max_position_embeddings", None)
+
+
+def stream_generate(
+    model,
+    tokenizer,
+    prompt: Sequence[int],
+    omitted: Sequence[int] = (),
+    max_tokens: int = 256,
+    temp: float = 0.0,
+    top_p: float = 1.0,
+    seed: Optional[int] = None,
+    prompt_cache=None,
+) -> Iterator:
+    """Yield mlx-lm `GenerationResponse`s for `prompt` (token ids) with blocks `omitted` skipped."""
+    view = SkipView(model, omitted)
+    limit = context_length(model)
+    if limit and len(prompt) >= limit:
+        raise PuddingError(
+            f"the prompt has {len(prompt)} tokens but the model's context is {limit}; shorten it"
+        )
+    if seed is not None:
+        mx.random.seed(seed)
+    sampler = make_sampler(temp=temp, top_p=top_p)
+    with wired_limit(model):
+        yield from mlx_stream_generate(
+            view, tokenizer, mx.array(prompt), max_tokens=max_tokens, sampler=sampler,
+            prompt_cache=prompt_cache,
+        )
+
+
+def generate(model, tokenizer, prompt: Sequence[int], omitted: Sequence[int] = (), **kwargs) -> GenerationResult:
+    """Run `stream_generate` to the end and collect text, ids and speed."""
+    text, ids, last = "", [], None
+    for response in stream_generate(model, tokenizer, prompt, omitted, **kwargs):
+        text += response.text
+        ids.append(int(response.token))
+        last = response
+    if last is None:
+        raise PuddingError("generation produced no tokens (is --max-tokens positive?)")
+    return GenerationResult(
+        text=text,
+        token_ids=ids,
+        omitted=sorted(int(i) for i in omitted),
+        prompt_tokens=last.prompt_tokens,
+        prefill_tps=last.prompt_tps,
+        decode_tps=last.generation_tps,
+        generation_tokens=last.generation_tokens,
+        peak_memory_gb=last.peak_memory,
+        finish_reason=last.finish_reason,
+    )

@@ -1,0 +1,107 @@
+"""Load what MODEL names: a pudding-mlx bundle, a plain mlx-lm model directory, or a hub id.
+
+Weights stay lazy (`mlx_lm.load(..., lazy=True)`): nothing is read from disk until a block runs, so
+a block that a request omits is never materialised.
+
+dtype: on the MLX CPU backend bfloat16/float16 matmuls are very slow (a 256-token prefill of a
+16-layer, 512-wide model took 6 s in bf16), so by default floating weights are cast to float32 there;
+on Metal and CUDA the stored dtype is kept. `dtype=` overrides both.
+"""
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from .bundle import Manifest, check_bundle_files, is_bundle, read_manifest
+from .errors import PuddingError
+from .skip import num_blocks
+
+DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
+
+
+@dataclass
+class Loaded:
+    model: nn.Module
+    tokenizer: object  # mlx_lm TokenizerWrapper
+    path: Path
+    manifest: Optional[Manifest] = None  # None for a plain model directory
+    router: object = None  # pudding_mlx.router.Router when the bundle has one
+
+    @property
+    def n_blocks(self) -> int:
+        return num_blocks(self.model)
+
+
+def backend() -> str:
+    if mx.metal.is_available():
+        return "metal"
+    if hasattr(mx, "cuda") and mx.cuda.is_available():
+        return "cuda"
+    return "cpu"
+
+
+def default_dtype() -> Optional[mx.Dtype]:
+    """float32 on the CPU backend (bf16 is very slow there); the stored dtype elsewhere."""
+    return mx.float32 if backend() == "cpu" else None
+
+
+def resolve(model: str) -> Path:
+    """A local directory as is; otherwise a hub id through mlx-lm's own download (cache first)."""
+    path = Path(model).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise PuddingError(f"{path}: not a directory; MODEL must be a bundle, an mlx-lm model directory or a hub id (convert a GGUF file with `pudding-mlx convert llm`)")
+        return path
+    if model.startswith((".", "/", "~")) or model.count("/") != 1:
+        raise PuddingError(f"{model}: no such directory, and not a hub id of the form owner/name")
+    from huggingface_hub import snapshot_download
+
+    try:  # the local cache first: no network round trip for a model already here
+        return Path(snapshot_download(model, local_files_only=True))
+    except Exception:
+        pass
+    if os.environ.get("HF_HUB_OFFLINE") == "1":
+        raise PuddingError(f"{model}: not in the local hub cache and HF_HUB_OFFLINE=1; download it first or pass a directory")
+    from mlx_lm.utils import _download
+
+    try:
+        return Path(_download(model))
+    except Exception as e:
+        raise PuddingError(f"{model}: could not fetch it from the hub ({type(e).__name__}); pass a local directory instead")
+
+
+def load(model: str, dtype: Optional[str] = None, lazy: bool = True, with_router: bool = True) -> Loaded:
+    """Load MODEL (bundle, mlx-lm directory or hub id) with its tokenizer, manifest and router."""
+    from mlx_lm.utils import load as mlx_lm_load
+
+    path = resolve(str(model))
+    manifest = None
+    if is_bundle(path):
+        manifest = read_manifest(path)
+        check_bundle_files(path, manifest)
+    elif not (path / "config.json").is_file():
+        raise PuddingError(f"{path}: no config.json and no pudding.json; not an mlx-lm model directory or a bundle")
+    try:
+        model_obj, tokenizer = mlx_lm_load(str(path), lazy=lazy)
+    except FileNotFoundError as e:
+        raise PuddingError(f"{path}: {e}")
+    except (ValueError, KeyError, json.JSONDecodeError) as e:
+        raise PuddingError(f"{path}: the model could not be loaded ({str(e).splitlines()[0][:200]})")
+    if dtype is not None and dtype not in DTYPES:
+        raise PuddingError(f"--dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
+    target = DTYPES[dtype] if dtype else default_dtype()
+    if target is not None:
+        model_obj.set_dtype(target)  # lazy: a cast is only computed for blocks that run
+    loaded = Loaded(model_obj, tokenizer, path, manifest)
+    if manifest is not None:
+        check_bundle_files(path, manifest, llm_blocks=loaded.n_blocks)
+        if with_router and manifest.router is not None:
+            from .router import load_router
+
+            loaded.router = load_router(path / manifest.router.path, num_outputs=len(manifest.candidates))
+    return loaded
