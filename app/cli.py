@@ -1,5 +1,119 @@
+"""`pudding-mlx`: prompt-routed depth pruning for LLMs on MLX.
+
+Every command that takes MODEL accepts a pudding-mlx bundle, a plain mlx-lm model directory, or a
+hub id. Errors in what the user gave print one line and exit with status 2; `--json` prints one
+JSON object on stdout and nothing else there.
+"""
+
+import json
+import sys
+from typing import Optional
+
 import typer
-app = typer.Typer()
+from rich.console import Console
+
+from pudding_mlx import __version__
+from pudding_mlx.errors import PuddingError
+
+app = typer.Typer(
+    name="pudding-mlx",
+    pretty_exceptions_enable=False,
+    help="Prompt-routed depth pruning (PuDDing) for LLMs on MLX: each prompt runs the model with a "
+    "set of transformer blocks skipped, chosen by a small router.",
+    no_args_is_help=True,
+    add_completion=False,
+    rich_markup_mode="rich",
+)
+err = Console(stderr=True, highlight=False)
+out = Console(highlight=False, soft_wrap=True)
+
+
+def _version(value: bool):
+    if value:
+        print(f"pudding-mlx {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                 help="Print the version and exit."),
+):
+    pass
+
+
+MODEL_ARG = typer.Argument(..., help="A pudding-mlx bundle, an mlx-lm model directory, or a hub id.")
+DENSE = typer.Option(False, "--dense", help="Run every block (no pruning), ignoring the router.")
+OMIT = typer.Option(None, "--omit", help="Skip these 0-based blocks, e.g. 3,5,9 (overrides the router).")
+DTYPE = typer.Option(None, "--dtype", help="float32 | float16 | bfloat16. Default: float32 on the "
+                     "CPU backend (bf16 is very slow there), the stored dtype on Metal/CUDA.")
+
+
 @app.command()
-def hello(): print("hi")
-def main(): app()
+def generate(
+    model: str = MODEL_ARG,
+    prompt: str = typer.Option(..., "--prompt", "-p", help="The user message."),
+    dense: bool = DENSE,
+    omit: Optional[str] = OMIT,
+    max_tokens: int = typer.Option(256, "--max-tokens", "-m", min=1, help="Most tokens to generate."),
+    temp: float = typer.Option(0.0, "--temp", min=0.0, help="Sampling temperature; 0 is greedy."),
+    top_p: float = typer.Option(1.0, "--top-p", min=0.0, max=1.0, help="Nucleus sampling mass."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Random seed for sampling."),
+    system: Optional[str] = typer.Option(None, "--system", help="A system message for the chat template."),
+    ignore_chat_template: bool = typer.Option(False, "--ignore-chat-template",
+                                              help="Feed the prompt as raw text."),
+    dtype: Optional[str] = DTYPE,
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of streaming text."),
+):
+    """Generate a reply to one prompt, with the router's omission set (or --dense / --omit)."""
+    from pudding_mlx.generate import generate as run_generate, prompt_tokens, stream_generate
+    from pudding_mlx.load import load
+    from pudding_mlx.routing import choose, parse_omit
+
+    loaded = load(model, dtype=dtype)
+    choice = choose(loaded, prompt, dense, None if omit is None else parse_omit(omit))
+    ids = prompt_tokens(loaded.tokenizer, prompt, not ignore_chat_template, system)
+    kwargs = dict(max_tokens=max_tokens, temp=temp, top_p=top_p, seed=seed)
+    if as_json:
+        result = run_generate(loaded.model, loaded.tokenizer, ids, choice.omitted, **kwargs)
+        payload = result.to_json()
+        payload.update({k: v for k, v in choice.to_json().items() if k != "omitted"})
+        payload["model"] = str(loaded.path)
+        print(json.dumps(payload))
+        return
+    last = None
+    for response in stream_generate(loaded.model, loaded.tokenizer, ids, choice.omitted, **kwargs):
+        out.print(response.text, end="")
+        last = response
+    out.print()
+    _footer(loaded, choice, last)
+
+
+def _footer(loaded, choice, last):
+    n = loaded.n_blocks
+    if choice.how == "routed":
+        what = (f"candidate {choice.candidate}: omitted {list(choice.omitted)} "
+                f"({n - len(choice.omitted)}/{n} blocks), router {choice.router_ms:.1f} ms")
+    elif choice.how == "no-router":
+        what = f"dense ({n}/{n} blocks): this model has no router"
+    else:
+        what = f"omitted {list(choice.omitted)} ({n - len(choice.omitted)}/{n} blocks)"
+    err.print(f"[dim]{'=' * 10}[/dim]")
+    err.print(f"Route: {what}")
+    if last is not None:
+        err.print(f"Prompt: {last.prompt_tokens} tokens, {last.prompt_tps:.3f} tokens-per-sec")
+        err.print(f"Generation: {last.generation_tokens} tokens, {last.generation_tps:.3f} tokens-per-sec")
+        err.print(f"Peak memory: {last.peak_memory:.3f} GB")
+
+
+def main():
+    """Entry point: user errors become one line on stderr and exit status 2, never a traceback."""
+    try:
+        app()  # standalone: usage errors, --help and typer.Exit are handled by click
+    except PuddingError as e:
+        err.print(f"[bold red]error:[/bold red] {e}", soft_wrap=True)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -68,11 +68,10 @@ def check_omitted(omitted: Iterable[int], n_blocks: int, what: str = "omission s
 
 
 # -- per-family forwards ---------------------------------------------------------------------------
-# Each takes (model, kept_layers, inputs, cache, **kwargs) and returns logits.
+# Each takes (model, decoder, kept_layers, inputs, cache, **kwargs) and returns logits.
 
 
-def _swap_forward(model, layers, inputs, cache=None, **kwargs):
-    inner = decoder(model)
+def _swap_forward(model, inner, layers, inputs, cache=None, **kwargs):
     saved = {"layers": inner.layers}
     inner.layers = layers
     # llama-style models cache positions of the first full / sliding layer: recompute for `layers`.
@@ -88,10 +87,9 @@ def _swap_forward(model, layers, inputs, cache=None, **kwargs):
             setattr(inner, k, v)
 
 
-def _gemma3_forward(model, layers, inputs, cache=None, input_embeddings=None):
+def _gemma3_forward(model, inner, layers, inputs, cache=None, input_embeddings=None):
     # Mirrors mlx_lm.models.gemma3_text.Gemma3Model.__call__, with the sliding/global choice taken
     # from each block's own attention instead of its position in the loop.
-    inner = decoder(model)
     h = input_embeddings if input_embeddings is not None else inner.embed_tokens(inputs)
     h *= mx.array(inner.args.hidden_size**0.5, mx.bfloat16).astype(h.dtype)
     if cache is None:
@@ -142,15 +140,18 @@ class SkipView:
 
     def __init__(self, model: nn.Module, omitted: Sequence[int] = ()):
         self.model = model
-        self.n_blocks = num_blocks(model)
+        self._decoder = decoder(model)
+        all_layers = self._decoder.layers
+        self.n_blocks = len(all_layers)
         self.omitted = check_omitted(omitted, self.n_blocks)
         self.kept = tuple(i for i in range(self.n_blocks) if i not in set(self.omitted))
+        self._layers = [all_layers[i] for i in self.kept]
         self._forward = family_forward(model)
 
     @property
     def layers(self) -> List[nn.Module]:
-        all_layers = decoder(self.model).layers
-        return [all_layers[i] for i in self.kept]
+        """The kept blocks, in order (the blocks themselves, shared with the model)."""
+        return self._layers
 
     @property
     def model_type(self):
@@ -167,7 +168,7 @@ class SkipView:
                 f"cache has {len(cache)} entries but this view runs {len(self.kept)} blocks"
             )
         with _SWAP_LOCK:
-            return self._forward(self.model, self.layers, inputs, cache, **kwargs)
+            return self._forward(self.model, self._decoder, self._layers, inputs, cache, **kwargs)
 
     def __repr__(self):
         return f"SkipView({type(self.model).__module__}, omitted={list(self.omitted)})"
