@@ -106,6 +106,11 @@ def _footer(loaded, choice, last):
         err.print(f"Peak memory: {last.peak_memory:.3f} GB")
 
 
+from pudding_mlx.app.train_cmd import train_app  # noqa: E402  (imports no torch until a command runs)
+
+app.add_typer(train_app, name="train")
+
+
 def main():
     """Entry point: user errors become one line on stderr and exit status 2, never a traceback."""
     try:

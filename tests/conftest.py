@@ -42,3 +42,20 @@ def tiny_llm_dir(tmp_path_factory, smollm2_gguf):
     save_model(out, model)
     save_config(dict(TINY_LLAMA, eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id), out / "config.json")
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_hf_dir(tmp_path_factory, smollm2_gguf):
+    """A Hugging Face model directory: tiny random LlamaForCausalLM (6 blocks) + SmolLM2's tokenizer."""
+    torch = pytest.importorskip("torch")
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    out = tmp_path_factory.mktemp("tiny-hf")
+    tok = AutoTokenizer.from_pretrained(str(smollm2_gguf.parent), gguf_file=smollm2_gguf.name)
+    tok.save_pretrained(out)
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=6,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                         tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    LlamaForCausalLM(config).save_pretrained(out)
+    return out

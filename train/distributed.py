@@ -1,0 +1,56 @@
+"""Scoring spread over the GPUs of one host with torch.distributed (launch with `torchrun
+--nproc-per-node N` or `accelerate launch`); one process, one GPU, or the CPU run unchanged.
+
+Each rank scores every world_size-th request (round robin, so long and short requests spread
+evenly), the scores are gathered to every rank, and the result is the same as one process would
+compute. Only rank 0 writes files.
+"""
+
+import os
+from typing import Iterable, Sequence
+
+import torch
+import torch.distributed as dist
+
+from .scoring import flatten, metrics, score_requests
+from .tasks import Example
+
+
+def init_from_env() -> None:
+    """Join the process group that torchrun / accelerate describe in the environment, if any."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(backend)
+
+
+def world() -> tuple:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def is_main() -> bool:
+    return world()[0] == 0
+
+
+def score_requests_everywhere(model, tokenizer, requests, omitted: Iterable[int] = (), **kwargs):
+    """`score_requests` with the requests split across ranks; every rank gets all scores."""
+    rank, size = world()
+    if size == 1:
+        return score_requests(model, tokenizer, requests, omitted, **kwargs)
+    requests = list(requests)
+    mine = score_requests(model, tokenizer, requests[rank::size], omitted, **kwargs)
+    gathered = [None] * size
+    dist.all_gather_object(gathered, mine)
+    merged = [None] * len(requests)
+    for r, part in enumerate(gathered):
+        merged[r::size] = part
+    return merged
+
+
+def evaluate_everywhere(model, tokenizer, examples: Sequence[Example], omitted: Iterable[int] = (), **kwargs) -> dict:
+    """`train.scoring.evaluate`, spread across ranks."""
+    scores = score_requests_everywhere(model, tokenizer, flatten(examples), omitted, **kwargs)
+    return metrics(examples, scores)

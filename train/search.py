@@ -1,0 +1,259 @@
+"""Greedy search for the candidate omission sets (PuDDing, section 4.1), resumable.
+
+For each (task, loss): start dense; in each of k phases try removing every remaining removable
+block and keep the removal whose loss on the task's calibration examples is lowest. The losses:
+
+    likelihood       L(S) = - sum_x ell(gold | x; S)
+    likelihood_diff  L(S) = - sum_x sum_{wrong k} (ell(gold | x; S) - ell(k | x; S))
+
+with ell the mean log-likelihood per continuation token (`train.scoring`). The first and last
+block are never removed (configurable). Greedy removal is nested, so one search to k_max also
+yields the sets for every smaller k (the first k removals).
+
+Scores of one set S are shared by both losses, so each (task, S) is scored once: the two chains
+of a task share their whole first phase. The state (every completed phase of every chain, with
+all the losses it saw) is written atomically after each phase; a killed search restarts from the
+last completed phase and ends with the same result.
+
+The candidates file (`write_candidates`) is what `pudding-mlx convert bundle --candidates` reads:
+
+    {"format": "pudding-mlx-candidates", "schema_version": 1, "model": "...", "num_blocks": 30,
+     "k": 7, "protected": [0, 29],
+     "calibration": {"split": "train", "n": 128, "seed": 0, "ids": {"arc_easy": ["..."], ...}},
+     "candidates": [{"omitted": [..], "order": [..], "task": "arc_easy", "loss": "likelihood",
+                     "loss_value": -93.1, "sources": [["arc_easy", "likelihood"], ...]}, ...]}
+
+`omitted` is sorted; `order` is the greedy removal order; `sources` lists every (task, loss)
+chain that found the same set (the pool is deduplicated).
+"""
+
+import json
+import os
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence
+
+from pudding_mlx.errors import PuddingError
+
+LOSSES = ("likelihood", "likelihood_diff")
+CANDIDATES_FORMAT = "pudding-mlx-candidates"
+
+
+def atomic_write_json(path, data) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1) + "\n")
+    os.replace(tmp, path)
+
+
+class SearchState:
+    """Completed phases per chain, persisted as JSON after each phase.
+
+    chains["task/loss"] = [{"removed": b, "loss": value, "tried": {"b": loss, ...}}, ...]
+    """
+
+    def __init__(self, path: Optional[Path], settings: dict, write: bool = True):
+        self.path = Path(path) if path else None
+        self.write = write  # every rank reads the state; only rank 0 writes it
+        self.settings = settings
+        self.chains: Dict[str, List[dict]] = {}
+        if self.path and self.path.exists():
+            try:
+                saved = json.loads(self.path.read_text())
+            except json.JSONDecodeError as e:
+                raise PuddingError(f"{self.path}: the search state is corrupt ({e}); delete it to start over")
+            if saved.get("settings") != settings:
+                raise PuddingError(
+                    f"{self.path}: this state was written by a search with other settings "
+                    f"({_diff(saved.get('settings', {}), settings)}); use another --state file or delete it"
+                )
+            self.chains = saved["chains"]
+
+    def save(self):
+        if self.path and self.write:
+            atomic_write_json(self.path, {"settings": self.settings, "chains": self.chains})
+
+
+def _diff(a: dict, b: dict) -> str:
+    keys = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+    return ", ".join(f"{k}: {a.get(k)!r} vs {b.get(k)!r}" for k in keys[:3]) or "unknown"
+
+
+def greedy_search(
+    score_set: Callable[[str, tuple], dict],
+    tasks: Sequence[str],
+    losses: Sequence[str],
+    n_blocks: int,
+    k: int,
+    protected: Sequence[int] = (),
+    state: Optional[SearchState] = None,
+    on_phase: Optional[Callable[[str, int, dict], None]] = None,
+) -> Dict[str, List[int]]:
+    """Run every (task, loss) chain to k removals; returns {"task/loss": greedy order}.
+
+    `score_set(task, omitted)` returns a dict with both losses for that task's calibration
+    examples under `omitted` (e.g. `train.scoring.evaluate`). `on_phase(chain, phase, record)` is
+    called after each completed phase (logging, progress, tests that interrupt the search).
+    """
+    for loss in losses:
+        if loss not in LOSSES:
+            raise PuddingError(f"unknown loss {loss!r}; choose from {', '.join(LOSSES)}")
+    removable = [b for b in range(n_blocks) if b not in set(protected)]
+    if k > len(removable):
+        raise PuddingError(f"k={k} but only {len(removable)} blocks may be removed")
+    state = state or SearchState(None, {})
+    known: Dict[tuple, float] = {}  # (task, omitted, loss) -> value: scored now or saved before
+
+    def value(task, omitted, loss):
+        key = (task, tuple(sorted(omitted)))
+        if key + (loss,) not in known:
+            for name, v in score_set(task, key[1]).items():
+                if name in LOSSES:
+                    known[key + (name,)] = float(v)
+        return known[key + (loss,)]
+
+    for name, phases in state.chains.items():
+        task, loss = name.split("/")
+        removed = []
+        for record in phases:
+            for b, v in record["tried"].items():
+                known[(task, tuple(sorted(removed + [int(b)])), loss)] = v
+            removed.append(record["removed"])
+
+    for task in tasks:
+        for loss in losses:
+            name = f"{task}/{loss}"
+            phases = state.chains.setdefault(name, [])
+            removed = [p["removed"] for p in phases]
+            while len(removed) < k:
+                tried = {}
+                for b in removable:
+                    if b in removed:
+                        continue
+                    tried[str(b)] = value(task, removed + [b], loss)
+                best = min(tried, key=lambda b: (tried[b], int(b)))  # ties: the lower block
+                record = {"removed": int(best), "loss": tried[best], "tried": tried}
+                phases.append(record)
+                removed.append(int(best))
+                state.save()
+                if on_phase is not None:
+                    on_phase(name, len(removed), record)
+    return {name: [p["removed"] for p in state.chains[name][:k]] for name in
+            (f"{t}/{l}" for t in tasks for l in losses)}
+
+
+def pool(orders: Dict[str, List[int]], k: int) -> List[dict]:
+    """The deduplicated pool of k-block sets from the greedy orders, in chain order."""
+    out: Dict[tuple, dict] = {}
+    for name, order in orders.items():
+        task, loss = name.split("/")
+        key = tuple(sorted(order[:k]))
+        if key in out:
+            out[key]["sources"].append([task, loss])
+        else:
+            out[key] = {"omitted": list(key), "order": order[:k], "task": task, "loss": loss,
+                        "sources": [[task, loss]]}
+    return list(out.values())
+
+
+def write_candidates(path, orders, k, state: SearchState, meta: dict) -> dict:
+    candidates = pool(orders, k)
+    for c in candidates:
+        chain = state.chains[f"{c['task']}/{c['loss']}"]
+        c["loss_value"] = chain[k - 1]["loss"]
+    data = {"format": CANDIDATES_FORMAT, "schema_version": 1, **meta, "k": k, "candidates": candidates}
+    atomic_write_json(path, data)
+    return data
+
+
+def read_candidates(path, n_blocks: Optional[int] = None) -> List[dict]:
+    """A candidates file from the search, or a plain JSON list of lists of 0-based block indices.
+    Returns [{"omitted": [...], "task"?, "loss"?, "order"?}] (not yet checked against a model)."""
+    path = Path(path)
+    if not path.is_file():
+        raise PuddingError(f"{path}: no such candidates file")
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise PuddingError(f"{path}: malformed JSON ({e})")
+    if isinstance(data, list):
+        if not all(isinstance(s, list) for s in data):
+            raise PuddingError(f"{path}: a plain candidates file must be a list of lists of block indices")
+        return [{"omitted": s} for s in data]
+    if not isinstance(data, dict) or data.get("format") != CANDIDATES_FORMAT:
+        raise PuddingError(f"{path}: field 'format' must be {CANDIDATES_FORMAT!r} (or give a plain list of lists)")
+    if data.get("schema_version") != 1:
+        raise PuddingError(f"{path}: field 'schema_version' is {data.get('schema_version')!r}; this version reads 1")
+    if n_blocks is not None and data.get("num_blocks") not in (None, n_blocks):
+        raise PuddingError(f"{path}: field 'num_blocks' is {data['num_blocks']} but the LLM has {n_blocks} blocks")
+    out = []
+    for m, c in enumerate(data.get("candidates", [])):
+        if not isinstance(c, dict) or not isinstance(c.get("omitted"), list):
+            raise PuddingError(f"{path}: field 'candidates[{m}].omitted' must be a list of block indices")
+        out.append({key: c[key] for key in ("omitted", "task", "loss", "order") if key in c})
+    return out
+
+
+MIX = "mix"  # pseudo-task: a SLEB-style calibration set drawn evenly from the listed tasks
+
+
+def calibration_sets(tasks, n, seed, data_dir=None) -> dict:
+    """{task: seeded sample of n train examples}; "mix" draws n in all, evenly from the others."""
+    from .tasks import load_task, sample
+
+    real = [t for t in tasks if t != MIX]
+    sets = {t: sample(load_task(t, "train", data_dir), n, seed) for t in real}
+    if MIX in tasks:
+        sources = real or ["arc_challenge", "arc_easy", "hellaswag", "piqa", "winogrande"]
+        per = max(1, n // len(sources))
+        mixed = []
+        for t in sources:
+            mixed.extend(sets[t][:per] if t in sets else sample(load_task(t, "train", data_dir), per, seed))
+        sets[MIX] = mixed
+    return sets
+
+
+def candidates_path(out, k, ks) -> Path:
+    out = Path(out)
+    return out if len(ks) == 1 else out.with_name(f"{out.stem}-k{k}{out.suffix or '.json'}")
+
+
+def run_search(model: str, tasks: Sequence[str], losses: Sequence[str], ks: Sequence[int], out,
+               state_path=None, n_calib: int = 128, seed: int = 0, batch_size: int = 64,
+               data_dir=None, device=None, protect: Sequence[str] = ("first", "last"),
+               on_phase=None, on_batch=None, log=print) -> dict:
+    """Load MODEL, draw calibration sets, search every (task, loss) chain to max(ks), and write one
+    candidates file per k. Returns {k: candidates data}. Resumes from `state_path` if it exists."""
+    from .distributed import evaluate_everywhere, init_from_env, is_main
+    from .hf import load_hf
+    from .scoring import num_blocks
+
+    init_from_env()
+    lm, tokenizer, name = load_hf(model, device)
+    n_blocks = num_blocks(lm)
+    protected = sorted({0 if p == "first" else n_blocks - 1 if p == "last" else int(p) for p in protect})
+    calib = calibration_sets(tasks, n_calib, seed, data_dir)
+    k_max = max(ks)
+    settings = {"model": str(model), "tasks": list(tasks), "losses": list(losses), "k": k_max,
+                "n_calib": n_calib, "seed": seed, "protected": protected, "num_blocks": n_blocks}
+    state_path = state_path or Path(out).with_name(Path(out).stem + ".state.json")
+    state = SearchState(state_path, settings, write=is_main())
+    done_before = sum(len(v) for v in state.chains.values())
+    if done_before:
+        log(f"resuming from {state_path}: {done_before} phases already done")
+
+    def score_set(task, omitted):
+        return evaluate_everywhere(lm, tokenizer, calib[task], omitted, batch_size=batch_size,
+                                   progress=on_batch)
+
+    orders = greedy_search(score_set, list(tasks), list(losses), n_blocks, k_max, protected, state, on_phase)
+    meta = {"model": str(model), "model_name": name, "num_blocks": n_blocks, "protected": protected,
+            "calibration": {"split": "train", "n": n_calib, "seed": seed,
+                            "ids": {t: [e.id for e in ex] for t, ex in calib.items()}}}
+    written = {}
+    if is_main():
+        for k in sorted(ks):
+            path = candidates_path(out, k, ks)
+            written[k] = write_candidates(path, orders, k, state, meta)
+            log(f"k={k}: {len(written[k]['candidates'])} distinct sets -> {path}")
+    return written
