@@ -324,17 +324,22 @@ def score_requests(
                 kwargs = {"logits_to_keep": torch.arange(lo, T, device=device)} if use_keep else {}
                 out = model(input_ids=ids.to(device), attention_mask=mask.to(device),
                             use_cache=False, **kwargs)
-                logits = out.logits
+                # one gather over the whole batch and one transfer to the host, not one per row
+                logprobs = torch.log_softmax(out.logits.float(), dim=-1)
+                L = logprobs.shape[1]
+                target = torch.zeros((len(batch), L), dtype=torch.long)
+                in_cont = torch.zeros((len(batch), L), dtype=torch.bool)
                 for r, i in enumerate(batch):
                     s = starts[r] - lo
-                    n = len(conts[i])
-                    lp = torch.log_softmax(logits[r, s:s + n].float(), dim=-1)
-                    tgt = torch.tensor(conts[i], dtype=torch.long, device=lp.device)
-                    tok_lp = lp.gather(-1, tgt[:, None]).squeeze(-1)
-                    greedy = bool((lp.argmax(-1) == tgt).all())
-                    results[i] = Score(
-                        logprob=float(tok_lp.sum()), n_tokens=n, is_greedy=greedy,
-                        n_bytes=len(requests[i][1].encode("utf-8")))
+                    target[r, s:s + len(conts[i])] = torch.tensor(conts[i], dtype=torch.long)
+                    in_cont[r, s:s + len(conts[i])] = True
+                target, in_cont = target.to(logprobs.device), in_cont.to(logprobs.device)
+                tok_lp = logprobs.gather(-1, target[..., None]).squeeze(-1)
+                sums = torch.where(in_cont, tok_lp, torch.zeros_like(tok_lp)).sum(-1)
+                greedy = ((logprobs.argmax(-1) == target) | ~in_cont).all(-1)
+                for r, (i, total, g) in enumerate(zip(batch, sums.tolist(), greedy.tolist())):
+                    results[i] = Score(logprob=float(total), n_tokens=len(conts[i]), is_greedy=bool(g),
+                                       n_bytes=len(requests[i][1].encode("utf-8")))
                 if progress is not None:
                     progress(min(b0 + batch_size, len(order)), len(order))
     finally:
