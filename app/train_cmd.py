@@ -74,3 +74,106 @@ def search(
         run_search(model, task_list, loss_list, ks, out, state, n_calib, seed, batch_size,
                    str(data_dir) if data_dir else None, device, _csv(protect),
                    on_phase=on_phase, on_batch=on_batch, log=log)
+
+
+def _union_sets(files: list) -> list:
+    """The distinct sets of one or more candidates files, in file order."""
+    from pudding_mlx.train.search import read_candidates
+
+    seen, out = set(), []
+    for f in files:
+        for c in read_candidates(f):
+            key = tuple(sorted(c["omitted"]))
+            if key not in seen:
+                seen.add(key)
+                out.append(list(key))
+    return out
+
+
+@train_app.command()
+def data(
+    model: str = typer.Argument(..., help="Hugging Face model directory, .gguf file, or hub id."),
+    candidates: str = typer.Option(..., help="Candidates file(s), comma-separated; their distinct "
+                                   "sets are all scored."),
+    tasks: str = typer.Option(DEFAULT_TASKS, help="Tasks, comma-separated."),
+    split: str = typer.Option("train", help="Which split of every task (train for the router; "
+                              "test / validation for evaluation)."),
+    max_per_task: Optional[int] = typer.Option(None, help="A seeded sample of at most N examples per task."),
+    seed: int = typer.Option(0, help="Seed of that sample."),
+    batch_size: int = typer.Option(64, help="Requests per forward pass."),
+    out: Path = typer.Option(..., "--out", help="Output folder (router_data.npz + .json); rerun to resume."),
+    data_dir: Optional[Path] = typer.Option(None, envvar="PUDDING_MLX_DATA", help="Benchmark folder."),
+    device: Optional[str] = typer.Option(None, help="cuda, cuda:1, cpu (default: cuda if present)."),
+):
+    """Score every example of the tasks under every candidate set (and dense): the router's
+    regression targets (mean gold log-likelihood per set) and per-set correctness, stored columnar
+    with provenance. Resumable per (task, set) chunk."""
+    _need_torch()
+    from pudding_mlx.train.router_data import run_router_data
+
+    sets = _union_sets(_csv(candidates))
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TimeElapsedColumn(), console=console) as progress:
+        chunks = progress.add_task("chunks", total=1)
+        batches = progress.add_task("  scoring", total=1)
+        path = run_router_data(
+            model, sets, _csv(tasks), out, max_per_task, seed, batch_size,
+            str(data_dir) if data_dir else None, device, split,
+            progress=lambda done, total, name: progress.update(chunks, completed=done, total=total,
+                                                               description=f"chunks ({name})"),
+            on_batch=lambda done, total: progress.update(batches, completed=done, total=total))
+    console.print(f"{len(sets)} sets x {len(_csv(tasks))} tasks -> {path}")
+
+
+@train_app.command()
+def router(
+    data: Path = typer.Argument(..., help="Router data (folder or router_data.npz) from `train data`."),
+    out: Path = typer.Option(..., "--out", help="Output router folder (what `convert router` reads)."),
+    candidates: Path = typer.Option(..., help="Candidates file: its router pool (sets found by the "
+                                    "task chains, not by 'mix') become the outputs, in file order."),
+    variant: str = typer.Option("light", help="light: frozen encoder + trained head; full: fine-tune all."),
+    encoder: Optional[Path] = typer.Option(None, help="HF BERT folder (default: all-MiniLM-L6-v2 from its wheel)."),
+    epochs: int = typer.Option(10), lr: Optional[float] = typer.Option(None, help="Default: 1e-5 full, 1e-3 light."),
+    batch_size: int = typer.Option(32), warmup: int = typer.Option(500), weight_decay: float = typer.Option(0.01),
+    seed: int = typer.Option(0), device: Optional[str] = typer.Option(None),
+    force: bool = typer.Option(False, help="Replace OUT if it exists."),
+):
+    """Train a router: BERT encoder + linear head, one output per candidate set, MSE on each set's
+    mean gold log-likelihood (the paper's defaults: AdamW, lr 1e-5, wd 0.01, batch 32, 10 epochs,
+    500 warm-up steps). Model selection on a by-question validation split."""
+    _need_torch()
+    from pudding_mlx.train.router_train import train_router
+    from pudding_mlx.train.search import split_pool
+
+    pool_sets, _ = split_pool(candidates)
+    metrics = train_router(data, out, variant, str(encoder) if encoder else None, epochs, lr, batch_size,
+                           warmup, weight_decay, seed, device, force=force,
+                           sets=[c["omitted"] for c in pool_sets],
+                           progress=lambda e: e.get("event") == "epoch" and console.print(
+                               f"epoch {e.get('epoch')}: " + ", ".join(
+                                   f"{k} {v:.4f}" for k, v in e.items() if isinstance(v, float))))
+    best = metrics.get("best", metrics)
+    console.print(f"router ({variant}, {len(pool_sets)} outputs) -> {out}")
+    return best
+
+
+@train_app.command()
+def predict(
+    router_dir: Path = typer.Argument(..., help="A router folder from `train router`."),
+    data: Path = typer.Option(..., help="Router data (folder or .npz) whose texts to score."),
+    out: Path = typer.Option(..., "--out", help="Where to write the scores (.npz: scores, id, task)."),
+    device: Optional[str] = typer.Option(None),
+):
+    """Score the texts of a router data file with a trained router (PyTorch), for reports."""
+    _need_torch()
+    import numpy as np
+
+    from pudding_mlx.train.router_data import load_router_data
+    from pudding_mlx.train.router_train import predict as predict_scores
+
+    d = load_router_data(data)
+    scores = predict_scores(router_dir, list(d["text"]), device=device)
+    tmp = out.with_name(out.name + ".tmp.npz")
+    np.savez(tmp, scores=scores, id=d["id"], task=d["task"])
+    tmp.replace(out)
+    console.print(f"{len(scores)} texts x {scores.shape[1]} sets -> {out}")

@@ -190,7 +190,7 @@ def read_candidates(path, n_blocks: Optional[int] = None) -> List[dict]:
     for m, c in enumerate(data.get("candidates", [])):
         if not isinstance(c, dict) or not isinstance(c.get("omitted"), list):
             raise PuddingError(f"{path}: field 'candidates[{m}].omitted' must be a list of block indices")
-        out.append({key: c[key] for key in ("omitted", "task", "loss", "order") if key in c})
+        out.append({key: c[key] for key in ("omitted", "task", "loss", "order", "sources") if key in c})
     return out
 
 
@@ -257,3 +257,17 @@ def run_search(model: str, tasks: Sequence[str], losses: Sequence[str], ks: Sequ
             written[k] = write_candidates(path, orders, k, state, meta)
             log(f"k={k}: {len(written[k]['candidates'])} distinct sets -> {path}")
     return written
+
+
+def split_pool(path) -> tuple:
+    """(router pool, SLEB-style sets) of a candidates file: sets found only by the "mix" chains are
+    the static SLEB-style baselines, not router candidates. SLEB sets as {loss: omitted}."""
+    pool_sets, sleb = [], {}
+    for c in read_candidates(path):
+        sources = c.get("sources") or [[c.get("task"), c.get("loss")]]
+        for task, loss in sources:
+            if task == MIX:
+                sleb[loss] = c["omitted"]
+        if any(task != MIX for task, _ in sources):
+            pool_sets.append(c)
+    return pool_sets, sleb

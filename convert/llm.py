@@ -1,0 +1,441 @@
+"""Convert an LLM into a standard mlx-lm model directory (config.json, model.safetensors, tokenizer files) that stock
+`mlx_lm.load` loads.
+
+Sources:
+
+* a Hugging Face model directory (config.json + safetensors): mlx-lm's own `mlx_lm.convert.convert` does the work;
+* a GGUF file (llama.cpp): decoded here (see `convert/gguf.py`); Q4_0/Q4_1/Q8_0 tensors stay quantized (losslessly
+  repacked as MLX affine, group size 32), other GGML types come out as float; the tokenizer and chat template come
+  from the GGUF metadata through transformers' GGUF support;
+* a hub id (owner/name) when online: downloaded by mlx-lm, then as a Hugging Face directory.
+
+After either path the directory is touched up for mlx-lm 0.32 and older tools: a top-level `rope_theta` in
+config.json (transformers 5 only writes `rope_parameters.rope_theta`, and mlx-lm falls back to 10000), a
+`tokenizer_class` every transformers version knows (`PreTrainedTokenizerFast` instead of transformers 5's
+`TokenizersBackend`), and the chat template both in `chat_template.jinja` and inline in tokenizer_config.json.
+
+Writes are atomic: the model is built in a hidden temporary directory beside OUT and moved into place with
+`os.replace` only when complete; on any failure nothing is left at OUT.
+
+`progress`, when given, is called as `progress(stage, done, total)` (stage: a short description); `rich_progress`
+adapts a `rich.progress.Progress` to it.
+"""
+
+import contextlib
+import io
+import json
+import os
+import shutil
+import tempfile
+from collections import Counter
+from pathlib import Path
+from typing import Callable, Optional
+
+from pudding_mlx.errors import PuddingError
+
+DTYPE_NAMES = ("float16", "bfloat16", "float32")
+BITS = (2, 3, 4, 5, 6, 8)
+GROUP_SIZES = (32, 64, 128)
+
+Progress = Callable[[str, int, int], None]
+
+
+def rich_progress(progress) -> Progress:
+    """A `progress(stage, done, total)` callback that drives a `rich.progress.Progress` (one task per stage)."""
+    tasks = {}
+
+    def report(stage: str, done: int, total: int):
+        if stage not in tasks:
+            tasks[stage] = progress.add_task(stage, total=total)
+        progress.update(tasks[stage], completed=done, total=total)
+
+    return report
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return (text[0] if text else type(e).__name__)[:200]
+
+
+def is_gguf(path: Path) -> bool:
+    if path.suffix.lower() == ".gguf":
+        return True
+    try:
+        with open(path, "rb") as f:
+            return f.read(4) == b"GGUF"
+    except OSError:
+        return False
+
+
+def _looks_like_hub_id(src: str) -> bool:
+    return not src.startswith((".", "/", "~")) and src.count("/") == 1 and all(src.split("/")) and not src.endswith(".gguf")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Public entry point
+
+
+def convert_llm(
+    src,
+    out,
+    quantize_bits: Optional[int] = None,
+    group_size: int = 64,
+    dtype: Optional[str] = None,
+    dequantize: bool = False,
+    force: bool = False,
+    progress: Optional[Progress] = None,
+) -> Path:
+    """Convert SRC (HF model directory, .gguf file, or hub id) into an mlx-lm model directory at OUT.
+
+    quantize_bits: re-quantize every quantizable layer to this many bits (MLX affine, `group_size`); for a GGUF the
+        weights are dequantized first. None keeps what the source has: a HF model stays float, a GGUF keeps its
+        Q4_0/Q4_1/Q8_0 tensors quantized (group size 32).
+    dtype: float16 / bfloat16 / float32 for the float weights (and a GGUF's scales). None: the HF config's
+        torch_dtype, or for a GGUF float16, which holds GGUF's float16 scales exactly.
+    dequantize: write every weight as float (GGUF or an already quantized mlx-lm model).
+    force: replace an existing OUT.
+    Returns OUT as an absolute Path. Raises PuddingError, one line, for bad input.
+    """
+    report = progress or (lambda stage, done, total: None)
+    if quantize_bits is not None and quantize_bits not in BITS:
+        raise PuddingError(f"quantize_bits={quantize_bits!r}: choose one of {', '.join(map(str, BITS))} (or none)")
+    if group_size not in GROUP_SIZES:
+        raise PuddingError(f"group_size={group_size!r}: choose one of {', '.join(map(str, GROUP_SIZES))}")
+    if dtype is not None and dtype not in DTYPE_NAMES:
+        raise PuddingError(f"dtype={dtype!r}: choose one of {', '.join(DTYPE_NAMES)}")
+    if quantize_bits is not None and dequantize:
+        raise PuddingError("choose either quantize_bits or dequantize, not both")
+
+    out = Path(out).expanduser().absolute()
+    if out.exists() and not force:
+        raise PuddingError(f"{out}: already exists; pass force=True (--force) to replace it, or choose another output path")
+
+    src_str = str(src)
+    src_path = Path(src_str).expanduser()
+    if src_path.exists():
+        src_path = src_path.absolute()
+        if out == src_path or src_path in out.parents:
+            raise PuddingError(f"{out}: the output must not be the source or lie inside it; choose another output path")
+        if src_path.is_file():
+            if not is_gguf(src_path):
+                raise PuddingError(f"{src_path}: not a GGUF file; pass a .gguf file or a Hugging Face model directory")
+            kind = "gguf"
+        elif src_path.is_dir():
+            _check_hf_dir(src_path)
+            kind = "hf"
+        else:
+            raise PuddingError(f"{src_path}: neither a file nor a directory")
+    elif _looks_like_hub_id(src_str):
+        kind = "hub"
+    else:
+        raise PuddingError(f"{src_str}: no such file or directory, and not a hub id of the form owner/name")
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        build = work / "model"
+        if kind == "gguf":
+            _convert_gguf(src_path, build, quantize_bits, group_size, dtype, dequantize, report)
+        else:
+            source = str(src_path) if kind == "hf" else _hub_check(src_str)
+            _convert_hf(source, build, quantize_bits, group_size, dtype, dequantize, report)
+        _fix_config(build / "config.json")
+        _fix_tokenizer(build)
+        report("check", 0, 1)
+        _check_loads(build)
+        report("check", 1, 1)
+        _publish(build, out, work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return out
+
+
+def _publish(build: Path, out: Path, work: Path):
+    """Move BUILD to OUT atomically; an existing OUT (force) is moved aside first and restored on failure."""
+    aside = None
+    if out.exists() or out.is_symlink():
+        aside = work / "previous"
+        os.replace(out, aside)
+    try:
+        os.replace(build, out)
+    except BaseException:
+        if aside is not None:
+            os.replace(aside, out)
+        raise
+
+
+def _check_loads(path: Path):
+    """The result must load with stock mlx-lm (lazily: shapes and names are checked, nothing is computed)."""
+    from mlx_lm.utils import load
+
+    try:
+        load(str(path), lazy=True)
+    except Exception as e:
+        raise PuddingError(f"the converted model does not load with mlx-lm ({type(e).__name__}: {_first_line(e)}); this is a converter bug, please report it")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Hugging Face directory / hub id: mlx-lm's own converter
+
+
+def _check_hf_dir(path: Path):
+    cfg = path / "config.json"
+    if not cfg.is_file():
+        ggufs = sorted(path.glob("*.gguf"))
+        hint = f"; to convert a GGUF file pass the file itself, e.g. {ggufs[0]}" if ggufs else ""
+        raise PuddingError(f"{path}: no config.json; not a Hugging Face model directory{hint}")
+    try:
+        config = json.loads(cfg.read_text())
+    except (OSError, ValueError) as e:
+        raise PuddingError(f"{cfg}: not valid JSON ({_first_line(e)}); restore the file from the original model")
+    if not isinstance(config, dict) or "model_type" not in config:
+        raise PuddingError(f"{cfg}: has no model_type; not a transformers model config")
+    from mlx_lm.utils import _get_classes
+
+    try:
+        _get_classes(config)
+    except ValueError:
+        raise PuddingError(f"{cfg}: model_type {config['model_type']!r} is not supported by mlx-lm; no conversion possible")
+    files = sorted(path.glob("model*.safetensors"))
+    if not files:
+        raise PuddingError(f"{path}: no model*.safetensors files; save the model with safetensors (save_pretrained(..., safe_serialization=True))")
+    for f in files:
+        _check_safetensors(f)
+
+
+def _check_safetensors(path: Path):
+    """Header and size check: catches truncated downloads before any conversion work."""
+    size = path.stat().st_size
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise ValueError("file shorter than its 8-byte header length")
+            n = int.from_bytes(head, "little")
+            if n > size - 8:
+                raise ValueError("header longer than the file")
+            header = json.loads(f.read(n))
+        ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"]
+    except (ValueError, KeyError, TypeError, IndexError) as e:
+        raise PuddingError(f"{path}: not a valid safetensors file ({_first_line(e)}); download or save it again")
+    if ends and 8 + n + max(ends) > size:
+        raise PuddingError(f"{path}: truncated ({size} bytes, its header describes {8 + n + max(ends)}); download or save it again")
+
+
+def _hub_check(repo: str) -> str:
+    """Resolve a hub id the way mlx-lm will; a clear error offline or for an unknown repository."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        snapshot_download(repo, local_files_only=True)
+        return repo
+    except Exception:
+        pass
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        raise PuddingError(f"{repo}: not in the local Hugging Face cache and HF_HUB_OFFLINE is set; download it first or pass a local directory")
+    return repo
+
+
+def _convert_hf(source: str, build: Path, bits, group_size, dtype, dequantize, report):
+    from mlx_lm.convert import convert
+
+    report("convert", 0, 1)
+    log = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(log):
+            convert(
+                source,
+                mlx_path=str(build),
+                quantize=bits is not None,
+                q_group_size=group_size if bits is not None else None,
+                q_bits=bits,
+                dtype=dtype,
+                dequantize=dequantize,
+            )
+    except PuddingError:
+        raise
+    except Exception as e:
+        name = type(e).__name__
+        if "NotFound" in name or "Repository" in name or "Offline" in name or "LocalEntry" in name:
+            raise PuddingError(f"{source}: could not get it from the Hugging Face hub ({name}); check the id and the network, or pass a local directory")
+        raise PuddingError(f"{source}: mlx-lm could not convert it ({name}: {_first_line(e)}); check that the model files are complete")
+    report("convert", 1, 1)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# GGUF
+
+
+def _convert_gguf(path: Path, build: Path, bits, group_size, dtype, dequantize, report):
+    import mlx.core as mx
+    import mlx.nn as nn
+    from mlx_lm.utils import _get_classes, quantize_model, save_config, save_model
+
+    from . import gguf as G
+
+    report("read GGUF", 0, 1)
+    g = G.GGUFFile(path)
+    spec = G.arch_spec(g)
+    config = spec.config(g)
+    report("read GGUF", 1, 1)
+
+    dtype = dtype or spec.default_dtype
+    target_dtype = getattr(mx, dtype)
+    keep = bits is None and not dequantize
+
+    model_cls, args_cls = _get_classes(config)
+    model = model_cls(args_cls.from_dict(config))  # random init is lazy: never computed
+    modules = dict(model.named_modules())
+
+    n_heads, n_kv = config["num_attention_heads"], config["num_key_value_heads"]
+    weights, quant = {}, {}
+    names = list(g.tensors)
+    for i, name in enumerate(names):
+        t = g.tensors[name]
+        target = G.mlx_name(spec, name)
+        if target is None:
+            if name in spec.ignore:
+                continue
+            raise PuddingError(f"{path}: tensor {name} has no counterpart in mlx-lm's {spec.model_type} model; this {g.arch} variant is not supported")
+        module_path, _, leaf = target.rpartition(".")
+        rows_perm = None
+        if spec.permute_qk and ".attn_q." in name:
+            rows_perm = n_heads
+        elif spec.permute_qk and ".attn_k." in name:
+            rows_perm = n_kv
+        module = modules.get(module_path)
+        if (keep and t.type_name in G.KEEPABLE and leaf == "weight" and len(t.shape) == 2
+                and hasattr(module, "to_quantized") and "norm" not in module_path):
+            w, s, b, nbits = G.repack_quantized(t)
+            if rows_perm:
+                w, s, b = (G.unpermute_rows(x, rows_perm) for x in (w, s, b))
+            weights[f"{module_path}.weight"] = mx.array(w)
+            weights[f"{module_path}.scales"] = mx.array(s).astype(target_dtype)
+            weights[f"{module_path}.biases"] = mx.array(b).astype(target_dtype)
+            quant[module_path] = {"group_size": G.GROUP_SIZE, "bits": nbits, "mode": "affine"}
+        else:
+            x = G.dequantize(t)
+            if rows_perm:
+                x = G.unpermute_rows(x, rows_perm)
+            if spec.norm_offset and "norm.weight" in name:
+                x = x + spec.norm_offset
+            weights[target] = mx.array(x).astype(target_dtype)
+        report("tensors", i + 1, len(names))
+
+    if hasattr(model, "sanitize"):
+        weights = model.sanitize(weights)
+    if quant:
+        nn.quantize(model, group_size=G.GROUP_SIZE, bits=4, class_predicate=lambda p, m: quant.get(p, False))
+    try:
+        model.load_weights(list(weights.items()), strict=True)
+    except ValueError as e:
+        raise PuddingError(f"{path}: its tensors do not fit mlx-lm's {spec.model_type} model ({_first_line(e)}); the GGUF metadata and tensors disagree")
+    mx.eval(model.parameters())
+
+    config["torch_dtype"] = dtype
+    if bits is not None:
+        report("quantize", 0, 1)
+        with contextlib.redirect_stdout(io.StringIO()):
+            model, config = quantize_model(model, config, group_size, bits)
+        report("quantize", 1, 1)
+    elif quant:
+        # the most common setting at the top, each module that differs named (mlx_lm.utils.load_model reads
+        # config["quantization"][module path] before inferring from the saved shapes)
+        top_bits = Counter(q["bits"] for q in quant.values()).most_common(1)[0][0]
+        q = {"group_size": G.GROUP_SIZE, "bits": top_bits, "mode": "affine"}
+        for p, params in sorted(quant.items()):
+            if params["bits"] != top_bits:
+                q[p] = params
+        config["quantization"] = q
+
+    report("save", 0, 1)
+    save_model(build, model, donate_model=True)
+    save_config(config, build / "config.json")
+    _write_gguf_tokenizer(path, g, config, build)
+    _write_generation_config(g, config, build)
+    report("save", 1, 1)
+
+
+def _write_gguf_tokenizer(path: Path, g, config: dict, build: Path):
+    try:
+        from transformers import AutoTokenizer
+
+        with contextlib.redirect_stdout(io.StringIO()):
+            tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, local_files_only=True)
+    except PuddingError:
+        raise
+    except Exception as e:
+        raise PuddingError(f"{path}: transformers could not build the tokenizer from the GGUF metadata ({type(e).__name__}: {_first_line(e)})")
+    template = g.get("tokenizer.chat_template")
+    if template and not getattr(tok, "chat_template", None):
+        tok.chat_template = template
+    if "max_position_embeddings" in config:
+        tok.model_max_length = config["max_position_embeddings"]
+    tok.save_pretrained(str(build))
+
+
+def _eos_ids(g) -> list:
+    ids = []
+    for key in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id"):
+        if key in g.meta and int(g.meta[key]) not in ids:
+            ids.append(int(g.meta[key]))
+    return ids
+
+
+def _write_generation_config(g, config: dict, build: Path):
+    eos = _eos_ids(g)
+    gen = {}
+    if "bos_token_id" in config:
+        gen["bos_token_id"] = config["bos_token_id"]
+    if eos:
+        gen["eos_token_id"] = eos[0] if len(eos) == 1 else eos
+    if "pad_token_id" in config:
+        gen["pad_token_id"] = config["pad_token_id"]
+    if len(eos) > 1:  # config.json too: mlx-lm takes the stop tokens from either
+        cfg_path = build / "config.json"
+        cfg = json.loads(cfg_path.read_text())
+        cfg["eos_token_id"] = eos
+        cfg_path.write_text(json.dumps(cfg, indent=4, sort_keys=True))
+    (build / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Touch-ups for mlx-lm 0.32 and older tools
+
+
+def _fix_config(path: Path):
+    from mlx_lm.utils import save_config
+
+    cfg = json.loads(path.read_text())
+    rp = cfg.get("rope_parameters")
+    if isinstance(rp, dict):
+        if "full_attention" in rp or "sliding_attention" in rp:  # per layer type (gemma3 in transformers 5)
+            full, local = rp.get("full_attention") or {}, rp.get("sliding_attention") or {}
+            if "rope_theta" not in cfg and "rope_theta" in full:
+                cfg["rope_theta"] = full["rope_theta"]
+            if "rope_local_base_freq" not in cfg and "rope_theta" in local:
+                cfg["rope_local_base_freq"] = local["rope_theta"]
+            main = full
+        else:
+            if "rope_theta" not in cfg and "rope_theta" in rp:
+                cfg["rope_theta"] = rp["rope_theta"]
+            main = rp
+        rtype = main.get("rope_type", main.get("type"))
+        if rtype not in (None, "default") and not cfg.get("rope_scaling"):
+            cfg["rope_scaling"] = {k: v for k, v in main.items() if k != "rope_theta"}
+    save_config(cfg, path)
+
+
+def _fix_tokenizer(build: Path):
+    tc_path = build / "tokenizer_config.json"
+    if not tc_path.is_file():
+        return
+    tc = json.loads(tc_path.read_text())
+    if tc.get("tokenizer_class") in (None, "TokenizersBackend") and (build / "tokenizer.json").is_file():
+        tc["tokenizer_class"] = "PreTrainedTokenizerFast"
+    for junk in ("is_local", "local_files_only"):
+        tc.pop(junk, None)
+    jinja = build / "chat_template.jinja"
+    if "chat_template" not in tc and jinja.is_file():
+        tc["chat_template"] = jinja.read_text()  # older transformers read it only from here
+    tc_path.write_text(json.dumps(tc, indent=2, ensure_ascii=False) + "\n")
