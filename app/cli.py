@@ -106,8 +106,13 @@ def _footer(loaded, choice, last):
         err.print(f"Peak memory: {last.peak_memory:.3f} GB")
 
 
-from pudding_mlx.app.train_cmd import train_app  # noqa: E402  (imports no torch until a command runs)
+# the other command groups; each imports its heavy modules (mlx, torch) only when a command runs
+from pudding_mlx.app.convert_cmd import convert_app  # noqa: E402
+from pudding_mlx.app.session_cmd import register as register_session  # noqa: E402
+from pudding_mlx.app.train_cmd import train_app  # noqa: E402
 
+register_session(app)
+app.add_typer(convert_app, name="convert")
 app.add_typer(train_app, name="train")
 
 

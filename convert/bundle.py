@@ -1,0 +1,139 @@
+"""Assemble a bundle (layout: pudding_mlx.bundle) from a converted LLM, candidate sets and,
+optionally, a router.
+
+    build_bundle(llm_dir, out, candidates="cand-k7.json", router="my-router/")
+
+`llm_dir` is an mlx-lm model directory (what `convert_llm` writes). `candidates` is the search's
+candidates file, a plain JSON list of lists of 0-based block indices, or such a list in Python.
+`router` is an MLX router folder (what `convert_router` writes) or a PyTorch router source that
+`convert_router` reads; its number of outputs must equal the number of candidate sets. Sets found
+only by the search's "mix" chains (SLEB-style baselines) are not router candidates and are left out.
+
+Everything is built in a temporary folder beside OUT, loaded back as a check, then moved into
+place: OUT is either the complete bundle or untouched. An existing OUT needs force=True.
+"""
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Optional
+
+from pudding_mlx.bundle import (MANIFEST, Candidate, Manifest, RouterSettings, parse_manifest,
+                                write_manifest)
+from pudding_mlx.errors import PuddingError
+
+
+def _llm_blocks(llm_dir: Path) -> int:
+    config_path = llm_dir / "config.json"
+    if not config_path.is_file():
+        raise PuddingError(f"{config_path}: missing; --llm must be an mlx-lm model directory (convert one with `pudding-mlx convert llm`)")
+    try:
+        config = json.loads(config_path.read_text())
+    except json.JSONDecodeError as e:
+        raise PuddingError(f"{config_path}: malformed JSON ({e})")
+    config = config.get("text_config", config)
+    n = config.get("num_hidden_layers")
+    if not isinstance(n, int):
+        raise PuddingError(f"{config_path}: field 'num_hidden_layers' is missing")
+    if not list(llm_dir.glob("model*.safetensors")):
+        raise PuddingError(f"{llm_dir}: no model*.safetensors; convert the LLM first")
+    return n
+
+
+def _candidates(candidates, n_blocks: int):
+    """(list of Candidate, provenance) from a file or a list; mix-only sets dropped."""
+    from pudding_mlx.train.search import MIX, read_candidates
+
+    provenance = {}
+    if isinstance(candidates, (str, os.PathLike)):
+        path = Path(candidates)
+        entries = read_candidates(path, n_blocks)
+        data = json.loads(path.read_text())
+        if isinstance(data, dict):
+            provenance = {"source_model": data.get("model_name") or data.get("model"), "k": data.get("k"),
+                          "calibration": {k: v for k, v in data.get("calibration", {}).items() if k != "ids"}}
+    else:
+        entries = [c if isinstance(c, dict) else {"omitted": list(c)} for c in candidates]
+    out, tasks, losses = [], [], []
+    for c in entries:
+        sources = c.get("sources") or [[c.get("task"), c.get("loss")]]
+        kept = [s for s in sources if s[0] != MIX]
+        if sources and not kept:
+            continue
+        task, loss = (kept[0] if kept else [None, None])
+        out.append(Candidate(tuple(sorted(c["omitted"])), task, loss, c.get("order")))
+        for t, l in kept:
+            if t and t not in tasks:
+                tasks.append(t)
+            if l and l not in losses:
+                losses.append(l)
+    if tasks:
+        provenance.update(tasks=tasks, losses=losses)
+    return out, provenance
+
+
+def build_bundle(llm_dir, out, candidates=None, router=None, provenance: Optional[dict] = None,
+                 force: bool = False) -> Path:
+    llm_dir, out = Path(llm_dir), Path(out)
+    if out.exists() and not force:
+        raise PuddingError(f"{out}: already exists; pass --force to replace it")
+    if not llm_dir.is_dir():
+        raise PuddingError(f"{llm_dir}: no such directory (the converted LLM)")
+    n_blocks = _llm_blocks(llm_dir)
+    cands, prov = _candidates(candidates, n_blocks) if candidates is not None else ([], {})
+    prov.update(provenance or {})
+    if router is not None and not cands:
+        raise PuddingError("a router needs candidate sets: pass --candidates")
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        for f in llm_dir.iterdir():
+            if f.name in (MANIFEST, "router"):
+                continue
+            (shutil.copytree if f.is_dir() else shutil.copy2)(f, tmp / f.name)
+        settings = None
+        if router is not None:
+            settings = _add_router(Path(router), tmp / "router", cands)
+        manifest = Manifest(num_blocks=n_blocks, candidates=cands, router=settings, provenance=prov)
+        # the same checks a user's load runs, before anything is visible at OUT
+        parse_manifest(manifest.to_json(), str(out / MANIFEST))
+        from pudding_mlx.skip import check_omitted
+
+        for m, c in enumerate(cands):
+            check_omitted(c.omitted, n_blocks, f"candidate {m}")
+        write_manifest(tmp, manifest)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _add_router(src: Path, dest: Path, cands) -> RouterSettings:
+    from pudding_mlx.router import FORMAT, SETTINGS, load_router
+
+    n_candidates = len(cands)
+    head = src / "head.json"  # a light router from `train router` records the sets it scores
+    if head.is_file():
+        trained_on = json.loads(head.read_text()).get("sets")
+        if trained_on is not None and [sorted(s) for s in trained_on] != [list(c.omitted) for c in cands]:
+            raise PuddingError(f"{head}: field 'sets' (the router's outputs) differs from the candidate sets, "
+                               "in content or order; pass the candidates file the router was trained with")
+
+    settings_path = src / SETTINGS
+    is_mlx = settings_path.is_file() and json.loads(settings_path.read_text()).get("format") == FORMAT
+    if is_mlx:
+        shutil.copytree(src, dest)
+    else:
+        from pudding_mlx.convert.router import convert_router
+
+        convert_router(src, dest, expect_outputs=n_candidates)
+    routed = load_router(dest, num_outputs=n_candidates)  # one line if the head size differs
+    settings = json.loads((dest / SETTINGS).read_text())
+    return RouterSettings(path="router", max_tokens=int(settings.get("max_length", 512)),
+                          lowercase=bool(settings.get("lowercase", True))) if routed else None
