@@ -177,3 +177,17 @@ def predict(
     np.savez(tmp, scores=scores, id=d["id"], task=d["task"])
     tmp.replace(out)
     console.print(f"{len(scores)} texts x {scores.shape[1]} sets -> {out}")
+
+
+@train_app.command()
+def evaluate(
+    run_dir: Path = typer.Argument(..., help="A run folder: data-test/-val.npz, cand-k*.json, routers/ "
+                                   "(what results/<model>/pipeline.sh leaves)."),
+    model: Optional[str] = typer.Option(None, help="Model name for the report title."),
+):
+    """Write RUN_DIR/report.md, report.json and report.png: dense vs every static candidate vs
+    SLEB-style vs routed (per router) vs random vs oracle, per k, with paired-bootstrap intervals."""
+    from pudding_mlx.train.report import report_run_dir
+
+    path = report_run_dir(run_dir, model)
+    console.print(f"report -> {path}")

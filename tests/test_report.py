@@ -1,0 +1,65 @@
+"""The evaluation report, rebuilt from the committed SmolLM2 run (results/smollm2-135m): every row
+is consistent with the per-example table it is read from."""
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pudding_mlx.train.report import MAIN_TASKS, load_eval, report_run_dir
+from pudding_mlx.train.search import split_pool
+
+RUN = Path(__file__).resolve().parents[1] / "results" / "smollm2-135m"
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    run = tmp_path_factory.mktemp("run")
+    for p in RUN.iterdir():
+        if p.name.startswith(("data-", "cand-k")) or p.name == "routers":
+            (shutil.copytree if p.is_dir() else shutil.copy)(p, run / p.name)
+    md = report_run_dir(run, "SmolLM2-135M-Instruct")
+    assert md.is_file() and (run / "report.json").is_file()
+    return json.loads((run / "report.json").read_text()), run
+
+
+def rows(report, method, k=None):
+    return [r for r in report["rows"] if r["method"] == method and (k is None or r["k"] == k)]
+
+
+def test_schema(report):
+    rep, _ = report
+    assert rep["model"] == "SmolLM2-135M-Instruct"
+    for r in rep["rows"]:
+        assert r["method"] in {"dense", "static", "sleb", "routed", "random", "oracle"}
+        assert set(MAIN_TASKS) <= set(r["tasks"]) and isinstance(r["average"], float)
+        assert abs(r["average"] - np.mean([r["tasks"][t] for t in MAIN_TASKS])) < 1e-9
+    assert {d["k"] for d in rep["deltas"]} == {3, 5, 7}
+    for d in rep["deltas"]:
+        lo, hi = d["ci95"]
+        assert lo <= d["routed_minus_best_static"] <= hi
+
+
+def test_rows_agree_with_the_per_example_table(report):
+    rep, run = report
+    data = load_eval(sorted(p for p in run.glob("data-*.npz") if p.stem != "data-train"))
+    for k in (3, 5, 7):
+        statics = rows(rep, "static", k)
+        pool, _ = split_pool(run / f"cand-k{k}.json")
+        assert [r["set"] for r in statics] == [c["omitted"] for c in pool]
+        best = max(statics, key=lambda r: r["average"])
+        assert best.get("best") and sum(bool(r.get("best")) for r in statics) == 1
+        (oracle,), (random,) = rows(rep, "oracle", k), rows(rep, "random", k)
+        for t in MAIN_TASKS:
+            # the oracle is at least every static set; a random set is their mean
+            assert oracle["tasks"][t] >= max(r["tasks"][t] for r in statics) - 1e-9
+            assert abs(random["tasks"][t] - np.mean([r["tasks"][t] for r in statics])) < 1e-6
+        for routed in rows(rep, "routed", k):
+            assert routed["tasks"]["arc_easy"] <= oracle["tasks"]["arc_easy"] + 1e-9
+            assert abs(sum(routed["set_usage"]) - 1) < 1e-3
+        # dense is the table's own dense column
+        (dense,) = rows(rep, "dense")
+        for t in MAIN_TASKS:
+            assert abs(dense["tasks"][t] - 100 * data["dense_hit"][data["task"] == t].mean()) < 1e-9
