@@ -63,6 +63,9 @@ def generate(
     ignore_chat_template: bool = typer.Option(False, "--ignore-chat-template",
                                               help="Feed the prompt as raw text."),
     dtype: Optional[str] = DTYPE,
+    lossless: bool = typer.Option(False, "--lossless", help="The pruned model drafts, the dense model "
+                                  "verifies: output identical to --dense, faster when drafts are accepted."),
+    draft_tokens: int = typer.Option(3, "--draft-tokens", min=1, help="Tokens drafted per verification (--lossless)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of streaming text."),
 ):
     """Generate a reply to one prompt, with the router's omission set (or --dense / --omit)."""
@@ -74,6 +77,8 @@ def generate(
     choice = choose(loaded, prompt, dense, None if omit is None else parse_omit(omit))
     ids = prompt_tokens(loaded.tokenizer, prompt, not ignore_chat_template, system)
     kwargs = dict(max_tokens=max_tokens, temp=temp, top_p=top_p, seed=seed)
+    if lossless:
+        kwargs.update(lossless=True, draft_tokens=draft_tokens)
     if as_json:
         result = run_generate(loaded.model, loaded.tokenizer, ids, choice.omitted, **kwargs)
         payload = result.to_json()
@@ -81,12 +86,14 @@ def generate(
         payload["model"] = str(loaded.path)
         print(json.dumps(payload))
         return
-    last = None
+    last, drafted, n = None, 0, 0
     for response in stream_generate(loaded.model, loaded.tokenizer, ids, choice.omitted, **kwargs):
         out.print(response.text, end="")
-        last = response
+        last, drafted, n = response, drafted + bool(response.from_draft), n + 1
     out.print()
     _footer(loaded, choice, last)
+    if lossless and n:
+        err.print(f"Lossless: {drafted}/{n} tokens accepted from the pruned draft ({100 * drafted / n:.0f}%)")
 
 
 def _footer(loaded, choice, last):
@@ -107,11 +114,13 @@ def _footer(loaded, choice, last):
 
 
 # the other command groups; each imports its heavy modules (mlx, torch) only when a command runs
+from pudding_mlx.app.bench_cmd import register as register_bench  # noqa: E402
 from pudding_mlx.app.convert_cmd import convert_app  # noqa: E402
 from pudding_mlx.app.session_cmd import register as register_session  # noqa: E402
 from pudding_mlx.app.train_cmd import train_app  # noqa: E402
 
 register_session(app)
+register_bench(app)
 app.add_typer(convert_app, name="convert")
 app.add_typer(train_app, name="train")
 

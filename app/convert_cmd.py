@@ -1,7 +1,332 @@
-"""`pudding-mlx convert ...`: LLM, router and bundle to MLX (to be filled in)."""
+"""`pudding-mlx convert ...`: an LLM, a router and a bundle of both, to what the MLX runtime loads.
+
+    pudding-mlx convert llm SmolLM2-135M-Instruct.Q4_1.gguf smol-mlx
+    pudding-mlx convert router my-router/ router-mlx --expect-outputs 10
+    pudding-mlx convert bundle --llm smol-mlx --router my-router/ --candidates cand-k7.json my-bundle
+
+Each command wraps one library function (`pudding_mlx.convert.llm.convert_llm`, `.router.convert_router`,
+`.bundle.build_bundle`); those build OUT in a temporary folder beside it and move it into place only when it
+is complete and loads back, so OUT is either the finished result or untouched. An existing OUT is refused
+without --force. Bad input is one line on stderr and exit status 2 (a `PuddingError`, printed by `cli.main`).
+"""
+
+import contextlib
+import inspect
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Optional
 
 import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-convert_app = typer.Typer(help="Convert models to what the MLX runtime loads: an LLM (Hugging Face "
-                          "folder, GGUF file, hub id), a trained router, and a bundle of both.",
-                          no_args_is_help=True)
+from pudding_mlx.errors import PuddingError
+
+convert_app = typer.Typer(
+    help="Convert models to what the MLX runtime loads: an LLM (Hugging Face folder, GGUF file, hub id), a "
+    "trained router, and a bundle of both with the candidate omission sets.\n\n"
+    "The usual order: [bold]convert llm[/bold] (once per model), then [bold]convert bundle[/bold] with the "
+    "search's candidates file and the trained router (it converts the router itself; [bold]convert "
+    "router[/bold] is for converting one on its own).",
+    no_args_is_help=True,
+    rich_markup_mode="rich",
+)
+console = Console(stderr=True, highlight=False)
+
+FORCE = typer.Option(False, "--force", help="Replace OUT if it exists (the old one stays until the new one is "
+                     "complete).")
+
+
+@contextlib.contextmanager
+def _user_errors():
+    """OS-level failures (permission denied, disk full, a file where a folder should be) as one line."""
+    try:
+        yield
+    except OSError as e:
+        where = e.filename if e.filename is not None else "convert"
+        raise PuddingError(f"{where}: {e.strerror or e}") from None
+
+
+def _paragraphs(f):
+    """--help shows a docstring's line breaks: rejoin each paragraph so the terminal wraps it."""
+    f.__doc__ = "\n\n".join(" ".join(p.split("\n")) for p in inspect.cleandoc(f.__doc__).split("\n\n"))
+    return f
+
+
+def _progress() -> Progress:
+    # bars only on a terminal: piped or logged, stderr carries nothing but an error line
+    return Progress(TextColumn("{task.description:<10}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    console=console, disable=not console.is_terminal)
+
+
+def _choice(flag: str, value, allowed):
+    if value is not None and value not in allowed:
+        raise PuddingError(f"{flag} {value}: choose one of {', '.join(map(str, allowed))}")
+
+
+def _refuse_existing(out: Path, force: bool):
+    if (out.exists() or out.is_symlink()) and not force:
+        raise PuddingError(f"{out}: already exists; pass --force to replace it, or choose another output path")
+
+
+def _read_json(path: Path, what: str):
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise PuddingError(f"{path}: not valid JSON ({what}: {str(e).splitlines()[0][:200]})") from None
+
+
+# ---------------------------------------------------------------------------------------------------- llm
+
+
+@convert_app.command("llm", no_args_is_help=True)
+@_paragraphs
+def llm(
+    src: str = typer.Argument(..., metavar="SRC",
+                              help="A Hugging Face model folder (config.json + *.safetensors), a .gguf file, or "
+                              "a hub id owner/name (looked up in the local hub cache first)."),
+    out: Path = typer.Argument(..., metavar="OUT", help="The output folder: a standard mlx-lm model directory."),
+    quantize: Optional[int] = typer.Option(None, "--quantize", "-q", metavar="BITS",
+                                           help="Re-quantize every quantizable layer to 4 or 8 bits (also 2, 3, "
+                                           "5, 6), MLX affine. Default: keep what SRC has (a Hugging Face "
+                                           "model stays float, a GGUF keeps its Q4_0/Q4_1/Q8_0 tensors "
+                                           "quantized, losslessly, group size 32)."),
+    group_size: Optional[int] = typer.Option(None, "--group-size", metavar="N",
+                                             help="Group size for --quantize: 32, 64 (default) or 128."),
+    dtype: Optional[str] = typer.Option(None, "--dtype", metavar="DTYPE",
+                                        help="float16 | bfloat16 | float32 for the float weights (and the "
+                                        "scales of quantized ones). Default: the Hugging Face config's "
+                                        "torch_dtype; float16 for a GGUF (holds its scales exactly)."),
+    dequantize: bool = typer.Option(False, "--dequantize", help="Write every weight as float (a quantized GGUF "
+                                    "or mlx-lm model)."),
+    force: bool = FORCE,
+):
+    """Convert an LLM (Hugging Face folder, GGUF file, hub id) into an mlx-lm model directory.
+
+    The output (config.json, model.safetensors, tokenizer, chat template) is what stock
+    [bold]mlx_lm.load[/bold] and [bold]pudding-mlx generate[/bold] load.
+
+    Example: [cyan]pudding-mlx convert llm SmolLM2-135M-Instruct.Q4_1.gguf smol-mlx[/cyan]
+
+    The result is loaded back with mlx-lm before it is moved into place.
+    """
+    from pudding_mlx.convert.llm import BITS, DTYPE_NAMES, GROUP_SIZES, convert_llm, rich_progress
+
+    _choice("--quantize", quantize, BITS)
+    _choice("--group-size", group_size, GROUP_SIZES)
+    _choice("--dtype", dtype, DTYPE_NAMES)
+    if quantize is not None and dequantize:
+        raise PuddingError("--quantize and --dequantize contradict each other; give one")
+    if group_size is not None and quantize is None:
+        raise PuddingError("--group-size applies only with --quantize (a GGUF's own quantized tensors keep group "
+                           "size 32); add --quantize 4 or 8, or drop --group-size")
+    out = out.expanduser()
+    _refuse_existing(out, force)
+    with _user_errors(), _progress() as bar:
+        path = convert_llm(src, out, quantize_bits=quantize, group_size=group_size or 64, dtype=dtype,
+                           dequantize=dequantize, force=force, progress=rich_progress(bar))
+    config = json.loads((path / "config.json").read_text())
+    q = config.get("quantization")
+    how = f"{q.get('bits')}-bit (group {q.get('group_size')})" if isinstance(q, dict) else "float"
+    print(f"{path}: mlx-lm model, {config.get('num_hidden_layers')} blocks, {how}, "
+          f"dtype {config.get('torch_dtype', 'as stored')}")
+
+
+# ---------------------------------------------------------------------------------------------------- router
+
+
+@convert_app.command("router", no_args_is_help=True)
+@_paragraphs
+def router(
+    src: Path = typer.Argument(..., metavar="SRC", help="The trained router: a BertForSequenceClassification folder "
+                               "(save_pretrained), or a light router folder (head.json + head.safetensors + "
+                               "its encoder folder)."),
+    out: Path = typer.Argument(..., metavar="OUT", help="The output folder: an MLX router (router.json, "
+                               "model.safetensors, tokenizer files)."),
+    expect_outputs: Optional[int] = typer.Option(None, "--expect-outputs", metavar="M", min=1,
+                                                 help="Check that the head scores M candidate sets (the "
+                                                 "number in your candidates file)."),
+    dtype: str = typer.Option("float32", "--dtype", metavar="DTYPE",
+                              help="float32 (default) | float16 | bfloat16 for the stored weights."),
+    force: bool = FORCE,
+):
+    """Convert a router trained in PyTorch (BERT encoder + linear head) to an MLX router folder.
+
+    The head has one output per candidate set; output m scores candidate m.
+
+    Example: [cyan]pudding-mlx convert router runs/router-k7 router-mlx --expect-outputs 10[/cyan]
+
+    Usually not needed on its own: [bold]convert bundle --router[/bold] converts the router it is given.
+    """
+    from pudding_mlx.convert.router import DTYPES, convert_router
+
+    _choice("--dtype", dtype, tuple(DTYPES))
+    src, out = src.expanduser(), out.expanduser()
+    _refuse_existing(out, force)
+    with _user_errors(), console.status(f"converting the router in {src}"):
+        path = convert_router(src, out, force=force, dtype=dtype, expect_outputs=expect_outputs)
+    settings = json.loads((path / "router.json").read_text())
+    print(f"{path.absolute()}: MLX router, {settings['num_outputs']} outputs, encoder {settings.get('encoder')}, "
+          f"max_length {settings['max_length']}, {dtype} weights")
+
+
+# ---------------------------------------------------------------------------------------------------- bundle
+
+
+def _check_candidates(path: Path, n_blocks: int) -> list:
+    """Every set in the candidates file, checked against the LLM, with errors naming the file and the set."""
+    from pudding_mlx.train.search import read_candidates
+
+    if not path.is_file():
+        raise PuddingError(f"{path}: no such candidates file")
+    data = _read_json(path, "the candidates file")
+    if isinstance(data, dict) and not isinstance(data.get("candidates", []), list):
+        raise PuddingError(f"{path}: field 'candidates' must be a list")
+    entries = read_candidates(path, n_blocks)  # format, schema version, num_blocks
+    plain = isinstance(data, list)
+    for m, c in enumerate(entries):
+        name = f"[{m}]" if plain else f"candidates[{m}].omitted"
+        s = c["omitted"]
+        if any(isinstance(i, bool) or not isinstance(i, int) for i in s):
+            raise PuddingError(f"{path}: {name} must hold 0-based block indices (integers) only, got {s}")
+        bad = [i for i in s if not 0 <= i < n_blocks]
+        if bad:
+            raise PuddingError(f"{path}: {name} has block indices {bad} out of range 0..{n_blocks - 1}; the LLM "
+                               f"has {n_blocks} blocks (is this the candidates file for this model?)")
+        if len(set(s)) != len(s):
+            raise PuddingError(f"{path}: {name} repeats block indices: {s}")
+        if len(s) >= n_blocks:
+            raise PuddingError(f"{path}: {name} omits all {n_blocks} blocks of the LLM; at least one must run")
+        sources = c.get("sources")
+        if sources is not None and not (isinstance(sources, list) and all(
+                isinstance(p, list) and len(p) == 2 for p in sources)):
+            raise PuddingError(f"{path}: field 'candidates[{m}].sources' must be a list of [task, loss] pairs")
+    return entries
+
+
+def _check_router_source(router: Path):
+    if not router.is_dir():
+        raise PuddingError(f"{router}: no such folder (--router: a router from `pudding-mlx convert router`, or "
+                           "the trained router it converts)")
+    head = router / "head.json"
+    if head.is_file():
+        data = _read_json(head, "the light router's head description")
+        sets = data.get("sets") if isinstance(data, dict) else None
+        if sets is not None and not (isinstance(sets, list) and all(
+                isinstance(s, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in s)
+                for s in sets)):
+            raise PuddingError(f"{head}: field 'sets' must be a list of lists of block indices")
+    settings = router / "router.json"
+    if settings.is_file():
+        _read_json(settings, "the router settings")
+
+
+def _check_llm_loads(llm: Path):
+    """Stock mlx-lm must load --llm (lazily: names and shapes, no compute), or the bundle would not serve."""
+    import io
+
+    from mlx_lm.utils import load
+
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            load(str(llm), lazy=True)
+    except Exception as e:
+        text = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise PuddingError(f"{llm}: mlx-lm cannot load this LLM ({type(e).__name__}: {text}); --llm must be an "
+                           "mlx-lm model directory (convert one with `pudding-mlx convert llm`)") from None
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    path, folder = path.resolve(), folder.resolve()
+    return path == folder or folder in path.parents
+
+
+@convert_app.command("bundle", no_args_is_help=True)
+@_paragraphs
+def bundle(
+    out: Path = typer.Argument(..., metavar="OUT", help="The output folder: the bundle."),
+    llm: Path = typer.Option(..., "--llm", metavar="DIR", help="The converted LLM: an mlx-lm model directory "
+                             "(from [bold]convert llm[/bold])."),
+    router: Optional[Path] = typer.Option(None, "--router", metavar="DIR",
+                                          help="The router: an MLX router (from [bold]convert router[/bold]) or "
+                                          "the trained PyTorch router, converted here. Its outputs must match "
+                                          "the candidate sets, one per set, in order. Optional: without it "
+                                          "the bundle serves --dense and --omit."),
+    candidates: Optional[Path] = typer.Option(None, "--candidates", metavar="FILE",
+                                              help="The candidate omission sets: the search's candidates JSON "
+                                              "(`pudding-mlx train search`) or a plain JSON list of lists of "
+                                              "0-based block indices, e.g. [[4,9,17],[5,9,21]]. Required "
+                                              "with --router. Sets found only by the 'mix' chains are left "
+                                              "out (they are baselines, not router outputs)."),
+    force: bool = FORCE,
+):
+    """Assemble a bundle from a converted LLM, candidate omission sets and (optionally) a router.
+
+    The bundle is the LLM's mlx-lm directory (copied; stock mlx_lm.load still loads it), a pudding.json
+    manifest with the candidate sets, and the converted router in router/. Everything is checked (the sets
+    against the LLM's blocks, the router's outputs against the sets) before anything appears at OUT.
+
+    Example: [cyan]pudding-mlx convert bundle --llm smol-mlx --router runs/router-k7
+    --candidates cand-k7.json smol-bundle[/cyan]
+
+    Then: [cyan]pudding-mlx generate smol-bundle -p "Why is the sky blue?"[/cyan] routes each prompt.
+    """
+    from pudding_mlx.bundle import read_manifest
+    from pudding_mlx.convert.bundle import _llm_blocks, build_bundle
+
+    out, llm = out.expanduser(), llm.expanduser()
+    router = router.expanduser() if router is not None else None
+    candidates = candidates.expanduser() if candidates is not None else None
+    _refuse_existing(out, force)
+    with _user_errors():
+        if not llm.is_dir():
+            raise PuddingError(f"{llm}: no such folder (--llm: the converted LLM, an mlx-lm model directory)")
+        for folder, flag in ((llm, "--llm"), (router, "--router")):
+            if folder is not None and folder.exists() and _inside(out, folder):
+                raise PuddingError(f"{out}: the bundle must not be the {flag} folder or lie inside it; choose "
+                                   "another output path")
+        n_blocks = _llm_blocks(llm)
+        entries = _check_candidates(candidates, n_blocks) if candidates is not None else []
+        if router is not None:
+            if candidates is None:
+                raise PuddingError("--router needs --candidates: the file of candidate sets the router was "
+                                   "trained to score")
+            _check_router_source(router)
+        with console.status("checking the LLM loads with mlx-lm"):
+            _check_llm_loads(llm)
+        with console.status(f"building the bundle (copying {llm}" + (", converting the router" if router else "")
+                            + ")"):
+            if out.exists() or out.is_symlink():
+                _rebuild(llm, out, candidates, router)
+            else:
+                build_bundle(llm, out, candidates=candidates, router=router)
+        manifest = read_manifest(out)
+    left_out = len(entries) - len(manifest.candidates)
+    print(f"{out.absolute()}: bundle, {manifest.num_blocks} blocks, {len(manifest.candidates)} candidate sets"
+          + (f" ({left_out} mix-only left out)" if left_out > 0 else "")
+          + f", router: {'yes' if manifest.router is not None else 'no'}")
+
+
+def _rebuild(llm: Path, out: Path, candidates, router):
+    """--force over an existing OUT: build beside it, then swap, so OUT is never missing or half-written
+    (build_bundle itself removes the old OUT before moving the new one in)."""
+    from pudding_mlx.convert.bundle import build_bundle
+
+    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.rebuild-", dir=out.parent))
+    fresh, aside = work / out.name, work / "previous"
+    try:
+        try:
+            build_bundle(llm, fresh, candidates=candidates, router=router)
+        except PuddingError as e:  # name OUT, not the temporary folder
+            raise PuddingError(str(e).replace(str(fresh), str(out))) from None
+        os.replace(out, aside)
+        try:
+            os.replace(fresh, out)
+        except BaseException:
+            os.replace(aside, out)
+            raise
+    finally:
+        shutil.rmtree(work, ignore_errors=True)

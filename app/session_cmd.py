@@ -1,5 +1,464 @@
-"""`pudding-mlx chat`, `route` and `info` (to be filled in)."""
+"""`pudding-mlx chat`, `route` and `info`.
+
+chat: a local streaming chat, routed per user message (runtime: pudding_mlx.chat.ChatSession).
+route: the router's choice and scores for one prompt. info: what a bundle or model directory holds,
+read from its files' headers (no weights are loaded).
+"""
+
+import json
+import signal
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from pudding_mlx.errors import PuddingError
+
+HELP = [
+    ("/route", "router scores for the last user message"),
+    ("/dense on|off", "run every block (on), or go back to routing / --omit (off)"),
+    ("/reset", "forget the conversation and its KV cache"),
+    ("/stats", "session totals: turns, cache, tokens, speed, candidates used"),
+    ("/help", "this list"),
+    ("/quit", "leave (Ctrl-D too)"),
+]
 
 
 def register(app):
     """Add this module's commands to the top-level Typer app."""
+    app.command()(chat)
+    app.command()(route)
+    app.command()(info)
+
+
+# -- chat ------------------------------------------------------------------------------------------
+
+
+def chat(
+    model: Optional[str] = typer.Argument(
+        None, help="A pudding-mlx bundle, an mlx-lm model directory, or a hub id. Default: the "
+        "default bundle (SmolLM2-135M-Instruct + the shipped router), built once into the cache."),
+    system: Optional[str] = typer.Option(None, "--system", help="A system message for the chat template."),
+    max_tokens: int = typer.Option(512, "--max-tokens", "-m", min=1, help="Most tokens per reply."),
+    temp: float = typer.Option(0.0, "--temp", min=0.0, help="Sampling temperature; 0 is greedy."),
+    top_p: float = typer.Option(1.0, "--top-p", min=0.0, max=1.0, help="Nucleus sampling mass."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Random seed for sampling."),
+    dense: bool = typer.Option(False, "--dense", help="Start with every block running (/dense off "
+                               "switches routing back on)."),
+    omit: Optional[str] = typer.Option(None, "--omit", help="Skip these 0-based blocks on every turn, "
+                                       "e.g. 3,5,9 (overrides the router)."),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="float32 | float16 | bfloat16 (default: "
+                                        "float32 on the CPU backend, the stored dtype elsewhere)."),
+):
+    """Chat with a model, each message routed to a set of skipped blocks. In-chat: /help."""
+    import mlx.core as mx
+    from mlx_lm.sample_utils import make_sampler
+
+    from pudding_mlx.chat import ChatSession, check_fits
+    from pudding_mlx.default_bundle import ensure_default_bundle, note_for
+    from pudding_mlx.load import DTYPES, default_dtype, load, resolve
+    from pudding_mlx.routing import parse_omit
+    from pudding_mlx.skip import SkipView, check_omitted
+
+    console = Console(highlight=False, soft_wrap=True)
+    err = Console(stderr=True, highlight=False)
+    if dense and omit is not None:
+        raise PuddingError("--dense and --omit contradict each other; give one")
+    base_omit = None if omit is None else parse_omit(omit)
+    if dtype is not None and dtype not in DTYPES:
+        raise PuddingError(f"--dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
+
+    path = ensure_default_bundle(console=err) if model is None else resolve(model)
+    if path.is_dir() and list(path.glob("model*.safetensors")):
+        target = DTYPES[dtype] if dtype else default_dtype()
+        check_fits(path, target.size if target is not None else None)
+    with console.status("loading the model", spinner="dots"):
+        loaded = load(str(path), dtype=dtype)
+        SkipView(loaded.model)  # an unsupported architecture fails here, in one line
+    n = loaded.n_blocks
+    if base_omit is not None:
+        base_omit = list(check_omitted(base_omit, n, "--omit"))
+    note = note_for(loaded.manifest)
+    if seed is not None:
+        mx.random.seed(seed)
+    state = _ChatState(loaded, ChatSession(loaded.model, loaded.tokenizer, system=system),
+                       make_sampler(temp=temp, top_p=top_p), max_tokens, dense, base_omit, note)
+
+    router = "no router" if loaded.router is None else f"router with {len(loaded.manifest.candidates)} candidate sets"
+    console.print(f"[bold]pudding-mlx chat[/bold] · {path} · {n} blocks · {router}"
+                  + (f" · {note}" if note else ""))
+    console.print("[dim]type a message; /help for commands, /quit or Ctrl-D to leave, Ctrl-C stops a reply[/dim]")
+    try:
+        import readline  # noqa: F401  (line editing and history for input())
+    except ImportError:
+        pass
+    while True:
+        try:
+            text = console.input("[bold green]>>> [/bold green]")
+        except EOFError:
+            console.print()
+            return
+        except KeyboardInterrupt:
+            console.print("\n[dim](/quit or Ctrl-D to leave)[/dim]")
+            continue
+        text = text.strip()
+        if not text:
+            continue
+        if text.startswith("/"):
+            if state.command(console, text) == "quit":
+                return
+            continue
+        try:
+            state.turn(console, text)
+        except PuddingError as e:  # a bad turn (too long, ...) is reported; the chat goes on
+            console.print(f"[bold red]error:[/bold red] {e}", markup=True)
+
+
+class _StopFlag:
+    """While active, Ctrl-C (SIGINT) only sets a flag, which the generation loop polls per token."""
+
+    def __enter__(self):
+        self.stop = False
+        self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.stop = True
+
+    def __call__(self) -> bool:
+        return self.stop
+
+    def __exit__(self, *exc):
+        signal.signal(signal.SIGINT, self._previous)
+        return False
+
+
+class _ChatState:
+    def __init__(self, loaded, session, sampler, max_tokens, dense, base_omit, note):
+        self.loaded, self.session, self.sampler = loaded, session, sampler
+        self.max_tokens, self.dense, self.base_omit, self.note = max_tokens, dense, base_omit, note
+        self.last_route = None  # (text, index, scores, ms) of the last routed message
+        self.used = {}
+
+    # one user turn
+    def choose(self, text):
+        from pudding_mlx.routing import choose
+
+        if self.dense:
+            return choose(self.loaded, text, dense=True)
+        if self.base_omit is not None:
+            return choose(self.loaded, text, omit=self.base_omit)
+        choice = choose(self.loaded, text)
+        if choice.how == "routed":
+            self.last_route = (text, choice.candidate, choice.scores, choice.router_ms)
+        return choice
+
+    def turn(self, console, text):
+        choice = self.choose(text)
+        with _StopFlag() as stop:
+            result = self.session.reply(
+                text, choice.omitted, max_tokens=self.max_tokens, sampler=self.sampler,
+                should_stop=stop, choice=choice,
+                on_token=lambda piece: console.print(piece, end="", markup=False, highlight=False),
+            )
+        console.print()
+        if result.finish_reason == "interrupted":
+            if result.kept:
+                console.print(f"[yellow]\\[interrupted: the partial reply ({result.generation_tokens} tokens) "
+                              "is kept in the conversation][/yellow]")
+            else:
+                console.print("[yellow]\\[interrupted before the reply began: the message was dropped][/yellow]")
+        key = choice.candidate if choice.how == "routed" else choice.how
+        self.used[key] = self.used.get(key, 0) + 1
+        console.print(self.status(choice, result), style="dim", markup=False)
+
+    def status(self, choice, result) -> str:
+        n = self.loaded.n_blocks
+        k = len(choice.omitted)
+        if choice.how == "routed":
+            what = (f"candidate {choice.candidate}: omitted {list(choice.omitted)} ({n - k}/{n} blocks) · "
+                    f"router {choice.router_ms:.1f} ms")
+        elif choice.how == "omit":
+            what = f"--omit: omitted {list(choice.omitted)} ({n - k}/{n} blocks)"
+        elif choice.how == "no-router":
+            what = f"dense ({n}/{n} blocks): {self.note or 'this model has no router'}"
+        else:
+            what = f"dense ({n}/{n} blocks)"
+        p = result.prepared
+        if p.rebuilt:
+            cache = f"set changed at block {p.first_changed}: {p.rebuilt} re-prefilled + {p.new_tokens} new"
+        elif p.reused:
+            cache = f"{p.new_tokens} new + {p.reused} cached"
+        else:
+            cache = f"{p.new_tokens} new"
+        return (f"{what} · prompt {result.prefill_tokens} tok ({cache}), {result.prompt_tps:.1f} tok/s · "
+                f"generation {result.generation_tokens} tok, {result.generation_tps:.1f} tok/s · "
+                f"peak memory {result.peak_memory_gb:.3f} GB")
+
+    # in-chat commands
+    def command(self, console, text):
+        cmd, _, arg = text.partition(" ")
+        arg = arg.strip().lower()
+        if cmd in ("/quit", "/exit", "/q"):
+            return "quit"
+        if cmd == "/help":
+            table = Table(show_header=False, box=None, padding=(0, 2))
+            for name, what in HELP:
+                table.add_row(name, what)
+            console.print(table)
+        elif cmd == "/reset":
+            self.session.reset()
+            self.last_route = None
+            console.print("[dim]conversation and KV cache cleared[/dim]")
+        elif cmd == "/dense":
+            if arg in ("on", "off"):
+                self.dense = arg == "on"
+            elif arg:
+                console.print("[red]usage: /dense on|off[/red]")
+                return None
+            mode = "dense (every block runs)" if self.dense else (
+                f"--omit {self.base_omit}" if self.base_omit is not None else
+                "routed" if self.loaded.router is not None else f"dense: {self.note or 'no router'}")
+            console.print(f"[dim]mode: {mode}[/dim]")
+        elif cmd == "/route":
+            self.show_route(console)
+        elif cmd == "/stats":
+            self.show_stats(console)
+        else:
+            console.print(f"[red]unknown command {cmd}[/red]; /help lists them", markup=True)
+        return None
+
+    def show_route(self, console):
+        loaded = self.loaded
+        if loaded.router is None:
+            console.print(f"[yellow]no router: {self.note or 'this model has no router'}[/yellow]")
+            return
+        text = self.session.last_user
+        if text is None:
+            console.print("[dim]no user message yet[/dim]")
+            return
+        if self.last_route is not None and self.last_route[0] == text:
+            _, index, scores, ms = self.last_route
+        else:  # dense or --omit ran: score the message now
+            index, scores, ms = loaded.router.best(text)
+        ran = self.session.turns[-1].omitted if self.session.turns else None
+        preview = text if len(text) <= 60 else text[:57] + "..."
+        console.print(route_table(loaded.manifest, index, scores, ran,
+                                  title=f"router scores for {preview!r} ({ms:.1f} ms)"))
+
+    def show_stats(self, console):
+        s = self.session
+        turns = s.turns
+        table = Table(show_header=False, box=None, padding=(0, 2))
+        table.add_row("turns", f"{len(turns)} ({sum(1 for t in turns if t.finish_reason == 'interrupted')} interrupted)")
+        table.add_row("messages", str(len(s.messages)))
+        table.add_row("KV cache", f"{s.cache_tokens} tokens under omitted {list(s.omitted)}, "
+                      f"{s.cache_bytes / 1e6:.2f} MB")
+        table.add_row("prompt tokens", f"{sum(t.prepared.prompt_tokens for t in turns)} rendered, "
+                      f"{sum(t.prepared.reused for t in turns)} from cache, "
+                      f"{sum(t.prepared.rebuilt for t in turns)} re-prefilled after set changes")
+        gen = sum(t.generation_tokens for t in turns)
+        table.add_row("generated", f"{gen} tokens")
+        if turns:
+            table.add_row("speed (mean)", f"prompt {sum(t.prompt_tps for t in turns) / len(turns):.1f} tok/s, "
+                          f"generation {sum(t.generation_tps for t in turns) / len(turns):.1f} tok/s")
+            table.add_row("peak memory", f"{max(t.peak_memory_gb for t in turns):.3f} GB")
+        used = ", ".join(f"{'candidate ' + str(k) if isinstance(k, int) else k}: {v}"
+                         for k, v in sorted(self.used.items(), key=lambda kv: str(kv[0])))
+        table.add_row("sets used", used or "-")
+        console.print(table)
+
+
+def route_table(manifest, index, scores, ran=None, title=None) -> Table:
+    table = Table(title=title, title_justify="left")
+    table.add_column("#", justify="right")
+    table.add_column("score", justify="right")
+    table.add_column("omitted blocks")
+    table.add_column("task / loss")
+    table.add_column("")
+    for m, (cand, score) in enumerate(zip(manifest.candidates, scores)):
+        mark = []
+        if m == index:
+            mark.append("◀ best")
+        if ran is not None and tuple(ran) == tuple(cand.omitted) and m == index:
+            mark.append("(ran)")
+        origin = " / ".join(x for x in (cand.task, cand.loss) if x) or "-"
+        style = "bold" if m == index else None
+        table.add_row(str(m), f"{score:.3f}", ",".join(map(str, cand.omitted)), origin, " ".join(mark),
+                      style=style)
+    return table
+
+
+# -- route -----------------------------------------------------------------------------------------
+
+
+def route(
+    model: str = typer.Argument(..., help="A pudding-mlx bundle with a router (a directory or hub id)."),
+    prompt: str = typer.Option(..., "--prompt", "-p", help="The user message to route."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+):
+    """Which candidate set the bundle's router picks for a prompt, with every score."""
+    from pudding_mlx.bundle import check_bundle_files, is_bundle, read_manifest
+    from pudding_mlx.load import resolve
+    from pudding_mlx.router import load_router
+
+    path = resolve(model)
+    if not is_bundle(path):
+        raise PuddingError(f"{path}: not a pudding-mlx bundle (no pudding.json), so there is no router to ask; "
+                           "build a bundle with `pudding-mlx convert bundle`")
+    manifest = read_manifest(path)
+    check_bundle_files(path, manifest)
+    if manifest.router is None:
+        raise PuddingError(f"{path}: this bundle has no router (pudding.json: \"router\": null); "
+                           "it serves --dense and --omit only")
+    router = load_router(path / manifest.router.path, num_outputs=len(manifest.candidates))
+    index, scores, ms = router.best(prompt)
+    omitted = list(manifest.candidates[index].omitted)
+    if as_json:
+        print(json.dumps({"candidate": index, "omitted": omitted, "scores": scores, "router_ms": ms,
+                          "num_blocks": manifest.num_blocks,
+                          "candidates": [list(c.omitted) for c in manifest.candidates],
+                          "model": str(path)}))
+        return
+    console = Console(highlight=False)
+    console.print(route_table(manifest, index, scores))
+    console.print(f"candidate {index}: omitted {omitted} "
+                  f"({manifest.num_blocks - len(omitted)}/{manifest.num_blocks} blocks) · router {ms:.1f} ms")
+
+
+# -- info ------------------------------------------------------------------------------------------
+
+
+def _du(path: Path) -> int:
+    """Bytes of the files under `path` (symlinks not followed)."""
+    if path.is_symlink() or path.is_file():
+        return path.lstat().st_size
+    return sum(f.lstat().st_size for f in path.rglob("*") if f.is_symlink() or f.is_file())
+
+
+def model_info(path: Path) -> dict:
+    """Everything `pudding-mlx info` reports, from config files and safetensors headers."""
+    from pudding_mlx.bundle import check_bundle_files, is_bundle, read_manifest
+    from pudding_mlx.chat import weights_summary
+
+    bundle = is_bundle(path)
+    manifest = None
+    if bundle:
+        manifest = read_manifest(path)
+        check_bundle_files(path, manifest)
+    config_path = path / "config.json"
+    if not config_path.is_file():
+        raise PuddingError(f"{path}: no config.json and no pudding.json; not an mlx-lm model directory or a bundle")
+    try:
+        config = json.loads(config_path.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise PuddingError(f"{config_path}: malformed JSON ({e})")
+    text = config.get("text_config", config)
+    weights = weights_summary(path)
+    quant = config.get("quantization") or config.get("quantization_config")
+    if isinstance(quant, dict):
+        overrides = {k: v for k, v in quant.items() if isinstance(v, dict)}
+        quant = {k: v for k, v in quant.items() if not isinstance(v, dict)}
+        if overrides:
+            quant["overrides"] = overrides
+    llm_files = [path / f for f in weights["files"]] + sorted(path.glob("model*.safetensors.index.json"))
+    tok_files = [f for f in path.iterdir() if f.is_file() and (f.name.startswith(("tokenizer", "special_tokens"))
+                                                              or f.name in ("vocab.json", "merges.txt", "chat_template.jinja"))]
+    out = {
+        "path": str(path),
+        "kind": "bundle" if bundle else "mlx-lm",
+        "model_type": config.get("model_type"),
+        "blocks": text.get("num_hidden_layers"),
+        "hidden_size": text.get("hidden_size"),
+        "intermediate_size": text.get("intermediate_size"),
+        "attention_heads": text.get("num_attention_heads"),
+        "kv_heads": text.get("num_key_value_heads"),
+        "vocab_size": text.get("vocab_size"),
+        "context": text.get("max_position_embeddings"),
+        "parameters": weights["parameters"],
+        "weights_bytes": weights["bytes"],
+        "tensors": weights["tensors"],
+        "dtypes": weights["dtypes"],
+        "quantization": quant or None,
+        "candidates": None,
+        "router": None,
+        "provenance": None,
+    }
+    disk = {"llm_weights": sum(f.stat().st_size for f in llm_files),
+            "tokenizer": sum(f.stat().st_size for f in tok_files), "router": 0}
+    if manifest is not None:
+        out["candidates"] = {"count": len(manifest.candidates),
+                             "sets": [list(c.omitted) for c in manifest.candidates],
+                             "sources": [[c.task, c.loss] for c in manifest.candidates]}
+        out["provenance"] = manifest.provenance or None
+        if manifest.router is not None:
+            rdir = path / manifest.router.path
+            settings, rconfig = {}, {}
+            try:
+                settings = json.loads((rdir / "router.json").read_text())
+                rconfig = json.loads((rdir / "config.json").read_text())
+            except (OSError, ValueError) as e:
+                raise PuddingError(f"{rdir}: the router's router.json / config.json cannot be read ({e}); rebuild the bundle")
+            rweights = weights_summary(rdir)
+            out["router"] = {"path": str(rdir), "encoder": settings.get("encoder"),
+                             "outputs": settings.get("num_outputs"),
+                             "max_tokens": settings.get("max_length", manifest.router.max_tokens),
+                             "lowercase": settings.get("lowercase"), "pooling": settings.get("pooling"),
+                             "hidden_size": rconfig.get("hidden_size"), "layers": rconfig.get("num_hidden_layers"),
+                             "parameters": rweights["parameters"], "weights_bytes": rweights["bytes"]}
+            disk["router"] = _du(rdir)
+    disk["total"] = _du(path)
+    disk["other"] = disk["total"] - disk["llm_weights"] - disk["tokenizer"] - disk["router"]
+    out["disk"] = disk
+    return out
+
+
+def _size(n) -> str:
+    for unit, div in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= div:
+            return f"{n / div:.1f} {unit}"
+    return f"{n} B"
+
+
+def info(
+    model: str = typer.Argument(..., help="A pudding-mlx bundle, an mlx-lm model directory, or a hub id."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+):
+    """What a bundle or model directory holds: architecture, size, quantization, candidates, router.
+    Read from config files and safetensors headers; no weights are loaded."""
+    from pudding_mlx.load import resolve
+
+    data = model_info(resolve(model))
+    if as_json:
+        print(json.dumps(data))
+        return
+    console = Console(highlight=False)
+    table = Table(show_header=False, box=None, padding=(0, 2), title=data["path"], title_justify="left")
+    table.add_row("kind", "pudding-mlx bundle" if data["kind"] == "bundle" else "mlx-lm model directory")
+    table.add_row("architecture", f"{data['model_type']}: {data['blocks']} blocks, hidden {data['hidden_size']}, "
+                  f"MLP {data['intermediate_size']}, {data['attention_heads']} heads / {data['kv_heads']} KV heads, "
+                  f"vocab {data['vocab_size']}, context {data['context']}")
+    table.add_row("parameters", f"{data['parameters'] / 1e6:.1f} M in {data['tensors']} tensors, "
+                  f"{_size(data['weights_bytes'])} (" + ", ".join(f"{k} {_size(v)}" for k, v in data["dtypes"].items()) + ")")
+    q = data["quantization"]
+    if q:
+        extra = f", {len(q['overrides'])} layer overrides" if q.get("overrides") else ""
+        table.add_row("quantization", f"{q.get('bits')}-bit {q.get('mode', 'affine')}, group size {q.get('group_size')}{extra}")
+    else:
+        table.add_row("quantization", "none")
+    c = data["candidates"]
+    if c is not None:
+        sets = "; ".join(",".join(map(str, s)) for s in c["sets"]) or "-"
+        table.add_row("candidates", f"{c['count']}: {sets}")
+    r = data["router"]
+    if r is not None:
+        table.add_row("router", f"{r['encoder']} ({r['layers']} layers, hidden {r['hidden_size']}, "
+                      f"{r['parameters'] / 1e6:.1f} M params), {r['outputs']} outputs, max {r['max_tokens']} tokens")
+    elif data["kind"] == "bundle":
+        table.add_row("router", "none (serves --dense and --omit)")
+    d = data["disk"]
+    table.add_row("on disk", f"{_size(d['total'])}: LLM weights {_size(d['llm_weights'])}, router {_size(d['router'])}, "
+                  f"tokenizer {_size(d['tokenizer'])}, other {_size(d['other'])}")
+    console.print(table)

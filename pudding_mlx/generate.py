@@ -59,8 +59,15 @@ def stream_generate(
     top_p: float = 1.0,
     seed: Optional[int] = None,
     prompt_cache=None,
+    lossless: bool = False,
+    draft_tokens: int = 3,
 ) -> Iterator:
-    """Yield mlx-lm `GenerationResponse`s for `prompt` (token ids) with blocks `omitted` skipped."""
+    """Yield mlx-lm `GenerationResponse`s for `prompt` (token ids) with blocks `omitted` skipped.
+
+    lossless: the pruned view only drafts `draft_tokens` tokens at a time and the dense model
+    verifies them (mlx-lm's speculative decoding, with the view as its draft model: both share
+    every weight; each keeps its own cache). Output equals dense decoding; `from_draft` on each
+    response says which tokens the draft got right."""
     view = SkipView(model, omitted)
     limit = context_length(model)
     if limit and len(prompt) >= limit:
@@ -71,6 +78,12 @@ def stream_generate(
         mx.random.seed(seed)
     sampler = make_sampler(temp=temp, top_p=top_p)
     with wired_limit(model):
+        if lossless:
+            yield from mlx_stream_generate(
+                SkipView(model, ()), tokenizer, mx.array(prompt), max_tokens=max_tokens, sampler=sampler,
+                draft_model=view, num_draft_tokens=draft_tokens, prompt_cache=prompt_cache,
+            )
+            return
         yield from mlx_stream_generate(
             view, tokenizer, mx.array(prompt), max_tokens=max_tokens, sampler=sampler,
             prompt_cache=prompt_cache,
@@ -79,10 +92,11 @@ def stream_generate(
 
 def generate(model, tokenizer, prompt: Sequence[int], omitted: Sequence[int] = (), **kwargs) -> GenerationResult:
     """Run `stream_generate` to the end and collect text, ids and speed."""
-    text, ids, last = "", [], None
+    text, ids, last, drafted = "", [], None, 0
     for response in stream_generate(model, tokenizer, prompt, omitted, **kwargs):
         text += response.text
         ids.append(int(response.token))
+        drafted += bool(response.from_draft)
         last = response
     if last is None:
         raise PuddingError("generation produced no tokens (is --max-tokens positive?)")
@@ -96,4 +110,6 @@ def generate(model, tokenizer, prompt: Sequence[int], omitted: Sequence[int] = (
         generation_tokens=last.generation_tokens,
         peak_memory_gb=last.peak_memory,
         finish_reason=last.finish_reason,
+        extra={"lossless": True, "draft_tokens": kwargs.get("draft_tokens", 3),
+               "accepted_from_draft": drafted / len(ids)} if kwargs.get("lossless") else {},
     )

@@ -16,27 +16,14 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
-from mlx.utils import tree_flatten, tree_map
+from mlx.utils import tree_flatten
 from mlx_lm.generate import generate_step
 
 from pudding_mlx.errors import PuddingError
-from pudding_mlx.shapes import build_model
+from pudding_mlx.shapes import TINY, build_model, tiny_model
 from pudding_mlx.skip import SkipView
 
-BASE = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
-            rms_norm_eps=1e-5, vocab_size=512, max_position_embeddings=1024)
-ARCHS = {
-    "llama": dict(BASE, model_type="llama", num_hidden_layers=8, tie_word_embeddings=False),
-    "llama_sliding": dict(BASE, model_type="llama", num_hidden_layers=8, sliding_window=5,
-                          layer_types=["sliding_attention", "sliding_attention", "full_attention"] * 2
-                          + ["sliding_attention", "full_attention"]),
-    "qwen2": dict(BASE, model_type="qwen2", num_hidden_layers=8),
-    "qwen3": dict(BASE, model_type="qwen3", num_hidden_layers=8, head_dim=16, tie_word_embeddings=True,
-                  rope_theta=10000.0),
-    "gemma3_text": dict(BASE, model_type="gemma3_text", num_hidden_layers=8, head_dim=16,
-                        num_key_value_heads=1, sliding_window=5, sliding_window_pattern=3,
-                        query_pre_attn_scalar=16),
-}
+ARCHS = TINY
 DELETABLE = ["llama", "llama_sliding", "qwen2", "qwen3"]
 # Sets chosen so every family loses a block of each attention type, the first block included
 # (mask building reads the first kept block's cache).
@@ -46,15 +33,7 @@ N_NEW = 12
 
 
 def make(arch, quantize_bits=None):
-    model = build_model(ARCHS[arch], mx.float32, seed=1)
-    # mlx's default init leaves the blocks too weak for the residual stream: a random model then
-    # repeats one token forever. Scaled-up block matrices make every step depend on the context.
-    layers = model.model.parameters()["layers"]
-    model.model.update({"layers": tree_map(lambda p: p * 4 if p.ndim == 2 else p, layers)})
-    if quantize_bits:
-        nn.quantize(model, group_size=32, bits=quantize_bits)
-        mx.eval(model.parameters())
-    return model
+    return tiny_model(arch, quantize_bits)
 
 
 def deleted_copy(model, config, omitted, quantize_bits=None):

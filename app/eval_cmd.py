@@ -1,0 +1,150 @@
+"""`pudding-mlx eval MODEL --tasks ...`: zero-shot accuracy on the MLX runtime.
+
+    pudding-mlx eval my-bundle --tasks arc_easy,piqa --limit 100            # routed (bundle + router)
+    pudding-mlx eval smol-mlx --tasks boolq --omit 3,5 --json out.json     # a fixed omission set
+    pudding-mlx eval smol-mlx --tasks hellaswag --dense
+
+Same templates, tokenization and metrics as the training side (`train.tasks`, `train.requests`), so
+the figures match `pudding-mlx train` on the same weights. Benchmark files come from --data-dir or
+$PUDDING_MLX_DATA. Bad input (unknown task, no data folder, bad --omit, bad MODEL) is one line on
+stderr and exit status 2.
+"""
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from pudding_mlx.errors import PuddingError
+
+err = Console(stderr=True, highlight=False)
+
+
+def _parse_tasks(text: str) -> List[str]:
+    tasks = list(dict.fromkeys(t.strip() for t in text.split(",") if t.strip()))
+    if not tasks:
+        raise PuddingError("--tasks: give one or more comma-separated task names, e.g. --tasks arc_easy,piqa")
+    return tasks
+
+
+def eval_command(
+    model: str = typer.Argument(..., help="A pudding-mlx bundle, an mlx-lm model directory, or a hub id."),
+    tasks: str = typer.Option(..., "--tasks", "-t", help="Comma-separated tasks: arc_challenge, arc_easy, "
+                              "boolq, hellaswag, piqa, winogrande, openbookqa, mmlu, or a .jsonl/.jsonl.gz "
+                              "file in the benchmark schema."),
+    limit: Optional[int] = typer.Option(None, "--limit", "-n", min=1, help="Only the first N examples (file "
+                                        "order) of each task's standard evaluation split."),
+    json_file: Optional[str] = typer.Option(None, "--json", metavar="FILE", help="Write the results as one "
+                                            "JSON object to FILE ('-': to stdout, instead of the table)."),
+    dense: bool = typer.Option(False, "--dense", help="Run every block (no pruning), ignoring the router."),
+    omit: Optional[str] = typer.Option(None, "--omit", help="Skip these 0-based blocks, e.g. 3,5 "
+                                       "(overrides the router)."),
+    data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="The benchmark folder "
+                                            "(<task>.<split>.jsonl.gz); default $PUDDING_MLX_DATA."),
+    batch_size: int = typer.Option(16, "--batch-size", min=1, help="Most requests per forward pass."),
+    batch_tokens: int = typer.Option(2048, "--batch-tokens", min=1, help="Most padded tokens per forward "
+                                     "pass (the logits of a batch are tokens x vocab floats)."),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="float32 | float16 | bfloat16. Default: "
+                                        "float32 on the CPU backend, the stored dtype on Metal/CUDA."),
+):
+    """Zero-shot accuracy (acc, acc_norm) per task, routed by the bundle's router or with --dense / --omit."""
+    try:
+        _run(model, tasks, limit, json_file, dense, omit, data_dir, batch_size, batch_tokens, dtype)
+    except PuddingError as e:
+        err.print(f"[bold red]error:[/bold red] {e}", soft_wrap=True)
+        raise typer.Exit(2)
+
+
+def _run(model, tasks, limit, json_file, dense, omit, data_dir, batch_size, batch_tokens, dtype):
+    from pudding_mlx.routing import parse_omit
+    from pudding_mlx.train.tasks import load_task
+
+    if dense and omit is not None:
+        raise PuddingError("--dense and --omit contradict each other; give one")
+    omit_list = None if omit is None else parse_omit(omit)
+    names = _parse_tasks(tasks)
+    # the data first: a wrong task name or data folder fails before the model is loaded
+    examples = {t: load_task(t, None, data_dir, limit=limit) for t in names}
+    if json_file not in (None, "-"):
+        parent = Path(json_file).expanduser().parent
+        if not parent.is_dir():
+            raise PuddingError(f"--json {json_file}: the folder {str(parent)!r} does not exist")
+
+    from pudding_mlx.evaluate import evaluate
+    from pudding_mlx.load import load
+    from pudding_mlx.skip import check_omitted
+
+    loaded = load(model, dtype=dtype, with_router=not dense and omit_list is None)
+    if dense:
+        omitted, mode = (), "dense"
+    elif omit_list is not None:
+        omitted, mode = check_omitted(omit_list, loaded.n_blocks, "--omit"), "omit"
+    elif loaded.router is not None:
+        omitted, mode = None, "routed"
+    else:
+        omitted, mode = (), "no-router"
+        err.print(f"{loaded.path}: this model has no router; evaluating dense", soft_wrap=True)
+
+    start = time.perf_counter()
+    with Progress(TextColumn("{task.description:<8}"), BarColumn(), MofNCompleteColumn(),
+                  TimeElapsedColumn(), console=err, transient=False) as bar:
+        ids = {}
+
+        def progress(phase, done, total):
+            if phase not in ids:
+                ids[phase] = bar.add_task(phase, total=total)
+            bar.update(ids[phase], completed=done, total=total)
+
+        result = evaluate(loaded, examples, omitted, batch_size=batch_size, batch_tokens=batch_tokens,
+                          progress=progress)
+    seconds = time.perf_counter() - start
+    payload = {"model": str(loaded.path), "mode": mode, "limit": limit, "n_blocks": loaded.n_blocks}
+    payload.update(result)
+    payload["seconds"] = round(seconds, 3)
+
+    if json_file == "-":
+        print(json.dumps(payload))
+        return
+    _table(payload)
+    if json_file is not None:
+        path = Path(json_file).expanduser()
+        try:
+            path.write_text(json.dumps(payload, indent=1) + "\n", encoding="utf-8")
+        except OSError as e:
+            raise PuddingError(f"--json {json_file}: cannot write it ({e.strerror or e})") from None
+        err.print(f"wrote {path}")
+
+
+def _table(payload: dict):
+    out = Console(highlight=False, file=sys.stdout)
+    routed = "routing" in payload
+    table = Table(show_edge=False)
+    for col in ("task", "metric", "acc %", "acc_norm %", "n") + (("usage",) if routed else ()):
+        table.add_column(col, justify="left" if col in ("task", "metric", "usage") else "right")
+    for task, r in payload["tasks"].items():
+        row = [task, r.get("metric", ""), f"{r['acc']:.2f}", f"{r['acc_norm']:.2f}", str(r["n"])]
+        if routed:
+            row.append(" ".join(str(u) for u in r["usage"]))
+        table.add_row(*row)
+    out.print(table)
+    n = payload["n_blocks"]
+    if routed:
+        rt = payload["routing"]
+        kept = sum(u * (n - len(c)) for u, c in zip(rt["usage"], rt["candidates"])) / max(1, sum(rt["usage"]))
+        err.print(f"Route: per example by the router ({len(rt['candidates'])} candidates; usage "
+                  f"{rt['usage']}; mean {kept:.2f}/{n} blocks), router {rt['router_ms_mean']:.1f} ms mean")
+    else:
+        om = payload["omitted"]
+        err.print(f"Route: {payload['mode']}, omitted {om} ({n - len(om)}/{n} blocks)")
+    err.print(f"Time: {payload['seconds']:.1f} s")
+
+
+def register(app):
+    """Add `eval` to the top-level Typer app."""
+    app.command(name="eval", no_args_is_help=True)(eval_command)

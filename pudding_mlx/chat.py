@@ -1,0 +1,471 @@
+"""Multi-turn chat with per-turn routing on one KV cache: the runtime side of `pudding-mlx chat`.
+
+The conversation is explicit: `ChatSession.messages` holds the user and assistant turns (the system
+message is added when rendering), and every turn renders the *whole* conversation through the
+tokenizer's chat template. The KV cache is only an accelerator: `cached_ids` are the token ids whose
+K/V it holds, `omitted` the omission set they were computed under, `cache` one mlx-lm cache object
+per kept block of that set (`SkipView.make_cache()`). Whatever the cache holds, the reply is the one
+a from-scratch run would give: fresh cache, prefill the whole rendered prompt under the turn's set,
+decode (tested, greedy, token for token).
+
+The cache rule, per turn (prompt ids P, omission set S' chosen for this turn's user message; the
+cache holds ids C computed under S):
+
+1. p = the longest common prefix of C and P, capped at len(P) - 1 (the last prompt token is always
+   run, for the logits). Chat templates re-render earlier turns; when they do so differently from the
+   ids in the cache (a reply re-tokenised differently, a template that rewrites history), the cache
+   is trimmed back to the first differing token (`KVCache.trim`) and everything after is re-run.
+2. S' == S: every cache is trimmed to p and only P[p:] is prefilled. This is the common case.
+3. S' != S: let f be the first block whose status changed, f = min(S ^ S'). A block's K/V depends
+   only on the residual stream entering it, which only the blocks before it shape, and blocks before
+   f run (or are skipped) under S' exactly as under S. So the cache objects of the kept blocks < f
+   are reused as they are (trimmed to p); their entries for P[:p] are neither recomputed nor
+   rewritten. The kept blocks >= f get fresh caches, filled by re-running P[:p] through the new view.
+   That re-run has to go through the leading blocks too, because block f needs the residual stream
+   they produce; it gives them *scratch* caches (fresh objects, dropped afterwards), so the reused
+   caches are not extended twice. Then P[p:] is prefilled as in 2, through reused + fresh caches.
+   Special case: when every kept block of S' lies before f (S' = S plus trailing omissions), nothing
+   is re-run at all.
+   Cost: apart from that special case a set change costs a prefill of the whole prompt under S' (the
+   leading blocks must still run over the prefix, since their output is not stored: keeping the
+   residual stream at block boundaries would cost ~hidden / (2 kv_dim) times the KV memory). What
+   reuse keeps is the leading entries themselves: unchanged and never duplicated in memory beyond the
+   transient scratch copy.
+4. Caches that cannot be trimmed (a full rotating window) fall back to a fresh cache and a full
+   prefill under S'.
+
+After the reply, the ids in the cache are P + the generated ids that the cache holds (mlx-lm's
+generation loop runs one step ahead, so the cache holds every yielded token, the stop token
+included); the cache is reconciled to exactly the ids kept (`_reconcile`).
+
+Interrupting a reply (`should_stop` returning True, or an exception such as KeyboardInterrupt):
+the partial reply is *kept* — the conversation gets the assistant message with the text generated so
+far, exactly what the user saw — and the cache is trimmed to the prompt plus those tokens; the next
+turn's template closes the message (`<|im_end|>`) and the common-prefix rule reuses all of it. An
+interruption before the first reply token drops the user's message (the turn is undone); the cache
+keeps whatever prefix it computed, which the next turn reuses only where it matches.
+"""
+
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence
+
+import mlx.core as mx
+from mlx_lm.generate import stream_generate as mlx_stream_generate
+from mlx_lm.models.cache import can_trim_prompt_cache
+from mlx_lm.sample_utils import make_sampler
+
+from .errors import PuddingError
+from .generate import context_length
+from .skip import SkipView, check_omitted, num_blocks
+
+
+class Interrupted(Exception):
+    """Raised inside a turn when `should_stop()` turns True before the first reply token."""
+
+
+@dataclass
+class Prepared:
+    """What the cache rule did for one turn (see the module docstring)."""
+
+    prompt_tokens: int          # len(P)
+    reused: int                 # p: prompt tokens whose K/V were kept from the previous turn
+    rebuilt: int                # prefix tokens re-run because the set changed (0 if it did not)
+    first_changed: Optional[int]  # f, when the set changed and a cache existed; else None
+    reused_blocks: tuple        # blocks (0-based) whose cache objects were kept
+    fresh_blocks: tuple         # blocks given fresh caches
+    rebuild_s: float = 0.0
+
+    @property
+    def new_tokens(self) -> int:
+        return self.prompt_tokens - self.reused
+
+
+@dataclass
+class TurnResult:
+    text: str
+    token_ids: List[int]
+    omitted: tuple
+    finish_reason: str                 # "stop" | "length" | "interrupted"
+    prepared: Prepared
+    prompt_tps: float                  # (rebuilt + new prompt tokens) / prefill time
+    generation_tokens: int
+    generation_tps: float
+    peak_memory_gb: float
+    choice: object = None              # the routing.Choice of the turn, when given
+    kept: bool = True                  # False: the turn was undone (interrupted before any token)
+
+    @property
+    def prefill_tokens(self) -> int:
+        return self.prepared.rebuilt + self.prepared.new_tokens
+
+
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+def _offset(c) -> int:
+    return int(getattr(c, "offset", 0))
+
+
+class ChatSession:
+    """A conversation with one model, routed per turn, on one KV cache (rule: module docstring).
+
+    `reply(text, omitted, ...)` renders the conversation plus `text`, applies the cache rule for the
+    set `omitted`, prefills what is not cached and streams the reply (`on_token(text_piece)`).
+    """
+
+    def __init__(self, model, tokenizer, system: Optional[str] = None, chat_template: bool = True,
+                 prefill_step_size: int = 512):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.system = system
+        self.chat_template = chat_template and bool(getattr(tokenizer, "chat_template", None))
+        self.prefill_step_size = prefill_step_size
+        self.n_blocks = num_blocks(model)
+        self.context = context_length(model)
+        self.messages: List[Dict[str, str]] = []
+        self.cached_ids: List[int] = []
+        self.omitted: tuple = ()
+        self.cache: Optional[list] = None
+        self.turns: List[TurnResult] = []
+        self.last_user: Optional[str] = None
+
+    # -- the conversation ----------------------------------------------------------------------
+
+    def render(self, messages: Sequence[dict], add_generation_prompt: bool = True) -> List[int]:
+        """Token ids of `messages` (system message prepended) through the chat template."""
+        full = ([{"role": "system", "content": self.system}] if self.system else []) + list(messages)
+        if self.chat_template:
+            ids = self.tokenizer.apply_chat_template(full, add_generation_prompt=add_generation_prompt,
+                                                     tokenize=True)
+            return [int(i) for i in ids]
+        # no template: a plain transcript
+        text = "".join(f"{m['role']}: {m['content']}\n" for m in full)
+        if add_generation_prompt:
+            text += "assistant:"
+        return [int(i) for i in self.tokenizer.encode(text)]
+
+    def prompt_for(self, user_text: str) -> List[int]:
+        return self.render(self.messages + [{"role": "user", "content": user_text}])
+
+    def check_prompt(self, ids: Sequence[int]) -> None:
+        if self.context and len(ids) >= self.context:
+            raise PuddingError(
+                f"the conversation is {len(ids)} tokens but the model's context is {self.context}; "
+                "/reset the conversation or send a shorter message"
+            )
+
+    def reset(self) -> None:
+        """Forget the conversation and drop the KV cache."""
+        self.messages = []
+        self.cached_ids = []
+        self.cache = None
+        self.omitted = ()
+        self.last_user = None
+
+    @property
+    def cache_tokens(self) -> int:
+        return len(self.cached_ids)
+
+    @property
+    def cache_bytes(self) -> int:
+        total = 0
+        for c in self.cache or []:
+            try:
+                total += int(c.nbytes)
+            except (NotImplementedError, AttributeError):
+                pass
+        return total
+
+    # -- the cache rule ------------------------------------------------------------------------
+
+    def _kept(self, omitted) -> tuple:
+        gone = set(omitted)
+        return tuple(i for i in range(self.n_blocks) if i not in gone)
+
+    def _fresh(self, view: SkipView, omitted: tuple, n_ids: int) -> Prepared:
+        self.cache = view.make_cache()
+        self.cached_ids = []
+        self.omitted = omitted
+        return Prepared(n_ids, 0, 0, None, (), view.kept)
+
+    def prepare(self, prompt: Sequence[int], omitted: Sequence[int] = (),
+                should_stop: Optional[Callable[[], bool]] = None) -> Prepared:
+        """Make the cache hold a prefix of `prompt` computed under `omitted` (the rule above) and
+        return what was reused and rebuilt. `prompt[Prepared.reused:]` is left to prefill."""
+        prompt = [int(i) for i in prompt]
+        if not prompt:
+            raise PuddingError("the prompt is empty")
+        omitted = check_omitted(omitted, self.n_blocks)
+        view = SkipView(self.model, omitted)
+        if self.cache is None:
+            return self._fresh(view, omitted, len(prompt))
+        p = min(common_prefix(self.cached_ids, prompt), len(prompt) - 1)
+        if p == 0:
+            return self._fresh(view, omitted, len(prompt))
+
+        if omitted == self.omitted:
+            if not self._trim(self.cache, p):
+                return self._fresh(view, omitted, len(prompt))
+            self.cached_ids = prompt[:p]
+            return Prepared(len(prompt), p, 0, None, view.kept, ())
+
+        f = min(set(self.omitted) ^ set(omitted))
+        old_index = {b: i for i, b in enumerate(self._kept(self.omitted))}
+        lead = [b for b in view.kept if b < f]  # kept under both sets, same position in the stream
+        reused = [self.cache[old_index[b]] for b in lead]
+        if not self._trim(reused, p):
+            return self._fresh(view, omitted, len(prompt))
+        new_cache = view.make_cache()
+        fresh = new_cache[len(lead):]
+        start = time.perf_counter()
+        # From here on the session holds reused + fresh; the fresh caches are filled below.
+        self.cache, self.omitted, self.cached_ids = reused + fresh, omitted, prompt[:p]
+        rebuilt = 0
+        if fresh:
+            scratch = new_cache[: len(lead)]  # stand-ins for the reused caches during the re-run
+            caches = scratch + fresh
+            try:
+                for lo in range(0, p, self.prefill_step_size):
+                    if should_stop is not None and should_stop():
+                        raise Interrupted()
+                    chunk = prompt[lo: min(p, lo + self.prefill_step_size)]
+                    view(mx.array(chunk)[None], cache=caches)  # logits unused: never computed
+                    mx.eval([c.state for c in caches])
+                    rebuilt = lo + len(chunk)
+            finally:
+                del scratch, caches
+                if rebuilt < p:  # interrupted: keep what is consistent
+                    self._reconcile(prompt[:rebuilt])
+        return Prepared(len(prompt), p, rebuilt, f, tuple(lead), tuple(view.kept[len(lead):]),
+                        time.perf_counter() - start)
+
+    @staticmethod
+    def _trim(caches, n: int) -> bool:
+        """Trim every cache to its first n tokens; False when one cannot be trimmed that far."""
+        extra = [_offset(c) - n for c in caches]
+        if any(e < 0 for e in extra):
+            return False
+        if any(extra) and not can_trim_prompt_cache([c for c, e in zip(caches, extra) if e]):
+            return False
+        for c, e in zip(caches, extra):
+            if e:
+                c.trim(e)
+        return True
+
+    def _reconcile(self, ids: Sequence[int]) -> None:
+        """After a forward pass that may have stopped anywhere: make every cache hold exactly the
+        first n of `ids` for the largest n that all of them hold, and record those ids."""
+        if not self.cache:
+            self.cached_ids = []
+            return
+        n = min([_offset(c) for c in self.cache] + [len(ids)])
+        if self._trim(self.cache, n):
+            self.cached_ids = [int(i) for i in ids[:n]]
+        else:  # cannot make them agree: start over next turn
+            self.cache, self.cached_ids = None, []
+
+    # -- one turn ------------------------------------------------------------------------------
+
+    def reply(
+        self,
+        user_text: str,
+        omitted: Sequence[int] = (),
+        max_tokens: int = 256,
+        sampler=None,
+        should_stop: Optional[Callable[[], bool]] = None,
+        on_token: Optional[Callable[[str], None]] = None,
+        choice=None,
+    ) -> TurnResult:
+        """Answer `user_text` with blocks `omitted` skipped; append the turn to the conversation."""
+        if max_tokens < 1:
+            raise PuddingError("max_tokens must be at least 1")
+        omitted = check_omitted(omitted, self.n_blocks)
+        prompt = self.prompt_for(user_text)
+        self.check_prompt(prompt)
+        if self.context:
+            max_tokens = min(max_tokens, self.context - len(prompt))
+        sampler = sampler or make_sampler(temp=0.0)
+        self.last_user = user_text
+        mx.reset_peak_memory()
+
+        ids: List[int] = []
+        pieces: List[str] = []
+        finish = "interrupted"
+        last = None
+        prepared = None
+
+        def progress(done, total):  # mlx-lm calls this between prefill chunks (states evaluated)
+            if should_stop is not None and done < total and should_stop():
+                raise Interrupted()
+
+        try:
+            prepared = self.prepare(prompt, omitted, should_stop)
+            if should_stop is not None and should_stop():
+                raise Interrupted()
+            view = SkipView(self.model, omitted)
+            gen = mlx_stream_generate(
+                view, self.tokenizer, mx.array(prompt[prepared.reused:]), max_tokens=max_tokens,
+                sampler=sampler, prompt_cache=self.cache, prefill_step_size=self.prefill_step_size,
+                prompt_progress_callback=progress,
+            )
+            try:
+                for response in gen:
+                    ids.append(int(response.token))
+                    pieces.append(response.text)
+                    last = response
+                    if on_token is not None and response.text:
+                        on_token(response.text)
+                    if response.finish_reason is not None:
+                        finish = response.finish_reason
+                        break
+                    if should_stop is not None and should_stop():
+                        break
+            finally:
+                gen.close()
+        except Interrupted:
+            pass
+        finally:
+            # whatever happened, the cache must describe exactly the ids it holds
+            if self.cache is not None:
+                self._reconcile(prompt + ids)
+            kept = bool(ids)
+            if kept:
+                eos = set(getattr(self.tokenizer, "eos_token_ids", ()) or ())
+                body = ids[:-1] if finish == "stop" and ids[-1] in eos else ids
+                text = self.tokenizer.decode(body) if finish == "interrupted" else "".join(pieces)
+                self.messages += [{"role": "user", "content": user_text},
+                                  {"role": "assistant", "content": text}]
+            else:
+                text = ""
+        if prepared is None:
+            prepared = Prepared(len(prompt), 0, 0, None, (), ())
+        prompt_time = prepared.rebuild_s
+        if last is not None and last.prompt_tps > 0:
+            prompt_time += last.prompt_tokens / last.prompt_tps
+        result = TurnResult(
+            text=text,
+            token_ids=ids,
+            omitted=omitted,
+            finish_reason=finish,
+            prepared=prepared,
+            prompt_tps=(prepared.rebuilt + prepared.new_tokens) / prompt_time if prompt_time > 0 else 0.0,
+            generation_tokens=len(ids),
+            generation_tps=last.generation_tps if last is not None else 0.0,
+            peak_memory_gb=mx.get_peak_memory() / 1e9,
+            choice=choice,
+            kept=kept,
+        )
+        self.turns.append(result)
+        return result
+
+
+# -- what a model directory holds, from file headers only (no weights read) ----------------------
+
+
+def safetensors_header(path: Path) -> dict:
+    """The JSON header of a safetensors file (tensor name -> dtype, shape, data_offsets)."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise ValueError("shorter than the 8-byte header length")
+            n = int.from_bytes(head, "little")
+            if n > path.stat().st_size - 8:
+                raise ValueError("header longer than the file")
+            header = json.loads(f.read(n))
+        if not isinstance(header, dict):
+            raise ValueError("header is not a JSON object")
+        return header
+    except (OSError, ValueError, UnicodeDecodeError) as e:
+        raise PuddingError(f"{path}: not a readable safetensors file ({' '.join(str(e).split())[:200]}); convert the model again")
+
+
+_FLOAT_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1}
+
+
+def weights_summary(model_dir: Path, target_float_bytes: Optional[int] = None) -> dict:
+    """Tensors, parameters and bytes of the `model*.safetensors` in `model_dir`, from headers.
+
+    parameters: logical weights; a quantized matrix (a `.weight` with `.scales` beside it) counts
+    its unpacked elements (packed uint32 elements x 32 / bits), and its scales and biases are not
+    parameters. bytes: stored tensor bytes. loaded_bytes: bytes once floating tensors are cast to a
+    float of `target_float_bytes` bytes (None: as stored).
+    """
+    model_dir = Path(model_dir)
+    files = sorted(model_dir.glob("model*.safetensors"))
+    if not files:
+        raise PuddingError(f"{model_dir}: no model*.safetensors; not an mlx-lm model directory")
+    quant = {}
+    try:
+        config = json.loads((model_dir / "config.json").read_text())
+        quant = config.get("quantization") or config.get("quantization_config") or {}
+    except (OSError, ValueError):
+        pass
+    tensors = {}
+    for f in files:
+        for name, meta in safetensors_header(f).items():
+            if name != "__metadata__":
+                tensors[name] = meta
+    params = stored = loaded = 0
+    dtypes: Dict[str, int] = {}
+    for name, meta in tensors.items():
+        shape, dtype = meta.get("shape", []), meta.get("dtype", "?")
+        lo, hi = meta.get("data_offsets", [0, 0])
+        size = hi - lo
+        stored += size
+        dtypes[dtype] = dtypes.get(dtype, 0) + size
+        numel = 1
+        for d in shape:
+            numel *= d
+        if dtype in _FLOAT_BYTES and target_float_bytes:
+            loaded += numel * target_float_bytes
+        else:
+            loaded += size
+        base = name.rsplit(".", 1)[0]
+        if name.endswith((".scales", ".biases")) and f"{base}.weight" in tensors and f"{base}.scales" in tensors:
+            continue
+        if name.endswith(".weight") and f"{base}.scales" in tensors:
+            layer = quant.get(base) if isinstance(quant.get(base), dict) else quant
+            bits = (layer or {}).get("bits") or 4
+            numel = numel * (8 * {"U32": 4, "U8": 1}.get(dtype, 4)) // bits
+        params += numel
+    return {"files": [f.name for f in files], "tensors": len(tensors), "parameters": params,
+            "bytes": stored, "loaded_bytes": loaded, "dtypes": dtypes}
+
+
+def memory_size() -> Optional[int]:
+    """Bytes of memory the device can use: `mx.device_info()["memory_size"]` where MLX reports it
+    (Metal), else the machine's physical memory (sysconf), else None."""
+    try:
+        info = mx.device_info()
+        if isinstance(info, dict) and info.get("memory_size"):
+            return int(info["memory_size"])
+    except Exception:
+        pass
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def check_fits(model_dir: Path, target_float_bytes: Optional[int] = None) -> dict:
+    """Raise a one-line PuddingError when the weights alone exceed the device's memory."""
+    summary = weights_summary(model_dir, target_float_bytes)
+    limit = memory_size()
+    if limit and summary["loaded_bytes"] > limit:
+        raise PuddingError(
+            f"{model_dir}: the weights need about {summary['loaded_bytes'] / 1e9:.1f} GB but this device "
+            f"has {limit / 1e9:.1f} GB of memory; use a smaller or quantized model "
+            "(pudding-mlx convert llm --quantize 4)"
+        )
+    return summary

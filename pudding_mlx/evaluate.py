@@ -1,0 +1,232 @@
+"""Zero-shot accuracy on the MLX runtime, with blocks skipped: the MLX twin of `train.scoring`.
+
+Same templates (`train.tasks`), same tokenization, truncation and metrics (`train.requests`, shared
+code, torch-free and mlx-free), so an accuracy measured here is the one the training side measures
+on the same weights. Only the forward pass differs: an mlx-lm model run through
+`pudding_mlx.skip.SkipView(model, omitted)`, without a KV cache, one forward per batch.
+
+Batching: requests are sorted by input length (longest first) and padded on the RIGHT with no
+attention mask. The attention is causal, so a real position only attends to positions at or before
+it, and those are all real tokens: right padding never changes a real position's logits (tested:
+batched == unbatched). The padded positions' logits are garbage and are never read. A batch holds at
+most `batch_size` requests and `batch_tokens` padded tokens (the logits of the whole batch,
+tokens x vocab, are materialised by the stock forward).
+
+Scores: the continuation positions are gathered from the logits first, then log-softmax in float32
+on those rows only; the token log-probs are summed per request (`train.requests.Score`). Per example,
+acc / acc_norm are `train.requests.metrics` (lm-eval's definitions; acc_norm divides by the character
+length of `Example.norm_texts`).
+
+Modes (`evaluate`): a fixed omission set (dense is the empty one), or routed: per example, the
+bundle's router picks a candidate from `example.router_text`; examples are grouped by candidate and
+each group is scored with that candidate's set.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Dict, Iterable, List, Optional, Sequence
+
+import mlx.core as mx
+import numpy as np
+
+from .errors import PuddingError
+from .skip import SkipView
+from .train.requests import Score, encode_requests, flatten, metrics, model_inputs
+from .train.tasks import Example, Request, eval_metric, is_user_file
+
+Progress = Callable[[int], None]  # called with the number of requests just scored
+
+
+def hf_tokenizer(tokenizer):
+    """The Hugging Face tokenizer inside an mlx-lm TokenizerWrapper (or the tokenizer itself)."""
+    return getattr(tokenizer, "_tokenizer", tokenizer)
+
+
+def model_type(model) -> str:
+    args = getattr(model, "args", None)
+    return str(getattr(model, "model_type", None) or getattr(args, "model_type", "") or "")
+
+
+def default_add_bos(model) -> bool:
+    """lm-eval's rule, as `train.scoring`: encode with special tokens only for gemma models."""
+    return "gemma" in model_type(model)
+
+
+def max_length(model) -> Optional[int]:
+    """The config's max_position_embeddings (inputs are left-truncated to it), or None."""
+    v = getattr(getattr(model, "args", None), "max_position_embeddings", None)
+    return v if isinstance(v, int) and v > 0 else None
+
+
+def _batches(order: Sequence[int], lengths: Sequence[int], batch_size: int, batch_tokens: int
+             ) -> List[List[int]]:
+    """Consecutive slices of `order` (longest first) of at most `batch_size` requests and at most
+    `batch_tokens` padded tokens (a single longer request still gets a batch of its own)."""
+    out: List[List[int]] = []
+    cur: List[int] = []
+    for i in order:
+        width = lengths[cur[0]] if cur else lengths[i]  # `order` is longest first
+        if cur and (len(cur) >= batch_size or width * (len(cur) + 1) > batch_tokens):
+            out.append(cur)
+            cur = []
+        cur.append(i)
+    if cur:
+        out.append(cur)
+    return out
+
+
+def score_requests(
+    model,
+    tokenizer,
+    requests: Sequence[Request],
+    omitted: Iterable[int] = (),
+    batch_size: int = 16,
+    batch_tokens: int = 2048,
+    progress: Optional[Progress] = None,
+    add_bos: Optional[bool] = None,
+    max_len: Optional[int] = None,
+) -> List[Score]:
+    """Score every (context, continuation) request with blocks `omitted` skipped; request order.
+
+    `model`: an mlx-lm model (not a view); `tokenizer`: its TokenizerWrapper or the Hugging Face
+    tokenizer. `add_bos`: default True for gemma, else False. `max_len`: left-truncate inputs to
+    this many tokens (default: the config's max_position_embeddings). `progress(n)` is called
+    after each batch with the number of requests it held.
+    """
+    if batch_size < 1:
+        raise PuddingError(f"batch size must be >= 1, got {batch_size}")
+    requests = list(requests)
+    if not requests:
+        return []
+    view = SkipView(model, omitted)
+    if add_bos is None:
+        add_bos = default_add_bos(model)
+    if max_len is None:
+        max_len = max_length(model)
+    tok = hf_tokenizer(tokenizer)
+    pad_id = tok.pad_token_id if getattr(tok, "pad_token_id", None) is not None else 0
+
+    inputs, conts = model_inputs(encode_requests(tok, requests, add_bos=add_bos), max_len)
+    lengths = [len(x) for x in inputs]
+    order = sorted(range(len(requests)), key=lambda i: (-lengths[i], i))
+    results: List[Optional[Score]] = [None] * len(requests)
+    for batch in _batches(order, lengths, batch_size, batch_tokens):
+        T = max(lengths[i] for i in batch)
+        ids = np.full((len(batch), T), pad_id, dtype=np.int32)
+        rows, cols, targets, owner = [], [], [], []
+        for r, i in enumerate(batch):
+            ids[r, : lengths[i]] = inputs[i]
+            # the logit at input position p predicts token p + 1
+            start = lengths[i] - len(conts[i])
+            rows += [r] * len(conts[i])
+            cols += range(start, lengths[i])
+            targets += conts[i]
+            owner += [r] * len(conts[i])
+        # Right padding, no mask: causal attention keeps every real position blind to the pads
+        # after it (module doc), so the real positions' logits equal an unpadded run's.
+        logits = view(mx.array(ids))
+        sel = logits[mx.array(rows), mx.array(cols)].astype(mx.float32)  # [N, vocab]
+        tgt = mx.array(targets, dtype=mx.int32)
+        tok_lp = mx.take_along_axis(sel, tgt[:, None], axis=-1)[:, 0] - mx.logsumexp(sel, axis=-1)
+        greedy = mx.argmax(sel, axis=-1) == tgt
+        mx.eval(tok_lp, greedy)
+        tok_lp, greedy = np.array(tok_lp, dtype=np.float64), np.array(greedy)
+        owner = np.array(owner)
+        for r, i in enumerate(batch):
+            m = owner == r
+            results[i] = Score(logprob=float(tok_lp[m].sum()), n_tokens=len(conts[i]),
+                               is_greedy=bool(greedy[m].all()),
+                               n_bytes=len(requests[i][1].encode("utf-8")))
+        if progress is not None:
+            progress(len(batch))
+    return results  # type: ignore[return-value]
+
+
+def evaluate_examples(model, tokenizer, examples: Sequence[Example], omitted: Iterable[int] = (),
+                      **kwargs) -> dict:
+    """`train.requests.metrics` of `examples` scored with blocks `omitted` skipped (the MLX
+    `train.scoring.evaluate`)."""
+    return metrics(examples, score_requests(model, tokenizer, flatten(examples), omitted, **kwargs))
+
+
+def _summary(task: str, m: dict) -> dict:
+    out = {"acc": m["acc"], "acc_norm": m["acc_norm"], "n": m["n"]}
+    if not is_user_file(task):
+        out["metric"] = eval_metric(task)  # the task's standard metric
+    return out
+
+
+def evaluate(
+    loaded,
+    examples: Dict[str, List[Example]],
+    omitted: Optional[Sequence[int]] = None,
+    batch_size: int = 16,
+    batch_tokens: int = 2048,
+    progress: Optional[Callable[[str, int, int], None]] = None,
+) -> dict:
+    """Accuracy per task of `examples` ({task: examples}) on `loaded` (a `pudding_mlx.load.Loaded`).
+
+    `omitted` given (`()` is dense): every example runs with that set; the result has "omitted".
+    `omitted` None: routed by `loaded.router` (which must exist); the result has "routing":
+    {"candidates": [omitted per candidate], "usage": [examples per candidate], "router_ms_mean"},
+    and each task its own "usage". `progress(phase, done, total)`: phase is "route" or "score",
+    counted in examples and requests.
+    """
+    tasks = list(examples)
+    kw = dict(batch_size=batch_size, batch_tokens=batch_tokens)
+    if omitted is not None:
+        sets = {tuple(sorted(omitted)): [(t, j) for t in tasks for j in range(len(examples[t]))]}
+        choice = None
+    else:
+        if loaded.router is None:
+            raise PuddingError(f"{loaded.path}: this model has no router; use --dense or --omit")
+        cands = [tuple(c.omitted) for c in loaded.manifest.candidates]
+        all_ex = [(t, j) for t in tasks for j in range(len(examples[t]))]
+        choice, ms = {}, []
+        for n, (t, j) in enumerate(all_ex, 1):
+            index, _, t_ms = loaded.router.best(examples[t][j].router_text)
+            choice[(t, j)] = index
+            ms.append(t_ms)
+            if progress is not None:
+                progress("route", n, len(all_ex))
+        sets = {}
+        for m in sorted(set(choice.values())):
+            sets.setdefault(cands[m], []).extend(k for k in all_ex if choice[k] == m)
+
+    total = sum(examples[t][j].n_choices for members in sets.values() for t, j in members)
+    done = 0
+    per_example: Dict[tuple, List[Score]] = {}
+    for s, members in sets.items():
+        reqs = [r for t, j in members for r in examples[t][j].requests]
+
+        def tick(n):
+            nonlocal done
+            done += n
+            if progress is not None:
+                progress("score", done, total)
+
+        scores = score_requests(loaded.model, loaded.tokenizer, reqs, s, progress=tick, **kw)
+        k = 0
+        for t, j in members:
+            n = examples[t][j].n_choices
+            per_example[(t, j)] = scores[k:k + n]
+            k += n
+
+    result: dict = {"tasks": {}}
+    for t in tasks:
+        scores = [s for j in range(len(examples[t])) for s in per_example[(t, j)]]
+        result["tasks"][t] = _summary(t, metrics(examples[t], scores))
+        if choice is not None:
+            usage = [0] * len(cands)
+            for j in range(len(examples[t])):
+                usage[choice[(t, j)]] += 1
+            result["tasks"][t]["usage"] = usage
+    if choice is None:
+        result["omitted"] = sorted(omitted)
+    else:
+        usage = [0] * len(cands)
+        for m in choice.values():
+            usage[m] += 1
+        result["routing"] = {"candidates": [list(c) for c in cands], "usage": usage,
+                             "router_ms_mean": float(np.mean(ms)) if ms else None}
+    return result

@@ -1,0 +1,391 @@
+"""Multi-turn chat on one KV cache (pudding_mlx.chat.ChatSession) against from-scratch runs, the
+cache rule's bookkeeping, interruption, and the one-shot `route` / `info` commands and the default
+bundle's no-router path on tiny models."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import mlx.core as mx
+import pytest
+from mlx.utils import tree_map
+
+import mlx_lm.models.llama as llama_mod
+from pudding_mlx.chat import ChatSession, common_prefix, weights_summary
+from pudding_mlx.errors import PuddingError
+from pudding_mlx.generate import generate
+from pudding_mlx.load import load
+from pudding_mlx.shapes import build_model
+
+N_NEW = 8
+MESSAGES = [
+    "Which gas do plants take in from the air to make food?",
+    "Why is that gas important for animals too?",
+    "Name one planet with a thick atmosphere of it.",
+    "How far is that planet from the sun?",
+    "Thanks. Summarise our chat in one line.",
+]
+# 6 blocks. Turn by turn: first set; a change at block 0; only a trailing omission added (nothing to
+# re-run); a change at late block 4 (blocks 1 and 3 keep their caches, block 5 is rebuilt); same set.
+SETS = [(2,), (0, 2), (0, 2, 5), (0, 2, 4), (0, 2, 4)]
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_llm_dir):
+    return load(str(tiny_llm_dir))
+
+
+def render(tokenizer, messages):
+    return [int(i) for i in tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)]
+
+
+def from_scratch(model, tokenizer, messages, omitted, max_tokens=N_NEW):
+    """The reference: fresh cache, prefill the whole rendered conversation under `omitted`, greedy."""
+    return generate(model, tokenizer, render(tokenizer, messages), omitted, max_tokens=max_tokens)
+
+
+class BlockCounter:
+    """Counts the tokens each decoder block processes (llama blocks, patched at class level)."""
+
+    def __init__(self, monkeypatch, model):
+        self.index = {id(layer): i for i, layer in enumerate(model.model.layers)}
+        self.tokens = [0] * len(model.model.layers)
+        original = llama_mod.TransformerBlock.__call__
+        counter = self
+
+        def counting(block, x, *args, **kwargs):
+            counter.tokens[counter.index[id(block)]] += x.shape[1]
+            return original(block, x, *args, **kwargs)
+
+        monkeypatch.setattr(llama_mod.TransformerBlock, "__call__", counting)
+
+    def take(self):
+        out, self.tokens = self.tokens, [0] * len(self.tokens)
+        return out
+
+
+def cache_objects(session):
+    kept = [i for i in range(session.n_blocks) if i not in session.omitted]
+    return dict(zip(kept, session.cache))
+
+
+def test_routed_multi_turn_equals_from_scratch_and_follows_the_cache_rule(tiny, monkeypatch):
+    model, tok = tiny.model, tiny.tokenizer
+    session = ChatSession(model, tok)
+    counter = BlockCounter(monkeypatch, model)
+    ref_messages = []
+    for turn, (text, omitted) in enumerate(zip(MESSAGES, SETS)):
+        before_ids = list(session.cached_ids)
+        before_set = session.omitted
+        before_objs = cache_objects(session) if session.cache else {}
+        before_state = {b: (c.keys[..., : c.offset, :], c.offset) for b, c in before_objs.items()}
+
+        counter.take()
+        result = session.reply(text, omitted, max_tokens=N_NEW)
+        work = counter.take()
+
+        # 1. the reply is the from-scratch reply under the same set
+        ref_messages.append({"role": "user", "content": text})
+        ref = from_scratch(model, tok, ref_messages, omitted)
+        assert result.token_ids == ref.token_ids, f"turn {turn}"
+        ref_messages.append({"role": "assistant", "content": ref.text})
+        assert session.messages == ref_messages
+        assert len(set(result.token_ids)) > 2  # the output depends on the context
+
+        # 2. the cache rule's bookkeeping
+        prompt = render(tok, ref_messages[:-1])
+        p = result.prepared
+        expected_p = 0 if turn == 0 else min(common_prefix(before_ids, prompt), len(prompt) - 1)
+        assert p.prompt_tokens == len(prompt) and p.reused == expected_p
+        if turn > 0:
+            assert expected_p >= len(render(tok, ref_messages[:-3])) - 1  # the earlier prompt at least
+        kept = [i for i in range(6) if i not in omitted]
+        objs = cache_objects(session)
+        if turn == 0:
+            assert p.rebuilt == 0 and p.first_changed is None
+        elif omitted == before_set:  # same set: every cache object kept, only new tokens prefilled
+            assert p.rebuilt == 0 and p.reused_blocks == tuple(kept)
+            assert all(objs[b] is before_objs[b] for b in kept)
+        else:
+            f = min(set(before_set) ^ set(omitted))
+            lead = [b for b in kept if b < f]
+            assert p.first_changed == f and p.reused_blocks == tuple(lead)
+            assert all(objs[b] is before_objs[b] for b in lead)  # the same objects ...
+            for b in lead:  # ... whose entries for the common prefix were not rewritten
+                keys, _ = before_state[b]
+                assert mx.array_equal(objs[b].keys[..., : p.reused, :], keys[..., : p.reused, :])
+            assert all(objs[b] is not before_objs.get(b) for b in kept if b >= f)
+            # blocks from f on are re-run over the prefix, unless none is kept from f on
+            assert p.rebuilt == (p.reused if any(b >= f for b in kept) else 0)
+        if turn == 1:
+            assert p.first_changed == 0 and p.reused_blocks == ()
+        if turn == 2:
+            assert p.first_changed == 5 and p.rebuilt == 0 and p.reused_blocks == (1, 3, 4)
+        if turn == 3:
+            assert p.first_changed == 4 and p.reused_blocks == (1, 3) and p.fresh_blocks == (5,)
+            assert p.rebuilt == p.reused > 0
+
+        # 3. work done: each kept block ran the re-run prefix, the new prompt tokens and one step
+        # per generated token; omitted blocks never ran
+        per_block = p.rebuilt + p.new_tokens + len(result.token_ids)
+        assert work == [per_block if b in kept else 0 for b in range(6)], f"turn {turn}"
+        if turn == 4:
+            assert per_block == p.new_tokens + len(result.token_ids) < len(prompt)
+
+        # 4. the cache holds exactly the prompt + the reply
+        assert session.cached_ids == prompt + result.token_ids
+        assert all(c.offset == len(session.cached_ids) for c in session.cache)
+        assert session.omitted == tuple(omitted)
+
+
+def test_interrupted_reply_is_kept_and_the_next_turn_is_exact(tiny):
+    model, tok = tiny.model, tiny.tokenizer
+    session = ChatSession(model, tok)
+    produced = []
+    result = session.reply(MESSAGES[0], (1,), max_tokens=30, on_token=produced.append,
+                           should_stop=lambda: len(produced) >= 3)
+    assert result.finish_reason == "interrupted" and result.kept
+    assert len(result.token_ids) == 3
+    full = from_scratch(model, tok, [{"role": "user", "content": MESSAGES[0]}], (1,), max_tokens=30)
+    assert result.token_ids == full.token_ids[:3]  # what was shown is a prefix of the full reply
+    partial = tok.decode(result.token_ids)
+    assert session.messages[-1] == {"role": "assistant", "content": partial}
+    prompt = render(tok, session.messages[:1])
+    assert session.cached_ids == prompt + result.token_ids
+    assert all(c.offset == len(session.cached_ids) for c in session.cache)
+
+    nxt = session.reply(MESSAGES[1], (3,), max_tokens=N_NEW)
+    ref = from_scratch(model, tok, session.messages[:2] + [{"role": "user", "content": MESSAGES[1]}], (3,))
+    assert nxt.token_ids == ref.token_ids and nxt.prepared.reused > len(prompt) - 1
+
+
+def test_interrupt_before_the_first_token_drops_the_turn(tiny):
+    model, tok = tiny.model, tiny.tokenizer
+    session = ChatSession(model, tok)
+    session.reply(MESSAGES[0], (), max_tokens=4)
+    messages = list(session.messages)
+    result = session.reply(MESSAGES[1], (0,), max_tokens=4, should_stop=lambda: True)
+    assert result.finish_reason == "interrupted" and not result.kept and result.token_ids == []
+    assert session.messages == messages
+    assert all(c.offset == len(session.cached_ids) for c in session.cache)
+    again = session.reply(MESSAGES[1], (0,), max_tokens=N_NEW)
+    ref = from_scratch(model, tok, messages + [{"role": "user", "content": MESSAGES[1]}], (0,))
+    assert again.token_ids == ref.token_ids
+
+
+def test_keyboard_interrupt_inside_a_reply_leaves_a_consistent_cache(tiny):
+    model, tok = tiny.model, tiny.tokenizer
+    session = ChatSession(model, tok)
+    seen = []
+
+    def on_token(piece):
+        seen.append(piece)
+        if len(seen) == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        session.reply(MESSAGES[0], (2,), max_tokens=30, on_token=on_token)
+    assert session.messages[-1]["role"] == "assistant"
+    assert all(c.offset == len(session.cached_ids) for c in session.cache)
+    nxt = session.reply(MESSAGES[1], (2,), max_tokens=N_NEW)
+    ref = from_scratch(model, tok, session.messages[:2] + [{"role": "user", "content": MESSAGES[1]}], (2,))
+    assert nxt.token_ids == ref.token_ids
+
+
+def test_rerendered_history_falls_back_to_the_first_differing_token(tiny):
+    model, tok = tiny.model, tiny.tokenizer
+    session = ChatSession(model, tok, system="You are terse.")
+    session.reply(MESSAGES[0], (1,), max_tokens=N_NEW)
+    cached = list(session.cached_ids)
+    # the template (here: we) renders an earlier turn differently
+    session.messages[0]["content"] = MESSAGES[0].replace("plants", "trees")
+    result = session.reply(MESSAGES[1], (1,), max_tokens=N_NEW)
+    prompt = render(tok, [{"role": "system", "content": "You are terse."}] + session.messages[:2]
+                    + [{"role": "user", "content": MESSAGES[1]}])
+    assert result.prepared.reused == common_prefix(cached, prompt) < len(render(tok, [
+        {"role": "system", "content": "You are terse."}]))
+    ref = generate(model, tok, prompt, (1,), max_tokens=N_NEW)
+    assert result.token_ids == ref.token_ids
+
+
+@pytest.mark.parametrize("arch", ["qwen3", "gemma3_text", "llama_sliding"])
+def test_other_families_and_windowed_caches(tiny, arch):
+    """build_model families: gemma3 (its adapter, rotating caches of 32), a llama whose sliding
+    window (5) is shorter than the conversation (caches that cannot be trimmed: fresh fallback)."""
+    base = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
+                rms_norm_eps=1e-5, vocab_size=49152, max_position_embeddings=1024, num_hidden_layers=6)
+    config = {
+        "qwen3": dict(base, model_type="qwen3", head_dim=16, tie_word_embeddings=True, rope_theta=10000.0),
+        "gemma3_text": dict(base, model_type="gemma3_text", head_dim=16, num_key_value_heads=1,
+                            sliding_window=32, sliding_window_pattern=3, query_pre_attn_scalar=16),
+        "llama_sliding": dict(base, model_type="llama", sliding_window=5,
+                              layer_types=["sliding_attention", "full_attention"] * 3),
+    }[arch]
+    model = build_model(config, mx.float32, seed=1)
+    layers = model.model.parameters()["layers"]
+    model.model.update({"layers": tree_map(lambda p: p * 4 if p.ndim == 2 else p, layers)})
+    tok = tiny.tokenizer
+    session = ChatSession(model, tok)
+    ref_messages = []
+    for text, omitted in zip(MESSAGES[:4], [(1,), (1,), (0, 4), (0, 5)]):
+        result = session.reply(text, omitted, max_tokens=6)
+        ref_messages.append({"role": "user", "content": text})
+        ref = from_scratch(model, tok, ref_messages, omitted, max_tokens=6)
+        assert result.token_ids == ref.token_ids, (arch, omitted)
+        ref_messages.append({"role": "assistant", "content": ref.text})
+        assert all(c.offset == len(session.cached_ids) for c in session.cache)
+
+
+def test_prompt_longer_than_the_context_is_one_error_before_generating(tiny):
+    session = ChatSession(tiny.model, tiny.tokenizer)  # TINY_LLAMA: context 256
+    with pytest.raises(PuddingError, match="context is 256"):
+        session.reply("word " * 400, (), max_tokens=4)
+    assert session.messages == [] and session.cache is None and session.turns == []
+
+
+def test_weights_summary_counts_quantized_parameters(tmp_path, tiny_llm_dir):
+    import mlx.nn as nn
+    from mlx_lm.utils import save_config, save_model
+
+    plain = weights_summary(tiny_llm_dir, 4)
+    model = load(str(tiny_llm_dir)).model
+    nn.quantize(model, group_size=32, bits=4)
+    save_model(tmp_path, model)
+    config = json.loads((tiny_llm_dir / "config.json").read_text())
+    save_config(dict(config, quantization={"group_size": 32, "bits": 4}), tmp_path / "config.json")
+    quant = weights_summary(tmp_path)
+    assert quant["parameters"] == plain["parameters"]
+    assert quant["bytes"] < plain["bytes"] / 4
+
+
+# -- CLI: route, info, errors -----------------------------------------------------------------
+
+
+def run_cli(*args, env=None, pre=""):
+    code = "import sys\n" + pre + ("from pudding_mlx.app.cli import main\n"
+                                   "sys.argv = ['pudding-mlx'] + sys.argv[1:]\nmain()\n")
+    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True,
+                          env=dict(os.environ, **(env or {})), timeout=300)
+
+
+@pytest.fixture(scope="module")
+def tiny_bundle(tiny_llm_dir, tmp_path_factory):
+    from pudding_mlx.convert.bundle import build_bundle
+
+    out = tmp_path_factory.mktemp("bundles") / "tiny-bundle"
+    return build_bundle(tiny_llm_dir, out, [[1, 3], [2, 4], [0]])
+
+
+def test_info_on_a_plain_dir_and_a_bundle(tiny_llm_dir, tiny_bundle):
+    done = run_cli("info", str(tiny_llm_dir), "--json")
+    assert done.returncode == 0, done.stderr
+    data = json.loads(done.stdout)
+    assert data["kind"] == "mlx-lm" and data["model_type"] == "llama" and data["blocks"] == 6
+    assert data["hidden_size"] == 64 and data["quantization"] is None and data["router"] is None
+    model = load(str(tiny_llm_dir)).model
+    from mlx.utils import tree_flatten
+    assert data["parameters"] == sum(v.size for _, v in tree_flatten(model.parameters()))
+    assert data["weights_bytes"] == (tiny_llm_dir / "model.safetensors").stat().st_size - 8 - int.from_bytes(
+        (tiny_llm_dir / "model.safetensors").read_bytes()[:8], "little")
+    assert data["disk"]["total"] >= data["disk"]["llm_weights"] > 0
+
+    done = run_cli("info", str(tiny_bundle), "--json")
+    data = json.loads(done.stdout)
+    assert data["kind"] == "bundle" and data["candidates"]["count"] == 3
+    assert data["candidates"]["sets"] == [[1, 3], [2, 4], [0]] and data["router"] is None
+    done = run_cli("info", str(tiny_bundle))
+    assert done.returncode == 0 and "3: 1,3; 2,4; 0" in done.stdout and "none (serves" in done.stdout
+
+
+def test_route_without_a_router_is_one_line(tiny_llm_dir, tiny_bundle):
+    for target, message in ((tiny_bundle, "has no router"), (tiny_llm_dir, "not a pudding-mlx bundle")):
+        done = run_cli("route", str(target), "--prompt", "hi", "--json")
+        assert done.returncode == 2 and message in done.stderr, done.stderr
+        assert len(done.stderr.strip().splitlines()) == 1 and done.stdout == ""
+
+
+@pytest.mark.parametrize("case", ["missing", "corrupt", "too-big", "too-long"])
+def test_chat_errors_are_one_line(tmp_path, tiny_llm_dir, tiny_bundle, case):
+    pre, args = "", []
+    if case == "missing":
+        args = ["chat", str(tmp_path / "nope")]
+        message = "no such directory"
+    elif case == "corrupt":
+        import shutil
+        bad = tmp_path / "bad"
+        shutil.copytree(tiny_bundle, bad)
+        (bad / "pudding.json").write_text("{not json")
+        args, message = ["chat", str(bad)], "malformed JSON"
+    elif case == "too-big":  # a device with 1 MB of memory
+        pre = "import mlx.core as mx\nmx.device_info = lambda: {'memory_size': 1_000_000}\n"
+        args, message = ["chat", str(tiny_llm_dir)], "GB of memory"
+    else:
+        args, message = ["generate", str(tiny_llm_dir), "-p", "word " * 400], "context is 256"
+    done = run_cli(*args, pre=pre)
+    assert done.returncode == 2, done.stderr
+    assert message in done.stderr and "Traceback" not in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1
+
+
+def test_route_and_info_on_other_errors(tmp_path):
+    for cmd in ("route", "info"):
+        extra = ["--prompt", "x"] if cmd == "route" else []
+        done = run_cli(cmd, str(tmp_path / "missing"), *extra)
+        assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1
+
+
+# -- the default bundle, without a shipped router ---------------------------------------------
+
+
+def test_default_bundle_without_router_runs_dense(tmp_path, monkeypatch, tiny_llm_dir):
+    """No head.safetensors shipped: the bundle is built without a router (candidates kept), the
+    status note says so, a second call reuses it, a stale or half-built folder is rebuilt."""
+    import shutil
+
+    from pudding_mlx import default_bundle as db
+    from pudding_mlx.bundle import read_manifest
+
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "candidates.json").write_text(json.dumps([[1, 3], [2, 4]]))
+    calls = []
+
+    def fake_convert(src, out, progress=None, **kw):  # the tiny model stands in for SmolLM2
+        calls.append(src)
+        shutil.copytree(tiny_llm_dir, out)
+        return Path(out)
+
+    monkeypatch.setenv("PUDDING_MLX_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr("pudding_mlx.convert.llm.convert_llm", fake_convert)
+    monkeypatch.setattr(db.assets, "smollm2_gguf", lambda quiet=True: Path("SmolLM2.gguf"))
+    monkeypatch.setattr(db.assets, "minilm_dir", lambda quiet=True: pytest.fail("no router: no encoder needed"))
+
+    target = db.bundle_path()
+    target.mkdir(parents=True)  # a half-built folder from an earlier crash: never used
+    (target / "pudding.json").write_text("{}")
+    path = db.ensure_default_bundle(data_dir=data)
+    assert path == target and len(calls) == 1 and db.is_complete(path, data)
+    manifest = read_manifest(path)
+    assert manifest.router is None and [list(c.omitted) for c in manifest.candidates] == [[1, 3], [2, 4]]
+    assert db.note_for(manifest) == "no trained router shipped: running dense"
+    assert db.ensure_default_bundle(data_dir=data) == path and len(calls) == 1  # cached
+    assert not [p for p in path.parent.iterdir() if p.name.startswith(".")]  # no leftovers
+
+    # the CLI's status line says so
+    loaded = load(str(path))
+    assert loaded.router is None
+    from pudding_mlx.app.session_cmd import _ChatState
+    from pudding_mlx.routing import choose
+
+    session = ChatSession(loaded.model, loaded.tokenizer)
+    state = _ChatState(loaded, session, None, 3, False, None, db.note_for(loaded.manifest))
+    choice = state.choose("hi")
+    result = session.reply("hi", choice.omitted, max_tokens=3)
+    assert "dense (6/6 blocks): no trained router shipped: running dense" in state.status(choice, result)
+
+    # a shipped-data change makes it stale: rebuilt
+    (data / "candidates.json").write_text(json.dumps([[1, 3]]))
+    db.ensure_default_bundle(data_dir=data)
+    assert len(calls) == 2 and len(read_manifest(path).candidates) == 1
