@@ -13,9 +13,6 @@ without --force. Bad input is one line on stderr and exit status 2 (a `PuddingEr
 import contextlib
 import inspect
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Optional
 
@@ -299,10 +296,7 @@ def bundle(
             _check_llm_loads(llm)
         with console.status(f"building the bundle (copying {llm}" + (", converting the router" if router else "")
                             + ")"):
-            if out.exists() or out.is_symlink():
-                _rebuild(llm, out, candidates, router)
-            else:
-                build_bundle(llm, out, candidates=candidates, router=router)
+            build_bundle(llm, out, candidates=candidates, router=router, force=force)
         manifest = read_manifest(out)
     left_out = len(entries) - len(manifest.candidates)
     print(f"{out.absolute()}: bundle, {manifest.num_blocks} blocks, {len(manifest.candidates)} candidate sets"
@@ -310,23 +304,3 @@ def bundle(
           + f", router: {'yes' if manifest.router is not None else 'no'}")
 
 
-def _rebuild(llm: Path, out: Path, candidates, router):
-    """--force over an existing OUT: build beside it, then swap, so OUT is never missing or half-written
-    (build_bundle itself removes the old OUT before moving the new one in)."""
-    from pudding_mlx.convert.bundle import build_bundle
-
-    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.rebuild-", dir=out.parent))
-    fresh, aside = work / out.name, work / "previous"
-    try:
-        try:
-            build_bundle(llm, fresh, candidates=candidates, router=router)
-        except PuddingError as e:  # name OUT, not the temporary folder
-            raise PuddingError(str(e).replace(str(fresh), str(out))) from None
-        os.replace(out, aside)
-        try:
-            os.replace(fresh, out)
-        except BaseException:
-            os.replace(aside, out)
-            raise
-    finally:
-        shutil.rmtree(work, ignore_errors=True)

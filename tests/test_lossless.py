@@ -3,7 +3,6 @@ a SkipView as the draft model). Greedy output is token-identical to dense; with 
 output distribution is the dense one (chi-square on a tiny vocabulary), which the pruned model's
 own distribution fails."""
 
-import math
 
 import mlx.core as mx
 import numpy as np
