@@ -20,6 +20,7 @@ import tempfile
 from pathlib import Path
 from typing import Optional
 
+from pudding_mlx.atomic import install_dir
 from pudding_mlx.bundle import (MANIFEST, Candidate, Manifest, RouterSettings, parse_manifest,
                                 write_manifest)
 from pudding_mlx.errors import PuddingError
@@ -105,31 +106,11 @@ def build_bundle(llm_dir, out, candidates=None, router=None, provenance: Optiona
         for m, c in enumerate(cands):
             check_omitted(c.omitted, n_blocks, f"candidate {m}")
         write_manifest(tmp, manifest)
-        _swap_in(tmp, out)
+        install_dir(tmp, out, force)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
-
-
-def _swap_in(new: Path, out: Path) -> None:
-    """Move `new` to `out`; an existing `out` is moved aside first and restored if the move fails,
-    so `out` is at every moment either the old bundle or the new one."""
-    if not (out.exists() or out.is_symlink()):
-        os.replace(new, out)
-        return
-    aside = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent)) / out.name
-    os.replace(out, aside)
-    try:
-        os.replace(new, out)
-    except BaseException:
-        os.replace(aside, out)
-        raise
-    if aside.is_dir() and not aside.is_symlink():
-        shutil.rmtree(aside.parent, ignore_errors=True)
-    else:
-        aside.unlink()
-        aside.parent.rmdir()
 
 
 def _add_router(src: Path, dest: Path, cands) -> RouterSettings:

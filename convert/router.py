@@ -36,7 +36,6 @@ refused unless force=True.
 """
 
 import json
-import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -46,6 +45,7 @@ import mlx.core as mx
 import numpy as np
 
 from pudding_mlx.bert import BertConfig, BertModel, read_json
+from pudding_mlx.atomic import install_dir
 from pudding_mlx.errors import PuddingError
 from pudding_mlx.router import (
     FORMAT,
@@ -222,25 +222,6 @@ def _encoder_name(raw_config: dict, folder: Path) -> str:
     return name if isinstance(name, str) and name else folder.name
 
 
-def _install(tmp: Path, out: Path, force: bool) -> None:
-    """Move the finished tmp folder to out; with force, swap out an existing one."""
-    if not (out.exists() or out.is_symlink()):
-        os.replace(tmp, out)
-        return
-    if not force:
-        raise PuddingError(f"{out}: already exists; pass force=True to replace it")
-    # os.replace cannot overwrite a non-empty folder: set the old one aside first, then drop it.
-    old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old-"))
-    os.replace(out, old / "x")
-    try:
-        os.replace(tmp, out)
-    except BaseException:
-        os.replace(old / "x", out)
-        raise
-    finally:
-        shutil.rmtree(old, ignore_errors=True)
-
-
 def convert_router(
     src,
     out,
@@ -313,7 +294,7 @@ def convert_router(
             load_router(tmp, num_outputs=m)  # the check: what we wrote loads, tokenizer included
         except PuddingError as e:
             raise PuddingError(f"the converted router did not load back, so nothing was written to {out}: {e}") from None
-        _install(tmp, out, force)
+        install_dir(tmp, out, force)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -68,6 +68,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from pudding_mlx.atomic import install_dir
 from pudding_mlx.errors import PuddingError
 
 from .router_data import load_router_data, split_by_question
@@ -201,23 +202,6 @@ def _usual_permissions(folder: Path) -> None:
     folder.chmod(0o777 & ~umask)
     for p in folder.rglob("*"):
         p.chmod((0o777 if p.is_dir() else 0o666) & ~umask)
-
-
-def _install(tmp: Path, out: Path, force: bool) -> None:
-    if not (out.exists() or out.is_symlink()):
-        os.replace(tmp, out)
-        return
-    if not force:
-        raise PuddingError(f"{out}: already exists; pass force=True to replace it")
-    old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old-"))
-    os.replace(out, old / "x")
-    try:
-        os.replace(tmp, out)
-    except BaseException:
-        os.replace(old / "x", out)
-        raise
-    finally:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def train_router(
@@ -471,7 +455,7 @@ def train_router(
                  "pooling": "pooler", "sets": sets, "source_encoder": str(enc_dir)}, indent=1) + "\n")
         (tmp / TRAIN_INFO).write_text(json.dumps(metrics, indent=1) + "\n")
         _usual_permissions(tmp)
-        _install(tmp, out, force)
+        install_dir(tmp, out, force)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

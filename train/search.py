@@ -28,22 +28,14 @@ chain that found the same set (the pool is deduplicated).
 """
 
 import json
-import os
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
 
+from pudding_mlx.atomic import write_json as atomic_write_json
 from pudding_mlx.errors import PuddingError
 
 LOSSES = ("likelihood", "likelihood_diff")
 CANDIDATES_FORMAT = "pudding-mlx-candidates"
-
-
-def atomic_write_json(path, data) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1) + "\n")
-    os.replace(tmp, path)
 
 
 class SearchState:
