@@ -70,20 +70,24 @@ def chat(
     if dtype is not None and dtype not in DTYPES:
         raise PuddingError(f"--dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
 
-    path = ensure_default_bundle(console=err) if model is None else resolve(model)
-    if path.is_dir() and list(path.glob("model*.safetensors")):
-        target = DTYPES[dtype] if dtype else default_dtype()
-        check_fits(path, target.size if target is not None else None)
-    with console.status("loading the model", spinner="dots"):
-        loaded = load(str(path), dtype=dtype)
-        SkipView(loaded.model)  # an unsupported architecture fails here, in one line
+    try:
+        path = ensure_default_bundle(console=err) if model is None else resolve(model)
+        if path.is_dir() and list(path.glob("model*.safetensors")):
+            target = DTYPES[dtype] if dtype else default_dtype()
+            check_fits(path, target.size if target is not None else None)
+        with console.status("loading the model", spinner="dots"):
+            loaded = load(str(path), dtype=dtype)
+            SkipView(loaded.model)  # an unsupported architecture fails here, in one line
+    except KeyboardInterrupt:
+        err.print("interrupted")
+        raise typer.Exit(130)
     n = loaded.n_blocks
     if base_omit is not None:
         base_omit = list(check_omitted(base_omit, n, "--omit"))
     note = note_for(loaded.manifest)
     if seed is not None:
         mx.random.seed(seed)
-    state = _ChatState(loaded, ChatSession(loaded.model, loaded.tokenizer, system=system),
+    state = _ChatState(loaded, ChatSession.from_loaded(loaded, system=system),
                        make_sampler(temp=temp, top_p=top_p), max_tokens, dense, base_omit, note)
 
     router = "no router" if loaded.router is None else f"router with {len(loaded.manifest.candidates)} candidate sets"
@@ -96,22 +100,19 @@ def chat(
         pass
     while True:
         try:
-            text = console.input("[bold green]>>> [/bold green]")
+            text = console.input("[bold green]>>> [/bold green]").strip()
+            if not text:
+                continue
+            if text.startswith("/"):
+                if state.command(console, text) == "quit":
+                    return
+                continue
+            state.turn(console, text)  # Ctrl-C inside a turn stops the reply (see _StopFlag)
         except EOFError:
             console.print()
             return
-        except KeyboardInterrupt:
+        except KeyboardInterrupt:  # at the prompt, or during a command
             console.print("\n[dim](/quit or Ctrl-D to leave)[/dim]")
-            continue
-        text = text.strip()
-        if not text:
-            continue
-        if text.startswith("/"):
-            if state.command(console, text) == "quit":
-                return
-            continue
-        try:
-            state.turn(console, text)
         except PuddingError as e:  # a bad turn (too long, ...) is reported; the chat goes on
             console.print(f"[bold red]error:[/bold red] {e}", markup=True)
 
@@ -143,26 +144,16 @@ class _ChatState:
         self.used = {}
 
     # one user turn
-    def choose(self, text):
-        from pudding_mlx.routing import choose
-
-        if self.dense:
-            return choose(self.loaded, text, dense=True)
-        if self.base_omit is not None:
-            return choose(self.loaded, text, omit=self.base_omit)
-        choice = choose(self.loaded, text)
+    def turn(self, console, text):
+        with _StopFlag() as stop:  # Ctrl-C from here on (routing included) stops this turn only
+            result = self.session.routed_reply(
+                text, dense=self.dense, omit=None if self.dense else self.base_omit,
+                max_tokens=self.max_tokens, sampler=self.sampler, should_stop=stop,
+                on_token=lambda piece: console.print(piece, end="", markup=False, highlight=False, emoji=False),
+            )
+        choice = result.choice
         if choice.how == "routed":
             self.last_route = (text, choice.candidate, choice.scores, choice.router_ms)
-        return choice
-
-    def turn(self, console, text):
-        choice = self.choose(text)
-        with _StopFlag() as stop:
-            result = self.session.reply(
-                text, choice.omitted, max_tokens=self.max_tokens, sampler=self.sampler,
-                should_stop=stop, choice=choice,
-                on_token=lambda piece: console.print(piece, end="", markup=False, highlight=False),
-            )
         console.print()
         if result.finish_reason == "interrupted":
             if result.kept:
@@ -255,7 +246,7 @@ class _ChatState:
         table.add_row("turns", f"{len(turns)} ({sum(1 for t in turns if t.finish_reason == 'interrupted')} interrupted)")
         table.add_row("messages", str(len(s.messages)))
         table.add_row("KV cache", f"{s.cache_tokens} tokens under omitted {list(s.omitted)}, "
-                      f"{s.cache_bytes / 1e6:.2f} MB")
+                      f"{s.cache_bytes / 1e6:.2f} MB allocated")
         table.add_row("prompt tokens", f"{sum(t.prepared.prompt_tokens for t in turns)} rendered, "
                       f"{sum(t.prepared.reused for t in turns)} from cache, "
                       f"{sum(t.prepared.rebuilt for t in turns)} re-prefilled after set changes")

@@ -49,7 +49,7 @@ keeps whatever prefix it computed, which the next turn reuses only where it matc
 import json
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
 
@@ -118,12 +118,15 @@ def _offset(c) -> int:
 class ChatSession:
     """A conversation with one model, routed per turn, on one KV cache (rule: module docstring).
 
-    `reply(text, omitted, ...)` renders the conversation plus `text`, applies the cache rule for the
-    set `omitted`, prefills what is not cached and streams the reply (`on_token(text_piece)`).
+    `routed_reply(text)` routes the turn on this message alone (the bundle's router, or `dense` /
+    `omit` overrides) and calls `reply(text, omitted, ...)`, which renders the conversation plus
+    `text`, applies the cache rule for the set `omitted`, prefills what is not cached and streams the
+    reply (`on_token(text_piece)`); `should_stop()` is polled per token and between prefill chunks.
     """
 
     def __init__(self, model, tokenizer, system: Optional[str] = None, chat_template: bool = True,
-                 prefill_step_size: int = 512):
+                 prefill_step_size: int = 512, loaded=None):
+        self.loaded = loaded  # a load.Loaded (bundle + router) for routed_reply
         self.model = model
         self.tokenizer = tokenizer
         self.system = system
@@ -137,6 +140,11 @@ class ChatSession:
         self.cache: Optional[list] = None
         self.turns: List[TurnResult] = []
         self.last_user: Optional[str] = None
+
+    @classmethod
+    def from_loaded(cls, loaded, **kwargs) -> "ChatSession":
+        """A session on what `load.load` returned, so that turns can be routed by its router."""
+        return cls(loaded.model, loaded.tokenizer, loaded=loaded, **kwargs)
 
     # -- the conversation ----------------------------------------------------------------------
 
@@ -274,6 +282,24 @@ class ChatSession:
             self.cache, self.cached_ids = None, []
 
     # -- one turn ------------------------------------------------------------------------------
+
+    def choose(self, user_text: str, dense: bool = False, omit: Optional[Sequence[int]] = None):
+        """This turn's omission set (a routing.Choice): `dense`, else `omit`, else the router's
+        pick for this message alone, else dense when there is no router."""
+        from .routing import Choice, choose
+
+        if self.loaded is None:
+            if omit is None or dense:
+                return Choice((), "dense" if dense else "no-router")
+            return Choice(check_omitted(omit, self.n_blocks, "--omit"), "omit")
+        return choose(self.loaded, user_text, dense, omit)
+
+    def routed_reply(self, user_text: str, dense: bool = False, omit: Optional[Sequence[int]] = None,
+                     should_stop: Optional[Callable[[], bool]] = None, **kwargs) -> TurnResult:
+        """Route this turn's message (`choose`), then `reply` under the chosen set. Ctrl-C during
+        routing (`should_stop`) stops the turn before it starts, as during prefill."""
+        choice = self.choose(user_text, dense, omit)
+        return self.reply(user_text, choice.omitted, should_stop=should_stop, choice=choice, **kwargs)
 
     def reply(
         self,

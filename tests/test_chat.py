@@ -71,9 +71,26 @@ def cache_objects(session):
     return dict(zip(kept, session.cache))
 
 
+class StubRouter:
+    """Picks a fixed candidate per message (the real router is tested in test_router.py)."""
+
+    def __init__(self, picks, n):
+        self.picks, self.n = picks, n
+
+    def best(self, text):
+        i = self.picks[text]
+        return i, [1.0 if j == i else 0.0 for j in range(self.n)], 0.1
+
+
 def test_routed_multi_turn_equals_from_scratch_and_follows_the_cache_rule(tiny, monkeypatch):
+    from pudding_mlx.bundle import Candidate, Manifest
+    from pudding_mlx.load import Loaded
+
     model, tok = tiny.model, tiny.tokenizer
-    session = ChatSession(model, tok)
+    cands = sorted(set(SETS), key=SETS.index)
+    router = StubRouter({m: cands.index(s) for m, s in zip(MESSAGES, SETS)}, len(cands))
+    routed = Loaded(model, tok, tiny.path, Manifest(6, [Candidate(c) for c in cands]), router)
+    session = ChatSession.from_loaded(routed)
     counter = BlockCounter(monkeypatch, model)
     ref_messages = []
     for turn, (text, omitted) in enumerate(zip(MESSAGES, SETS)):
@@ -83,8 +100,9 @@ def test_routed_multi_turn_equals_from_scratch_and_follows_the_cache_rule(tiny, 
         before_state = {b: (c.keys[..., : c.offset, :], c.offset) for b, c in before_objs.items()}
 
         counter.take()
-        result = session.reply(text, omitted, max_tokens=N_NEW)
+        result = session.routed_reply(text, max_tokens=N_NEW)  # routed on this message alone
         work = counter.take()
+        assert result.choice.how == "routed" and result.omitted == omitted
 
         # 1. the reply is the from-scratch reply under the same set
         ref_messages.append({"role": "user", "content": text})
@@ -204,8 +222,8 @@ def test_rerendered_history_falls_back_to_the_first_differing_token(tiny):
     result = session.reply(MESSAGES[1], (1,), max_tokens=N_NEW)
     prompt = render(tok, [{"role": "system", "content": "You are terse."}] + session.messages[:2]
                     + [{"role": "user", "content": MESSAGES[1]}])
-    assert result.prepared.reused == common_prefix(cached, prompt) < len(render(tok, [
-        {"role": "system", "content": "You are terse."}]))
+    first_turn = render(tok, [{"role": "system", "content": "You are terse."}, session.messages[0]])
+    assert 0 < result.prepared.reused == common_prefix(cached, prompt) < len(first_turn) - 2
     ref = generate(model, tok, prompt, (1,), max_tokens=N_NEW)
     assert result.token_ids == ref.token_ids
 
@@ -377,13 +395,11 @@ def test_default_bundle_without_router_runs_dense(tmp_path, monkeypatch, tiny_ll
     loaded = load(str(path))
     assert loaded.router is None
     from pudding_mlx.app.session_cmd import _ChatState
-    from pudding_mlx.routing import choose
-
-    session = ChatSession(loaded.model, loaded.tokenizer)
+    session = ChatSession.from_loaded(loaded)
     state = _ChatState(loaded, session, None, 3, False, None, db.note_for(loaded.manifest))
-    choice = state.choose("hi")
-    result = session.reply("hi", choice.omitted, max_tokens=3)
-    assert "dense (6/6 blocks): no trained router shipped: running dense" in state.status(choice, result)
+    result = session.routed_reply("hi", max_tokens=3)
+    assert result.choice.how == "no-router" and result.omitted == ()
+    assert "dense (6/6 blocks): no trained router shipped: running dense" in state.status(result.choice, result)
 
     # a shipped-data change makes it stale: rebuilt
     (data / "candidates.json").write_text(json.dumps([[1, 3]]))
