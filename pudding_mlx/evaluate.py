@@ -9,11 +9,15 @@ Batching: requests are sorted by input length (longest first) and padded on the 
 attention mask. The attention is causal, so a real position only attends to positions at or before
 it, and those are all real tokens: right padding never changes a real position's logits (tested:
 batched == unbatched). The padded positions' logits are garbage and are never read. A batch holds at
-most `batch_size` requests and `batch_tokens` padded tokens (the logits of the whole batch,
-tokens x vocab, are materialised by the stock forward).
+most `batch_size` requests and `batch_tokens` padded tokens. By the same causality, requests whose input
+is a prefix of another request's input with the same context (BoolQ's " no" / " yes", MMLU's
+letters: identical inputs) read their logits from that one forward (`_carriers`).
 
-Scores: the continuation positions are gathered from the logits first, then log-softmax in float32
-on those rows only; the token log-probs are summed per request (`train.requests.Score`). Per example,
+Scores: only the continuation positions get logits: for llama / mistral / qwen2 / qwen3 the view
+runs the decoder without its LM head (`_Headless`), and the head is applied to the gathered
+continuation positions (the head is a large share of a small model's compute, and a batch's full
+logits are tokens x vocab floats); other families gather from the stock forward's full logits.
+Then log-softmax in float32 on those rows only; the token log-probs are summed per request (`train.requests.Score`). Per example,
 acc / acc_norm are `train.requests.metrics` (lm-eval's definitions; acc_norm divides by the character
 length of `Example.norm_texts`).
 
@@ -35,6 +39,46 @@ from .train.requests import Score, encode_requests, flatten, metrics, model_inpu
 from .train.tasks import Example, Request, eval_metric, is_user_file
 
 Progress = Callable[[int], None]  # called with the number of requests just scored
+
+# mlx-lm model classes whose forward is exactly `head(self.model(inputs, cache, input_embeddings))`,
+# the head being `model.embed_tokens.as_linear` when `args.tie_word_embeddings`, else `lm_head`
+# (checked in mlx-lm 0.32; mistral loads as llama). For these the head runs on the continuation
+# positions only; other families (gemma3_text) compute the full logits and select from them.
+_HEAD_SPLIT = frozenset({"mlx_lm.models.llama", "mlx_lm.models.qwen2", "mlx_lm.models.qwen3"})
+
+
+class _Headless:
+    """`model` without its LM head, for `SkipView`: the same decoder object (weights shared), and a
+    call that returns the final (normed) hidden states instead of logits."""
+
+    def __init__(self, model):
+        self.model = model.model
+        self.args = model.args
+        self.model_type = getattr(model, "model_type", None) or model.args.model_type
+
+    def __call__(self, inputs, cache=None, input_embeddings=None):
+        return self.model(inputs, cache, input_embeddings)
+
+
+class _Scorer:
+    """Logits of a model with blocks `omitted` skipped, at chosen positions only."""
+
+    def __init__(self, model, omitted):
+        self.model = model
+        if type(model).__module__ in _HEAD_SPLIT and hasattr(model, "args"):
+            self.view, self.split = SkipView(_Headless(model), omitted), True
+        else:
+            self.view, self.split = SkipView(model, omitted), False
+
+    def logits_at(self, ids: mx.array, rows: mx.array, cols: mx.array) -> mx.array:
+        """[N, vocab] logits at (rows[n], cols[n]) of the batch `ids` [B, T]."""
+        out = self.view(ids)
+        if not self.split:
+            return out[rows, cols]
+        h = out[rows, cols]  # [N, hidden]
+        if self.model.args.tie_word_embeddings:
+            return self.model.model.embed_tokens.as_linear(h)
+        return self.model.lm_head(h)
 
 
 def hf_tokenizer(tokenizer):
@@ -75,6 +119,27 @@ def _batches(order: Sequence[int], lengths: Sequence[int], batch_size: int, batc
     return out
 
 
+def _carriers(encoded, inputs) -> List[int]:
+    """For each request, the request whose forward pass it reads its logits from: itself, or a
+    request with the same context whose input starts with its input (BoolQ's " no" / " yes" and
+    MMLU's letters have identical inputs; a choice can be a prefix of another). With causal
+    attention the logits at a prefix's positions are the same in the longer sequence."""
+    carrier = list(range(len(inputs)))
+    by_ctx: Dict[tuple, List[int]] = {}
+    for i, (ctx, _) in enumerate(encoded):
+        by_ctx.setdefault(tuple(ctx), []).append(i)
+    for members in by_ctx.values():
+        kept: List[int] = []
+        for i in sorted(members, key=lambda i: (-len(inputs[i]), i)):
+            n = len(inputs[i])
+            j = next((j for j in kept if inputs[j][:n] == inputs[i]), None)
+            if j is None:
+                kept.append(i)
+            else:
+                carrier[i] = j
+    return carrier
+
+
 def score_requests(
     model,
     tokenizer,
@@ -98,7 +163,7 @@ def score_requests(
     requests = list(requests)
     if not requests:
         return []
-    view = SkipView(model, omitted)
+    scorer = _Scorer(model, omitted)
     if add_bos is None:
         add_bos = default_add_bos(model)
     if max_len is None:
@@ -106,39 +171,47 @@ def score_requests(
     tok = hf_tokenizer(tokenizer)
     pad_id = tok.pad_token_id if getattr(tok, "pad_token_id", None) is not None else 0
 
-    inputs, conts = model_inputs(encode_requests(tok, requests, add_bos=add_bos), max_len)
+    encoded = encode_requests(tok, requests, add_bos=add_bos)
+    inputs, conts = model_inputs(encoded, max_len)
     lengths = [len(x) for x in inputs]
-    order = sorted(range(len(requests)), key=lambda i: (-lengths[i], i))
+    carrier = _carriers(encoded, inputs)
+    riders: Dict[int, List[int]] = {}
+    for i, c in enumerate(carrier):
+        riders.setdefault(c, []).append(i)
+    order = sorted(riders, key=lambda i: (-lengths[i], i))
     results: List[Optional[Score]] = [None] * len(requests)
     for batch in _batches(order, lengths, batch_size, batch_tokens):
-        T = max(lengths[i] for i in batch)
+        T = lengths[batch[0]]  # longest first
         ids = np.full((len(batch), T), pad_id, dtype=np.int32)
         rows, cols, targets, owner = [], [], [], []
-        for r, i in enumerate(batch):
-            ids[r, : lengths[i]] = inputs[i]
-            # the logit at input position p predicts token p + 1
-            start = lengths[i] - len(conts[i])
-            rows += [r] * len(conts[i])
-            cols += range(start, lengths[i])
-            targets += conts[i]
-            owner += [r] * len(conts[i])
+        for r, c in enumerate(batch):
+            ids[r, : lengths[c]] = inputs[c]
+            for i in riders[c]:  # c itself and the requests whose input is a prefix of c's
+                # the logit at input position p predicts token p + 1
+                start = lengths[i] - len(conts[i])
+                rows += [r] * len(conts[i])
+                cols += range(start, lengths[i])
+                targets += conts[i]
+                owner += [i] * len(conts[i])
         # Right padding, no mask: causal attention keeps every real position blind to the pads
         # after it (module doc), so the real positions' logits equal an unpadded run's.
-        logits = view(mx.array(ids))
-        sel = logits[mx.array(rows), mx.array(cols)].astype(mx.float32)  # [N, vocab]
+        sel = scorer.logits_at(mx.array(ids), mx.array(rows), mx.array(cols)).astype(mx.float32)
         tgt = mx.array(targets, dtype=mx.int32)
         tok_lp = mx.take_along_axis(sel, tgt[:, None], axis=-1)[:, 0] - mx.logsumexp(sel, axis=-1)
         greedy = mx.argmax(sel, axis=-1) == tgt
         mx.eval(tok_lp, greedy)
         tok_lp, greedy = np.array(tok_lp, dtype=np.float64), np.array(greedy)
         owner = np.array(owner)
-        for r, i in enumerate(batch):
-            m = owner == r
-            results[i] = Score(logprob=float(tok_lp[m].sum()), n_tokens=len(conts[i]),
-                               is_greedy=bool(greedy[m].all()),
-                               n_bytes=len(requests[i][1].encode("utf-8")))
+        n_done = 0
+        for c in batch:
+            for i in riders[c]:
+                m = owner == i
+                results[i] = Score(logprob=float(tok_lp[m].sum()), n_tokens=len(conts[i]),
+                                   is_greedy=bool(greedy[m].all()),
+                                   n_bytes=len(requests[i][1].encode("utf-8")))
+                n_done += 1
         if progress is not None:
-            progress(len(batch))
+            progress(n_done)
     return results  # type: ignore[return-value]
 
 

@@ -74,7 +74,8 @@ def test_batches_respect_limits():
 
 @pytest.mark.parametrize("omitted", [(), (1, 4)])
 def test_batched_equals_unbatched(tiny, mixed_requests, omitted):
-    one = score_requests(tiny.model, tiny.tokenizer, mixed_requests, omitted, batch_size=1)
+    # one call per request: no padding, no shared forward passes
+    one = [score_requests(tiny.model, tiny.tokenizer, [r], omitted)[0] for r in mixed_requests]
     many = score_requests(tiny.model, tiny.tokenizer, mixed_requests, omitted, batch_size=64,
                           batch_tokens=100_000)
     split = score_requests(tiny.model, tiny.tokenizer, mixed_requests, omitted, batch_size=5,
@@ -87,6 +88,45 @@ def test_batched_equals_unbatched(tiny, mixed_requests, omitted):
     if omitted:
         dense = score_requests(tiny.model, tiny.tokenizer, mixed_requests[:3], (), batch_size=8)
         assert max(abs(a.logprob - d.logprob) for a, d in zip(one, dense)) > 1e-3
+
+
+def test_shared_forward_passes():
+    from pudding_mlx.evaluate import _carriers
+
+    encoded = [([1, 2], [3]), ([1, 2], [4]), ([1, 2], [3, 5, 6]), ([1, 2], [3, 5]), ([7], [3]), ([1, 2], [9, 9])]
+    inputs = [c + t[:-1] for c, t in encoded]
+    # identical inputs and prefixes of a longer input (same context) ride on it; other contexts never
+    assert _carriers(encoded, inputs) == [2, 2, 2, 2, 4, 5]
+
+
+@pytest.mark.parametrize("omitted", [(), (2,)])
+def test_shared_context_requests(tiny, omitted):
+    reqs = [Request("Passage text here.\nQuestion: is it?\nAnswer:", c) for c in (" no", " yes", " yes indeed", " y")]
+    together = score_requests(tiny.model, tiny.tokenizer, reqs, omitted, batch_size=1)
+    alone = [score_requests(tiny.model, tiny.tokenizer, [r], omitted)[0] for r in reqs]
+    for a, b in zip(together, alone):
+        assert abs(a.logprob - b.logprob) < 1e-4 and a.is_greedy == b.is_greedy
+
+
+@pytest.mark.parametrize("arch, bits", [("llama", None), ("llama_sliding", None), ("qwen2", None),
+                                        ("qwen3", None), ("gemma3_text", None), ("llama", 4)])
+def test_head_on_selected_positions_equals_full_logits(arch, bits):
+    import mlx.core as mx
+
+    from pudding_mlx.evaluate import _Scorer
+    from pudding_mlx.shapes import tiny_model
+    from pudding_mlx.skip import SkipView
+
+    model = tiny_model(arch, bits)
+    ids = mx.array(np.random.default_rng(0).integers(1, 200, size=(3, 14)), dtype=mx.int32)
+    rows, cols = mx.array([0, 0, 1, 2, 2, 2]), mx.array([3, 13, 0, 5, 6, 13])
+    for omitted in [(), (0, 2)]:
+        scorer = _Scorer(model, omitted)
+        assert scorer.split == (arch != "gemma3_text")
+        full = SkipView(model, omitted)(ids)[rows, cols]
+        got = scorer.logits_at(ids, rows, cols)
+        assert got.shape == full.shape
+        assert float(mx.max(mx.abs(got - full))) < 1e-4
 
 
 def test_scores_are_log_probs(tiny):
@@ -304,3 +344,36 @@ def test_json_routed_and_no_router(tiny_llm_dir, monkeypatch):
     # --omit overrides the router (and the router is not loaded)
     res = run_cli(tiny_llm_dir, "--tasks", "piqa", "--limit", 1, "--omit", "5", "--json", "-", "--data-dir", DATA)
     assert json.loads(res.stdout)["omitted"] == [5]
+
+
+# -- dependencies ----------------------------------------------------------------------------------------
+
+
+def _subprocess(code, *args, env=None):
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True,
+                          env=dict(os.environ, **(env or {})), timeout=300)
+
+
+@needs_data
+def test_eval_runs_without_torch(tiny_llm_dir, tmp_path):
+    code = ("import sys, json\nsys.modules['torch'] = None\nimport typer\n"
+            "from pudding_mlx.app.eval_cmd import register\napp = typer.Typer()\nregister(app)\n"
+            "app.command('noop')(lambda: None)\n"
+            "try:\n    app(['eval'] + sys.argv[1:])\nexcept SystemExit as e:\n"
+            "    assert 'torch' not in [k for k, v in sys.modules.items() if v is not None]\n    raise\n")
+    done = _subprocess(code, tiny_llm_dir, "--tasks", "piqa", "--limit", 2, "--omit", "1",
+                       "--json", tmp_path / "r.json", "--data-dir", DATA)
+    assert done.returncode == 0, done.stderr
+    assert json.loads((tmp_path / "r.json").read_text())["tasks"]["piqa"]["n"] == 2
+
+
+def test_requests_module_imports_neither_torch_nor_mlx():
+    code = ("import sys\nsys.modules['torch'] = None\nsys.modules['mlx'] = None\n"
+            "import pudding_mlx.train.requests as R, pudding_mlx.train.tasks\n"
+            "bad = [k for k in sys.modules if k.split('.')[0] in ('torch', 'mlx', 'mlx_lm') and sys.modules[k] is not None]\n"
+            "assert not bad, bad\nprint(R.metrics.__name__)\n")
+    done = _subprocess(code)
+    assert done.returncode == 0 and done.stdout.strip() == "metrics", done.stderr
