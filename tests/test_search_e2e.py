@@ -70,8 +70,16 @@ if dist.get_rank() == 0 if dist.is_initialized() else True:
 """
 
 
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def test_two_process_scoring_equals_one(tiny_hf_dir):
-    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT="29533")
+    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     single = subprocess.run([sys.executable, "-c", WORKER, str(tiny_hf_dir), str(DATA)], capture_output=True,
                             text=True, timeout=300, env=env)
     assert single.returncode == 0, single.stderr

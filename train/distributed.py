@@ -6,6 +6,7 @@ evenly), the scores are gathered to every rank, and the result is the same as on
 compute. Only rank 0 writes files.
 """
 
+import atexit
 import os
 from typing import Iterable, Sequence
 
@@ -23,6 +24,15 @@ def init_from_env() -> None:
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group(backend)
+        atexit.register(_shutdown)
+
+
+def _shutdown() -> None:
+    # Leave together: a rank whose peers already closed their connections can be aborted by
+    # gloo's threads at interpreter exit ("terminate called without an active exception").
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def world() -> tuple:
