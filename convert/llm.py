@@ -205,18 +205,15 @@ def _check_hf_dir(path: Path):
 
 def _check_safetensors(path: Path):
     """Header and size check: catches truncated downloads before any conversion work."""
+    from pudding_mlx.bundle import safetensors_header
+
+    header = safetensors_header(path)
     size = path.stat().st_size
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
     try:
-        with open(path, "rb") as f:
-            head = f.read(8)
-            if len(head) < 8:
-                raise ValueError("file shorter than its 8-byte header length")
-            n = int.from_bytes(head, "little")
-            if n > size - 8:
-                raise ValueError("header longer than the file")
-            header = json.loads(f.read(n))
         ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"]
-    except (ValueError, KeyError, TypeError, IndexError) as e:
+    except (KeyError, TypeError, IndexError) as e:
         raise PuddingError(f"{path}: not a valid safetensors file ({_first_line(e)}); download or save it again")
     if ends and 8 + n + max(ends) > size:
         raise PuddingError(f"{path}: truncated ({size} bytes, its header describes {8 + n + max(ends)}); download or save it again")

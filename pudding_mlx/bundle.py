@@ -180,3 +180,22 @@ def write_manifest(bundle_dir, manifest: Manifest) -> None:
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(manifest.to_json(), indent=2) + "\n")
     os.replace(tmp, path)
+
+
+def safetensors_header(path: Path) -> dict:
+    """The JSON header of a safetensors file (tensor name -> dtype, shape, data_offsets)."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise ValueError("shorter than the 8-byte header length")
+            n = int.from_bytes(head, "little")
+            if n > path.stat().st_size - 8:
+                raise ValueError("header longer than the file")
+            header = json.loads(f.read(n))
+        if not isinstance(header, dict):
+            raise ValueError("header is not a JSON object")
+        return header
+    except (OSError, ValueError, UnicodeDecodeError) as e:
+        raise PuddingError(f"{path}: not a readable safetensors file ({' '.join(str(e).split())[:200]}); convert the model again")

@@ -58,6 +58,7 @@ from mlx_lm.generate import stream_generate as mlx_stream_generate
 from mlx_lm.models.cache import can_trim_prompt_cache
 from mlx_lm.sample_utils import make_sampler
 
+from .bundle import safetensors_header
 from .errors import PuddingError
 from .generate import context_length
 from .skip import SkipView, check_omitted, num_blocks
@@ -395,25 +396,6 @@ class ChatSession:
 
 
 # -- what a model directory holds, from file headers only (no weights read) ----------------------
-
-
-def safetensors_header(path: Path) -> dict:
-    """The JSON header of a safetensors file (tensor name -> dtype, shape, data_offsets)."""
-    path = Path(path)
-    try:
-        with open(path, "rb") as f:
-            head = f.read(8)
-            if len(head) < 8:
-                raise ValueError("shorter than the 8-byte header length")
-            n = int.from_bytes(head, "little")
-            if n > path.stat().st_size - 8:
-                raise ValueError("header longer than the file")
-            header = json.loads(f.read(n))
-        if not isinstance(header, dict):
-            raise ValueError("header is not a JSON object")
-        return header
-    except (OSError, ValueError, UnicodeDecodeError) as e:
-        raise PuddingError(f"{path}: not a readable safetensors file ({' '.join(str(e).split())[:200]}); convert the model again")
 
 
 _FLOAT_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1}
