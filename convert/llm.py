@@ -355,10 +355,8 @@ def _convert_gguf(path: Path, build: Path, bits, group_size, dtype, dequantize, 
 
 def _write_gguf_tokenizer(path: Path, g, config: dict, build: Path):
     try:
-        from transformers import AutoTokenizer
-
         with contextlib.redirect_stdout(io.StringIO()):
-            tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, local_files_only=True)
+            tok = _gguf_tokenizer(g)
     except PuddingError:
         raise
     except Exception as e:
@@ -369,6 +367,27 @@ def _write_gguf_tokenizer(path: Path, g, config: dict, build: Path):
     if "max_position_embeddings" in config:
         tok.model_max_length = config["max_position_embeddings"]
     tok.save_pretrained(str(build))
+
+
+def _gguf_tokenizer(g):
+    """The fast tokenizer the GGUF metadata describes, built by transformers' own GGUF tokenizer
+    converters from metadata we read with the `gguf` package. (AutoTokenizer's gguf_file path
+    reads the file with a torch-based reader: this one converts GGUF models without torch.)"""
+    from transformers import PreTrainedTokenizerFast
+    from transformers.integrations.gguf.gguf_tokenizer_mapping import (
+        GGUF_TOKENIZER_MAPPING, _SPECIAL_TOKENS, convert_gguf_tokenizer)
+
+    grouped = {group: {name: g.get(f"tokenizer.{key}") for key, name in renames.items()
+                       if g.get(f"tokenizer.{key}") is not None}
+               for group, renames in GGUF_TOKENIZER_MAPPING.items()}
+    tokenizer, tokenizer_config = grouped["tokenizer"], grouped["tokenizer_config"]
+    if tokenizer.get("tokenizer_type") == "llama":  # as transformers: sentencepiece vocabularies add BOS
+        tokenizer_config.setdefault("add_bos_token", True)
+    for name, key in _SPECIAL_TOKENS.items():
+        token_id = g.get(f"tokenizer.ggml.{key}")
+        tokenizer_config[name] = tokenizer["tokens"][token_id] if token_id is not None else None
+    fast, extra = convert_gguf_tokenizer(g.need("general.architecture"), tokenizer)
+    return PreTrainedTokenizerFast(tokenizer_object=fast, **tokenizer_config, **extra)
 
 
 def _eos_ids(g) -> list:

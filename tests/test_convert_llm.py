@@ -175,6 +175,22 @@ def test_chat_template_survives(smol_mlx, reference):
     assert 2 in wrapped.eos_token_ids
 
 
+def test_gguf_conversion_needs_no_torch(smollm2_gguf, smol_mlx, tmp_path):
+    # the default bundle is built from this GGUF on machines without torch (a Mac running chat)
+    import json
+    import subprocess
+    import sys
+
+    out = tmp_path / "notorch"
+    code = ("import sys; sys.modules['torch'] = None\n"
+            "from pudding_mlx.convert.llm import convert_llm\n"
+            f"convert_llm({str(smollm2_gguf)!r}, {str(out)!r})\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    for name in ("tokenizer.json", "config.json"):
+        assert json.loads((out / name).read_text()) == json.loads((smol_mlx / name).read_text())
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # A tiny synthetic llama GGUF: every quant type per tensor, llama.cpp's Q/K permutation, an untied output
 
