@@ -20,16 +20,10 @@ import mlx.core as mx
 from mlx_lm.generate import generate_step
 from mlx_lm.models.cache import make_prompt_cache
 
+from pudding_mlx.bench import spread
 from pudding_mlx.load import backend
 from pudding_mlx.shapes import SHAPES, random_model
 from pudding_mlx.skip import SkipView
-
-
-def spread(n_blocks, k):
-    """k block indices spread over the middle of the stack (first and last block kept)."""
-    inner = list(range(1, n_blocks - 1))
-    step = len(inner) / k
-    return sorted({inner[int(i * step + step / 2)] for i in range(k)})
 
 
 def time_prefill(model, tokens, make_cache):
