@@ -89,12 +89,24 @@ def bootstrap_delta(data: dict, a: np.ndarray, b: np.ndarray, draws: int = 2000,
     return [float(np.percentile(diffs, 2.5)), float(np.percentile(diffs, 97.5))]
 
 
-def router_metrics_on(y: np.ndarray, scores: np.ndarray) -> dict:
-    """MSE, agreement with the oracle (argmax y), mean regret in mean log-likelihood."""
-    chosen, oracle = scores.argmax(1), y.argmax(1)
-    rows = np.arange(len(y))
-    return {"mse": float(((scores - y) ** 2).mean()), "oracle_agreement": float((chosen == oracle).mean()),
-            "mean_regret": float((y[rows, oracle] - y[rows, chosen]).mean())}
+def router_metrics(pred, y) -> dict:
+    """MSE, oracle agreement and mean regret of predictions `pred` [N, M] against targets `y`.
+
+    The router picks argmax(pred); the oracle's value is max(y). agreement: the fraction of rows
+    where the picked set's y equals the oracle's (ties count); regret: mean of max(y) - y[picked]."""
+    pred, y = np.asarray(pred, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    if pred.shape != y.shape or pred.ndim != 2:
+        raise PuddingError(f"router_metrics: pred {pred.shape} and y {y.shape} must both be [N, M]")
+    n = len(y)
+    if n == 0:
+        return {"n": 0, "mse": float("nan"), "agreement": float("nan"), "regret": float("nan"),
+                "oracle_y": float("nan"), "chosen_y": float("nan")}
+    picked = pred.argmax(axis=1)
+    got = y[np.arange(n), picked]
+    best = y.max(axis=1)
+    return {"n": int(n), "mse": float(np.mean((pred - y) ** 2)),
+            "agreement": float(np.mean(got >= best)), "regret": float(np.mean(best - got)),
+            "oracle_y": float(np.mean(best)), "chosen_y": float(np.mean(got))}
 
 
 def build_report(model: str, eval_paths: Sequence, candidates: Dict[int, str], routers: Dict[str, Dict[int, Sequence]],
@@ -141,7 +153,7 @@ def build_report(model: str, eval_paths: Sequence, candidates: Dict[int, str], r
                            "routed_minus_best_static": average(tasks) - statics[best]["average"],
                            "ci95": bootstrap_delta(data, routed_hit, hits[:, best], seed=seed),
                            "best_static_set": pool_sets[best]})
-            metrics = {"k": k, "router": variant, "eval": router_metrics_on(y, scores)}
+            metrics = {"k": k, "router": variant, "eval": router_metrics(scores, y)}
             train_json = (router_train or {}).get(variant, {}).get(k)
             if train_json:
                 t = json.loads(Path(train_json).read_text())
@@ -192,7 +204,7 @@ def to_markdown(report: dict) -> str:
         v, e = m.get("validation", {}), m["eval"]
         f = lambda x: f"{x:.3f}" if isinstance(x, (int, float)) else "-"
         lines.append(f"| {m['k']} | {m['router']} | {f(v.get('mse'))} | {f(v.get('agreement'))} | {f(v.get('regret'))} | "
-                     f"{f(e['mse'])} | {f(e['oracle_agreement'])} | {f(e['mean_regret'])} |")
+                     f"{f(e['mse'])} | {f(e['agreement'])} | {f(e['regret'])} |")
     lines += ["", "## Every static candidate", "", head, "|" + "---|" * (len(tasks) + 4)]
     for r in report["rows"]:
         if r["method"] == "static":

@@ -71,6 +71,7 @@ from torch import nn
 from pudding_mlx.atomic import install_dir
 from pudding_mlx.errors import PuddingError
 
+from .report import router_metrics  # noqa: F401  (also part of this module's API)
 from .router_data import load_router_data, split_by_question
 
 VARIANTS = ("light", "full")
@@ -84,26 +85,6 @@ MAX_LENGTH = 512
 
 
 # -- metrics ---------------------------------------------------------------------------------------
-
-
-def router_metrics(pred, y) -> dict:
-    """MSE, oracle agreement and mean regret of predictions `pred` [N, M] against targets `y`.
-
-    The router picks argmax(pred); the oracle's value is max(y). agreement: the fraction of rows
-    where the picked set's y equals the oracle's (ties count); regret: mean of max(y) - y[picked]."""
-    pred, y = np.asarray(pred, dtype=np.float64), np.asarray(y, dtype=np.float64)
-    if pred.shape != y.shape or pred.ndim != 2:
-        raise PuddingError(f"router_metrics: pred {pred.shape} and y {y.shape} must both be [N, M]")
-    n = len(y)
-    if n == 0:
-        return {"n": 0, "mse": float("nan"), "agreement": float("nan"), "regret": float("nan"),
-                "oracle_y": float("nan"), "chosen_y": float("nan")}
-    picked = pred.argmax(axis=1)
-    got = y[np.arange(n), picked]
-    best = y.max(axis=1)
-    return {"n": int(n), "mse": float(np.mean((pred - y) ** 2)),
-            "agreement": float(np.mean(got >= best)), "regret": float(np.mean(best - got)),
-            "oracle_y": float(np.mean(best)), "chosen_y": float(np.mean(got))}
 
 
 # -- encoder and tokens ----------------------------------------------------------------------------
