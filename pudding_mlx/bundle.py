@@ -29,7 +29,8 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import List, Optional
+from numbers import Integral
+from typing import Iterable, List, Optional
 
 from .errors import PuddingError
 
@@ -77,6 +78,26 @@ class Manifest:
             "router": None if self.router is None else vars(self.router),
             "provenance": self.provenance,
         }
+
+
+def check_omitted(omitted: Iterable[int], n_blocks: int, what: str = "omission set") -> tuple:
+    """Validate a set of 0-based block indices against a model of `n_blocks` blocks; return it
+    sorted. Shared by the MLX runtime and the PyTorch side (this module imports neither)."""
+    omitted = list(omitted)
+    for i in omitted:
+        if isinstance(i, bool) or not isinstance(i, Integral):
+            raise PuddingError(f"{what}: block index {i!r} is not an integer")
+        if not 0 <= i < n_blocks:
+            raise PuddingError(
+                f"{what}: block index {i} is out of range; the model has blocks 0..{n_blocks - 1}"
+            )
+    omitted = [int(i) for i in omitted]
+    if len(set(omitted)) != len(omitted):
+        dup = sorted({i for i in omitted if omitted.count(i) > 1})
+        raise PuddingError(f"{what}: block indices {dup} are repeated (appear more than once)")
+    if len(omitted) >= n_blocks:
+        raise PuddingError(f"{what}: omits all {n_blocks} blocks; at least one must run")
+    return tuple(sorted(omitted))
 
 
 def is_bundle(path) -> bool:

@@ -17,13 +17,14 @@ The swap mutates the shared model object during a call, so calls are serialised 
 """
 
 import threading
-from typing import Callable, Dict, Iterable, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models.base import create_attention_mask
 from mlx_lm.models.cache import make_prompt_cache
 
+from .bundle import check_omitted  # noqa: F401  (re-exported: part of the runtime API)
 from .errors import PuddingError
 
 _SWAP_LOCK = threading.RLock()
@@ -47,24 +48,6 @@ def decoder(model: nn.Module) -> nn.Module:
 
 def num_blocks(model: nn.Module) -> int:
     return len(decoder(model).layers)
-
-
-def check_omitted(omitted: Iterable[int], n_blocks: int, what: str = "omission set") -> tuple:
-    """Validate a set of 0-based block indices against a model of `n_blocks` blocks."""
-    omitted = list(omitted)
-    for i in omitted:
-        if isinstance(i, bool) or not isinstance(i, int):
-            raise PuddingError(f"{what}: block index {i!r} is not an integer")
-        if not 0 <= i < n_blocks:
-            raise PuddingError(
-                f"{what}: block index {i} is out of range; the model has blocks 0..{n_blocks - 1}"
-            )
-    if len(set(omitted)) != len(omitted):
-        dup = sorted({i for i in omitted if omitted.count(i) > 1})
-        raise PuddingError(f"{what}: block indices {dup} appear more than once")
-    if len(omitted) >= n_blocks:
-        raise PuddingError(f"{what}: omits all {n_blocks} blocks; at least one must run")
-    return tuple(sorted(omitted))
 
 
 # -- per-family forwards ---------------------------------------------------------------------------

@@ -38,12 +38,12 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from typing import Callable, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Iterable, List, Optional, Sequence, Union
 
-import numpy as np
 import torch
 from torch import nn
 
+from pudding_mlx.bundle import check_omitted
 from pudding_mlx.errors import PuddingError
 
 # the torch-free half (tokenization, Score, metrics) lives in .requests; re-exported here
@@ -112,23 +112,6 @@ def _family(model: nn.Module, decoder: nn.Module) -> str:
         raise PuddingError(f"model type {name!r} is not supported for block skipping; supported: "
                            f"{', '.join(sorted(SUPPORTED_FAMILIES))}")
     return sorted(ok)[0]
-
-
-def check_omitted(omitted: Iterable[int], n_blocks: int) -> Tuple[int, ...]:
-    """Validate 0-based block indices; return them sorted."""
-    omitted = list(omitted)
-    for i in omitted:
-        if isinstance(i, bool) or not isinstance(i, (int, np.integer)):
-            raise PuddingError(f"omission set: block index {i!r} is not an integer")
-        if not 0 <= i < n_blocks:
-            raise PuddingError(f"omission set: block index {i} is out of range; the model has "
-                               f"blocks 0..{n_blocks - 1}")
-    omitted = [int(i) for i in omitted]
-    if len(set(omitted)) != len(omitted):
-        raise PuddingError(f"omission set: repeated block indices in {sorted(omitted)}")
-    if len(omitted) >= n_blocks:
-        raise PuddingError(f"omission set: omits all {n_blocks} blocks; at least one must run")
-    return tuple(sorted(omitted))
 
 
 @contextlib.contextmanager
