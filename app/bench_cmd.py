@@ -9,6 +9,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from pudding_mlx.app.options import DRAFT
+
 console = Console(stderr=True, highlight=False)
 
 
@@ -24,6 +26,9 @@ def bench(
     cells: Optional[str] = typer.Option(None, help="Override the protocol: PROMPT+GEN cells, e.g. 32+1,64+1,32+16."),
     memory: bool = typer.Option(True, help="Also measure weight bytes read and peak memory, routed vs dense."),
     dtype: Optional[str] = typer.Option(None, help="Default: float32 on CPU, bfloat16 (shapes) / stored elsewhere."),
+    lossless: bool = typer.Option(False, "--lossless", help="Also time lossless generation: the routed set "
+                                  "drafts, the dense model verifies (generation cells; random-token prompts)."),
+    draft_tokens: int = DRAFT,
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the results as JSON here."),
     plot_out: Optional[Path] = typer.Option(None, "--plot", help="Write a PNG plot here (needs matplotlib)."),
 ):
@@ -83,7 +88,8 @@ def bench(
         source = {"model": str(loaded.path)}
     if router is None:
         console.print("[yellow]no router to time: router_s is 0 (pass --router or build the default bundle)[/yellow]")
-    rows = B.run_bench(lm, static, route, router, grid, runs, progress=console.print)
+    rows = B.run_bench(lm, static, route, router, grid, runs, progress=console.print,
+                       draft_tokens=draft_tokens if lossless else None)
     result = {"backend": backend(), **source, "k": len(static), "blocks": n_blocks, "static": static,
               "runs": runs, "router": str(router_dir) if router_dir else ("bundle" if route else None), "rows": rows}
     if memory:
@@ -130,6 +136,16 @@ def _print(result):
                       f"{1e3 * r['router_s']:.1f}", f"{r['speedup']:.3f}", f"{r['speedup_static']:.3f}",
                       f"{r['ideal']:.3f}", f"{r['speedup'] / r['ideal']:.3f}", f"{r['dense_over_mlx_lm']:.3f}")
     Console(highlight=False, width=170).print(table)
+    lossless = [r for r in result["rows"] if "lossless_s" in r]
+    if lossless:
+        table = Table(title=f"lossless: the routed set drafts {lossless[0]['draft_tokens']} tokens, the dense "
+                            "model verifies (output = dense)")
+        for col in ("prompt+gen", "dense s", "lossless s", "accepted from draft", "speedup (router counted)"):
+            table.add_column(col, justify="right")
+        for r in lossless:
+            table.add_row(f"{r['prompt_tokens']}+{r['gen_tokens']}", f"{r['dense_s']:.4f}", f"{r['lossless_s']:.4f}",
+                          f"{r['lossless_accepted']:.3f}", f"{r['speedup_lossless']:.3f}")
+        Console(highlight=False, width=170).print(table)
     if "memory" in result:
         m = result["memory"]
         Console(highlight=False, width=170).print(

@@ -14,6 +14,7 @@ from rich.console import Console
 
 from pudding_mlx import __version__
 from pudding_mlx.errors import PuddingError
+from pudding_mlx.app.options import DRAFT, LOSSLESS
 
 app = typer.Typer(
     name="pudding-mlx",
@@ -63,9 +64,8 @@ def generate(
     ignore_chat_template: bool = typer.Option(False, "--ignore-chat-template",
                                               help="Feed the prompt as raw text."),
     dtype: Optional[str] = DTYPE,
-    lossless: bool = typer.Option(False, "--lossless", help="The pruned model drafts, the dense model "
-                                  "verifies: output identical to --dense, faster when drafts are accepted."),
-    draft_tokens: int = typer.Option(3, "--draft-tokens", min=1, help="Tokens drafted per verification (--lossless)."),
+    lossless: bool = LOSSLESS,
+    draft_tokens: int = DRAFT,
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of streaming text."),
 ):
     """Generate a reply to one prompt, with the router's omission set (or --dense / --omit)."""

@@ -14,6 +14,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from pudding_mlx.app.options import DRAFT, LOSSLESS
 from pudding_mlx.errors import PuddingError
 
 HELP = [
@@ -51,14 +52,18 @@ def chat(
                                        "e.g. 3,5,9 (overrides the router)."),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="float32 | float16 | bfloat16 (default: "
                                         "float32 on the CPU backend, the stored dtype elsewhere)."),
+    lossless: bool = LOSSLESS,
+    draft_tokens: int = DRAFT,
 ):
-    """Chat with a model, each message routed to a set of skipped blocks. In-chat: /help."""
+    """Chat with a model, each message routed to a set of skipped blocks. In-chat: /help.
+
+    With --lossless every reply is the dense model's, token for token: the routed set only drafts."""
     import mlx.core as mx
     from mlx_lm.sample_utils import make_sampler
 
-    from pudding_mlx.chat import ChatSession, check_fits
+    from pudding_mlx.chat import ChatSession
     from pudding_mlx.default_bundle import ensure_default_bundle, note_for
-    from pudding_mlx.load import DTYPES, default_dtype, load, resolve
+    from pudding_mlx.load import DTYPES, load, resolve
     from pudding_mlx.routing import parse_omit
     from pudding_mlx.skip import SkipView, check_omitted
 
@@ -72,9 +77,6 @@ def chat(
 
     try:
         path = ensure_default_bundle(console=err) if model is None else resolve(model)
-        if path.is_dir() and list(path.glob("model*.safetensors")):
-            target = DTYPES[dtype] if dtype else default_dtype()
-            check_fits(path, target.size if target is not None else None)
         with console.status("loading the model", spinner="dots"):
             loaded = load(str(path), dtype=dtype)
             SkipView(loaded.model)  # an unsupported architecture fails here, in one line
@@ -87,12 +89,14 @@ def chat(
     note = note_for(loaded.manifest)
     if seed is not None:
         mx.random.seed(seed)
-    state = _ChatState(loaded, ChatSession.from_loaded(loaded, system=system),
+    session = ChatSession.from_loaded(loaded, system=system, lossless=lossless, draft_tokens=draft_tokens)
+    state = _ChatState(loaded, session,
                        make_sampler(temp=temp, top_p=top_p), max_tokens, dense, base_omit, note)
 
     router = "no router" if loaded.router is None else f"router with {len(loaded.manifest.candidates)} candidate sets"
+    mode = f" · lossless: the routed set drafts {draft_tokens} tokens, the dense model verifies" if lossless else ""
     console.print(f"[bold]pudding-mlx chat[/bold] · {path} · {n} blocks · {router}"
-                  + (f" · {note}" if note else ""))
+                  + (f" · {note}" if note else "") + mode)
     console.print("[dim]type a message; /help for commands, /quit or Ctrl-D to leave, Ctrl-C stops a reply[/dim]")
     try:
         import readline  # noqa: F401  (line editing and history for input())
@@ -177,6 +181,9 @@ class _ChatState:
             what = f"dense ({n}/{n} blocks): {self.note or 'this model has no router'}"
         else:
             what = f"dense ({n}/{n} blocks)"
+        if result.drafted is not None:  # lossless: the set above drafted, the dense model answered
+            what = (f"lossless, dense output · draft {what.replace(' · router', ', router', 1)} · "
+                    f"{result.drafted}/{result.generation_tokens} tokens accepted from the draft")
         p = result.prepared
         if p.rebuilt:
             cache = f"set changed at block {p.first_changed}: {p.rebuilt} re-prefilled + {p.new_tokens} new"
@@ -332,7 +339,7 @@ def _du(path: Path) -> int:
 def model_info(path: Path) -> dict:
     """Everything `pudding-mlx info` reports, from config files and safetensors headers."""
     from pudding_mlx.bundle import check_bundle_files, is_bundle, read_manifest
-    from pudding_mlx.chat import weights_summary
+    from pudding_mlx.weights import weights_summary
 
     bundle = is_bundle(path)
     manifest = None

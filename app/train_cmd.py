@@ -74,6 +74,14 @@ def search(
         run_search(model, task_list, loss_list, ks, out, state, n_calib, seed, batch_size,
                    str(data_dir) if data_dir else None, device, _csv(protect),
                    on_phase=on_phase, on_batch=on_batch, log=log)
+    _finish()
+
+
+def _finish():
+    """Under torchrun: all ranks leave together (train.distributed.finish); else nothing."""
+    from pudding_mlx.train.distributed import finish
+
+    finish()
 
 
 def _union_sets(files: list) -> list:
@@ -123,6 +131,7 @@ def data(
                                                                description=f"chunks ({name})"),
             on_batch=lambda done, total: progress.update(batches, completed=done, total=total))
     console.print(f"{len(sets)} sets x {len(_csv(tasks))} tasks -> {path}")
+    _finish()
 
 
 @train_app.command()

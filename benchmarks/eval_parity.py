@@ -35,6 +35,7 @@ def main(argv=None):
     ap.add_argument("--omit", default="17,18,19")
     ap.add_argument("--data-dir", type=Path, default=None, help="default: $PUDDING_MLX_DATA, else ../shared/data/benchmarks")
     ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--device", default="cpu", help="the PyTorch side's device: cpu or cuda")
     ap.add_argument("--md", type=Path, default=None)
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args(argv)
@@ -48,7 +49,7 @@ def main(argv=None):
     from pudding_mlx import assets
     from pudding_mlx.convert.llm import convert_llm
     from pudding_mlx.evaluate import score_requests as mlx_score
-    from pudding_mlx.load import load
+    from pudding_mlx.load import backend, load
     from pudding_mlx.routing import parse_omit
     from pudding_mlx.train.hf import load_hf
     from pudding_mlx.train.requests import flatten, metrics
@@ -66,7 +67,7 @@ def main(argv=None):
         t0 = time.perf_counter()
         out = convert_llm(gguf, Path(tmp) / "mlx", dequantize=True, dtype="float32")
         mlx_side = load(str(out), dtype="float32")
-        tm, tok, name = load_hf(str(gguf), device="cpu", dtype="float32")
+        tm, tok, name = load_hf(str(gguf), device=args.device, dtype="float32")
         print(f"loaded {name} on both sides in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
 
         rows, raw, timing = [], {}, {"pytorch_s": 0.0, "mlx_s": 0.0, "requests": 0}
@@ -76,7 +77,7 @@ def main(argv=None):
                 exs = examples[task]
                 reqs = flatten(exs)
                 t0 = time.perf_counter()
-                ref = torch_score(tm, tok, reqs, omitted, batch_size=args.batch_size, device="cpu")
+                ref = torch_score(tm, tok, reqs, omitted, batch_size=args.batch_size, device=args.device)
                 t1 = time.perf_counter()
                 got = mlx_score(mlx_side.model, mlx_side.tokenizer, reqs, omitted, batch_size=args.batch_size)
                 t2 = time.perf_counter()
@@ -104,14 +105,15 @@ def main(argv=None):
                       f"acc_norm {m_ref['acc_norm']:.1f}/{m_got['acc_norm']:.1f} max|dlp| {dlp:.2e} "
                       f"torch {t1 - t0:.1f}s mlx {t2 - t1:.1f}s", file=sys.stderr)
 
+    gpu = f", {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ""
     cmd = "python benchmarks/eval_parity.py " + " ".join(sys.argv[1:] if argv is None else argv)
     lines = [
-        f"# MLX vs PyTorch zero-shot accuracy, {name} (dequantized, float32), CPU",
+        f"# MLX vs PyTorch zero-shot accuracy, {name} (dequantized, float32), MLX {backend()}, PyTorch {args.device}",
         "",
         f"Command: `{cmd}`",
         "",
-        f"Machine: {platform.machine()} {platform.system()}, {os.cpu_count()} CPU cores; MLX {mx.__version__} "
-        f"(CPU backend), torch {torch.__version__}. First {args.limit} examples (file order) of each task's "
+        f"Machine: {platform.machine()} {platform.system()}, {os.cpu_count()} CPU cores{gpu}; MLX {mx.__version__} "
+        f"({backend()} backend), torch {torch.__version__} ({args.device}). First {args.limit} examples (file order) of each task's "
         "standard evaluation split; same weights, templates, tokenization and metrics on both sides.",
         "",
         "| task | set | metric | PyTorch | MLX | \\|diff\\| | n | max \\|Δ logprob\\| | flipped |",

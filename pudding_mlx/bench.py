@@ -10,6 +10,12 @@ mlx-lm's own generation loop, for
     routed   the set the router picks for the prompt; the router's own time is measured apart
              (router_s) and counted in the speedup: dense / (routed + router)
 
+With `draft_tokens` (`bench --lossless`), generation cells also time `lossless`: the routed set
+drafts that many tokens, the dense model verifies them (output = dense output), and the share of
+tokens taken from the draft is recorded; speedup_lossless = dense / (lossless + router). Prompts are
+random token ids, so acceptance here is that of random text: `benchmarks/lossless.py` measures it on
+real prompts.
+
 ideal = L / (L - k). Every cell is the median of `runs` after a warm-up, and the four runners are
 interleaved, with their order rotated each round, so drift hits them alike.
 
@@ -26,7 +32,7 @@ import time
 from typing import Callable, Dict, List, Optional, Sequence
 
 import mlx.core as mx
-from mlx_lm.generate import generate_step
+from mlx_lm.generate import generate_step, speculative_generate_step
 from mlx_lm.models.cache import make_prompt_cache
 
 from .skip import SkipView
@@ -56,6 +62,20 @@ def time_request(model, prompt: mx.array, n_gen: int, make_cache: Callable) -> f
     return time.perf_counter() - t0
 
 
+def time_lossless(dense, draft, prompt: mx.array, n_gen: int, draft_tokens: int) -> tuple:
+    """(seconds, share of tokens accepted from the draft) for one lossless request: `draft` (a
+    SkipView) drafts, `dense` verifies (mlx-lm's speculative decoding)."""
+    cache = dense.make_cache() + draft.make_cache()
+    mx.synchronize()
+    t0 = time.perf_counter()
+    accepted = n = 0
+    for _, _, from_draft in speculative_generate_step(prompt, dense, draft, num_draft_tokens=draft_tokens,
+                                                      max_tokens=n_gen, prompt_cache=cache):
+        accepted, n = accepted + bool(from_draft), n + 1
+    mx.synchronize()
+    return time.perf_counter() - t0, accepted / max(n, 1)
+
+
 def time_router(router, text: str, n_tokens: int) -> float:
     """Seconds the router takes on the first `n_tokens` words of `text` (tokenization included)."""
     words = " ".join(text.split()[:n_tokens])
@@ -66,9 +86,10 @@ def time_router(router, text: str, n_tokens: int) -> float:
 
 def run_bench(model, omitted_static: Sequence[int], route: Callable[[str], Sequence[int]] = None,
               router=None, cells=PREFILL + GENERATE, runs: int = 5, vocab: Optional[int] = None,
-              progress: Callable[[str], None] = None) -> List[dict]:
+              progress: Callable[[str], None] = None, draft_tokens: Optional[int] = None) -> List[dict]:
     """Time every (prompt_tokens, gen_tokens) cell. `route(text)` gives the routed set (default:
-    the static set); `router` (with `.best(text)`) is timed for router_s."""
+    the static set); `router` (with `.best(text)`) is timed for router_s. `draft_tokens`: also time
+    lossless generation with the routed set drafting."""
     n_blocks = len(SkipView(model, ()).layers)
     vocab = vocab or model.args.vocab_size
     static = SkipView(model, omitted_static)
@@ -83,14 +104,23 @@ def run_bench(model, omitted_static: Sequence[int], route: Callable[[str], Seque
             time_request(m, prompt[:16], 2, mk)
         if router is not None:
             time_router(router, ROUTER_TEXT, n_prompt)
-        times: Dict[str, list] = {name: [] for name in list(runners) + ["router"]}
-        names = list(runners)
+        lossless = bool(draft_tokens) and n_gen > 1
+        if lossless:
+            time_lossless(dense, routed, prompt[:16], 4, draft_tokens)
+        times: Dict[str, list] = {name: [] for name in list(runners) + ["router", "lossless"]}
+        names = list(runners) + (["lossless"] if lossless else [])
+        accepted = []
         for r in range(runs):
             for name in names[r % len(names):] + names[:r % len(names)]:
+                if name == "lossless":
+                    seconds, share = time_lossless(dense, routed, prompt, n_gen, draft_tokens)
+                    times[name].append(seconds)
+                    accepted.append(share)
+                    continue
                 m, mk = runners[name]
                 times[name].append(time_request(m, prompt, n_gen, mk))
             times["router"].append(time_router(router, ROUTER_TEXT, n_prompt) if router is not None else 0.0)
-        med = {name: statistics.median(v) for name, v in times.items()}
+        med = {name: statistics.median(v) for name, v in times.items() if v}
         row = {"phase": "prefill" if n_gen == 1 else "generate", "prompt_tokens": n_prompt, "gen_tokens": n_gen,
                "dense_s": med["dense"], "routed_s": med["routed"], "router_s": med["router"],
                "static_s": med["static"], "mlx_lm_s": med["mlx_lm"],
@@ -99,6 +129,10 @@ def run_bench(model, omitted_static: Sequence[int], route: Callable[[str], Seque
                "ideal": n_blocks / (n_blocks - len(routed.omitted)),
                "dense_over_mlx_lm": med["dense"] / med["mlx_lm"],
                "router_over_dense_prefill": med["router"] / med["dense"]}
+        if lossless:
+            row.update(lossless_s=med["lossless"], draft_tokens=draft_tokens,
+                       lossless_accepted=statistics.mean(accepted),
+                       speedup_lossless=med["dense"] / (med["lossless"] + med["router"]))
         rows.append(row)
         if progress:
             progress(f"{row['phase']} {n_prompt}+{n_gen}: speedup {row['speedup']:.3f} (ideal {row['ideal']:.3f})")

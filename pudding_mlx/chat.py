@@ -34,6 +34,13 @@ cache holds ids C computed under S):
 4. Caches that cannot be trimmed (a full rotating window) fall back to a fresh cache and a full
    prefill under S'.
 
+Lossless turns (`lossless=True`): the dense model answers and the turn's set only drafts
+(mlx-lm's speculative decoding, the `SkipView` as draft model). The session then keeps two caches,
+each under the rule above: the dense one (its set never changes, so it is only ever trimmed and
+extended) and the draft's (`self.draft`, a second session used for its cache alone, whose set follows
+the router). Both are cut back to the same prefix before the turn, because mlx-lm prefills the two
+with one prompt. The reply is the dense reply, token for token (tested).
+
 After the reply, the ids in the cache are P + the generated ids that the cache holds (mlx-lm's
 generation loop runs one step ahead, so the cache holds every yielded token, the stop token
 included); the cache is reconciled to exactly the ids kept (`_reconcile`).
@@ -46,11 +53,8 @@ interruption before the first reply token drops the user's message (the turn is 
 keeps whatever prefix it computed, which the next turn reuses only where it matches.
 """
 
-import json
-import os
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
 
 import mlx.core as mx
@@ -58,7 +62,7 @@ from mlx_lm.generate import stream_generate as mlx_stream_generate
 from mlx_lm.models.cache import can_trim_prompt_cache
 from mlx_lm.sample_utils import make_sampler
 
-from .bundle import safetensors_header
+from . import DRAFT_TOKENS
 from .errors import PuddingError
 from .generate import context_length
 from .skip import SkipView, check_omitted, num_blocks
@@ -98,6 +102,7 @@ class TurnResult:
     peak_memory_gb: float
     choice: object = None              # the routing.Choice of the turn, when given
     kept: bool = True                  # False: the turn was undone (interrupted before any token)
+    drafted: Optional[int] = None      # lossless turns: reply tokens accepted from the draft
 
     @property
     def prefill_tokens(self) -> int:
@@ -126,8 +131,13 @@ class ChatSession:
     """
 
     def __init__(self, model, tokenizer, system: Optional[str] = None, chat_template: bool = True,
-                 prefill_step_size: int = 512, loaded=None):
+                 prefill_step_size: int = 512, loaded=None, lossless: bool = False, draft_tokens: int = DRAFT_TOKENS):
         self.loaded = loaded  # a load.Loaded (bundle + router) for routed_reply
+        # lossless: the dense model answers, the turn's set drafts `draft_tokens` at a time; the
+        # draft's cache lives in a second session (its conversation is unused)
+        self.draft_tokens = draft_tokens
+        self.draft = (ChatSession(model, tokenizer, system, chat_template, prefill_step_size)
+                      if lossless else None)
         self.model = model
         self.tokenizer = tokenizer
         self.system = system
@@ -179,6 +189,8 @@ class ChatSession:
         self.cache = None
         self.omitted = ()
         self.last_user = None
+        if self.draft is not None:
+            self.draft.reset()
 
     @property
     def cache_tokens(self) -> int:
@@ -206,10 +218,15 @@ class ChatSession:
         self.omitted = omitted
         return Prepared(n_ids, 0, 0, None, (), view.kept)
 
+    @property
+    def lossless(self) -> bool:
+        return self.draft is not None
+
     def prepare(self, prompt: Sequence[int], omitted: Sequence[int] = (),
-                should_stop: Optional[Callable[[], bool]] = None) -> Prepared:
+                should_stop: Optional[Callable[[], bool]] = None, limit: Optional[int] = None) -> Prepared:
         """Make the cache hold a prefix of `prompt` computed under `omitted` (the rule above) and
-        return what was reused and rebuilt. `prompt[Prepared.reused:]` is left to prefill."""
+        return what was reused and rebuilt. `prompt[Prepared.reused:]` is left to prefill. `limit`:
+        reuse at most that many tokens."""
         prompt = [int(i) for i in prompt]
         if not prompt:
             raise PuddingError("the prompt is empty")
@@ -218,6 +235,8 @@ class ChatSession:
         if self.cache is None:
             return self._fresh(view, omitted, len(prompt))
         p = min(common_prefix(self.cached_ids, prompt), len(prompt) - 1)
+        if limit is not None:
+            p = min(p, limit)
         if p == 0:
             return self._fresh(view, omitted, len(prompt))
 
@@ -334,19 +353,28 @@ class ChatSession:
             if should_stop is not None and done < total and should_stop():
                 raise Interrupted()
 
+        speculative = self.lossless and bool(omitted)
+        drafted = 0
         try:
-            prepared = self.prepare(prompt, omitted, should_stop)
+            if speculative:
+                prepared = self._prepare_both(prompt, omitted, should_stop)
+                kwargs = dict(draft_model=SkipView(self.model, omitted), num_draft_tokens=self.draft_tokens,
+                              prompt_cache=self.cache + self.draft.cache)
+                view = SkipView(self.model, ())
+            else:
+                prepared = self.prepare(prompt, () if self.lossless else omitted, should_stop)
+                kwargs = dict(prompt_cache=self.cache, prompt_progress_callback=progress)
+                view = SkipView(self.model, self.omitted)
             if should_stop is not None and should_stop():
                 raise Interrupted()
-            view = SkipView(self.model, omitted)
             gen = mlx_stream_generate(
                 view, self.tokenizer, mx.array(prompt[prepared.reused:]), max_tokens=max_tokens,
-                sampler=sampler, prompt_cache=self.cache, prefill_step_size=self.prefill_step_size,
-                prompt_progress_callback=progress,
+                sampler=sampler, prefill_step_size=self.prefill_step_size, **kwargs,
             )
             try:
                 for response in gen:
                     ids.append(int(response.token))
+                    drafted += bool(response.from_draft)
                     pieces.append(response.text)
                     last = response
                     if on_token is not None and response.text:
@@ -364,6 +392,8 @@ class ChatSession:
             # whatever happened, the cache must describe exactly the ids it holds
             if self.cache is not None:
                 self._reconcile(prompt + ids)
+            if speculative and self.draft.cache is not None:
+                self.draft._reconcile(prompt + ids)
             kept = bool(ids)
             if kept:
                 eos = set(getattr(self.tokenizer, "eos_token_ids", ()) or ())
@@ -390,90 +420,20 @@ class ChatSession:
             peak_memory_gb=mx.get_peak_memory() / 1e9,
             choice=choice,
             kept=kept,
+            drafted=drafted if speculative else None,
         )
         self.turns.append(result)
         return result
 
-
-# -- what a model directory holds, from file headers only (no weights read) ----------------------
-
-
-_FLOAT_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1}
-
-
-def weights_summary(model_dir: Path, target_float_bytes: Optional[int] = None) -> dict:
-    """Tensors, parameters and bytes of the `model*.safetensors` in `model_dir`, from headers.
-
-    parameters: logical weights; a quantized matrix (a `.weight` with `.scales` beside it) counts
-    its unpacked elements (packed uint32 elements x 32 / bits), and its scales and biases are not
-    parameters. bytes: stored tensor bytes. loaded_bytes: bytes once floating tensors are cast to a
-    float of `target_float_bytes` bytes (None: as stored).
-    """
-    model_dir = Path(model_dir)
-    files = sorted(model_dir.glob("model*.safetensors"))
-    if not files:
-        raise PuddingError(f"{model_dir}: no model*.safetensors; not an mlx-lm model directory")
-    quant = {}
-    try:
-        config = json.loads((model_dir / "config.json").read_text())
-        quant = config.get("quantization") or config.get("quantization_config") or {}
-    except (OSError, ValueError):
-        pass
-    tensors = {}
-    for f in files:
-        for name, meta in safetensors_header(f).items():
-            if name != "__metadata__":
-                tensors[name] = meta
-    params = stored = loaded = 0
-    dtypes: Dict[str, int] = {}
-    for name, meta in tensors.items():
-        shape, dtype = meta.get("shape", []), meta.get("dtype", "?")
-        lo, hi = meta.get("data_offsets", [0, 0])
-        size = hi - lo
-        stored += size
-        dtypes[dtype] = dtypes.get(dtype, 0) + size
-        numel = 1
-        for d in shape:
-            numel *= d
-        if dtype in _FLOAT_BYTES and target_float_bytes:
-            loaded += numel * target_float_bytes
-        else:
-            loaded += size
-        base = name.rsplit(".", 1)[0]
-        if name.endswith((".scales", ".biases")) and f"{base}.weight" in tensors and f"{base}.scales" in tensors:
-            continue
-        if name.endswith(".weight") and f"{base}.scales" in tensors:
-            layer = quant.get(base) if isinstance(quant.get(base), dict) else quant
-            bits = (layer or {}).get("bits") or 4
-            numel = numel * (8 * {"U32": 4, "U8": 1}.get(dtype, 4)) // bits
-        params += numel
-    return {"files": [f.name for f in files], "tensors": len(tensors), "parameters": params,
-            "bytes": stored, "loaded_bytes": loaded, "dtypes": dtypes}
-
-
-def memory_size() -> Optional[int]:
-    """Bytes of memory the device can use: `mx.device_info()["memory_size"]` where MLX reports it
-    (Metal), else the machine's physical memory (sysconf), else None."""
-    try:
-        info = mx.device_info()
-        if isinstance(info, dict) and info.get("memory_size"):
-            return int(info["memory_size"])
-    except Exception:
-        pass
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
-        return None
-
-
-def check_fits(model_dir: Path, target_float_bytes: Optional[int] = None) -> dict:
-    """Raise a one-line PuddingError when the weights alone exceed the device's memory."""
-    summary = weights_summary(model_dir, target_float_bytes)
-    limit = memory_size()
-    if limit and summary["loaded_bytes"] > limit:
-        raise PuddingError(
-            f"{model_dir}: the weights need about {summary['loaded_bytes'] / 1e9:.1f} GB but this device "
-            f"has {limit / 1e9:.1f} GB of memory; use a smaller or quantized model "
-            "(pudding-mlx convert llm --quantize 4)"
-        )
-    return summary
+    def _prepare_both(self, prompt, omitted, should_stop) -> Prepared:
+        """Lossless: the dense cache and the draft's cache (under `omitted`), cut back to one common
+        prefix of `prompt`, since mlx-lm prefills both with the same tokens."""
+        limit = None
+        while True:
+            prepared = self.prepare(prompt, (), should_stop, limit)
+            drafting = self.draft.prepare(prompt, omitted, should_stop, limit)
+            if prepared.reused == drafting.reused:
+                break
+            limit = min(prepared.reused, drafting.reused)  # a fallback to a fresh cache; shrinks to 0
+        return Prepared(len(prompt), prepared.reused, drafting.rebuilt, drafting.first_changed,
+                        drafting.reused_blocks, drafting.fresh_blocks, prepared.rebuild_s + drafting.rebuild_s)

@@ -12,6 +12,7 @@ from mlx_lm.generate import stream_generate as mlx_stream_generate
 from mlx_lm.generate import wired_limit
 from mlx_lm.sample_utils import make_sampler
 
+from . import DRAFT_TOKENS
 from .errors import PuddingError
 from .skip import SkipView
 
@@ -60,7 +61,7 @@ def stream_generate(
     seed: Optional[int] = None,
     prompt_cache=None,
     lossless: bool = False,
-    draft_tokens: int = 3,
+    draft_tokens: int = DRAFT_TOKENS,
 ) -> Iterator:
     """Yield mlx-lm `GenerationResponse`s for `prompt` (token ids) with blocks `omitted` skipped.
 
@@ -110,6 +111,6 @@ def generate(model, tokenizer, prompt: Sequence[int], omitted: Sequence[int] = (
         generation_tokens=last.generation_tokens,
         peak_memory_gb=last.peak_memory,
         finish_reason=last.finish_reason,
-        extra={"lossless": True, "draft_tokens": kwargs.get("draft_tokens", 3),
+        extra={"lossless": True, "draft_tokens": kwargs.get("draft_tokens", DRAFT_TOKENS),
                "accepted_from_draft": drafted / len(ids)} if kwargs.get("lossless") else {},
     )

@@ -75,9 +75,13 @@ def resolve(model: str) -> Path:
         raise PuddingError(f"{model}: could not fetch it from the hub ({type(e).__name__}); pass a local directory instead")
 
 
-def load(model: str, dtype: Optional[str] = None, lazy: bool = True, with_router: bool = True) -> Loaded:
-    """Load MODEL (bundle, mlx-lm directory or hub id) with its tokenizer, manifest and router."""
+def load(model: str, dtype: Optional[str] = None, lazy: bool = True, with_router: bool = True,
+         check_memory: bool = True) -> Loaded:
+    """Load MODEL (bundle, mlx-lm directory or hub id) with its tokenizer, manifest and router.
+    check_memory: refuse, in one line, weights that alone exceed the device's memory."""
     from mlx_lm.utils import load as mlx_lm_load
+
+    from .weights import check_fits
 
     path = resolve(str(model))
     manifest = None
@@ -86,15 +90,17 @@ def load(model: str, dtype: Optional[str] = None, lazy: bool = True, with_router
         check_bundle_files(path, manifest)
     elif not (path / "config.json").is_file():
         raise PuddingError(f"{path}: no config.json and no pudding.json; not an mlx-lm model directory or a bundle")
+    if dtype is not None and dtype not in DTYPES:
+        raise PuddingError(f"--dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
+    target = DTYPES[dtype] if dtype else default_dtype()
+    if check_memory and list(path.glob("model*.safetensors")):
+        check_fits(path, target.size if target is not None else None)
     try:
         model_obj, tokenizer = mlx_lm_load(str(path), lazy=lazy)
     except FileNotFoundError as e:
         raise PuddingError(f"{path}: {e}")
     except (ValueError, KeyError, json.JSONDecodeError) as e:
         raise PuddingError(f"{path}: the model could not be loaded ({str(e).splitlines()[0][:200]})")
-    if dtype is not None and dtype not in DTYPES:
-        raise PuddingError(f"--dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
-    target = DTYPES[dtype] if dtype else default_dtype()
     if target is not None:
         model_obj.set_dtype(target)  # lazy: a cast is only computed for blocks that run
     loaded = Loaded(model_obj, tokenizer, path, manifest)

@@ -13,7 +13,8 @@ import pytest
 from mlx.utils import tree_map
 
 import mlx_lm.models.llama as llama_mod
-from pudding_mlx.chat import ChatSession, common_prefix, weights_summary
+from pudding_mlx.chat import ChatSession, common_prefix
+from pudding_mlx.weights import weights_summary
 from pudding_mlx.errors import PuddingError
 from pudding_mlx.generate import generate
 from pudding_mlx.load import load
@@ -324,7 +325,7 @@ def test_route_without_a_router_is_one_line(tiny_llm_dir, tiny_bundle):
         assert len(done.stderr.strip().splitlines()) == 1 and done.stdout == ""
 
 
-@pytest.mark.parametrize("case", ["missing", "corrupt", "too-big", "too-long"])
+@pytest.mark.parametrize("case", ["missing", "corrupt", "too-big", "too-big-generate", "too-big-eval", "too-long"])
 def test_chat_errors_are_one_line(tmp_path, tiny_llm_dir, tiny_bundle, case):
     pre, args = "", []
     if case == "missing":
@@ -336,9 +337,13 @@ def test_chat_errors_are_one_line(tmp_path, tiny_llm_dir, tiny_bundle, case):
         shutil.copytree(tiny_bundle, bad)
         (bad / "pudding.json").write_text("{not json")
         args, message = ["chat", str(bad)], "malformed JSON"
-    elif case == "too-big":  # a device with 1 MB of memory
+    elif case.startswith("too-big"):  # a device with 1 MB of memory: every command refuses to load
         pre = "import mlx.core as mx\nmx.device_info = lambda: {'memory_size': 1_000_000}\n"
-        args, message = ["chat", str(tiny_llm_dir)], "GB of memory"
+        args = {"too-big": ["chat", str(tiny_llm_dir)],
+                "too-big-generate": ["generate", str(tiny_llm_dir), "-p", "hi"],
+                "too-big-eval": ["eval", str(tiny_llm_dir), "--tasks", "piqa", "--limit", "1",
+                                 "--data-dir", str(Path(__file__).resolve().parents[2] / "shared" / "data" / "benchmarks")]}[case]
+        message = "GB of memory"
     else:
         args, message = ["generate", str(tiny_llm_dir), "-p", "word " * 400], "context is 256"
     done = run_cli(*args, pre=pre)
@@ -405,3 +410,53 @@ def test_default_bundle_without_router_runs_dense(tmp_path, monkeypatch, tiny_ll
     (data / "candidates.json").write_text(json.dumps([[1, 3]]))
     db.ensure_default_bundle(data_dir=data)
     assert len(calls) == 2 and len(read_manifest(path).candidates) == 1
+
+
+def test_lossless_multi_turn_equals_dense_from_scratch(tiny):
+    """--lossless chat: each turn's set only drafts, so every reply is the dense from-scratch reply;
+    the dense cache is never rebuilt (only extended), the draft's cache follows the set."""
+    model, tok = tiny.model, tiny.tokenizer
+    session = ChatSession(model, tok, lossless=True, draft_tokens=3)
+    ref_messages, drafted = [], 0
+    for turn, (text, omitted) in enumerate(zip(MESSAGES, [(3,), (5,), (3, 5), (3, 5), ()])):
+        result = session.reply(text, omitted, max_tokens=N_NEW)
+        ref_messages.append({"role": "user", "content": text})
+        ref = from_scratch(model, tok, ref_messages, ())
+        assert result.token_ids == ref.token_ids, f"turn {turn}"
+        ref_messages.append({"role": "assistant", "content": ref.text})
+        assert session.messages == ref_messages
+        prompt = render(tok, ref_messages[:-1])
+        assert session.omitted == () and len(session.cache) == 6  # the dense cache
+        # speculative decoding leaves the last token unprocessed; the cache holds a prefix
+        assert len(session.cached_ids) >= len(prompt) + len(result.token_ids) - 1
+        assert session.cached_ids == (prompt + result.token_ids)[: len(session.cached_ids)]
+        if omitted:
+            drafted += result.drafted
+            kept = [i for i in range(6) if i not in omitted]
+            assert session.draft.omitted == tuple(omitted) and len(session.draft.cache) == len(kept)
+            assert session.cached_ids[: len(session.draft.cached_ids)] == session.draft.cached_ids
+            assert len(session.draft.cached_ids) >= len(prompt)
+        else:
+            assert result.drafted is None  # a dense turn has nothing to draft with
+        if turn > 0:
+            assert result.prepared.reused > 0  # both caches carried over from the previous turn
+    assert drafted > 0  # the drafts were used
+    session.reset()
+    assert session.draft.cache is None and session.draft.cached_ids == []
+
+
+def test_chat_cli_lossless_prints_the_dense_reply(tiny_llm_dir):
+    """`chat --lossless --omit …` from a pipe: the same reply as `chat --dense`, and the status line
+    says how many tokens the draft supplied."""
+    def chat(*flags):
+        code = ("import sys\nfrom pudding_mlx.app.cli import main\n"
+                "sys.argv = ['pudding-mlx'] + sys.argv[1:]\nmain()\n")
+        return subprocess.run([sys.executable, "-c", code, "chat", str(tiny_llm_dir), "--max-tokens", "12", *flags],
+                              input=MESSAGES[0] + "\n/quit\n", capture_output=True, text=True, timeout=300)
+
+    dense, lossless = chat("--dense"), chat("--omit", "3", "--lossless")
+    assert dense.returncode == 0 and lossless.returncode == 0, lossless.stderr
+    reply = lambda out: out.split(">>> ", 1)[1].splitlines()[0]
+    assert reply(lossless.stdout) == reply(dense.stdout) and len(reply(dense.stdout)) > 5
+    assert "lossless, dense output · draft --omit: omitted [3]" in lossless.stdout
+    assert "tokens accepted from the draft" in lossless.stdout

@@ -58,7 +58,7 @@ def test_search_resumes_after_sigkill(tiny_hf_dir, tmp_path):
 WORKER = """
 import json, os, sys
 import torch.distributed as dist
-from pudding_mlx.train.distributed import evaluate_everywhere, init_from_env
+from pudding_mlx.train.distributed import evaluate_everywhere, finish, init_from_env
 from pudding_mlx.train.hf import load_hf
 from pudding_mlx.train.tasks import load_task
 init_from_env()
@@ -67,6 +67,7 @@ ex = load_task("arc_easy", "validation", sys.argv[2], limit=6) + load_task("piqa
 m = evaluate_everywhere(model, tok, ex, omitted=(2, 3), batch_size=4)
 if dist.get_rank() == 0 if dist.is_initialized() else True:
     print(json.dumps({"mean_ll": [list(x) for x in m["mean_ll"]], "acc": m["acc"]}))
+finish()
 """
 
 
@@ -79,7 +80,7 @@ def free_port() -> int:
 
 
 def test_two_process_scoring_equals_one(tiny_hf_dir):
-    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), PYTHONFAULTHANDLER="1")
     single = subprocess.run([sys.executable, "-c", WORKER, str(tiny_hf_dir), str(DATA)], capture_output=True,
                             text=True, timeout=300, env=env)
     assert single.returncode == 0, single.stderr
@@ -88,7 +89,9 @@ def test_two_process_scoring_equals_one(tiny_hf_dir):
                               env=dict(env, WORLD_SIZE="2", RANK=str(r), LOCAL_RANK=str(r)))
              for r in range(2)]
     outs = [p.communicate(timeout=300) for p in procs]
-    assert all(p.returncode == 0 for p in procs), outs
+    for rank, (p, (_, err)) in enumerate(zip(procs, outs)):
+        tail = "\n".join(line for line in err.splitlines() if "Loading weights" not in line)[-3000:]
+        assert p.returncode == 0, f"rank {rank} exited with {p.returncode}:\n{tail}"
     one = json.loads(single.stdout.strip().splitlines()[-1])
     two = json.loads(outs[0][0].strip().splitlines()[-1])
     assert two["acc"] == one["acc"]

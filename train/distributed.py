@@ -7,7 +7,9 @@ compute. Only rank 0 writes files.
 """
 
 import atexit
+import logging
 import os
+import sys
 from typing import Iterable, Sequence
 
 import torch
@@ -33,6 +35,20 @@ def _shutdown() -> None:
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+
+
+def finish() -> None:
+    """End a multi-process run once its work is done and written: wait for every rank, tear the
+    process group down, flush, and leave at once with status 0. Leaving skips the interpreter's
+    teardown, where gloo's threads were seen to abort a rank that had finished (CI, CPU, two ranks).
+    Call it last, from the command's main code; in one process it does nothing."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    _shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    logging.shutdown()
+    os._exit(0)
 
 
 def world() -> tuple:

