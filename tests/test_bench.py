@@ -21,7 +21,6 @@ def run_cli(*args):
 
 
 def test_bench_json_memory_lossless_and_plot(tmp_path):
-    pytest.importorskip("matplotlib")
     out, png = tmp_path / "b.json", tmp_path / "b.png"
     done = run_cli("bench", "--shape", "small", "--k", "3", "--runs", "1", "--cells", "16+1,16+6",
                    "--lossless", "--draft-tokens", "2", "--json", str(out), "--plot", str(png))
