@@ -38,13 +38,15 @@ def _shutdown() -> None:
 
 
 def finish() -> None:
-    """End a multi-process run once its work is done and written: wait for every rank, tear the
-    process group down, flush, and leave at once with status 0. Leaving skips the interpreter's
-    teardown, where gloo's threads were seen to abort a rank that had finished (CI, CPU, two ranks).
-    Call it last, from the command's main code; in one process it does nothing."""
+    """End a multi-process run once its work is done and written: wait for every rank, flush, and
+    leave at once with status 0. Nothing runs after the barrier, neither the process group's
+    teardown nor the interpreter's, which is where a rank that had finished was seen to die (CI,
+    gloo on CPU, two ranks). A rank's barrier returns only once its own messages are sent, so the
+    others' barriers complete. Call it last, from the command's main code; in one process it does
+    nothing."""
     if not (dist.is_available() and dist.is_initialized()):
         return
-    _shutdown()
+    dist.barrier()
     sys.stdout.flush()
     sys.stderr.flush()
     logging.shutdown()
