@@ -79,7 +79,7 @@ def stream_generate(
         mx.random.seed(seed)
     sampler = make_sampler(temp=temp, top_p=top_p)
     with wired_limit(model):
-        if lossless:
+        if lossless and view.omitted:  # with nothing omitted there is nothing to draft with
             yield from mlx_stream_generate(
                 SkipView(model, ()), tokenizer, mx.array(prompt), max_tokens=max_tokens, sampler=sampler,
                 draft_model=view, num_draft_tokens=draft_tokens, prompt_cache=prompt_cache,
