@@ -90,7 +90,9 @@ def bench(
         console.print("[yellow]no router to time: router_s is 0 (pass --router or build the default bundle)[/yellow]")
     rows = B.run_bench(lm, static, route, router, grid, runs, progress=console.print,
                        draft_tokens=draft_tokens if lossless else None)
+    routed_set = sorted(int(i) for i in route(B.ROUTER_TEXT)) if route else static
     result = {"backend": backend(), **source, "k": len(static), "blocks": n_blocks, "static": static,
+              "routed": routed_set,
               "runs": runs, "router": str(router_dir) if router_dir else ("bundle" if route else None), "rows": rows}
     if memory:
         with tempfile.TemporaryDirectory() as tmp:

@@ -29,6 +29,7 @@ def test_bench_json_memory_lossless_and_plot(tmp_path):
     n = SHAPES["small"]["num_hidden_layers"]
     assert result["backend"] == "cpu" and result["shape"] == "small" and result["k"] == 3
     assert result["static"] == spread(n, 3) and 0 not in result["static"] and n - 1 not in result["static"]
+    assert result["routed"] == result["static"]  # a shape has no router of its own: one set for both
     prefill, gen = result["rows"]
     assert (prefill["phase"], prefill["prompt_tokens"], prefill["gen_tokens"]) == ("prefill", 16, 1)
     assert (gen["phase"], gen["gen_tokens"]) == ("generate", 6)

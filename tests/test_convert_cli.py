@@ -248,3 +248,26 @@ def test_help_teaches():
     done = ok(run_cli("convert", "llm", "--help"))
     for needle in ("GGUF", "--quantize", "--group-size", "--dtype", "--dequantize"):
         assert needle in done.stdout
+
+
+def test_bench_on_the_routed_bundle(bundle, tmp_path):
+    """`pudding-mlx bench BUNDLE`: the static set is the bundle's first candidate, the routed set is
+    the router's pick, the router is timed, and --lossless adds its fields (timings not asserted)."""
+    from pudding_mlx.bench import ROUTER_TEXT
+    from pudding_mlx.bundle import read_manifest
+    from pudding_mlx.load import load
+
+    out = tmp_path / "bench.json"
+    done = ok(run_cli("bench", bundle, "--runs", "1", "--cells", "8+1,8+3", "--no-memory", "--lossless",
+                      "--json", out))
+    result = json.loads(out.read_text())
+    manifest = read_manifest(bundle)
+    assert result["model"] == str(bundle) and result["router"] == "bundle" and result["blocks"] == 30
+    assert result["static"] == list(manifest.candidates[0].omitted) and result["k"] == 7
+    pick = load(str(bundle)).router.best(ROUTER_TEXT)[0]
+    assert result["routed"] == list(manifest.candidates[pick].omitted)
+    for row in result["rows"]:
+        assert row["router_s"] > 0 and row["ideal"] == pytest.approx(30 / 23)
+    prefill, generate = result["rows"]
+    assert "lossless_s" not in prefill and 0 <= generate["lossless_accepted"] <= 1
+    assert "lossless: the routed set drafts 1 tokens" in done.stdout
