@@ -51,7 +51,7 @@ def bench(
             grid = [tuple(int(x) for x in c.split("+")) for c in cells.split(",")]
         except ValueError:
             raise PuddingError(f"--cells {cells!r}: give PROMPT+GEN pairs, e.g. 128+1,128+128")
-    router = route = None
+    router, by_bundle = None, False
     if router_dir is not None:
         from pudding_mlx.router import load_router
 
@@ -83,17 +83,17 @@ def bench(
             static = list(cands[0].omitted)
         else:
             static = B.spread(n_blocks, k)
-        if loaded.router is not None and router is loaded.router:
-            route = lambda text: cands[loaded.router.best(text)[0]].omitted
+        by_bundle = loaded.router is not None and router is loaded.router
         source = {"model": str(loaded.path)}
     if router is None:
         console.print("[yellow]no router to time: router_s is 0 (pass --router or build the default bundle)[/yellow]")
-    rows = B.run_bench(lm, static, route, router, grid, runs, progress=console.print,
+    # the bundle's router picks the routed set for the benchmark's text; shapes route to the static set
+    routed_set = sorted(cands[loaded.router.best(B.ROUTER_TEXT)[0]].omitted) if by_bundle else static
+    rows = B.run_bench(lm, static, routed_set, router, grid, runs, progress=console.print,
                        draft_tokens=draft_tokens if lossless else None)
-    routed_set = sorted(int(i) for i in route(B.ROUTER_TEXT)) if route else static
     result = {"backend": backend(), **source, "k": len(static), "blocks": n_blocks, "static": static,
               "routed": routed_set,
-              "runs": runs, "router": str(router_dir) if router_dir else ("bundle" if route else None), "rows": rows}
+              "runs": runs, "router": str(router_dir) if router_dir else ("bundle" if by_bundle else None), "rows": rows}
     if memory:
         with tempfile.TemporaryDirectory() as tmp:
             target = source.get("model")

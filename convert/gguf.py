@@ -245,13 +245,21 @@ def _llama_config(g: GGUFFile) -> dict:
         "mlp_bias": "blk.0.ffn_up.bias" in g.tensors,
         "hidden_act": "silu",
     }
-    scaling = g.get(f"{a}.rope.scaling.type")
-    if scaling not in (None, "none"):
-        if scaling != "linear":
-            raise PuddingError(f"{g.path}: rope scaling type {scaling!r} is not supported yet (only linear); convert the original Hugging Face model instead")
-        cfg["rope_scaling"] = {"type": "linear", "factor": float(g.need(f"{a}.rope.scaling.factor"))}
+    _add_rope_scaling(g, a, cfg, "type")
     cfg["rope_parameters"] = {"rope_type": "default", "rope_theta": cfg["rope_theta"]}
     return _common_ids(g, cfg)
+
+
+def _add_rope_scaling(g: GGUFFile, a: str, cfg: dict, type_key: str) -> None:
+    """cfg["rope_scaling"] from the GGUF's rope.scaling keys (linear only), under the key name the
+    architecture's config uses for the type ("type" for llama, "rope_type" for gemma3)."""
+    scaling = g.get(f"{a}.rope.scaling.type")
+    if scaling in (None, "none"):
+        return
+    if scaling != "linear":
+        raise PuddingError(f"{g.path}: rope scaling type {scaling!r} is not supported yet (only linear); "
+                           "convert the original Hugging Face model instead")
+    cfg["rope_scaling"] = {type_key: "linear", "factor": float(g.need(f"{a}.rope.scaling.factor"))}
 
 
 LLAMA_BLOCK = {
@@ -296,11 +304,7 @@ def _gemma3_config(g: GGUFFile) -> dict:
         "tie_word_embeddings": "output.weight" not in g.tensors,
         "hidden_activation": "gelu_pytorch_tanh",
     }
-    scaling = g.get(f"{a}.rope.scaling.type")
-    if scaling not in (None, "none"):
-        if scaling != "linear":
-            raise PuddingError(f"{g.path}: rope scaling type {scaling!r} is not supported yet (only linear)")
-        cfg["rope_scaling"] = {"rope_type": "linear", "factor": float(g.need(f"{a}.rope.scaling.factor"))}
+    _add_rope_scaling(g, a, cfg, "rope_type")
     return _common_ids(g, cfg)
 
 

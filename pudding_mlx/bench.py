@@ -84,16 +84,16 @@ def time_router(router, text: str, n_tokens: int) -> float:
     return time.perf_counter() - t0
 
 
-def run_bench(model, omitted_static: Sequence[int], route: Callable[[str], Sequence[int]] = None,
+def run_bench(model, omitted_static: Sequence[int], omitted_routed: Optional[Sequence[int]] = None,
               router=None, cells=PREFILL + GENERATE, runs: int = 5, vocab: Optional[int] = None,
               progress: Callable[[str], None] = None, draft_tokens: Optional[int] = None) -> List[dict]:
-    """Time every (prompt_tokens, gen_tokens) cell. `route(text)` gives the routed set (default:
-    the static set); `router` (with `.best(text)`) is timed for router_s. `draft_tokens`: also time
+    """Time every (prompt_tokens, gen_tokens) cell. `omitted_routed`: the set the router picked
+    (default: the static set); `router` (with `.best(text)`) is timed for router_s. `draft_tokens`: also time
     lossless generation with the routed set drafting."""
     n_blocks = len(SkipView(model, ()).layers)
     vocab = vocab or model.args.vocab_size
     static = SkipView(model, omitted_static)
-    routed = SkipView(model, route(ROUTER_TEXT) if route else omitted_static)
+    routed = SkipView(model, omitted_static if omitted_routed is None else omitted_routed)
     dense = SkipView(model, ())
     runners = {"mlx_lm": (model, lambda: make_prompt_cache(model)), "dense": (dense, dense.make_cache),
                "static": (static, static.make_cache), "routed": (routed, routed.make_cache)}
