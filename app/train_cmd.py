@@ -42,6 +42,8 @@ def search(
     seed: int = typer.Option(0, help="Seed of the calibration sample."),
     batch_size: int = typer.Option(64, help="Requests per forward pass."),
     protect: str = typer.Option("first,last", help="Blocks never removed: first, last, or indices."),
+    protect_first: int = typer.Option(1, help="Never remove blocks 0..P-1 (with --protect's blocks): "
+                                      "their output is then free for a hidden-state router."),
     data_dir: Optional[Path] = typer.Option(None, envvar="PUDDING_MLX_DATA",
                                             help="Benchmark folder (gzip JSONL)."),
     device: Optional[str] = typer.Option(None, help="cuda, cuda:1, cpu (default: cuda if present)."),
@@ -72,7 +74,8 @@ def search(
 
         # a resumed search starts with its finished phases counted
         run_search(model, task_list, loss_list, ks, out, state, n_calib, seed, batch_size,
-                   str(data_dir) if data_dir else None, device, _csv(protect),
+                   str(data_dir) if data_dir else None, device,
+                   _csv(protect) + [str(b) for b in range(protect_first)],
                    on_phase=on_phase, on_batch=on_batch, log=log)
     _finish()
 
@@ -132,6 +135,58 @@ def data(
             on_batch=lambda done, total: progress.update(batches, completed=done, total=total))
     console.print(f"{len(sets)} sets x {len(_csv(tasks))} tasks -> {path}")
     _finish()
+
+
+@train_app.command()
+def features(
+    model: str = typer.Argument(..., help="Hugging Face model directory, .gguf file, or hub id."),
+    data: str = typer.Option(..., help="Router data folder(s) from `train data`, comma-separated."),
+    after: str = typer.Option("auto", help="Blocks whose output to pool, comma-separated; 'auto': the "
+                              "block before the first block any --candidates set omits."),
+    candidates: Optional[str] = typer.Option(None, help="Candidates file(s), for --after auto."),
+    batch_size: int = typer.Option(32, help="Prompts per forward pass."),
+    max_tokens: int = typer.Option(1024, help="Prompt tokens kept (the last ones)."),
+    device: Optional[str] = typer.Option(None, help="cuda, cuda:1, cpu (default: cuda if present)."),
+):
+    """The hidden-state router's inputs: each router text as one chat message through the dense
+    model's first blocks, mean- and last-token-pooled (DATA/features.npz)."""
+    _need_torch()
+    from pudding_mlx.train.features import write_features
+    from pudding_mlx.train.hf import load_hf
+
+    blocks = {int(b) for b in _csv(after) if b != "auto"}
+    if "auto" in _csv(after):
+        if not candidates:
+            from pudding_mlx.errors import PuddingError
+
+            raise PuddingError("--after auto needs --candidates (the sets whose first omitted block bounds it)")
+        blocks.add(min(min(s) for s in _union_sets(_csv(candidates))) - 1)
+    blocks = sorted(blocks)
+    lm, tokenizer, _ = load_hf(model, device)
+    for folder in _csv(data):
+        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                      TimeElapsedColumn(), console=console) as progress:
+            bar = progress.add_task(f"features {folder}", total=1)
+            path = write_features(lm, tokenizer, folder, blocks, batch_size, max_tokens,
+                                  progress=lambda done, total: progress.update(bar, completed=done, total=total))
+        console.print(f"blocks {blocks} -> {path}")
+
+
+@train_app.command()
+def pca(
+    fit: Path = typer.Option(..., help="Router data folder whose features.npz the PCA is fitted on."),
+    apply: str = typer.Option("", help="Further folders to project with the same PCA, comma-separated."),
+    dim: int = typer.Option(64, help="Components kept per (pooling, block)."),
+):
+    """Project features.npz onto a PCA fitted on one folder (features_pca.npz in each folder)."""
+    import numpy as np
+
+    from pudding_mlx.train.features import project_features
+
+    for path in project_features(fit, _csv(apply), dim):
+        with np.load(path) as z:
+            explained = {k[len("explained_"):]: float(z[k]) for k in z.files if k.startswith("explained_")}
+        console.print(f"-> {path}" + (f" (variance kept: {explained})" if explained else ""))
 
 
 @train_app.command()

@@ -1,0 +1,83 @@
+#!/usr/bin/env bash
+# The Qwen2.5-Coder-1.5B-Instruct run on the lent GPU (issue: real scale), resumable phase by phase.
+# Usage, from the repository root on the GPU machine:
+#   GGUF=... results/qwen2.5-coder-1.5b/pipeline.sh prep       # dequantise the GGUF once into a HF folder (bf16)
+#   results/qwen2.5-coder-1.5b/pipeline.sh search              # candidate search, k = 3, 5, 7 (+ SLEB-style mix)
+#   results/qwen2.5-coder-1.5b/pipeline.sh data                # router data (train) + per-set scores (evaluation)
+#   results/qwen2.5-coder-1.5b/pipeline.sh features            # hidden-state router inputs + PCA
+#   results/qwen2.5-coder-1.5b/pipeline.sh pack OUTDIR         # compact copies of everything for results/
+# Env: WORK (default /tmp/qwen-work), NGPU (default: every visible GPU; >1 runs under torchrun),
+# PUDDING_MLX_DATA (the benchmark folder). Every phase resumes where a killed run stopped.
+#
+# Choices (see the README's Qwen section): blocks 0-3 and the last are never omitted (--protect-first 4),
+# so the hidden-state router reads the residual stream after block 3 or later for free; the search
+# uses 128 calibration examples per task; router data uses up to 2,000 train examples per task
+# (ARC-Challenge has 1,119); evaluation uses seeded samples of 1,000 per task of the standard
+# evaluation splits (ARC: test; the others: validation), BoolQ only there (the unseen task).
+set -euo pipefail
+phase=$1
+R=$(cd "$(dirname "$0")" && pwd)
+W=${WORK:-/tmp/qwen-work}
+M=$W/Qwen2.5-Coder-1.5B-Instruct-Q4_K_M
+NGPU=${NGPU:-$(python3 -c 'import torch; print(max(1, torch.cuda.device_count()))')}
+C=$W/cand-k3.json,$W/cand-k5.json,$W/cand-k7.json
+TRAIN_TASKS=arc_challenge,arc_easy,hellaswag,piqa,winogrande
+mkdir -p "$W"
+run() {
+    if [ "$NGPU" -gt 1 ]; then torchrun --standalone --nproc-per-node "$NGPU" -m pudding_mlx.app.cli "$@"
+    else python3 -m pudding_mlx.app.cli "$@"; fi
+}
+case $phase in
+prep)
+    [ -f "$M/config.json" ] || python3 - "$GGUF" "$M" <<'PY'
+import pathlib, sys, torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+gguf, out = pathlib.Path(sys.argv[1]), sys.argv[2]
+tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+lm = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.bfloat16)
+lm.save_pretrained(out + ".tmp"); tok.save_pretrained(out + ".tmp")
+pathlib.Path(out + ".tmp").rename(out)
+print("dequantised", gguf.name, "->", out)
+PY
+    ;;
+search)
+    run train search "$M" --tasks $TRAIN_TASKS,mix --losses likelihood,likelihood_diff --k 3,5,7 \
+        --n-calib 128 --batch-size 512 --protect-first 4 --out "$W/cand.json" 2>&1 | tee -a "$W/search.log" ;;
+data)
+    run train data "$M" --candidates "$C" --tasks $TRAIN_TASKS --split train --max-per-task 2000 \
+        --batch-size 512 --out "$W/data-train" 2>&1 | tee -a "$W/data.log"
+    run train data "$M" --candidates "$C" --tasks boolq,hellaswag,piqa,winogrande --split validation \
+        --max-per-task 1000 --batch-size 512 --out "$W/data-val" 2>&1 | tee -a "$W/data.log"
+    run train data "$M" --candidates "$C" --tasks arc_challenge,arc_easy --split test \
+        --max-per-task 1000 --batch-size 512 --out "$W/data-test" 2>&1 | tee -a "$W/data.log" ;;
+features)
+    python3 -m pudding_mlx.app.cli train features "$M" --data "$W/data-train,$W/data-val,$W/data-test" \
+        --after 3,auto --candidates "$C" --batch-size 64 2>&1 | tee -a "$W/features.log"
+    python3 -m pudding_mlx.app.cli train pca --fit "$W/data-train" --apply "$W/data-val,$W/data-test" --dim 64 \
+        2>&1 | tee -a "$W/features.log" ;;
+pack)
+    out=$2; mkdir -p "$out"
+    # per-choice floats as float16 and compressed: the committed copies stay small (acc/acc_norm are exact bools)
+    python3 - "$W" "$out" <<'PY'
+import pathlib, shutil, sys
+import numpy as np
+w, out = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2])
+for d in ("train", "val", "test"):
+    src = w / f"data-{d}"
+    if not (src / "router_data.npz").is_file():
+        continue
+    with np.load(src / "router_data.npz") as z:
+        arrays = {k: (z[k].astype(np.float16) if k in ("logprob", "mean_ll", "dense_logprob", "dense_mean_ll") else z[k])
+                  for k in z.files}
+    np.savez_compressed(out / f"data-{d}.npz", **arrays)
+    shutil.copy(src / "router_data.json", out / f"data-{d}.json")
+    if (src / "features_pca.npz").is_file():
+        shutil.copy(src / "features_pca.npz", out / f"features-{d}.npz")
+for f in ["cand-k3.json", "cand-k5.json", "cand-k7.json", "cand.state.json", "search.log", "data.log", "features.log"]:
+    if (w / f).is_file():
+        shutil.copy(w / f, out / f)
+print(sorted(p.name for p in out.iterdir()))
+PY
+    ;;
+*) echo "usage: $0 prep|search|data|features|pack OUTDIR" >&2; exit 2 ;;
+esac
