@@ -195,7 +195,12 @@ def router(
     out: Path = typer.Option(..., "--out", help="Output router folder (what `convert router` reads)."),
     candidates: Path = typer.Option(..., help="Candidates file: its router pool (sets found by the "
                                     "task chains, not by 'mix') become the outputs, in file order."),
-    variant: str = typer.Option("light", help="light: frozen encoder + trained head; full: fine-tune all."),
+    variant: str = typer.Option("light", help="light: frozen encoder + trained head; full: fine-tune all; "
+                                "probe: a linear head on the LLM's own hidden state (`train features`)."),
+    objective: str = typer.Option("accuracy", help="probe only: mse (the paper's y), centered (y minus its "
+                                  "row mean) or accuracy (which sets answer this prompt better than its average set)."),
+    after: Optional[int] = typer.Option(None, help="probe only: the block whose output it reads (default: the "
+                                        "block before the first block any set omits)."),
     encoder: Optional[Path] = typer.Option(None, help="HF BERT folder (default: all-MiniLM-L6-v2 from its wheel)."),
     epochs: int = typer.Option(10), lr: Optional[float] = typer.Option(None, help="Default: 1e-5 full, 1e-3 light."),
     batch_size: int = typer.Option(32), warmup: int = typer.Option(500), weight_decay: float = typer.Option(0.01),
@@ -210,6 +215,16 @@ def router(
     from pudding_mlx.train.search import split_pool
 
     pool_sets, _ = split_pool(candidates)
+    if variant == "probe":
+        from pudding_mlx.train.probe import train_probe_router
+
+        meta = train_probe_router(data, out, [c["omitted"] for c in pool_sets], objective, after,
+                                  seed=seed, force=force)
+        v = meta["validation"]
+        console.print(f"hidden-state router ({objective}, after block {meta['after']}, {meta['pooling']}, "
+                      f"margin {meta['margin_is'] if meta['margin'] is None else round(meta['margin'], 4)}): "
+                      f"validation accuracy {100 * v['accuracy']:.2f} vs static {100 * v['static_accuracy']:.2f} -> {out}")
+        return meta
     metrics = train_router(data, out, variant, str(encoder) if encoder else None, epochs, lr, batch_size,
                            warmup, weight_decay, seed, device, force=force,
                            sets=[c["omitted"] for c in pool_sets],
@@ -235,10 +250,25 @@ def predict(
     from pudding_mlx.train.router_data import load_router_data
     from pudding_mlx.train.router_train import predict as predict_scores
 
+    from pudding_mlx.train.probe import is_probe_router, load_probe
+    from pudding_mlx.train.probe import predict as predict_probe
+
     d = load_router_data(data)
-    scores = predict_scores(router_dir, list(d["text"]), device=device)
+    extra = {}
+    if is_probe_router(router_dir):
+        from pudding_mlx.train.features import load_features
+
+        feats = load_features(data)
+        if list(feats["id"]) != list(d["id"]):
+            from pudding_mlx.errors import PuddingError
+
+            raise PuddingError(f"{data}: its features hold other rows than its router data; recompute them")
+        pred = predict_probe(load_probe(router_dir), feats)
+        scores, extra = pred["scores"], {"chosen": pred["chosen"]}
+    else:
+        scores = predict_scores(router_dir, list(d["text"]), device=device)
     tmp = out.with_name(out.name + ".tmp.npz")
-    np.savez(tmp, scores=scores, id=d["id"], task=d["task"])
+    np.savez(tmp, scores=scores, id=d["id"], task=d["task"], **extra)
     tmp.replace(out)
     console.print(f"{len(scores)} texts x {scores.shape[1]} sets -> {out}")
 

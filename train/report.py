@@ -110,9 +110,13 @@ def router_metrics(pred, y) -> dict:
 
 
 def build_report(model: str, eval_paths: Sequence, candidates: Dict[int, str], routers: Dict[str, Dict[int, Sequence]],
-                 router_train: Dict[str, Dict[int, str]] = None, seed: int = 0) -> dict:
-    """routers: {variant: {k: [score files (npz from `train predict`), one per eval data file]}}."""
+                 router_train: Dict[str, Dict[int, str]] = None, seed: int = 0, select_paths: Sequence = ()) -> dict:
+    """routers: {variant: {k: [score files (npz from `train predict`), one per eval data file]}}.
+    select_paths: data disjoint from the evaluation examples (the router's training data) on which the
+    best static set is chosen, as the routers' own choices are; without it the best static set is
+    chosen on the evaluation data itself (which flatters it; the report says so)."""
     data = load_eval(eval_paths)
+    select = load_eval(select_paths) if select_paths else None
     rows, deltas, router_rows = [], [], []
     dense_tasks = per_task(data, data["dense_hit"])
     rows.append({"method": "dense", "k": 0, "router": None, "set": [], "tasks": dense_tasks, "average": average(dense_tasks)})
@@ -126,9 +130,23 @@ def build_report(model: str, eval_paths: Sequence, candidates: Dict[int, str], r
             tasks = per_task(data, hits[:, m])
             statics.append({"method": "static", "k": k, "router": None, "set": s, "source": f"{c.get('task')}/{c.get('loss')}",
                             "tasks": tasks, "average": average(tasks)})
-        best = max(range(len(statics)), key=lambda m: statics[m]["average"])
+        if select is not None:
+            sel_hits = select["hit"][:, columns(select, pool_sets)]
+            sel_avg = [average(per_task(select, sel_hits[:, m])) for m in range(len(pool_sets))]
+            best = max(range(len(statics)), key=lambda m: (sel_avg[m], -m))
+            # reference: the best set of each task (on the selection data), run by the task's label
+            task_best = {t: int(np.argmax(sel_hits[select["task"] == t].mean(0))) for t in np.unique(select["task"])}
+            per_ex = np.array([task_best.get(t, best) for t in data["task"]])
+            tasks = per_task(data, hits[np.arange(len(per_ex)), per_ex])
+            task_static = {"method": "task-static", "k": k, "router": "best set per task label", "tasks": tasks,
+                           "average": average(tasks), "sets": {t: pool_sets[m] for t, m in task_best.items()}}
+        else:
+            best = max(range(len(statics)), key=lambda m: statics[m]["average"])
+            task_static = None
         statics[best]["best"] = True
         rows += statics
+        if task_static:
+            rows.append(task_static)
         for loss, s in sorted(sleb.items()):
             tasks = per_task(data, data["hit"][:, columns(data, [s])[0]])
             rows.append({"method": "sleb", "k": k, "router": f"mix/{loss}", "set": s, "tasks": tasks, "average": average(tasks)})
@@ -140,15 +158,15 @@ def build_report(model: str, eval_paths: Sequence, candidates: Dict[int, str], r
         for variant, per_k in sorted(routers.items()):
             if k not in per_k:
                 continue
-            scores = np.concatenate([_scores(p, data, i) for i, p in enumerate(per_k[k])])
+            scores, chosen = (np.concatenate(part) for part in zip(*[_scores(p, data, i) for i, p in enumerate(per_k[k])]))
             if scores.shape[1] != len(pool_sets):
                 raise PuddingError(f"{per_k[k][0]}: {scores.shape[1]} router outputs for {len(pool_sets)} pool sets (k={k})")
-            chosen = scores.argmax(1)
             routed_hit = hits[np.arange(len(chosen)), chosen]
             tasks = per_task(data, routed_hit)
             usage = np.bincount(chosen, minlength=len(pool_sets)) / len(chosen)
             rows.append({"method": "routed", "k": k, "router": variant, "tasks": tasks, "average": average(tasks),
-                         "set_usage": [round(float(u), 4) for u in usage]})
+                         "set_usage": [round(float(u), 4) for u in usage], "sets_used": int((usage > 0).sum()),
+                         "regret_to_oracle": average(oracle_tasks) - average(tasks)})
             deltas.append({"k": k, "router": variant,
                            "routed_minus_best_static": average(tasks) - statics[best]["average"],
                            "ci95": bootstrap_delta(data, routed_hit, hits[:, best], seed=seed),
@@ -161,12 +179,17 @@ def build_report(model: str, eval_paths: Sequence, candidates: Dict[int, str], r
                 metrics["validation"]["best_epoch"] = t.get("best_epoch")
             router_rows.append(metrics)
     counts = {t: int((data["task"] == t).sum()) for t in MAIN_TASKS + UNSEEN_TASKS if (data["task"] == t).any()}
-    return {"model": model, "n_per_task": counts, "rows": rows, "deltas": deltas, "router_metrics": router_rows}
+    return {"model": model, "n_per_task": counts, "rows": rows, "deltas": deltas, "router_metrics": router_rows,
+            "best_static_chosen_on": "selection data: " + ", ".join(map(str, select_paths)) if select_paths
+            else "the evaluation data itself (flatters the static baseline)"}
 
 
-def _scores(path, data, part: int) -> np.ndarray:
+def _scores(path, data, part: int):
+    """(scores [n, M], chosen [n]) of a `train predict` file, in the evaluation data's row order;
+    chosen is the file's own decision (a router with a fallback rule) or the argmax."""
     with np.load(path, allow_pickle=False) as z:
         scores, ids, tasks = z["scores"], z["id"], z["task"]
+        chosen = z["chosen"] if "chosen" in z.files else scores.argmax(1)
     # align to the evaluation data's row order by (task, id)
     where = {(t, i): r for r, (t, i) in enumerate(zip(tasks, ids))}
     mask = np.isin(data["task"], np.unique(tasks))
@@ -174,7 +197,7 @@ def _scores(path, data, part: int) -> np.ndarray:
         order = [where[(t, i)] for t, i in zip(data["task"][mask], data["id"][mask])]
     except KeyError as e:
         raise PuddingError(f"{path}: no router score for example {e}; predict on the same data file")
-    return scores[order]
+    return scores[order], chosen[order]
 
 
 def to_markdown(report: dict) -> str:
@@ -182,7 +205,8 @@ def to_markdown(report: dict) -> str:
     head = "| method | k | router / set | " + " | ".join(SHORT[t] for t in tasks) + " | avg (6) |"
     lines = [f"# PuDDing on {report['model']}", "",
              "Zero-shot accuracy (%), " + ", ".join(f"{SHORT[t]} n={n}" for t, n in report["n_per_task"].items())
-             + " (seeded samples of each evaluation split). OBQA and MMLU are unseen tasks (not in the average).", "",
+             + " (seeded samples of each evaluation split). OBQA and MMLU are unseen tasks (not in the average). "
+             + f"Best static set chosen on {report.get('best_static_chosen_on', 'the evaluation data itself')}.", "",
              head, "|" + "---|" * (len(tasks) + 4)]
     for r in report["rows"]:
         label = r["router"] or (("best: " if r.get("best") else "") + str(r.get("set", "")))
@@ -281,4 +305,5 @@ def report_run_dir(run_dir, model: str = None) -> Path:
         trained[v] = {k: run / "routers" / "heads" / f"router_train-{v}-k{k}.json" for k in per_k
                       if (run / "routers" / "heads" / f"router_train-{v}-k{k}.json").is_file()}
     name = model or json.loads(evals[0].with_suffix(".json").read_text()).get("settings", {}).get("model", run.name)
-    return write_report(build_report(Path(str(name)).stem, evals, candidates, routers, trained), run)
+    select = [run / "data-train.npz"] if (run / "data-train.npz").is_file() else []
+    return write_report(build_report(Path(str(name)).stem, evals, candidates, routers, trained, select_paths=select), run)

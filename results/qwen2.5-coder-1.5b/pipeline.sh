@@ -18,7 +18,7 @@ set -euo pipefail
 phase=$1
 R=$(cd "$(dirname "$0")" && pwd)
 W=${WORK:-/tmp/qwen-work}
-M=$W/Qwen2.5-Coder-1.5B-Instruct-Q4_K_M
+M=${GGUF:-/tmp/stage/files/qwen2.5-coder-1.5b-instruct-q4_k_m.gguf}  # transformers dequantises it on load (a GGUF-quantised model cannot be saved as a HF folder)
 NGPU=${NGPU:-$(python3 -c 'import torch; print(max(1, torch.cuda.device_count()))')}
 C=$W/cand-k3.json,$W/cand-k5.json,$W/cand-k7.json
 TRAIN_TASKS=arc_challenge,arc_easy,hellaswag,piqa,winogrande

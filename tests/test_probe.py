@@ -1,0 +1,105 @@
+"""The hidden-state router's head (train.probe): it learns which set is best for a prompt when the
+features carry it, falls back to the static set when they do not, and its exported linear map of
+the raw hidden state equals the PCA-space head."""
+
+import json
+
+import numpy as np
+import pytest
+
+from pudding_mlx.train import probe
+
+TASKS = ("arc_easy", "piqa")  # both report acc
+
+
+def _data(rng, n=400, m=4, informative=True, fitted=None):
+    """Rows whose best set is decided by a hidden direction (when informative)."""
+    task = np.array([TASKS[i % 2] for i in range(n)])
+    hidden = rng.normal(size=(n, 16)) * np.linspace(3, 0.5, 16)  # a few strong directions, as real states have
+    good = (hidden[:, 0] > 0).astype(int) if informative else rng.integers(0, 2, n)
+    correct = rng.random((n, m)) < 0.3
+    correct[np.arange(n), good] = rng.random(n) < 0.9  # set 0 or set 1 answers, by the direction
+    y = np.log(np.where(correct, 0.6, 0.2)) + rng.normal(0, 0.05, (n, m))
+    data = {"task": task, "id": np.array([f"q{i}" for i in range(n)]), "text": np.array([f"t{i}" for i in range(n)], dtype=object),
+            "y": y, "correct": correct, "correct_norm": correct}
+    if fitted is None:  # the PCA is fitted on the training rows and applied to the others
+        center = hidden.mean(0)
+        basis = np.linalg.svd(hidden - center, full_matrices=False)[2][:8]
+    else:
+        center, basis = fitted["center_mean_3"], fitted["basis_mean_3"]
+    feats = {"id": data["id"], "task": task, "mean_3": ((hidden - center) @ basis.T).astype(np.float16),
+             "last_3": ((hidden - center) @ basis.T).astype(np.float16),
+             "center_mean_3": center.astype(np.float32), "basis_mean_3": basis.astype(np.float32),
+             "center_last_3": center.astype(np.float32), "basis_last_3": basis.astype(np.float32)}
+    return data, feats, hidden
+
+
+@pytest.mark.parametrize("objective", probe.OBJECTIVES)
+def test_learns_the_best_set_from_the_features(objective):
+    rng = np.random.default_rng(0)
+    data, feats, _ = _data(rng)
+    p = probe.train_probe(data, feats, after=3, objective=objective)
+    test, test_feats, _ = _data(np.random.default_rng(1), fitted=feats)
+    chosen = probe.predict(p, test_feats)["chosen"]
+    hit = probe.hits(test)
+    routed = probe.accuracy(hit, test["task"], chosen)
+    static = probe.accuracy(hit, test["task"], np.full(len(chosen), p["static"]))
+    assert routed > static + 0.2, (routed, static)  # static gets ~0.6, routing by the direction ~0.9
+
+
+def test_falls_back_to_static_when_the_features_say_nothing():
+    rng = np.random.default_rng(0)
+    data, feats, _ = _data(rng, informative=False)
+    p = probe.train_probe(data, feats, after=3, objective="accuracy")
+    assert p["val_accuracy"] >= p["val_static_accuracy"]  # the margin is chosen on validation
+    chosen = probe.predict(p, feats)["chosen"]
+    assert np.mean(chosen == p["static"]) > 0.5
+
+
+def test_decision_rule_extremes():
+    score = np.array([[0.0, 1.0, 0.5], [2.0, 0.0, 1.0]])
+    assert probe.decide(score, 2, np.inf).tolist() == [2, 2]
+    assert probe.decide(score, 2, -np.inf).tolist() == [1, 0]
+    assert probe.decide(score, 2, 0.6).tolist() == [2, 0]
+
+
+def test_export_is_the_same_map_on_the_raw_hidden_state():
+    rng = np.random.default_rng(0)
+    data, feats, hidden = _data(rng)
+    for pooling in probe.POOLINGS:
+        p = probe.train_probe(data, feats, after=3, objective="centered", poolings=(pooling,))
+        folded = probe.export(p, feats)
+        raw = np.concatenate([hidden] * len(pooling.split("+")), axis=1)
+        np.testing.assert_allclose(raw @ folded["weight"].T + folded["bias"], probe.predict(p, feats)["scores"],
+                                   rtol=2e-2, atol=2e-2)  # float16 PCA features
+
+
+def test_probe_router_end_to_end(tiny_hf_dir, tmp_path, monkeypatch):
+    """train data -> train features -> train pca -> train router --variant probe -> train predict."""
+    from typer.testing import CliRunner
+
+    from pudding_mlx.app.cli import app
+
+    monkeypatch.setenv("PUDDING_MLX_DATA", str(__import__("pathlib").Path(__file__).resolve().parents[2] / "shared" / "data" / "benchmarks"))
+    cand = tmp_path / "cand.json"
+    cand.write_text(json.dumps([[3], [4], [3, 5]]))
+    run = CliRunner()
+    for args in (["train", "data", str(tiny_hf_dir), "--candidates", str(cand), "--tasks", "arc_easy,piqa",
+                  "--max-per-task", "20", "--out", str(tmp_path / "d")],
+                 ["train", "features", str(tiny_hf_dir), "--data", str(tmp_path / "d"), "--after", "auto",
+                  "--candidates", str(cand)],
+                 ["train", "pca", "--fit", str(tmp_path / "d"), "--dim", "8"],
+                 ["train", "router", str(tmp_path / "d"), "--candidates", str(cand), "--variant", "probe",
+                  "--out", str(tmp_path / "r")],
+                 ["train", "predict", str(tmp_path / "r"), "--data", str(tmp_path / "d"), "--out", str(tmp_path / "p.npz")]):
+        result = run.invoke(app, args)
+        assert result.exit_code == 0, (args, result.output)
+    meta = json.loads((tmp_path / "r" / "router.json").read_text())
+    assert meta["kind"] == "hidden" and meta["after"] == 2 and meta["sets"] == [[3], [4], [3, 5]]
+    assert (tmp_path / "r").stat().st_mode & 0o777 == 0o755
+    from safetensors.numpy import load_file
+
+    head = load_file(str(tmp_path / "r" / "head.safetensors"))
+    assert head["weight"].shape[0] == 3 and head["weight"].shape[1] % 64 == 0  # tiny model: hidden 64
+    with np.load(tmp_path / "p.npz") as z:
+        assert z["scores"].shape == (40, 3) and set(z["chosen"]) <= {0, 1, 2}
