@@ -122,6 +122,26 @@ def test_batched_equals_unbatched_reference(llama, tok, requests):
     assert max(lens) > 5 * min(lens)  # the batch really mixes lengths
 
 
+def test_logit_budget_cuts_batches_and_changes_no_score(llama, tok, requests):
+    """A long context with a one-token answer next to short ones must not blow up the logits
+    window: batches are cut by the position budget, and the scores stay the same."""
+    encoded = S.encode_requests(tok, requests)
+    inputs, conts = S.model_inputs(encoded)
+    order = sorted(range(len(requests)), key=lambda i: -len(inputs[i]))
+    for budget in (1, 40, 10**6):
+        batches = list(S._batches(order, inputs, conts, 32, True, budget))
+        assert [i for b in batches for i in b] == order
+        for b in batches:  # within the budget unless a request stands alone
+            window = max(len(inputs[i]) for i in b) - min(len(inputs[i]) - len(conts[i]) for i in b)
+            assert len(b) == 1 or len(b) * window <= budget
+    assert len(list(S._batches(order, inputs, conts, 32, True, 1))) == len(requests)
+    ref = S.score_requests(llama, tok, requests, batch_size=32)
+    for budget in (1, 40):
+        got = S.score_requests(llama, tok, requests, batch_size=32, max_positions=budget)
+        for g, r in zip(got, ref):
+            assert g.logprob == pytest.approx(r.logprob, abs=1e-4) and g.is_greedy == r.is_greedy
+
+
 @pytest.mark.parametrize("omit", [(1, 2), (0,), (3,)])
 def test_skip_equals_physically_deleted(llama, tok, requests, omit):
     ref_model = copy.deepcopy(llama)

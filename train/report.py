@@ -202,7 +202,8 @@ def _scores(path, data, part: int):
 
 def to_markdown(report: dict) -> str:
     tasks = [t for t in MAIN_TASKS + UNSEEN_TASKS if t in report["n_per_task"]]
-    head = "| method | k | router / set | " + " | ".join(SHORT[t] for t in tasks) + " | avg (6) |"
+    n_avg = sum(t in report["n_per_task"] for t in MAIN_TASKS)
+    head = "| method | k | router / set | " + " | ".join(SHORT[t] for t in tasks) + f" | avg ({n_avg}) |"
     lines = [f"# PuDDing on {report['model']}", "",
              "Zero-shot accuracy (%), " + ", ".join(f"{SHORT[t]} n={n}" for t, n in report["n_per_task"].items())
              + " (seeded samples of each evaluation split). OBQA and MMLU are unseen tasks (not in the average). "
@@ -214,7 +215,7 @@ def to_markdown(report: dict) -> str:
             continue  # every static row is in report.json; the table shows the best one
         lines.append(f"| {r['method']} | {r['k']} | {label} | " + " | ".join(f"{r['tasks'].get(t, float('nan')):.1f}" for t in tasks)
                      + f" | **{r['average']:.2f}** |")
-    lines += ["", "## Routed minus best static (six-task average, paired bootstrap 95% CI)", "",
+    lines += ["", f"## Routed minus best static ({n_avg}-task average, paired bootstrap 95% CI)", "",
               "| k | router | routed - best static | 95% CI |", "|---|---|---|---|"]
     for d in report["deltas"]:
         lines.append(f"| {d['k']} | {d['router']} | {d['routed_minus_best_static']:+.2f} | [{d['ci95'][0]:+.2f}, {d['ci95'][1]:+.2f}] |")
@@ -306,4 +307,5 @@ def report_run_dir(run_dir, model: str = None) -> Path:
                       if (run / "routers" / "heads" / f"router_train-{v}-k{k}.json").is_file()}
     name = model or json.loads(evals[0].with_suffix(".json").read_text()).get("settings", {}).get("model", run.name)
     select = [run / "data-train.npz"] if (run / "data-train.npz").is_file() else []
-    return write_report(build_report(Path(str(name)).stem, evals, candidates, routers, trained, select_paths=select), run)
+    name = Path(str(name)).name.removesuffix(".gguf")  # a path or hub id -> its last part ("1.5B" is no suffix)
+    return write_report(build_report(name, evals, candidates, routers, trained, select_paths=select), run)

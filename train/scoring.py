@@ -177,6 +177,28 @@ def _accepts_logits_to_keep(model: nn.Module) -> bool:
         return False
 
 
+MAX_LOGIT_POSITIONS = 32768  # x vocab x 4 bytes: 20 GB of float32 log-probs at a 151,936-token vocabulary
+
+
+def _batches(order, inputs, conts, batch_size: int, windowed: bool, max_positions: int):
+    """Consecutive runs of `order` (longest input first) of at most batch_size requests whose logits
+    window (from the earliest continuation start to the longest input's end; the whole input when
+    the model cannot keep a window) times their count stays within max_positions; a single
+    request always forms a batch."""
+    batch, top, lo = [], 0, None
+    for i in order:
+        start = len(inputs[i]) - len(conts[i]) if windowed else 0
+        new_top = max(top, len(inputs[i]))
+        new_lo = start if lo is None else min(lo, start)
+        if batch and (len(batch) >= batch_size or (len(batch) + 1) * (new_top - new_lo) > max_positions):
+            yield batch
+            batch, new_top, new_lo = [], len(inputs[i]), start
+        batch.append(i)
+        top, lo = new_top, new_lo
+    if batch:
+        yield batch
+
+
 def score_requests(
     model: nn.Module,
     tokenizer,
@@ -187,8 +209,15 @@ def score_requests(
     progress: Optional[Callable[[int, int], None]] = None,
     add_bos: Optional[bool] = None,
     max_length: Optional[int] = None,
+    max_positions: int = MAX_LOGIT_POSITIONS,
 ) -> List[Score]:
     """Score every request with blocks `omitted` skipped; results in request order.
+
+    A batch holds at most `batch_size` requests and at most `max_positions` logit rows (requests x
+    the positions its logits window spans): the window runs from the earliest continuation start
+    of the batch to its end, so a few long contexts with one-token answers (BoolQ) would otherwise
+    ask for batch x ~1000 x vocab floats (76 GiB at batch 128 with Qwen's 151,936-token vocabulary,
+    seen on an H200). Batches are cut where the budget is reached; the scores do not depend on it.
 
     `device`: where the inputs go (default: the model's first parameter's device; the model is
     never moved). `progress(done, total)` is called after each batch. `add_bos`: encode with
@@ -219,8 +248,8 @@ def score_requests(
     model.eval()
     try:
         with skip_blocks(model, omitted), torch.inference_mode():
-            for b0 in range(0, len(order), batch_size):
-                batch = order[b0:b0 + batch_size]
+            done = 0
+            for batch in _batches(order, inputs, conts, batch_size, use_keep, max_positions):
                 T = max(len(inputs[i]) for i in batch)
                 ids = torch.full((len(batch), T), pad_id, dtype=torch.long)
                 mask = torch.zeros((len(batch), T), dtype=torch.long)
@@ -250,8 +279,9 @@ def score_requests(
                 for r, (i, total, g) in enumerate(zip(batch, sums.tolist(), greedy.tolist())):
                     results[i] = Score(logprob=float(total), n_tokens=len(conts[i]), is_greedy=bool(g),
                                        n_bytes=len(requests[i][1].encode("utf-8")))
+                done += len(batch)
                 if progress is not None:
-                    progress(min(b0 + batch_size, len(order)), len(order))
+                    progress(done, len(order))
     finally:
         model.train(was_training)
     return results  # type: ignore[return-value]
