@@ -1,13 +1,12 @@
 #!/usr/bin/env bash
 # The Qwen2.5-Coder-1.5B-Instruct run on the lent GPU (issue: real scale), resumable phase by phase.
 # Usage, from the repository root on the GPU machine:
-#   GGUF=... results/qwen2.5-coder-1.5b/pipeline.sh prep       # dequantise the GGUF once into a HF folder (bf16)
 #   results/qwen2.5-coder-1.5b/pipeline.sh search              # candidate search, k = 3, 5, 7 (+ SLEB-style mix)
 #   results/qwen2.5-coder-1.5b/pipeline.sh data                # router data (train) + per-set scores (evaluation) + features
 #   results/qwen2.5-coder-1.5b/pipeline.sh features            # hidden-state router inputs + PCA
 #   results/qwen2.5-coder-1.5b/pipeline.sh resume              # next session: ARC test + features, from the committed data
 #   results/qwen2.5-coder-1.5b/pipeline.sh pack OUTDIR         # compact copies of everything for results/
-# Env: WORK (default /tmp/qwen-work), NGPU (default: every visible GPU; >1 runs under torchrun),
+# Env: GGUF (the assembled Qwen GGUF; default where ../shared/tools/device-stage puts it), WORK (default /tmp/qwen-work), NGPU (default: every visible GPU; >1 runs under torchrun),
 # PUDDING_MLX_DATA (the benchmark folder). Every phase resumes where a killed run stopped.
 #
 # Choices (see the README's Qwen section): blocks 0-3 and the last are never omitted (--protect-first 4),
@@ -29,18 +28,6 @@ run() {
     else python3 -m pudding_mlx.app.cli "$@"; fi
 }
 case $phase in
-prep)
-    [ -f "$M/config.json" ] || python3 - "$GGUF" "$M" <<'PY'
-import pathlib, sys, torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
-gguf, out = pathlib.Path(sys.argv[1]), sys.argv[2]
-tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-lm = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.bfloat16)
-lm.save_pretrained(out + ".tmp"); tok.save_pretrained(out + ".tmp")
-pathlib.Path(out + ".tmp").rename(out)
-print("dequantised", gguf.name, "->", out)
-PY
-    ;;
 search)
     run train search "$M" --tasks $TRAIN_TASKS,mix --losses likelihood,likelihood_diff --k 3,5,7 \
         --n-calib 128 --batch-size 512 --protect-first 4 --out "$W/cand.json" 2>&1 | tee -a "$W/search.log" ;;
