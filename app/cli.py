@@ -71,12 +71,14 @@ def generate(
     """Generate a reply to one prompt, with the router's omission set (or --dense / --omit)."""
     from pudding_mlx.generate import generate as run_generate, prompt_tokens, stream_generate
     from pudding_mlx.load import load
-    from pudding_mlx.routing import choose, parse_omit
+    from pudding_mlx.routing import choose_and_prefill, parse_omit
 
     loaded = load(model, dtype=dtype)
-    choice = choose(loaded, prompt, dense, None if omit is None else parse_omit(omit))
     ids = prompt_tokens(loaded.tokenizer, prompt, not ignore_chat_template, system)
-    kwargs = dict(max_tokens=max_tokens, temp=temp, top_p=top_p, seed=seed)
+    n_prompt = len(ids)
+    choice, ids, cache = choose_and_prefill(loaded, prompt, ids, dense, None if omit is None else parse_omit(omit),
+                                            lossless)
+    kwargs = dict(max_tokens=max_tokens, temp=temp, top_p=top_p, seed=seed, prompt_cache=cache)
     if lossless:
         kwargs.update(lossless=True, draft_tokens=draft_tokens)
     if as_json:
@@ -84,6 +86,9 @@ def generate(
         payload = result.to_json()
         payload.update({k: v for k, v in choice.to_json().items() if k != "omitted"})
         payload["model"] = str(loaded.path)
+        if cache is not None:  # the routed prefill ran all but the last prompt token before generation
+            payload["prompt_tokens"], payload["prefill_tps"] = n_prompt, None
+            payload["routed_prefill"] = True
         print(json.dumps(payload))
         return
     last, drafted, n = None, 0, 0
@@ -91,12 +96,12 @@ def generate(
         out.print(response.text, end="")
         last, drafted, n = response, drafted + bool(response.from_draft), n + 1
     out.print()
-    _footer(loaded, choice, last)
+    _footer(loaded, choice, last, n_prompt if cache is not None else None)
     if lossless and n:
         err.print(f"Lossless: {drafted}/{n} tokens accepted from the pruned draft ({100 * drafted / n:.0f}%)")
 
 
-def _footer(loaded, choice, last):
+def _footer(loaded, choice, last, routed_prefill_tokens=None):
     n = loaded.n_blocks
     if choice.how == "routed":
         what = (f"candidate {choice.candidate}: omitted {list(choice.omitted)} "
@@ -108,7 +113,10 @@ def _footer(loaded, choice, last):
     err.print(f"[dim]{'=' * 10}[/dim]")
     err.print(f"Route: {what}")
     if last is not None:
-        err.print(f"Prompt: {last.prompt_tokens} tokens, {last.prompt_tps:.3f} tokens-per-sec")
+        if routed_prefill_tokens:  # blocks 0..after ran once for routing and prefill (hidden-state router)
+            err.print(f"Prompt: {routed_prefill_tokens} tokens (routed prefill, router {choice.router_ms:.1f} ms)")
+        else:
+            err.print(f"Prompt: {last.prompt_tokens} tokens, {last.prompt_tps:.3f} tokens-per-sec")
         err.print(f"Generation: {last.generation_tokens} tokens, {last.generation_tps:.3f} tokens-per-sec")
         err.print(f"Peak memory: {last.peak_memory:.3f} GB")
 

@@ -311,7 +311,12 @@ def route(
     if manifest.router is None:
         raise PuddingError(f"{path}: this bundle has no router (pudding.json: \"router\": null); "
                            "it serves --dense and --omit only")
-    router = load_router(path / manifest.router.path, num_outputs=len(manifest.candidates))
+    if manifest.router.kind == "hidden":  # it reads the LLM's own hidden state: the LLM loads too
+        from pudding_mlx.load import load
+
+        router = load(str(path)).router
+    else:
+        router = load_router(path / manifest.router.path, num_outputs=len(manifest.candidates))
     index, scores, ms = router.best(prompt)
     omitted = list(manifest.candidates[index].omitted)
     if as_json:
@@ -391,7 +396,19 @@ def model_info(path: Path) -> dict:
                              "sets": [list(c.omitted) for c in manifest.candidates],
                              "sources": [[c.task, c.loss] for c in manifest.candidates]}
         out["provenance"] = manifest.provenance or None
-        if manifest.router is not None:
+        if manifest.router is not None and manifest.router.kind == "hidden":
+            rdir = path / manifest.router.path
+            try:
+                settings = json.loads((rdir / "router.json").read_text())
+            except (OSError, ValueError) as e:
+                raise PuddingError(f"{rdir}/router.json: cannot be read ({e}); rebuild the bundle")
+            out["router"] = {"kind": "hidden", "path": str(rdir), "after": settings.get("after"),
+                             "pooling": settings.get("pooling"), "outputs": len(settings.get("sets", [])),
+                             "objective": settings.get("objective"), "fallback": settings.get("fallback"),
+                             "margin": settings.get("margin"), "margin_is": settings.get("margin_is"),
+                             "max_tokens": settings.get("max_tokens"), "weights_bytes": _du(rdir / "head.safetensors")}
+            disk["router"] = _du(rdir)
+        elif manifest.router is not None:
             rdir = path / manifest.router.path
             settings, rconfig = {}, {}
             try:
@@ -400,7 +417,7 @@ def model_info(path: Path) -> dict:
             except (OSError, ValueError) as e:
                 raise PuddingError(f"{rdir}: the router's router.json / config.json cannot be read ({e}); rebuild the bundle")
             rweights = weights_summary(rdir)
-            out["router"] = {"path": str(rdir), "encoder": settings.get("encoder"),
+            out["router"] = {"kind": "bert", "path": str(rdir), "encoder": settings.get("encoder"),
                              "outputs": settings.get("num_outputs"),
                              "max_tokens": settings.get("max_length", manifest.router.max_tokens),
                              "lowercase": settings.get("lowercase"), "pooling": settings.get("pooling"),
@@ -451,7 +468,11 @@ def info(
         sets = "; ".join(",".join(map(str, s)) for s in c["sets"]) or "-"
         table.add_row("candidates", f"{c['count']}: {sets}")
     r = data["router"]
-    if r is not None:
+    if r is not None and r["kind"] == "hidden":
+        table.add_row("router", f"hidden state after block {r['after']} ({r['pooling']}), linear head, "
+                      f"{r['outputs']} outputs ({r['objective']}); fallback candidate {r['fallback']} unless the gain "
+                      f"exceeds {r['margin'] if r['margin'] is not None else r['margin_is']}")
+    elif r is not None:
         table.add_row("router", f"{r['encoder']} ({r['layers']} layers, hidden {r['hidden_size']}, "
                       f"{r['parameters'] / 1e6:.1f} M params), {r['outputs']} outputs, max {r['max_tokens']} tokens")
     elif data["kind"] == "bundle":

@@ -113,9 +113,31 @@ def build_bundle(llm_dir, out, candidates=None, router=None, provenance: Optiona
     return out
 
 
+def _add_hidden_router(src: Path, dest: Path, cands) -> RouterSettings:
+    """A hidden-state router (`train router --variant probe`): its sets must be the candidates, in
+    order; router.json and head.safetensors are copied (the head is checked against the LLM when
+    the bundle loads)."""
+    from pudding_mlx.hidden_router import HEAD_FILE, ROUTER_FILE
+
+    settings = json.loads((src / ROUTER_FILE).read_text())
+    if [sorted(s) for s in settings.get("sets", [])] != [list(c.omitted) for c in cands]:
+        raise PuddingError(f"{src / ROUTER_FILE}: field 'sets' (the router's outputs) differs from the candidate "
+                           "sets, in content or order; pass the candidates file the router was trained with")
+    if not (src / HEAD_FILE).is_file():
+        raise PuddingError(f"{src / HEAD_FILE}: missing; retrain the router")
+    dest.mkdir()
+    for name in (ROUTER_FILE, HEAD_FILE):
+        shutil.copy2(src / name, dest / name)
+    return RouterSettings(path="router", max_tokens=int(settings.get("max_tokens", 1024)), lowercase=False,
+                          kind="hidden")
+
+
 def _add_router(src: Path, dest: Path, cands) -> RouterSettings:
+    from pudding_mlx.hidden_router import is_hidden_router
     from pudding_mlx.router import FORMAT, SETTINGS, load_router
 
+    if is_hidden_router(src):
+        return _add_hidden_router(src, dest, cands)
     n_candidates = len(cands)
     head = src / "head.json"  # a light router from `train router` records the sets it scores
     if head.is_file():

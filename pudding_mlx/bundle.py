@@ -7,7 +7,8 @@
       router/               optional: the converted router (kept in a subfolder because mlx-lm
                             loads every top-level model*.safetensors as LLM weights)
 
-pudding.json, schema version 1:
+pudding.json, schema version 1 (version 2 adds "router": {..., "kind": "hidden"} for the hidden-state
+router, pudding_mlx.hidden_router; a BERT router's kind is "bert", the default):
 
     {
       "format": "pudding-mlx-bundle",
@@ -35,8 +36,10 @@ from typing import Iterable, List, Optional
 from .errors import PuddingError
 
 MANIFEST = "pudding.json"
+ROUTER_KINDS = ("bert", "hidden")
 FORMAT = "pudding-mlx-bundle"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 1  # what a bundle with a BERT router (or none) is written as
+SCHEMA_VERSIONS = (1, 2)  # 2: router.kind "hidden" (read: both)
 
 
 @dataclass
@@ -59,6 +62,8 @@ class RouterSettings:
     path: str = "router"
     max_tokens: int = 512
     lowercase: bool = True
+    kind: str = "bert"  # "bert": a BERT encoder + head (pudding_mlx.router); "hidden": the LLM's own
+    #                     hidden state + a linear head (pudding_mlx.hidden_router); schema version 2
 
 
 @dataclass
@@ -72,7 +77,7 @@ class Manifest:
     def to_json(self) -> dict:
         return {
             "format": FORMAT,
-            "schema_version": self.schema_version,
+            "schema_version": 2 if self.router is not None and self.router.kind != "bert" else self.schema_version,
             "num_blocks": self.num_blocks,
             "candidates": [c.to_json() for c in self.candidates],
             "router": None if self.router is None else vars(self.router),
@@ -115,10 +120,10 @@ def parse_manifest(data, where: str) -> Manifest:
     if data.get("format") != FORMAT:
         fail("format", f"must be {FORMAT!r}, got {data.get('format')!r}")
     version = data.get("schema_version")
-    if version != SCHEMA_VERSION:
+    if version not in SCHEMA_VERSIONS:
         fail(
             "schema_version",
-            f"is {version!r}; this pudding-mlx reads version {SCHEMA_VERSION} "
+            f"is {version!r}; this pudding-mlx reads versions {', '.join(map(str, SCHEMA_VERSIONS))} "
             "(upgrade pudding-mlx or rebuild the bundle)",
         )
     n = data.get("num_blocks")
@@ -152,7 +157,11 @@ def parse_manifest(data, where: str) -> Manifest:
     if router is not None:
         if not isinstance(router, dict):
             fail("router", "must be an object or null")
-        settings = RouterSettings(**{k: router[k] for k in ("path", "max_tokens", "lowercase") if k in router})
+        settings = RouterSettings(**{k: router[k] for k in ("path", "max_tokens", "lowercase", "kind") if k in router})
+        if settings.kind not in ROUTER_KINDS:
+            fail("router.kind", f"must be one of {', '.join(ROUTER_KINDS)}, got {settings.kind!r}")
+        if settings.kind != "bert" and version < 2:
+            fail("schema_version", f"is {version}, but router.kind {settings.kind!r} needs schema version 2")
         if not isinstance(settings.path, str) or not settings.path:
             fail("router.path", "must be a relative folder name")
         if isinstance(settings.max_tokens, bool) or not isinstance(settings.max_tokens, int) or settings.max_tokens < 2:

@@ -106,7 +106,15 @@ def load(model: str, dtype: Optional[str] = None, lazy: bool = True, with_router
     loaded = Loaded(model_obj, tokenizer, path, manifest)
     if manifest is not None:
         check_bundle_files(path, manifest, llm_blocks=loaded.n_blocks)
-        if with_router and manifest.router is not None:
+        if with_router and manifest.router is not None and manifest.router.kind == "hidden":
+            from .hidden_router import load_hidden_router
+
+            loaded.router = load_hidden_router(path / manifest.router.path, model_obj, tokenizer,
+                                               num_outputs=len(manifest.candidates))
+            if [tuple(sorted(s)) for s in loaded.router.sets] != [c.omitted for c in manifest.candidates]:
+                raise PuddingError(f"{path / manifest.router.path}/router.json: field 'sets' differs from the "
+                                   "bundle's candidates; rebuild the bundle with the candidates the router was trained on")
+        elif with_router and manifest.router is not None:
             from .router import load_router
 
             loaded.router = load_router(path / manifest.router.path, num_outputs=len(manifest.candidates))

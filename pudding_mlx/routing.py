@@ -47,3 +47,21 @@ def choose(loaded, text: str, dense: bool = False, omit: Optional[Sequence[int]]
     if loaded.router is not None:
         return route(loaded, text)
     return Choice((), "no-router")
+
+
+def choose_and_prefill(loaded, text: str, ids, dense: bool = False, omit: Optional[Sequence[int]] = None,
+                       lossless: bool = False):
+    """(Choice, ids to feed generation, prompt cache or None). With a hidden-state router on a
+    model whose forward can continue from a block's output, routing is free: blocks 0..after run
+    once on the real prompt `ids`, route, and the chosen set continues from there
+    (`hidden_router.routed_prefill`); generation then gets the last prompt token and the filled
+    cache. Otherwise the usual `choose` on `text`, the whole prompt and no cache."""
+    from .hidden_router import CONTINUABLE, HiddenRouter, routed_prefill
+
+    router = loaded.router
+    if (dense or omit is not None or lossless or not isinstance(router, HiddenRouter)
+            or getattr(loaded.model, "model_type", None) not in CONTINUABLE or len(ids) < 2):
+        return choose(loaded, text, dense, omit), list(ids), None
+    sets = [c.omitted for c in loaded.manifest.candidates]
+    candidate, scores, ms, omitted, cache = routed_prefill(loaded.model, router, list(ids), sets)
+    return Choice(tuple(omitted), "routed", candidate, [float(x) for x in scores], ms), list(ids)[-1:], cache
