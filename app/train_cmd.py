@@ -264,7 +264,8 @@ def predict(
 
             raise PuddingError(f"{data}: its features hold other rows than its router data; recompute them")
         pred = predict_probe(load_probe(router_dir), feats)
-        scores, extra = pred["scores"], {"chosen": pred["chosen"]}
+        scores = pred["scores"]
+        extra = {"chosen": pred["chosen"], "objective": np.array(load_probe(router_dir)["meta"]["objective"])}
     else:
         scores = predict_scores(router_dir, list(d["text"]), device=device)
     tmp = out.with_name(out.name + ".tmp.npz")

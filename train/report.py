@@ -172,6 +172,8 @@ def build_report(model: str, eval_paths: Sequence, candidates: Dict[int, str], r
                            "ci95": bootstrap_delta(data, routed_hit, hits[:, best], seed=seed),
                            "best_static_set": pool_sets[best]})
             metrics = {"k": k, "router": variant, "eval": router_metrics(scores, y)}
+            if _objective(per_k[k][0]) not in (None, "mse"):  # scores on another scale than y: no MSE
+                metrics["eval"]["mse"] = None
             train_json = (router_train or {}).get(variant, {}).get(k)
             if train_json:
                 t = json.loads(Path(train_json).read_text())
@@ -182,6 +184,11 @@ def build_report(model: str, eval_paths: Sequence, candidates: Dict[int, str], r
     return {"model": model, "n_per_task": counts, "rows": rows, "deltas": deltas, "router_metrics": router_rows,
             "best_static_chosen_on": "selection data: " + ", ".join(map(str, select_paths)) if select_paths
             else "the evaluation data itself (flatters the static baseline)"}
+
+
+def _objective(path):
+    with np.load(path, allow_pickle=False) as z:
+        return str(z["objective"]) if "objective" in z.files else None
 
 
 def _scores(path, data, part: int):
