@@ -4,7 +4,7 @@
     pudding-mlx eval smol-mlx --tasks boolq --omit 3,5 --json out.json     # a fixed omission set
     pudding-mlx eval smol-mlx --tasks hellaswag --dense
 
-Same templates, tokenization and metrics as the training side (`train.tasks`, `train.requests`), so
+Same templates, tokenization and metrics as the training side (`pudding_mlx.tasks`, `pudding_mlx.requests`), so
 the figures match `pudding-mlx train` on the same weights. Benchmark files come from --data-dir or
 $PUDDING_MLX_DATA. Bad input (unknown task, no data folder, bad --omit, bad MODEL) is one line on
 stderr and exit status 2.
@@ -63,7 +63,7 @@ def eval_command(
 
 def _run(model, tasks, limit, json_file, dense, omit, data_dir, batch_size, batch_tokens, dtype):
     from pudding_mlx.routing import parse_omit
-    from pudding_mlx.train.tasks import load_task
+    from pudding_mlx.tasks import load_task
 
     if dense and omit is not None:
         raise PuddingError("--dense and --omit contradict each other; give one")

@@ -16,8 +16,8 @@ from pudding_mlx.bundle import Candidate, Manifest
 from pudding_mlx.errors import PuddingError
 from pudding_mlx.evaluate import _batches, evaluate, evaluate_examples, score_requests
 from pudding_mlx.load import load
-from pudding_mlx.train.requests import flatten, metrics
-from pudding_mlx.train.tasks import TASKS, Request, load_task
+from pudding_mlx.requests import flatten, metrics
+from pudding_mlx.tasks import TASKS, Request, load_task
 
 pytestmark = pytest.mark.assets
 DATA = Path(os.environ.get("PUDDING_MLX_DATA") or "/work/shared/data/benchmarks")
@@ -372,7 +372,7 @@ def test_eval_runs_without_torch(tiny_llm_dir, tmp_path):
 
 def test_requests_module_imports_neither_torch_nor_mlx():
     code = ("import sys\nsys.modules['torch'] = None\nsys.modules['mlx'] = None\n"
-            "import pudding_mlx.train.requests as R, pudding_mlx.train.tasks\n"
+            "import pudding_mlx.requests as R, pudding_mlx.tasks\n"
             "bad = [k for k in sys.modules if k.split('.')[0] in ('torch', 'mlx', 'mlx_lm') and sys.modules[k] is not None]\n"
             "assert not bad, bad\nprint(R.metrics.__name__)\n")
     done = _subprocess(code)

@@ -131,7 +131,7 @@ def resolve_sets(candidates, n_blocks: int) -> Tuple[List[List[int]], dict]:
 def draw_examples(tasks: Sequence[str], split: str = "train", max_per_task: Optional[int] = None,
                   seed: int = 0, data_dir=None) -> Dict[str, list]:
     """{task: its `split` examples, or a seeded sample of `max_per_task` of them}, in task order."""
-    from .tasks import load_task, sample
+    from pudding_mlx.tasks import load_task, sample
 
     if not tasks:
         raise PuddingError("no tasks: give at least one calibration task")

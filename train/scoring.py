@@ -47,9 +47,9 @@ from pudding_mlx.bundle import check_omitted
 from pudding_mlx.errors import PuddingError
 
 # the torch-free half (tokenization, Score, metrics) lives in .requests; re-exported here
-from .requests import (Score, _prefix_token, _split_space, encode_requests, flatten, losses,  # noqa: F401
+from pudding_mlx.requests import (Score, _prefix_token, _split_space, encode_requests, flatten, losses,  # noqa: F401
                        metrics, model_inputs)
-from .tasks import Example, Request
+from pudding_mlx.tasks import Example, Request
 
 # Decoder families whose forward (transformers 5.23) was checked: the block loop is
 # `self.layers[: config.num_hidden_layers]`, optionally with `config.layer_types[i]`; `layer_idx`

@@ -191,7 +191,7 @@ MIX = "mix"  # pseudo-task: a SLEB-style calibration set drawn evenly from the l
 
 def calibration_sets(tasks, n, seed, data_dir=None) -> dict:
     """{task: seeded sample of n train examples}; "mix" draws n in all, evenly from the others."""
-    from .tasks import load_task, sample
+    from pudding_mlx.tasks import load_task, sample
 
     real = [t for t in tasks if t != MIX]
     sets = {t: sample(load_task(t, "train", data_dir), n, seed) for t in real}
