@@ -40,8 +40,7 @@ def bench(
     from pudding_mlx import bench as B
     from pudding_mlx.errors import PuddingError
     from pudding_mlx.load import DTYPES, backend, load
-    from pudding_mlx.routing import parse_omit
-    from pudding_mlx.skip import check_omitted
+    from pudding_mlx.omission import check_omitted, parse_omit
 
     if (model is None) == (shape is None):
         raise PuddingError("give either MODEL or --shape")

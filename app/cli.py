@@ -71,7 +71,8 @@ def generate(
     """Generate a reply to one prompt, with the router's omission set (or --dense / --omit)."""
     from pudding_mlx.generate import generate as run_generate, prompt_tokens, stream_generate
     from pudding_mlx.load import load
-    from pudding_mlx.routing import choose, parse_omit
+    from pudding_mlx.omission import parse_omit
+    from pudding_mlx.routing import choose
 
     loaded = load(model, dtype=dtype)
     choice = choose(loaded, prompt, dense, None if omit is None else parse_omit(omit))

@@ -64,14 +64,14 @@ def chat(
     from pudding_mlx.chat import ChatSession
     from pudding_mlx.default_bundle import ensure_default_bundle, note_for
     from pudding_mlx.load import DTYPES, load, resolve
-    from pudding_mlx.routing import parse_omit
-    from pudding_mlx.skip import SkipView, check_omitted
+    from pudding_mlx.omission import parse_omit
+    from pudding_mlx.routing import check_override, fixed_choice
+    from pudding_mlx.skip import SkipView
 
     console = Console(highlight=False, soft_wrap=True)
     err = Console(stderr=True, highlight=False)
-    if dense and omit is not None:
-        raise PuddingError("--dense and --omit contradict each other; give one")
     base_omit = None if omit is None else parse_omit(omit)
+    check_override(dense, base_omit)
     if dtype is not None and dtype not in DTYPES:
         raise PuddingError(f"--dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
 
@@ -84,8 +84,8 @@ def chat(
         err.print("interrupted")
         raise typer.Exit(130)
     n = loaded.n_blocks
-    if base_omit is not None:
-        base_omit = list(check_omitted(base_omit, n, "--omit"))
+    if base_omit is not None:  # checked against the model now, not at the first message
+        base_omit = list(fixed_choice(n, loaded.router is not None, omit=base_omit).omitted)
     note = note_for(loaded.manifest)
     if seed is not None:
         mx.random.seed(seed)

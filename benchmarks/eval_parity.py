@@ -50,7 +50,7 @@ def main(argv=None):
     from pudding_mlx.convert.llm import convert_llm
     from pudding_mlx.evaluate import score_requests as mlx_score
     from pudding_mlx.load import backend, load
-    from pudding_mlx.routing import parse_omit
+    from pudding_mlx.omission import parse_omit
     from pudding_mlx.train.hf import load_hf
     from pudding_mlx.requests import flatten, metrics
     from pudding_mlx.train.scoring import score_requests as torch_score

@@ -44,16 +44,16 @@ from typing import Dict, Optional, Tuple
 import mlx.core as mx
 import numpy as np
 
-from pudding_mlx.bert import BertConfig, BertModel, read_json
+from pudding_mlx.bert import BertConfig, BertModel
 from pudding_mlx.atomic import install_dir
-from pudding_mlx.errors import PuddingError
+from pudding_mlx.errors import PuddingError, first_line
+from pudding_mlx.jsonio import read_json
 from pudding_mlx.router import (
     FORMAT,
     SCHEMA_VERSION,
     SETTINGS,
     TOKENIZER_FILES,
     WEIGHTS,
-    brief,
     check_weights,
     load_router,
     load_tokenizer,
@@ -74,15 +74,15 @@ def read_safetensors(path: Path) -> Dict[str, np.ndarray]:
         return load_file(str(path))
     except TypeError as e:
         if "bfloat16" not in str(e):
-            raise PuddingError(f"{path}: could not read the safetensors file ({brief(e)}); re-save it") from None
+            raise PuddingError(f"{path}: could not read the safetensors file ({first_line(e, 300)}); re-save it") from None
     except Exception as e:  # SafetensorError, OSError: truncated or not safetensors at all
-        raise PuddingError(f"{path}: not a readable safetensors file ({brief(e)}); it may be truncated, save it again") from None
+        raise PuddingError(f"{path}: not a readable safetensors file ({first_line(e, 300)}); it may be truncated, save it again") from None
     # bfloat16 tensors: numpy has no such dtype, MLX reads them; float32 holds bf16 exactly.
     try:
         arrays = mx.load(str(path))
         mx.eval(arrays)
     except Exception as e:
-        raise PuddingError(f"{path}: not a readable safetensors file ({brief(e)}); it may be truncated, save it again") from None
+        raise PuddingError(f"{path}: not a readable safetensors file ({first_line(e, 300)}); it may be truncated, save it again") from None
     return {k: np.array(v.astype(mx.float32) if v.dtype == mx.bfloat16 else v) for k, v in arrays.items()}
 
 
@@ -98,7 +98,7 @@ def read_torch_bin(path: Path) -> Dict[str, np.ndarray]:
         # weights_only=True: tensors and plain containers only, no pickled code is executed.
         state = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as e:
-        raise PuddingError(f"{path}: could not be loaded as a weights-only PyTorch state dict ({brief(e)}); save it as model.safetensors") from None
+        raise PuddingError(f"{path}: could not be loaded as a weights-only PyTorch state dict ({first_line(e, 300)}); save it as model.safetensors") from None
     if not isinstance(state, dict):
         raise PuddingError(f"{path}: holds a {type(state).__name__}, not a state dict of tensors")
     out = {}

@@ -65,7 +65,8 @@ from mlx_lm.sample_utils import make_sampler
 from . import DRAFT_TOKENS
 from .errors import PuddingError
 from .generate import context_length
-from .skip import SkipView, check_omitted, num_blocks
+from .omission import check_omitted, kept_blocks
+from .skip import SkipView, num_blocks
 
 
 class Interrupted(Exception):
@@ -208,10 +209,6 @@ class ChatSession:
 
     # -- the cache rule ------------------------------------------------------------------------
 
-    def _kept(self, omitted) -> tuple:
-        gone = set(omitted)
-        return tuple(i for i in range(self.n_blocks) if i not in gone)
-
     def _fresh(self, view: SkipView, omitted: tuple, n_ids: int) -> Prepared:
         self.cache = view.make_cache()
         self.cached_ids = []
@@ -247,7 +244,7 @@ class ChatSession:
             return Prepared(len(prompt), p, 0, None, view.kept, ())
 
         f = min(set(self.omitted) ^ set(omitted))
-        old_index = {b: i for i, b in enumerate(self._kept(self.omitted))}
+        old_index = {b: i for i, b in enumerate(kept_blocks(self.omitted, self.n_blocks))}
         lead = [b for b in view.kept if b < f]  # kept under both sets, same position in the stream
         reused = [self.cache[old_index[b]] for b in lead]
         if not self._trim(reused, p):
@@ -306,12 +303,10 @@ class ChatSession:
     def choose(self, user_text: str, dense: bool = False, omit: Optional[Sequence[int]] = None):
         """This turn's omission set (a routing.Choice): `dense`, else `omit`, else the router's
         pick for this message alone, else dense when there is no router."""
-        from .routing import Choice, choose
+        from .routing import choose, fixed_choice
 
         if self.loaded is None:
-            if omit is None or dense:
-                return Choice((), "dense" if dense else "no-router")
-            return Choice(check_omitted(omit, self.n_blocks, "--omit"), "omit")
+            return fixed_choice(self.n_blocks, False, dense, omit)
         return choose(self.loaded, user_text, dense, omit)
 
     def routed_reply(self, user_text: str, dense: bool = False, omit: Optional[Sequence[int]] = None,

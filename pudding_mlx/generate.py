@@ -37,13 +37,18 @@ class GenerationResult:
 
 
 def prompt_tokens(tokenizer, prompt: str, chat_template: bool = True, system: Optional[str] = None) -> List[int]:
-    """Token ids for `prompt`, through the tokenizer's chat template when it has one."""
+    """Token ids for `prompt`, through the tokenizer's chat template when it has one. A prompt of no
+    tokens (an empty text without the template) is refused: there is nothing to continue."""
     if chat_template and getattr(tokenizer, "chat_template", None):
         messages = ([{"role": "system", "content": system}] if system else []) + [
             {"role": "user", "content": prompt}
         ]
-        return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True))
-    return list(tokenizer.encode(prompt))
+        ids = list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True))
+    else:
+        ids = list(tokenizer.encode(prompt))
+    if not ids:
+        raise PuddingError("the prompt is empty (it encodes to no tokens); give some text with --prompt")
+    return ids
 
 
 def context_length(model) -> Optional[int]:

@@ -336,7 +336,7 @@ def test_chat_errors_are_one_line(tmp_path, tiny_llm_dir, tiny_bundle, case):
         bad = tmp_path / "bad"
         shutil.copytree(tiny_bundle, bad)
         (bad / "pudding.json").write_text("{not json")
-        args, message = ["chat", str(bad)], "malformed JSON"
+        args, message = ["chat", str(bad)], "not valid JSON"
     elif case.startswith("too-big"):  # a device with 1 MB of memory: every command refuses to load
         pre = "import mlx.core as mx\nmx.device_info = lambda: {'memory_size': 1_000_000}\n"
         args = {"too-big": ["chat", str(tiny_llm_dir)],

@@ -7,8 +7,8 @@ import json
 import pytest
 
 from pudding_mlx.errors import PuddingError
-from pudding_mlx.train.search import (SearchState, greedy_search, pool, read_candidates,
-                                      write_candidates)
+from pudding_mlx.candidates import read_candidates
+from pudding_mlx.train.search import SearchState, greedy_search, pool, write_candidates
 
 N_BLOCKS = 10
 

@@ -67,7 +67,9 @@ import numpy as np
 
 from pudding_mlx.errors import PuddingError
 
-from .search import atomic_write_json, read_candidates
+from pudding_mlx.candidates import read_candidates
+
+from .search import atomic_write_json
 
 FORMAT = "pudding-mlx-router-data"
 SCHEMA_VERSION = 1

@@ -43,7 +43,7 @@ from typing import Callable, Iterable, List, Optional, Sequence, Union
 import torch
 from torch import nn
 
-from pudding_mlx.bundle import check_omitted
+from pudding_mlx.omission import check_omitted
 from pudding_mlx.errors import PuddingError
 
 # the torch-free half (tokenization, Score, metrics) lives in .requests; re-exported here
