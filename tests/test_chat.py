@@ -367,7 +367,7 @@ def test_default_bundle_without_router_runs_dense(tmp_path, monkeypatch, tiny_ll
     status note says so, a second call reuses it, a stale or half-built folder is rebuilt."""
     import shutil
 
-    from pudding_mlx import default_bundle as db
+    from pudding_mlx.convert import default_bundle as db
     from pudding_mlx.bundle import read_manifest
 
     data = tmp_path / "data"

@@ -1,0 +1,144 @@
+"""Defects a new user hit (issue 12, items 5, 6, 8, 9): each promised one line and exit 2, or a
+rebuilt cache, or a normal folder mode; each test fails without its fix."""
+
+import json
+import os
+import shutil
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pudding_mlx.bundle import Candidate, Manifest, write_manifest
+from pudding_mlx.errors import PuddingError
+from pudding_mlx.omission import parse_omit
+
+DATA = str(Path(__file__).resolve().parents[2] / "shared" / "data" / "benchmarks")
+
+
+def run_cli(*args):
+    code = "import sys\nfrom pudding_mlx.app.cli import main\nsys.argv = ['pudding-mlx'] + sys.argv[1:]\nmain()\n"
+    return subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True,
+                          env=dict(os.environ, HF_HUB_OFFLINE="1"), timeout=300)
+
+
+def assert_one_line(done, *needles):
+    assert done.returncode == 2, (done.stdout, done.stderr)
+    assert "Traceback" not in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.stderr
+    for needle in needles:
+        assert needle in done.stderr, done.stderr
+
+
+@pytest.fixture
+def bundle(tiny_llm_dir, tmp_path):
+    out = tmp_path / "bundle"
+    shutil.copytree(tiny_llm_dir, out)
+    write_manifest(out, Manifest(num_blocks=6, candidates=[Candidate((1, 3)), Candidate((2, 5))]))
+    return out
+
+
+# -- item 5: one line, exit 2 --------------------------------------------------------------------
+
+
+def test_empty_prompt_without_template(tiny_llm_dir):
+    done = run_cli("generate", tiny_llm_dir, "-p", "", "--ignore-chat-template", "--dense")
+    assert_one_line(done, "the prompt is empty")
+
+
+@pytest.mark.parametrize("command", ["generate", "chat", "eval"])
+def test_truncated_weights(bundle, command):
+    weights = bundle / "model.safetensors"
+    os.truncate(weights, weights.stat().st_size // 2)  # as `truncate -s` leaves an interrupted copy
+    args = {"generate": ["generate", bundle, "-p", "hi", "--dense"],
+            "chat": ["chat", bundle, "--dense"],
+            "eval": ["eval", bundle, "--tasks", "piqa", "--limit", "1", "--dense", "--data-dir", DATA]}[command]
+    assert_one_line(run_cli(*args), "model.safetensors", "truncated")
+
+
+# -- item 6: --omit "" and --omit 3,,5 are errors, not dense -------------------------------------
+
+
+@pytest.mark.parametrize("text", ["", "3,,5", "3,", ",", " "])
+def test_parse_omit_refuses_empty_items(text):
+    with pytest.raises(PuddingError, match="empty block index"):
+        parse_omit(text)
+
+
+def test_parse_omit_reads_indices():
+    assert parse_omit("3, 5,9") == [3, 5, 9]
+
+
+@pytest.mark.parametrize("text", ["", "1,,3"])
+def test_omit_empty_on_the_cli(tiny_llm_dir, text):
+    done = run_cli("generate", tiny_llm_dir, "-p", "hi", "--omit", text, "--json")
+    assert_one_line(done, "--omit", "empty block index")
+    assert done.stdout == ""
+
+
+# -- item 8: info checks num_blocks like generate; scores is null unless routed ------------------
+
+
+@pytest.mark.parametrize("command", ["info", "generate"])
+def test_num_blocks_mismatch_blames_num_blocks(bundle, command):
+    data = json.loads((bundle / "pudding.json").read_text())
+    data["num_blocks"] = 5  # the LLM has 6; candidate [2, 5] is out of range for 5 blocks
+    (bundle / "pudding.json").write_text(json.dumps(data))
+    args = ["info", bundle, "--json"] if command == "info" else ["generate", bundle, "-p", "hi", "--dense"]
+    done = run_cli(*args)
+    assert_one_line(done, "'num_blocks' is 5 but the LLM has 6")
+    assert "candidates[" not in done.stderr
+
+
+@pytest.mark.parametrize("flag", [["--dense"], ["--omit", "1,2"]])
+def test_scores_null_unless_routed(tiny_llm_dir, flag):
+    done = run_cli("generate", tiny_llm_dir, "-p", "hi", "-m", "2", "--json", *flag)
+    assert done.returncode == 0, done.stderr
+    payload = json.loads(done.stdout)
+    assert payload["scores"] is None and payload["candidate"] is None and payload["router_ms"] is None
+
+
+# -- item 9: published folders have the usual modes, not mkdtemp's 0700 --------------------------
+
+
+def _usual_dir_mode() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o777 & ~umask
+
+
+def test_built_bundle_has_usual_permissions(tiny_llm_dir, tmp_path):
+    from pudding_mlx.convert.bundle import build_bundle
+
+    out = build_bundle(tiny_llm_dir, tmp_path / "b", [[1, 3]])
+    assert stat.S_IMODE(out.stat().st_mode) == _usual_dir_mode()
+    assert stat.S_IMODE((out / "pudding.json").stat().st_mode) == _usual_dir_mode() & 0o666
+
+
+# -- item 5: a damaged cached default bundle is rebuilt ------------------------------------------
+
+
+def test_default_bundle_with_damaged_weights_is_rebuilt(tmp_path, monkeypatch, tiny_llm_dir):
+    from pudding_mlx.convert import default_bundle as db
+
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "candidates.json").write_text(json.dumps([[1, 3], [2, 4]]))
+    calls = []
+
+    def fake_convert(src, out, progress=None, **kw):  # the tiny model stands in for SmolLM2
+        calls.append(src)
+        shutil.copytree(tiny_llm_dir, out)
+        return Path(out)
+
+    monkeypatch.setenv("PUDDING_MLX_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr("pudding_mlx.convert.llm.convert_llm", fake_convert)
+    monkeypatch.setattr(db.assets, "smollm2_gguf", lambda quiet=True: Path("SmolLM2.gguf"))
+    path = db.ensure_default_bundle(data_dir=data)
+    assert len(calls) == 1 and stat.S_IMODE(path.stat().st_mode) == _usual_dir_mode()
+    weights = path / "model.safetensors"
+    os.truncate(weights, weights.stat().st_size - 1000)
+    assert not db.is_complete(path, data)
+    assert db.ensure_default_bundle(data_dir=data) == path and len(calls) == 2
+    assert db.is_complete(path, data)
