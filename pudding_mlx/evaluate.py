@@ -35,7 +35,7 @@ import numpy as np
 
 from .errors import PuddingError
 from .skip import SkipView
-from .requests import Score, encode_requests, flatten, metrics, model_inputs
+from .requests import Score, encode_requests, metrics, model_inputs
 from .tasks import Example, Request, eval_metric, is_user_file
 
 Progress = Callable[[int], None]  # called with the number of requests just scored
@@ -213,13 +213,6 @@ def score_requests(
         if progress is not None:
             progress(n_done)
     return results  # type: ignore[return-value]
-
-
-def evaluate_examples(model, tokenizer, examples: Sequence[Example], omitted: Iterable[int] = (),
-                      **kwargs) -> dict:
-    """`pudding_mlx.requests.metrics` of `examples` scored with blocks `omitted` skipped (the MLX
-    `train.scoring.evaluate`)."""
-    return metrics(examples, score_requests(model, tokenizer, flatten(examples), omitted, **kwargs))
 
 
 def _summary(task: str, m: dict) -> dict:

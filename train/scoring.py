@@ -31,7 +31,7 @@ it. Search losses over a set of examples: `likelihood` = -sum_x ell-bar(gold), `
 
 Batching: requests are sorted by input length (longest first), padded on the right with an
 attention mask, and only the logits of the continuation positions are computed (`logits_to_keep`)
-and turned into float32 log-probs. bf16 on GPU, float32 on CPU (`default_dtype`, `load_model`).
+and turned into float32 log-probs. bf16 on GPU, float32 on CPU (`default_dtype`).
 """
 
 from __future__ import annotations
@@ -69,18 +69,6 @@ def default_dtype(device: Union[str, torch.device, None]) -> torch.dtype:
     """bf16 on an accelerator, float32 on the CPU."""
     dev = torch.device(device) if device is not None else torch.device("cpu")
     return torch.float32 if dev.type == "cpu" else torch.bfloat16
-
-
-def load_model(name_or_path: str, device: Union[str, torch.device, None] = None,
-               dtype: Optional[torch.dtype] = None, **kwargs):
-    """An AutoModelForCausalLM in eval mode on `device` (default: cuda if available, else cpu),
-    in `dtype` (default: `default_dtype(device)`)."""
-    from transformers import AutoModelForCausalLM
-
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    model = AutoModelForCausalLM.from_pretrained(
-        name_or_path, dtype=dtype or default_dtype(device), **kwargs)
-    return model.to(device).eval()
 
 
 def find_decoder(model: nn.Module) -> nn.Module:
