@@ -191,6 +191,39 @@ def test_gguf_conversion_needs_no_torch(smollm2_gguf, smol_mlx, tmp_path):
         assert json.loads((out / name).read_text()) == json.loads((smol_mlx / name).read_text())
 
 
+@pytest.mark.assets
+def test_gguf_tokenizer_uses_the_public_api_when_torch_is_there(smollm2_gguf, smol_mlx, tmp_path, monkeypatch):
+    """Issue 12, item 1: the private module transformers.integrations.gguf.gguf_tokenizer_mapping
+    exists in 5.24 but not in 5.17. With torch installed (the GPU machine: 5.17 + torch 2.11) the
+    tokenizer comes from the public AutoTokenizer(gguf_file=...) alone; the private fallback is not
+    touched, and the result is the torch-free conversion's, file for file."""
+    from pudding_mlx.convert import llm
+
+    monkeypatch.setattr(llm, "_gguf_tokenizer_without_torch",
+                        lambda g: pytest.fail("the private fallback ran although torch is installed"))
+    out = convert_llm(smollm2_gguf, tmp_path / "public")
+    for name in ("tokenizer.json", "tokenizer_config.json", "config.json"):
+        assert json.loads((out / name).read_text()) == json.loads((smol_mlx / name).read_text())
+
+
+def test_gguf_tokenizer_without_torch_nor_the_private_module_is_one_line(smollm2_gguf, tmp_path):
+    """Without torch, on a transformers that lacks the private module: one line saying what to
+    install, exit 2, nothing written."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "old-transformers"
+    code = ("import sys; sys.modules['torch'] = None\n"
+            "sys.modules['transformers.integrations.gguf.gguf_tokenizer_mapping'] = None  # as in 5.17\n"
+            "from pudding_mlx.app.cli import main\n"
+            f"sys.argv = ['pudding-mlx', 'convert', 'llm', {str(smollm2_gguf)!r}, {str(out)!r}]\n"
+            "main()\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "Traceback" not in done.stderr and "pip install torch" in done.stderr
+    assert not out.exists() and not _leftovers(tmp_path)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # A tiny synthetic llama GGUF: every quant type per tensor, llama.cpp's Q/K permutation, an untied output
 
