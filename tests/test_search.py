@@ -83,7 +83,7 @@ def test_state_with_other_settings_is_refused(tmp_path):
     with pytest.raises(PuddingError, match="other settings"):
         SearchState(path, {"k": 5})
     path.write_text("{broken")
-    with pytest.raises(PuddingError, match="corrupt"):
+    with pytest.raises(PuddingError, match="not valid JSON"):
         SearchState(path, {"k": 4})
 
 

@@ -142,3 +142,33 @@ def test_default_bundle_with_damaged_weights_is_rebuilt(tmp_path, monkeypatch, t
     assert not db.is_complete(path, data)
     assert db.ensure_default_bundle(data_dir=data) == path and len(calls) == 2
     assert db.is_complete(path, data)
+
+
+# -- one hub resolution: HF_HUB_OFFLINE read as huggingface_hub reads it --------------------------
+
+
+@pytest.mark.parametrize("value, offline", [("1", True), ("true", True), ("YES", True), ("on", True),
+                                            ("0", False), ("", False), ("false", False)])
+def test_hf_hub_offline_values(monkeypatch, value, offline):
+    from huggingface_hub import constants
+
+    from pudding_mlx import hub
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", value)
+    assert hub.offline() is offline
+    assert constants._is_true(value) is offline  # the same reading as the hub library's own
+
+
+@pytest.mark.parametrize("command", ["generate", "convert"])
+def test_offline_hub_id_is_one_line_for_load_and_convert(tmp_path, monkeypatch, command):
+    """load.py took only "1" as offline and convert/llm.py also "true"/"yes"/"on": now both the same."""
+    from pudding_mlx.convert.llm import convert_llm
+    from pudding_mlx.load import resolve
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "true")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # an empty hub cache
+    with pytest.raises(PuddingError, match="HF_HUB_OFFLINE"):
+        if command == "generate":
+            resolve("nobody-here/no-such-model")
+        else:
+            convert_llm("nobody-here/no-such-model", tmp_path / "out")

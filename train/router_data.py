@@ -97,9 +97,9 @@ def _sha256(path: Path) -> str:
 def resolve_sets(candidates, n_blocks: int) -> Tuple[List[List[int]], dict]:
     """(the candidate sets as sorted 0-based block lists, provenance of where they came from).
 
-    `candidates`: a candidates file (path; `train.search.read_candidates`), or a list of sets
+    `candidates`: a candidates file (path; `pudding_mlx.candidates.read_candidates`), or a list of sets
     (lists of block indices, or dicts with "omitted")."""
-    from .scoring import check_omitted
+    from pudding_mlx.omission import check_omitted
 
     source: dict = {}
     if isinstance(candidates, (str, os.PathLike)):

@@ -43,7 +43,7 @@ from typing import Callable, Iterable, List, Optional, Sequence, Union
 import torch
 from torch import nn
 
-from pudding_mlx.omission import check_omitted
+from pudding_mlx.omission import check_omitted, kept_blocks
 from pudding_mlx.errors import PuddingError
 
 # the torch-free half (tokenization, Score, metrics) lives in .requests; re-exported here
@@ -118,7 +118,7 @@ def skip_blocks(model: nn.Module, omitted: Iterable[int] = ()):
     with _SWAP_LOCK:
         layers = decoder.layers
         n = len(layers)
-        kept = [i for i in range(n) if i not in set(omitted)]
+        kept = kept_blocks(omitted, n)
         saved_n = cfg.num_hidden_layers
         saved_types = getattr(cfg, "layer_types", None)
         if saved_types is not None and len(saved_types) != n:

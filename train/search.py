@@ -19,13 +19,13 @@ The candidates file (`write_candidates`) is what `pudding-mlx convert bundle --c
 its format and reader live in the runtime, `pudding_mlx.candidates`.
 """
 
-import json
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
 
 from pudding_mlx.atomic import write_json as atomic_write_json
 from pudding_mlx.candidates import CANDIDATES_FORMAT, MIX, read_candidates
 from pudding_mlx.errors import PuddingError
+from pudding_mlx.jsonio import read_json
 
 LOSSES = ("likelihood", "likelihood_diff")
 
@@ -42,10 +42,7 @@ class SearchState:
         self.settings = settings
         self.chains: Dict[str, List[dict]] = {}
         if self.path and self.path.exists():
-            try:
-                saved = json.loads(self.path.read_text())
-            except json.JSONDecodeError as e:
-                raise PuddingError(f"{self.path}: the search state is corrupt ({e}); delete it to start over")
+            saved = read_json(self.path, "the search state", "delete it to start over")
             if saved.get("settings") != settings:
                 raise PuddingError(
                     f"{self.path}: this state was written by a search with other settings "
