@@ -59,3 +59,30 @@ def tiny_hf_dir(tmp_path_factory, smollm2_gguf):
                          tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
     LlamaForCausalLM(config).save_pretrained(out)
     return out
+
+
+@pytest.fixture
+def tiny_default_build(tmp_path, monkeypatch, tiny_llm_dir):
+    """The default bundle's builder with the tiny model standing in for SmolLM2 and no router shipped:
+    returns (the shipped-data folder to pass as data_dir, the list of conversions made). The cache
+    is a fresh folder."""
+    import json
+    import shutil
+
+    from pudding_mlx.convert import default_bundle as db
+
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "candidates.json").write_text(json.dumps([[1, 3], [2, 4]]))
+    calls = []
+
+    def fake_convert(src, out, progress=None, **kw):
+        calls.append(src)
+        shutil.copytree(tiny_llm_dir, out)
+        return Path(out)
+
+    monkeypatch.setenv("PUDDING_MLX_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr("pudding_mlx.convert.llm.convert_llm", fake_convert)
+    monkeypatch.setattr(db.assets, "smollm2_gguf", lambda quiet=True: Path("SmolLM2.gguf"))
+    monkeypatch.setattr(db.assets, "minilm_dir", lambda quiet=True: pytest.fail("no router: no encoder needed"))
+    return data, calls

@@ -119,22 +119,10 @@ def test_built_bundle_has_usual_permissions(tiny_llm_dir, tmp_path):
 # -- item 5: a damaged cached default bundle is rebuilt ------------------------------------------
 
 
-def test_default_bundle_with_damaged_weights_is_rebuilt(tmp_path, monkeypatch, tiny_llm_dir):
+def test_default_bundle_with_damaged_weights_is_rebuilt(tiny_default_build):
     from pudding_mlx.convert import default_bundle as db
 
-    data = tmp_path / "data"
-    data.mkdir()
-    (data / "candidates.json").write_text(json.dumps([[1, 3], [2, 4]]))
-    calls = []
-
-    def fake_convert(src, out, progress=None, **kw):  # the tiny model stands in for SmolLM2
-        calls.append(src)
-        shutil.copytree(tiny_llm_dir, out)
-        return Path(out)
-
-    monkeypatch.setenv("PUDDING_MLX_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr("pudding_mlx.convert.llm.convert_llm", fake_convert)
-    monkeypatch.setattr(db.assets, "smollm2_gguf", lambda quiet=True: Path("SmolLM2.gguf"))
+    data, calls = tiny_default_build
     path = db.ensure_default_bundle(data_dir=data)
     assert len(calls) == 1 and stat.S_IMODE(path.stat().st_mode) == _usual_dir_mode()
     weights = path / "model.safetensors"
