@@ -64,7 +64,7 @@ from mlx_lm.sample_utils import make_sampler
 
 from . import DRAFT_TOKENS
 from .errors import PuddingError
-from .generate import context_length
+from .generate import context_length, no_length_warning
 from .omission import check_omitted, kept_blocks
 from .skip import SkipView, num_blocks
 
@@ -163,15 +163,16 @@ class ChatSession:
     def render(self, messages: Sequence[dict], add_generation_prompt: bool = True) -> List[int]:
         """Token ids of `messages` (system message prepended) through the chat template."""
         full = ([{"role": "system", "content": self.system}] if self.system else []) + list(messages)
-        if self.chat_template:
-            ids = self.tokenizer.apply_chat_template(full, add_generation_prompt=add_generation_prompt,
-                                                     tokenize=True)
-            return [int(i) for i in ids]
-        # no template: a plain transcript
-        text = "".join(f"{m['role']}: {m['content']}\n" for m in full)
-        if add_generation_prompt:
-            text += "assistant:"
-        return [int(i) for i in self.tokenizer.encode(text)]
+        with no_length_warning():  # check_prompt refuses an over-long conversation in one line
+            if self.chat_template:
+                ids = self.tokenizer.apply_chat_template(full, add_generation_prompt=add_generation_prompt,
+                                                         tokenize=True)
+                return [int(i) for i in ids]
+            # no template: a plain transcript
+            text = "".join(f"{m['role']}: {m['content']}\n" for m in full)
+            if add_generation_prompt:
+                text += "assistant:"
+            return [int(i) for i in self.tokenizer.encode(text)]
 
     def prompt_for(self, user_text: str) -> List[int]:
         return self.render(self.messages + [{"role": "user", "content": user_text}])

@@ -160,3 +160,33 @@ def test_offline_hub_id_is_one_line_for_load_and_convert(tmp_path, monkeypatch, 
             resolve("nobody-here/no-such-model")
         else:
             convert_llm("nobody-here/no-such-model", tmp_path / "out")
+
+
+# -- item 6: the over-long prompt's refusal is our one line, no transformers warning before it ----
+
+
+@pytest.mark.parametrize("template", [True, False])
+def test_too_long_prompt_is_only_our_line(tiny_llm_dir, tmp_path, template):
+    model = tmp_path / "model"
+    shutil.copytree(tiny_llm_dir, model)
+    config = json.loads((model / "tokenizer_config.json").read_text())
+    config["model_max_length"] = 256  # as `convert llm` writes it: the model's context
+    (model / "tokenizer_config.json").write_text(json.dumps(config))
+    done = run_cli("generate", model, "-p", "word " * 400, *([] if template else ["--ignore-chat-template"]))
+    assert_one_line(done, "context is 256")
+
+
+def test_too_long_conversation_in_chat_is_only_our_line(tiny_llm_dir, tmp_path):
+    """The chat session renders the whole conversation: the same warning must not precede its refusal
+    (in a fresh process, where transformers' logging is as a user's)."""
+    model = tmp_path / "model"
+    shutil.copytree(tiny_llm_dir, model)
+    config = json.loads((model / "tokenizer_config.json").read_text())
+    config["model_max_length"] = 256
+    (model / "tokenizer_config.json").write_text(json.dumps(config))
+    code = ("import sys\nfrom pudding_mlx.chat import ChatSession\nfrom pudding_mlx.errors import PuddingError\n"
+            "from pudding_mlx.load import load\nsession = ChatSession.from_loaded(load(sys.argv[1]))\n"
+            "try:\n    session.reply('word ' * 400, max_tokens=2)\nexcept PuddingError as e:\n    print(e)\n")
+    done = subprocess.run([sys.executable, "-c", code, str(model)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and "context is 256" in done.stdout, done.stderr
+    assert "Token indices sequence length" not in done.stderr, done.stderr
