@@ -93,6 +93,19 @@ def test_gguf_output_layout(smol_mlx):
 
 
 @pytest.mark.assets
+def test_output_has_usual_permissions(smol_mlx):
+    """Issue 12, item 9 (a guard: `convert llm` builds in a subfolder of mkdtemp's 0700 folder, which
+    already had normal modes; `convert bundle` and `convert router` did not): the published folder has
+    the modes a plain mkdir / open give under the umask."""
+    import stat
+
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(smol_mlx.stat().st_mode) == 0o777 & ~umask
+    assert stat.S_IMODE((smol_mlx / "config.json").stat().st_mode) == 0o666 & ~umask
+
+
+@pytest.mark.assets
 def test_repack_matches_mx_load(smollm2_gguf):
     """The numpy repacking of Q4_1/Q8_0 blocks equals MLX's own GGUF loader bit for bit."""
     ref = mx.load(str(smollm2_gguf))
