@@ -32,7 +32,7 @@ from typing import Optional
 
 import pudding_mlx
 from pudding_mlx import assets
-from pudding_mlx.atomic import scratch_dir, usual_permissions, write_json
+from pudding_mlx.atomic import publish_dir, scratch_dir, write_json
 from pudding_mlx.bundle import check_weights_complete
 from pudding_mlx.errors import PuddingError
 from pudding_mlx.jsonio import read_json
@@ -157,18 +157,5 @@ def _build(target: Path, data_dir: Path, progress) -> None:
                       lambda: build_bundle(llm, work / "bundle", data_dir / "candidates.json", router,
                                            provenance=provenance))
         write_json(bundle / MARKER, recipe(data_dir))
-        usual_permissions(bundle)
-        _install(bundle, target, work, data_dir)
-
-
-def _install(bundle: Path, target: Path, work: Path, data_dir: Path) -> None:
-    """Move the finished bundle to TARGET in one rename; a stale TARGET is set aside first."""
-    if target.exists() or target.is_symlink():
-        if is_complete(target, data_dir):  # another process finished first: keep its bundle
-            return
-        os.replace(target, work / "stale")  # inside work: removed with it
-    try:
-        os.replace(bundle, target)
-    except OSError:
-        if not is_complete(target, data_dir):  # lost a race to a complete bundle: fine; else fail
-            raise
+        # one rename; a stale TARGET is replaced, a complete one (another process finished first) kept
+        publish_dir(bundle, target, force=True, keep=lambda path: is_complete(path, data_dir))

@@ -12,7 +12,7 @@ import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator, Optional
 
 from .errors import PuddingError
 
@@ -56,10 +56,10 @@ def scratch_dir(beside, tag: str = "build") -> Iterator[Path]:
         shutil.rmtree(work, ignore_errors=True)
 
 
-def publish_dir(new, out, force: bool = False) -> None:
+def publish_dir(new, out, force: bool = False, keep: Optional[Callable[[Path], bool]] = None) -> None:
     """Give the finished folder `new` the usual permissions and move it to `out` (`install_dir`)."""
     usual_permissions(new)
-    install_dir(new, out, force)
+    install_dir(new, out, force, keep)
 
 
 @contextmanager
@@ -74,13 +74,20 @@ def building(out, force: bool = False) -> Iterator[Path]:
         publish_dir(new, out, force)
 
 
-def install_dir(new, out, force: bool = False) -> None:
+def install_dir(new, out, force: bool = False, keep: Optional[Callable[[Path], bool]] = None) -> None:
     """Move the finished folder `new` to `out` (same file system). An existing `out` is refused
     unless `force`; then it is moved aside first and restored if the move fails, so `out` is at
-    every moment either the old folder or the new one."""
+    every moment either the old folder or the new one. `keep(out)` true: an `out` that is already
+    what `new` would be (another process published it first) stays, and `new` is left where it is."""
     new, out = Path(new), Path(out)
+    if keep is not None and out.exists() and keep(out):
+        return
     if not (out.exists() or out.is_symlink()):
-        os.replace(new, out)
+        try:
+            os.replace(new, out)
+        except OSError:  # another process published `out` meanwhile: fine if it is what we built
+            if keep is None or not keep(out):
+                raise
         return
     if not force:
         raise PuddingError(f"{out}: already exists; pass --force to replace it")

@@ -190,3 +190,28 @@ def test_too_long_conversation_in_chat_is_only_our_line(tiny_llm_dir, tmp_path):
     done = subprocess.run([sys.executable, "-c", code, str(model)], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0 and "context is 256" in done.stdout, done.stderr
     assert "Token indices sequence length" not in done.stderr, done.stderr
+
+
+# -- the one folder publisher: atomic.install_dir ------------------------------------------------
+
+
+def test_install_dir_force_keep_and_refuse(tmp_path):
+    from pudding_mlx.atomic import install_dir
+
+    def folder(name, text):
+        path = tmp_path / name
+        path.mkdir()
+        (path / "f").write_text(text)
+        return path
+
+    out = tmp_path / "out"
+    install_dir(folder("a", "a"), out)
+    assert (out / "f").read_text() == "a"
+    with pytest.raises(PuddingError, match="already exists"):
+        install_dir(folder("b", "b"), out)
+    assert (out / "f").read_text() == "a" and (tmp_path / "b").is_dir()
+    install_dir(tmp_path / "b", out, force=True, keep=lambda p: (p / "f").read_text() == "a")
+    assert (out / "f").read_text() == "a" and (tmp_path / "b").is_dir()  # kept: already what we built
+    install_dir(tmp_path / "b", out, force=True, keep=lambda p: False)
+    assert (out / "f").read_text() == "b" and not (tmp_path / "b").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # nothing set aside is left
