@@ -40,8 +40,8 @@ def bench(
     from pudding_mlx import bench as B
     from pudding_mlx.errors import PuddingError
     from pudding_mlx.load import DTYPES, backend, load
-    from pudding_mlx.routing import parse_omit
-    from pudding_mlx.skip import check_omitted
+    from pudding_mlx.omission import check_omitted, parse_omit
+    from pudding_mlx.routing import route
 
     if (model is None) == (shape is None):
         raise PuddingError("give either MODEL or --shape")
@@ -88,7 +88,7 @@ def bench(
     if router is None:
         console.print("[yellow]no router to time: router_s is 0 (pass --router or build the default bundle)[/yellow]")
     # the bundle's router picks the routed set for the benchmark's text; shapes route to the static set
-    routed_set = sorted(cands[loaded.router.best(B.ROUTER_TEXT)[0]].omitted) if by_bundle else static
+    routed_set = list(route(loaded, B.ROUTER_TEXT).omitted) if by_bundle else static
     rows = B.run_bench(lm, static, routed_set, router, grid, runs, progress=console.print,
                        draft_tokens=draft_tokens if lossless else None)
     result = {"backend": backend(), **source, "k": len(static), "blocks": n_blocks, "static": static,

@@ -71,7 +71,8 @@ def generate(
     """Generate a reply to one prompt, with the router's omission set (or --dense / --omit)."""
     from pudding_mlx.generate import generate as run_generate, prompt_tokens, stream_generate
     from pudding_mlx.load import load
-    from pudding_mlx.routing import choose_and_prefill, parse_omit
+    from pudding_mlx.omission import parse_omit
+    from pudding_mlx.routing import choose_and_prefill
 
     loaded = load(model, dtype=dtype)
     ids = prompt_tokens(loaded.tokenizer, prompt, not ignore_chat_template, system)

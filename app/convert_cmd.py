@@ -12,7 +12,6 @@ without --force. Bad input is one line on stderr and exit status 2 (a `PuddingEr
 
 import contextlib
 import inspect
-import json
 from pathlib import Path
 from typing import Optional
 
@@ -20,7 +19,8 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from pudding_mlx.errors import PuddingError
+from pudding_mlx.errors import PuddingError, first_line
+from pudding_mlx.jsonio import read_json
 
 convert_app = typer.Typer(
     help="Convert models to what the MLX runtime loads: an LLM (Hugging Face folder, GGUF file, hub id), a "
@@ -67,13 +67,6 @@ def _choice(flag: str, value, allowed):
 def _refuse_existing(out: Path, force: bool):
     if (out.exists() or out.is_symlink()) and not force:
         raise PuddingError(f"{out}: already exists; pass --force to replace it, or choose another output path")
-
-
-def _read_json(path: Path, what: str):
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
-        raise PuddingError(f"{path}: not valid JSON ({what}: {str(e).splitlines()[0][:200]})") from None
 
 
 # ---------------------------------------------------------------------------------------------------- llm
@@ -125,7 +118,7 @@ def llm(
     with _user_errors(), _progress() as bar:
         path = convert_llm(src, out, quantize_bits=quantize, group_size=group_size or 64, dtype=dtype,
                            dequantize=dequantize, force=force, progress=rich_progress(bar))
-    config = json.loads((path / "config.json").read_text())
+    config = read_json(path / "config.json", "the converted LLM's config")
     q = config.get("quantization")
     how = f"{q.get('bits')}-bit (group {q.get('group_size')})" if isinstance(q, dict) else "float"
     print(f"{path}: mlx-lm model, {config.get('num_hidden_layers')} blocks, {how}, "
@@ -165,43 +158,12 @@ def router(
     _refuse_existing(out, force)
     with _user_errors(), console.status(f"converting the router in {src}"):
         path = convert_router(src, out, force=force, dtype=dtype, expect_outputs=expect_outputs)
-    settings = json.loads((path / "router.json").read_text())
+    settings = read_json(path / "router.json", "the router settings")
     print(f"{path.absolute()}: MLX router, {settings['num_outputs']} outputs, encoder {settings.get('encoder')}, "
           f"max_length {settings['max_length']}, {dtype} weights")
 
 
 # ---------------------------------------------------------------------------------------------------- bundle
-
-
-def _check_candidates(path: Path, n_blocks: int) -> list:
-    """Every set in the candidates file, checked against the LLM, with errors naming the file and the set."""
-    from pudding_mlx.train.search import read_candidates
-
-    if not path.is_file():
-        raise PuddingError(f"{path}: no such candidates file")
-    data = _read_json(path, "the candidates file")
-    if isinstance(data, dict) and not isinstance(data.get("candidates", []), list):
-        raise PuddingError(f"{path}: field 'candidates' must be a list")
-    entries = read_candidates(path, n_blocks)  # format, schema version, num_blocks
-    plain = isinstance(data, list)
-    for m, c in enumerate(entries):
-        name = f"[{m}]" if plain else f"candidates[{m}].omitted"
-        s = c["omitted"]
-        if any(isinstance(i, bool) or not isinstance(i, int) for i in s):
-            raise PuddingError(f"{path}: {name} must hold 0-based block indices (integers) only, got {s}")
-        bad = [i for i in s if not 0 <= i < n_blocks]
-        if bad:
-            raise PuddingError(f"{path}: {name} has block indices {bad} out of range 0..{n_blocks - 1}; the LLM "
-                               f"has {n_blocks} blocks (is this the candidates file for this model?)")
-        if len(set(s)) != len(s):
-            raise PuddingError(f"{path}: {name} repeats block indices: {s}")
-        if len(s) >= n_blocks:
-            raise PuddingError(f"{path}: {name} omits all {n_blocks} blocks of the LLM; at least one must run")
-        sources = c.get("sources")
-        if sources is not None and not (isinstance(sources, list) and all(
-                isinstance(p, list) and len(p) == 2 for p in sources)):
-            raise PuddingError(f"{path}: field 'candidates[{m}].sources' must be a list of [task, loss] pairs")
-    return entries
 
 
 def _check_router_source(router: Path):
@@ -210,7 +172,7 @@ def _check_router_source(router: Path):
                            "the trained router it converts)")
     head = router / "head.json"
     if head.is_file():
-        data = _read_json(head, "the light router's head description")
+        data = read_json(head, "the light router's head description", want=None)
         sets = data.get("sets") if isinstance(data, dict) else None
         if sets is not None and not (isinstance(sets, list) and all(
                 isinstance(s, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in s)
@@ -218,7 +180,7 @@ def _check_router_source(router: Path):
             raise PuddingError(f"{head}: field 'sets' must be a list of lists of block indices")
     settings = router / "router.json"
     if settings.is_file():
-        _read_json(settings, "the router settings")
+        read_json(settings, "the router settings", want=None)
 
 
 def _check_llm_loads(llm: Path):
@@ -231,8 +193,7 @@ def _check_llm_loads(llm: Path):
         with contextlib.redirect_stdout(io.StringIO()):
             load(str(llm), lazy=True)
     except Exception as e:
-        text = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-        raise PuddingError(f"{llm}: mlx-lm cannot load this LLM ({type(e).__name__}: {text}); --llm must be an "
+        raise PuddingError(f"{llm}: mlx-lm cannot load this LLM ({type(e).__name__}: {first_line(e)}); --llm must be an "
                            "mlx-lm model directory (convert one with `pudding-mlx convert llm`)") from None
 
 
@@ -272,7 +233,8 @@ def bundle(
     Then: [cyan]pudding-mlx generate smol-bundle -p "Why is the sky blue?"[/cyan] routes each prompt.
     """
     from pudding_mlx.bundle import read_manifest
-    from pudding_mlx.convert.bundle import _llm_blocks, build_bundle
+    from pudding_mlx.candidates import read_candidates
+    from pudding_mlx.convert.bundle import build_bundle, llm_blocks
 
     out, llm = out.expanduser(), llm.expanduser()
     router = router.expanduser() if router is not None else None
@@ -285,8 +247,8 @@ def bundle(
             if folder is not None and folder.exists() and _inside(out, folder):
                 raise PuddingError(f"{out}: the bundle must not be the {flag} folder or lie inside it; choose "
                                    "another output path")
-        n_blocks = _llm_blocks(llm)
-        entries = _check_candidates(candidates, n_blocks) if candidates is not None else []
+        n_blocks = llm_blocks(llm)
+        entries = read_candidates(candidates, n_blocks) if candidates is not None else []
         if router is not None:
             if candidates is None:
                 raise PuddingError("--router needs --candidates: the file of candidate sets the router was "

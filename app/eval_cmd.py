@@ -4,7 +4,7 @@
     pudding-mlx eval smol-mlx --tasks boolq --omit 3,5 --json out.json     # a fixed omission set
     pudding-mlx eval smol-mlx --tasks hellaswag --dense
 
-Same templates, tokenization and metrics as the training side (`train.tasks`, `train.requests`), so
+Same templates, tokenization and metrics as the training side (`pudding_mlx.tasks`, `pudding_mlx.requests`), so
 the figures match `pudding-mlx train` on the same weights. Benchmark files come from --data-dir or
 $PUDDING_MLX_DATA. Bad input (unknown task, no data folder, bad --omit, bad MODEL) is one line on
 stderr and exit status 2.
@@ -62,12 +62,12 @@ def eval_command(
 
 
 def _run(model, tasks, limit, json_file, dense, omit, data_dir, batch_size, batch_tokens, dtype):
-    from pudding_mlx.routing import parse_omit
-    from pudding_mlx.train.tasks import load_task
+    from pudding_mlx.omission import parse_omit
+    from pudding_mlx.routing import check_override, fixed_choice
+    from pudding_mlx.tasks import load_task
 
-    if dense and omit is not None:
-        raise PuddingError("--dense and --omit contradict each other; give one")
     omit_list = None if omit is None else parse_omit(omit)
+    check_override(dense, omit_list)
     names = _parse_tasks(tasks)
     # the data first: a wrong task name or data folder fails before the model is loaded
     examples = {t: load_task(t, None, data_dir, limit=limit) for t in names}
@@ -78,17 +78,11 @@ def _run(model, tasks, limit, json_file, dense, omit, data_dir, batch_size, batc
 
     from pudding_mlx.evaluate import evaluate
     from pudding_mlx.load import load
-    from pudding_mlx.skip import check_omitted
 
     loaded = load(model, dtype=dtype, with_router=not dense and omit_list is None)
-    if dense:
-        omitted, mode = (), "dense"
-    elif omit_list is not None:
-        omitted, mode = check_omitted(omit_list, loaded.n_blocks, "--omit"), "omit"
-    elif loaded.router is not None:
-        omitted, mode = None, "routed"
-    else:
-        omitted, mode = (), "no-router"
+    choice = fixed_choice(loaded.n_blocks, loaded.router is not None, dense, omit_list)
+    omitted, mode = (None, "routed") if choice is None else (choice.omitted, choice.how)
+    if mode == "no-router":
         err.print(f"{loaded.path}: this model has no router; evaluating dense", soft_wrap=True)
 
     start = time.perf_counter()

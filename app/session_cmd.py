@@ -7,7 +7,6 @@ read from its files' headers (no weights are loaded).
 
 import json
 import signal
-from pathlib import Path
 from typing import Optional
 
 import typer
@@ -62,16 +61,16 @@ def chat(
     from mlx_lm.sample_utils import make_sampler
 
     from pudding_mlx.chat import ChatSession
-    from pudding_mlx.default_bundle import ensure_default_bundle, note_for
+    from pudding_mlx.convert.default_bundle import ensure_default_bundle, note_for
     from pudding_mlx.load import DTYPES, load, resolve
-    from pudding_mlx.routing import parse_omit
-    from pudding_mlx.skip import SkipView, check_omitted
+    from pudding_mlx.omission import parse_omit
+    from pudding_mlx.routing import check_override, fixed_choice
+    from pudding_mlx.skip import SkipView
 
     console = Console(highlight=False, soft_wrap=True)
     err = Console(stderr=True, highlight=False)
-    if dense and omit is not None:
-        raise PuddingError("--dense and --omit contradict each other; give one")
     base_omit = None if omit is None else parse_omit(omit)
+    check_override(dense, base_omit)
     if dtype is not None and dtype not in DTYPES:
         raise PuddingError(f"--dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
 
@@ -84,8 +83,8 @@ def chat(
         err.print("interrupted")
         raise typer.Exit(130)
     n = loaded.n_blocks
-    if base_omit is not None:
-        base_omit = list(check_omitted(base_omit, n, "--omit"))
+    if base_omit is not None:  # checked against the model now, not at the first message
+        base_omit = list(fixed_choice(n, loaded.router is not None, omit=base_omit).omitted)
     note = note_for(loaded.manifest)
     if seed is not None:
         mx.random.seed(seed)
@@ -334,102 +333,6 @@ def route(
 # -- info ------------------------------------------------------------------------------------------
 
 
-def _du(path: Path) -> int:
-    """Bytes of the files under `path` (symlinks not followed)."""
-    if path.is_symlink() or path.is_file():
-        return path.lstat().st_size
-    return sum(f.lstat().st_size for f in path.rglob("*") if f.is_symlink() or f.is_file())
-
-
-def model_info(path: Path) -> dict:
-    """Everything `pudding-mlx info` reports, from config files and safetensors headers."""
-    from pudding_mlx.bundle import check_bundle_files, is_bundle, read_manifest
-    from pudding_mlx.weights import weights_summary
-
-    bundle = is_bundle(path)
-    manifest = None
-    if bundle:
-        manifest = read_manifest(path)
-        check_bundle_files(path, manifest)
-    config_path = path / "config.json"
-    if not config_path.is_file():
-        raise PuddingError(f"{path}: no config.json and no pudding.json; not an mlx-lm model directory or a bundle")
-    try:
-        config = json.loads(config_path.read_text())
-    except (ValueError, UnicodeDecodeError) as e:
-        raise PuddingError(f"{config_path}: malformed JSON ({e})")
-    text = config.get("text_config", config)
-    weights = weights_summary(path)
-    quant = config.get("quantization") or config.get("quantization_config")
-    if isinstance(quant, dict):
-        overrides = {k: v for k, v in quant.items() if isinstance(v, dict)}
-        quant = {k: v for k, v in quant.items() if not isinstance(v, dict)}
-        if overrides:
-            quant["overrides"] = overrides
-    llm_files = [path / f for f in weights["files"]] + sorted(path.glob("model*.safetensors.index.json"))
-    tok_files = [f for f in path.iterdir() if f.is_file() and (f.name.startswith(("tokenizer", "special_tokens"))
-                                                              or f.name in ("vocab.json", "merges.txt", "chat_template.jinja"))]
-    out = {
-        "path": str(path),
-        "kind": "bundle" if bundle else "mlx-lm",
-        "model_type": config.get("model_type"),
-        "blocks": text.get("num_hidden_layers"),
-        "hidden_size": text.get("hidden_size"),
-        "intermediate_size": text.get("intermediate_size"),
-        "attention_heads": text.get("num_attention_heads"),
-        "kv_heads": text.get("num_key_value_heads"),
-        "vocab_size": text.get("vocab_size"),
-        "context": text.get("max_position_embeddings"),
-        "parameters": weights["parameters"],
-        "weights_bytes": weights["bytes"],
-        "tensors": weights["tensors"],
-        "dtypes": weights["dtypes"],
-        "quantization": quant or None,
-        "candidates": None,
-        "router": None,
-        "provenance": None,
-    }
-    disk = {"llm_weights": sum(f.stat().st_size for f in llm_files),
-            "tokenizer": sum(f.stat().st_size for f in tok_files), "router": 0}
-    if manifest is not None:
-        out["candidates"] = {"count": len(manifest.candidates),
-                             "sets": [list(c.omitted) for c in manifest.candidates],
-                             "sources": [[c.task, c.loss] for c in manifest.candidates]}
-        out["provenance"] = manifest.provenance or None
-        if manifest.router is not None and manifest.router.kind == "hidden":
-            rdir = path / manifest.router.path
-            try:
-                settings = json.loads((rdir / "router.json").read_text())
-            except (OSError, ValueError) as e:
-                raise PuddingError(f"{rdir}/router.json: cannot be read ({e}); rebuild the bundle")
-            out["router"] = {"kind": "hidden", "path": str(rdir), "after": settings.get("after"),
-                             "pooling": settings.get("pooling"), "outputs": len(settings.get("sets", [])),
-                             "objective": settings.get("objective"), "fallback": settings.get("fallback"),
-                             "margin": settings.get("margin"), "margin_is": settings.get("margin_is"),
-                             "max_tokens": settings.get("max_tokens"), "weights_bytes": _du(rdir / "head.safetensors")}
-            disk["router"] = _du(rdir)
-        elif manifest.router is not None:
-            rdir = path / manifest.router.path
-            settings, rconfig = {}, {}
-            try:
-                settings = json.loads((rdir / "router.json").read_text())
-                rconfig = json.loads((rdir / "config.json").read_text())
-            except (OSError, ValueError) as e:
-                raise PuddingError(f"{rdir}: the router's router.json / config.json cannot be read ({e}); rebuild the bundle")
-            rweights = weights_summary(rdir)
-            out["router"] = {"kind": "bert", "path": str(rdir), "encoder": settings.get("encoder"),
-                             "outputs": settings.get("num_outputs"),
-                             "max_tokens": settings.get("max_length", manifest.router.max_tokens),
-                             "lowercase": settings.get("lowercase"), "pooling": settings.get("pooling"),
-                             "hidden_size": rconfig.get("hidden_size"), "layers": rconfig.get("num_hidden_layers"),
-                             "parameters": rweights["parameters"], "weights_bytes": rweights["bytes"]}
-            disk["router"] = _du(rdir)
-    disk["total"] = _du(path)
-    disk["other"] = disk["total"] - disk["llm_weights"] - disk["tokenizer"] - disk["router"]
-    out["disk"] = disk
-    return out
-
-
 def _size(n) -> str:
     for unit, div in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
         if n >= div:
@@ -443,6 +346,7 @@ def info(
 ):
     """What a bundle or model directory holds: architecture, size, quantization, candidates, router.
     Read from config files and safetensors headers; no weights are loaded."""
+    from pudding_mlx.info import model_info
     from pudding_mlx.load import resolve
 
     data = model_info(resolve(model))

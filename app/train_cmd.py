@@ -89,7 +89,7 @@ def _finish():
 
 def _union_sets(files: list) -> list:
     """The distinct sets of one or more candidates files, in file order."""
-    from pudding_mlx.train.search import read_candidates
+    from pudding_mlx.candidates import read_candidates
 
     seen, out = set(), []
     for f in files:

@@ -7,7 +7,7 @@
 Both sides get the same float32 weights: the GGUF (default: the SmolLM2-135M-Instruct Q4_1 asset) is
 dequantized by `convert_llm(gguf, dir, dequantize=True, dtype="float32")` for MLX and by transformers'
 own GGUF loader (`train.hf.load_hf(gguf, device="cpu")`, float32) for PyTorch. Both sides use the same
-templates (`train.tasks`), tokenization and metrics (`train.requests`); only the forward pass
+templates (`pudding_mlx.tasks`), tokenization and metrics (`pudding_mlx.requests`); only the forward pass
 differs. For the first --limit examples (file order) of each task's standard evaluation split, dense
 and with the --omit set skipped (default: [17, 18, 19], the best static k=3 set of the SmolLM2 run),
 it reports acc / acc_norm on each side, |diff|, the max per-request |Δ summed log-prob|, the number
@@ -50,11 +50,11 @@ def main(argv=None):
     from pudding_mlx.convert.llm import convert_llm
     from pudding_mlx.evaluate import score_requests as mlx_score
     from pudding_mlx.load import backend, load
-    from pudding_mlx.routing import parse_omit
+    from pudding_mlx.omission import parse_omit
     from pudding_mlx.train.hf import load_hf
-    from pudding_mlx.train.requests import flatten, metrics
+    from pudding_mlx.requests import flatten, metrics
     from pudding_mlx.train.scoring import score_requests as torch_score
-    from pudding_mlx.train.tasks import eval_metric, load_task
+    from pudding_mlx.tasks import eval_metric, load_task
 
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     data_dir = args.data_dir or (None if os.environ.get("PUDDING_MLX_DATA") else DEFAULT_DATA)

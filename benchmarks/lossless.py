@@ -22,8 +22,8 @@ import numpy as np
 
 from pudding_mlx.generate import generate, prompt_tokens
 from pudding_mlx.load import backend, load
-from pudding_mlx.routing import parse_omit
-from pudding_mlx.train.tasks import load_task
+from pudding_mlx.omission import parse_omit
+from pudding_mlx.tasks import load_task
 
 CHAT = ["Write a haiku about autumn leaves.", "Explain why the sky is blue in two sentences.",
         "Give me three tips for a good night's sleep.", "What is the boiling point of water at sea level?"]

@@ -26,7 +26,7 @@ import mlx.core as mx
 from pudding_mlx.generate import prompt_tokens
 from pudding_mlx.load import backend, load
 from pudding_mlx.skip import SkipView
-from pudding_mlx.train.tasks import load_task
+from pudding_mlx.tasks import load_task
 
 TASKS = ("arc_challenge", "arc_easy", "boolq", "hellaswag", "piqa", "winogrande")
 

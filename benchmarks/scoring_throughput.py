@@ -12,7 +12,7 @@ import torch
 
 from pudding_mlx.train.hf import load_hf
 from pudding_mlx.train.scoring import flatten, score_requests
-from pudding_mlx.train.tasks import load_task
+from pudding_mlx.tasks import load_task
 
 
 def timed(fn):

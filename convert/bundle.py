@@ -13,30 +13,26 @@ Everything is built in a temporary folder beside OUT, loaded back as a check, th
 place: OUT is either the complete bundle or untouched. An existing OUT needs force=True.
 """
 
-import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Optional
 
-from pudding_mlx.atomic import install_dir
-from pudding_mlx.bundle import (MANIFEST, Candidate, Manifest, RouterSettings, parse_manifest,
+from pudding_mlx.atomic import building
+from pudding_mlx.bundle import (MANIFEST, Candidate, Manifest, RouterSettings, config_blocks, parse_manifest,
                                 write_manifest)
+from pudding_mlx.candidates import MIX, provenance as candidates_provenance, read_candidates
 from pudding_mlx.errors import PuddingError
+from pudding_mlx.jsonio import read_json
 
 
-def _llm_blocks(llm_dir: Path) -> int:
+def llm_blocks(llm_dir: Path) -> int:
+    """The block count of the mlx-lm model directory `llm_dir` (which must hold weights)."""
     config_path = llm_dir / "config.json"
     if not config_path.is_file():
         raise PuddingError(f"{config_path}: missing; --llm must be an mlx-lm model directory (convert one with `pudding-mlx convert llm`)")
-    try:
-        config = json.loads(config_path.read_text())
-    except json.JSONDecodeError as e:
-        raise PuddingError(f"{config_path}: malformed JSON ({e})")
-    config = config.get("text_config", config)
-    n = config.get("num_hidden_layers")
-    if not isinstance(n, int):
+    n = config_blocks(llm_dir)
+    if n is None:
         raise PuddingError(f"{config_path}: field 'num_hidden_layers' is missing")
     if not list(llm_dir.glob("model*.safetensors")):
         raise PuddingError(f"{llm_dir}: no model*.safetensors; convert the LLM first")
@@ -45,16 +41,10 @@ def _llm_blocks(llm_dir: Path) -> int:
 
 def _candidates(candidates, n_blocks: int):
     """(list of Candidate, provenance) from a file or a list; mix-only sets dropped."""
-    from pudding_mlx.train.search import MIX, read_candidates
-
     provenance = {}
     if isinstance(candidates, (str, os.PathLike)):
-        path = Path(candidates)
-        entries = read_candidates(path, n_blocks)
-        data = json.loads(path.read_text())
-        if isinstance(data, dict):
-            provenance = {"source_model": data.get("model_name") or data.get("model"), "k": data.get("k"),
-                          "calibration": {k: v for k, v in data.get("calibration", {}).items() if k != "ids"}}
+        entries = read_candidates(Path(candidates), n_blocks)
+        provenance = candidates_provenance(candidates)
     else:
         entries = [c if isinstance(c, dict) else {"omitted": list(c)} for c in candidates]
     out, tasks, losses = [], [], []
@@ -82,15 +72,13 @@ def build_bundle(llm_dir, out, candidates=None, router=None, provenance: Optiona
         raise PuddingError(f"{out}: already exists; pass --force to replace it")
     if not llm_dir.is_dir():
         raise PuddingError(f"{llm_dir}: no such directory (the converted LLM)")
-    n_blocks = _llm_blocks(llm_dir)
+    n_blocks = llm_blocks(llm_dir)
     cands, prov = _candidates(candidates, n_blocks) if candidates is not None else ([], {})
     prov.update(provenance or {})
     if router is not None and not cands:
         raise PuddingError("a router needs candidate sets: pass --candidates")
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with building(out, force) as tmp:
         for f in llm_dir.iterdir():
             if f.name in (MANIFEST, "router"):
                 continue
@@ -100,16 +88,8 @@ def build_bundle(llm_dir, out, candidates=None, router=None, provenance: Optiona
             settings = _add_router(Path(router), tmp / "router", cands)
         manifest = Manifest(num_blocks=n_blocks, candidates=cands, router=settings, provenance=prov)
         # the same checks a user's load runs, before anything is visible at OUT
-        parse_manifest(manifest.to_json(), str(out / MANIFEST))
-        from pudding_mlx.skip import check_omitted
-
-        for m, c in enumerate(cands):
-            check_omitted(c.omitted, n_blocks, f"candidate {m}")
+        parse_manifest(manifest.to_json(), str(out / MANIFEST), n_blocks)
         write_manifest(tmp, manifest)
-        install_dir(tmp, out, force)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 
@@ -141,13 +121,13 @@ def _add_router(src: Path, dest: Path, cands) -> RouterSettings:
     n_candidates = len(cands)
     head = src / "head.json"  # a light router from `train router` records the sets it scores
     if head.is_file():
-        trained_on = json.loads(head.read_text()).get("sets")
+        trained_on = read_json(head, "the light router's head description").get("sets")
         if trained_on is not None and [sorted(s) for s in trained_on] != [list(c.omitted) for c in cands]:
             raise PuddingError(f"{head}: field 'sets' (the router's outputs) differs from the candidate sets, "
                                "in content or order; pass the candidates file the router was trained with")
 
     settings_path = src / SETTINGS
-    is_mlx = settings_path.is_file() and json.loads(settings_path.read_text()).get("format") == FORMAT
+    is_mlx = settings_path.is_file() and read_json(settings_path, "the router settings").get("format") == FORMAT
     if is_mlx:
         shutil.copytree(src, dest)
     else:
@@ -155,6 +135,6 @@ def _add_router(src: Path, dest: Path, cands) -> RouterSettings:
 
         convert_router(src, dest, expect_outputs=n_candidates)
     routed = load_router(dest, num_outputs=n_candidates)  # one line if the head size differs
-    settings = json.loads((dest / SETTINGS).read_text())
+    settings = read_json(dest / SETTINGS, "the router settings")
     return RouterSettings(path="router", max_tokens=int(settings.get("max_length", 512)),
                           lowercase=bool(settings.get("lowercase", True))) if routed else None

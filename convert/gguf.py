@@ -29,7 +29,7 @@ from typing import Callable, Dict, Optional, Tuple
 
 import numpy as np
 
-from pudding_mlx.errors import PuddingError
+from pudding_mlx.errors import PuddingError, first_line
 
 GROUP_SIZE = 32  # the block size of Q4_0 / Q4_1 / Q8_0
 KEEPABLE = {"Q4_0": 4, "Q4_1": 4, "Q8_0": 8}  # GGML type -> MLX affine bits (lossless)
@@ -72,7 +72,7 @@ class GGUFFile:
             reader = gguf.GGUFReader(str(self.path))
         except Exception as e:  # numpy reshape / struct errors on truncated or damaged files
             raise PuddingError(
-                f"{self.path}: the GGUF file is truncated or corrupt ({type(e).__name__}: {_first_line(e)}); "
+                f"{self.path}: the GGUF file is truncated or corrupt ({type(e).__name__}: {first_line(e)}); "
                 "download it again"
             )
         self.meta: Dict[str, object] = {}
@@ -106,11 +106,6 @@ class GGUFFile:
         if key not in self.meta:
             raise PuddingError(f"{self.path}: the GGUF metadata lacks {key}; the file is incomplete or from an unsupported converter")
         return self.meta[key]
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return (text[0] if text else type(e).__name__)[:200]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -163,7 +158,7 @@ def dequantize(t: GGUFTensor) -> np.ndarray:
     try:
         out = gguf.quants.dequantize(np.asarray(t.raw), gguf.GGMLQuantizationType[t.type_name])
     except (NotImplementedError, KeyError, ValueError) as e:
-        raise PuddingError(f"tensor {t.name}: GGML type {t.type_name} cannot be decoded ({_first_line(e)}); use a GGUF with Q4_0/Q4_1/Q8_0/K-quant/F16 tensors")
+        raise PuddingError(f"tensor {t.name}: GGML type {t.type_name} cannot be decoded ({first_line(e)}); use a GGUF with Q4_0/Q4_1/Q8_0/K-quant/F16 tensors")
     return np.asarray(out, dtype=np.float32).reshape(t.shape)
 
 

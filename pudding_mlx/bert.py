@@ -22,7 +22,6 @@ Parameter names (MLX side) and where they come from in an HF checkpoint (`saniti
 This module never imports torch.
 """
 
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +31,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .errors import PuddingError
+from .jsonio import read_json
 
 # hidden_act values of HF configs we can reproduce exactly. HF "gelu" is the exact erf form
 # (nn.gelu); "gelu_new"/"gelu_pytorch_tanh" are the tanh approximation (nn.gelu_approx).
@@ -93,20 +93,6 @@ class BertConfig:
                 f"num_attention_heads {values['num_attention_heads']}"
             )
         return cls(**values, layer_norm_eps=float(eps), hidden_act=act)
-
-
-def read_json(path: Path, what: str, fix: str = "re-create or re-download it") -> dict:
-    """Parse a JSON object file, turning every failure into one PuddingError line."""
-    path = Path(path)
-    if not path.is_file():
-        raise PuddingError(f"{path}: missing ({what}); {fix}")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise PuddingError(f"{path}: not valid JSON ({what}: {e}); {fix}") from None
-    if not isinstance(data, dict):
-        raise PuddingError(f"{path}: {what} must be a JSON object; {fix}")
-    return data
 
 
 def load_config(folder: Path) -> BertConfig:

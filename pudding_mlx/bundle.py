@@ -27,13 +27,14 @@ router, pudding_mlx.hidden_router; a BERT router's kind is "bert", the default):
 """
 
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from numbers import Integral
-from typing import Iterable, List, Optional
+from typing import List, Optional
 
-from .errors import PuddingError
+from .atomic import write_json
+from .errors import PuddingError, first_line
+from .jsonio import read_json
+from .omission import check_omitted
 
 MANIFEST = "pudding.json"
 ROUTER_KINDS = ("bert", "hidden")
@@ -85,32 +86,14 @@ class Manifest:
         }
 
 
-def check_omitted(omitted: Iterable[int], n_blocks: int, what: str = "omission set") -> tuple:
-    """Validate a set of 0-based block indices against a model of `n_blocks` blocks; return it
-    sorted. Shared by the MLX runtime and the PyTorch side (this module imports neither)."""
-    omitted = list(omitted)
-    for i in omitted:
-        if isinstance(i, bool) or not isinstance(i, Integral):
-            raise PuddingError(f"{what}: block index {i!r} is not an integer")
-        if not 0 <= i < n_blocks:
-            raise PuddingError(
-                f"{what}: block index {i} is out of range; the model has blocks 0..{n_blocks - 1}"
-            )
-    omitted = [int(i) for i in omitted]
-    if len(set(omitted)) != len(omitted):
-        dup = sorted({i for i in omitted if omitted.count(i) > 1})
-        raise PuddingError(f"{what}: block indices {dup} are repeated (appear more than once)")
-    if len(omitted) >= n_blocks:
-        raise PuddingError(f"{what}: omits all {n_blocks} blocks; at least one must run")
-    return tuple(sorted(omitted))
-
-
 def is_bundle(path) -> bool:
     return (Path(path) / MANIFEST).is_file()
 
 
-def parse_manifest(data, where: str) -> Manifest:
-    """Validate a manifest's JSON object; `where` names the file in error messages."""
+def parse_manifest(data, where: str, llm_blocks: Optional[int] = None) -> Manifest:
+    """Validate a manifest's JSON object; `where` names the file in error messages. `llm_blocks`:
+    the block count of the LLM beside it, checked before the sets (a wrong `num_blocks` is blamed
+    on `num_blocks`, not on the first set it puts out of range)."""
 
     def fail(field_name, problem):
         raise PuddingError(f"{where}: field '{field_name}' {problem}")
@@ -129,29 +112,20 @@ def parse_manifest(data, where: str) -> Manifest:
     n = data.get("num_blocks")
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         fail("num_blocks", f"must be a positive integer, got {n!r}")
+    if llm_blocks is not None and n != llm_blocks:
+        fail("num_blocks", f"is {n} but the LLM has {llm_blocks} blocks")
 
     raw = data.get("candidates", [])
     if not isinstance(raw, list):
         fail("candidates", "must be a list")
     candidates = []
     for m, c in enumerate(raw):
-        name = f"candidates[{m}].omitted"
         omitted = c.get("omitted") if isinstance(c, dict) else c
         if not isinstance(omitted, list):
-            fail(name, "must be a list of 0-based block indices")
-        if any(isinstance(i, bool) or not isinstance(i, int) for i in omitted):
-            fail(name, f"must hold integers only, got {omitted}")
-        bad = [i for i in omitted if not 0 <= i < n]
-        if bad:
-            fail(name, f"has block indices {bad} out of range 0..{n - 1}")
-        if len(set(omitted)) != len(omitted):
-            fail(name, f"repeats block indices: {omitted}")
-        if len(omitted) >= n:
-            fail(name, f"omits all {n} blocks; at least one must run")
+            fail(f"candidates[{m}].omitted", "must be a list of 0-based block indices")
+        omitted = check_omitted(omitted, n, f"{where}: field 'candidates[{m}].omitted'")
         extra = c if isinstance(c, dict) else {}
-        candidates.append(
-            Candidate(tuple(sorted(omitted)), extra.get("task"), extra.get("loss"), extra.get("order"))
-        )
+        candidates.append(Candidate(omitted, extra.get("task"), extra.get("loss"), extra.get("order")))
 
     router = data.get("router")
     if router is not None:
@@ -175,15 +149,22 @@ def parse_manifest(data, where: str) -> Manifest:
     return Manifest(n, candidates, router, provenance, version)
 
 
-def read_manifest(bundle_dir) -> Manifest:
+def read_manifest(bundle_dir, llm_blocks: Optional[int] = None) -> Manifest:
+    """The bundle's manifest, checked; with `llm_blocks`, also against the LLM's block count."""
     path = Path(bundle_dir) / MANIFEST
     if not path.is_file():
         raise PuddingError(f"{path}: no bundle manifest here (is {bundle_dir} a pudding-mlx bundle?)")
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise PuddingError(f"{path}: malformed JSON ({e}); rebuild the bundle with `pudding-mlx convert bundle`")
-    return parse_manifest(data, str(path))
+    data = read_json(path, "the bundle manifest", "rebuild the bundle with `pudding-mlx convert bundle`", want=None)
+    return parse_manifest(data, str(path), llm_blocks)
+
+
+def config_blocks(model_dir) -> Optional[int]:
+    """The LLM's block count from its config.json (`num_hidden_layers`, also under `text_config`);
+    None when the file does not say."""
+    path = Path(model_dir) / "config.json"
+    config = read_json(path, "the LLM's config", "convert the LLM again with `pudding-mlx convert llm`")
+    n = config.get("text_config", config).get("num_hidden_layers", config.get("num_hidden_layers"))
+    return n if isinstance(n, int) and not isinstance(n, bool) else None
 
 
 def check_bundle_files(bundle_dir, manifest: Manifest, llm_blocks: Optional[int] = None) -> None:
@@ -206,10 +187,7 @@ def check_bundle_files(bundle_dir, manifest: Manifest, llm_blocks: Optional[int]
 
 def write_manifest(bundle_dir, manifest: Manifest) -> None:
     """Write pudding.json atomically (a temporary file, then rename)."""
-    path = Path(bundle_dir) / MANIFEST
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(manifest.to_json(), indent=2) + "\n")
-    os.replace(tmp, path)
+    write_json(Path(bundle_dir) / MANIFEST, manifest.to_json(), indent=2)
 
 
 def safetensors_header(path: Path) -> dict:
@@ -228,4 +206,27 @@ def safetensors_header(path: Path) -> dict:
             raise ValueError("header is not a JSON object")
         return header
     except (OSError, ValueError, UnicodeDecodeError) as e:
-        raise PuddingError(f"{path}: not a readable safetensors file ({' '.join(str(e).split())[:200]}); convert the model again")
+        raise PuddingError(f"{path}: not a readable safetensors file ({first_line(e)}); convert the model again")
+
+
+def check_safetensors(path) -> None:
+    """A safetensors file is as long as its header says: a file cut short (an interrupted copy or
+    download) fails here, in one line, not deep inside the first forward pass (weights are lazy)."""
+    path = Path(path)
+    header = safetensors_header(path)
+    with open(path, "rb") as f:
+        header_len = int.from_bytes(f.read(8), "little")
+    try:
+        ends = [meta["data_offsets"][1] for name, meta in header.items() if name != "__metadata__"]
+    except (KeyError, TypeError, IndexError) as e:
+        raise PuddingError(f"{path}: not a valid safetensors file ({first_line(e)}); download or save it again")
+    need, size = 8 + header_len + max(ends, default=0), path.stat().st_size
+    if size < need:
+        raise PuddingError(f"{path}: truncated ({size} bytes, its header describes {need}); "
+                           "download, copy or convert it again")
+
+
+def check_weights_complete(model_dir) -> None:
+    """`check_safetensors` for every model*.safetensors of a model directory."""
+    for path in sorted(Path(model_dir).glob("model*.safetensors")):
+        check_safetensors(path)

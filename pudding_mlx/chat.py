@@ -64,8 +64,9 @@ from mlx_lm.sample_utils import make_sampler
 
 from . import DRAFT_TOKENS
 from .errors import PuddingError
-from .generate import context_length
-from .skip import SkipView, check_omitted, num_blocks
+from .generate import context_length, no_length_warning
+from .omission import check_omitted, kept_blocks
+from .skip import SkipView, num_blocks
 
 
 class Interrupted(Exception):
@@ -162,15 +163,16 @@ class ChatSession:
     def render(self, messages: Sequence[dict], add_generation_prompt: bool = True) -> List[int]:
         """Token ids of `messages` (system message prepended) through the chat template."""
         full = ([{"role": "system", "content": self.system}] if self.system else []) + list(messages)
-        if self.chat_template:
-            ids = self.tokenizer.apply_chat_template(full, add_generation_prompt=add_generation_prompt,
-                                                     tokenize=True)
-            return [int(i) for i in ids]
-        # no template: a plain transcript
-        text = "".join(f"{m['role']}: {m['content']}\n" for m in full)
-        if add_generation_prompt:
-            text += "assistant:"
-        return [int(i) for i in self.tokenizer.encode(text)]
+        with no_length_warning():  # check_prompt refuses an over-long conversation in one line
+            if self.chat_template:
+                ids = self.tokenizer.apply_chat_template(full, add_generation_prompt=add_generation_prompt,
+                                                         tokenize=True)
+                return [int(i) for i in ids]
+            # no template: a plain transcript
+            text = "".join(f"{m['role']}: {m['content']}\n" for m in full)
+            if add_generation_prompt:
+                text += "assistant:"
+            return [int(i) for i in self.tokenizer.encode(text)]
 
     def prompt_for(self, user_text: str) -> List[int]:
         return self.render(self.messages + [{"role": "user", "content": user_text}])
@@ -208,10 +210,6 @@ class ChatSession:
 
     # -- the cache rule ------------------------------------------------------------------------
 
-    def _kept(self, omitted) -> tuple:
-        gone = set(omitted)
-        return tuple(i for i in range(self.n_blocks) if i not in gone)
-
     def _fresh(self, view: SkipView, omitted: tuple, n_ids: int) -> Prepared:
         self.cache = view.make_cache()
         self.cached_ids = []
@@ -247,7 +245,7 @@ class ChatSession:
             return Prepared(len(prompt), p, 0, None, view.kept, ())
 
         f = min(set(self.omitted) ^ set(omitted))
-        old_index = {b: i for i, b in enumerate(self._kept(self.omitted))}
+        old_index = {b: i for i, b in enumerate(kept_blocks(self.omitted, self.n_blocks))}
         lead = [b for b in view.kept if b < f]  # kept under both sets, same position in the stream
         reused = [self.cache[old_index[b]] for b in lead]
         if not self._trim(reused, p):
@@ -306,12 +304,10 @@ class ChatSession:
     def choose(self, user_text: str, dense: bool = False, omit: Optional[Sequence[int]] = None):
         """This turn's omission set (a routing.Choice): `dense`, else `omit`, else the router's
         pick for this message alone, else dense when there is no router."""
-        from .routing import Choice, choose
+        from .routing import choose, fixed_choice
 
         if self.loaded is None:
-            if omit is None or dense:
-                return Choice((), "dense" if dense else "no-router")
-            return Choice(check_omitted(omit, self.n_blocks, "--omit"), "omit")
+            return fixed_choice(self.n_blocks, False, dense, omit)
         return choose(self.loaded, user_text, dense, omit)
 
     def routed_reply(self, user_text: str, dense: bool = False, omit: Optional[Sequence[int]] = None,

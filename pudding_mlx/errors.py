@@ -1,4 +1,5 @@
-"""The one exception type a user sees: a single line saying what is wrong, where, and what to do.
+"""The one exception type a user sees: a single line saying what is wrong, where, and what to do;
+and `first_line`, the one way an underlying exception is quoted inside such a line.
 
 The CLI prints `str(error)` and exits non-zero; it never shows a traceback for these.
 """
@@ -6,3 +7,11 @@ The CLI prints `str(error)` and exits non-zero; it never shows a traceback for t
 
 class PuddingError(Exception):
     """A user-facing error: bad input, a missing file, a malformed bundle."""
+
+
+def first_line(e: BaseException, limit: int = 200) -> str:
+    """An exception as one short line: its first non-blank line (whitespace collapsed), else its
+    type name, cut to `limit` characters."""
+    lines = [" ".join(line.split()) for line in str(e).splitlines()]
+    text = next((line for line in lines if line), type(e).__name__)
+    return text if len(text) <= limit else text[: limit - 3] + "..."

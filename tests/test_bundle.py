@@ -79,7 +79,7 @@ def test_bad_manifest_one_line(bundle, monkeypatch, capsys, changes, message):
 def test_malformed_json(bundle, monkeypatch, capsys):
     (bundle / "pudding.json").write_text('{"format": "pudding-mlx-bundle", ')
     code, err = cli(monkeypatch, capsys, "generate", bundle, "-p", "hi")
-    assert code == 2 and "malformed JSON" in err and "pudding.json" in err
+    assert code == 2 and "not valid JSON" in err and "pudding.json" in err
 
 
 @pytest.mark.parametrize("missing, message", [("config.json", "config.json"), ("model.safetensors", "safetensors")])

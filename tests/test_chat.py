@@ -336,7 +336,7 @@ def test_chat_errors_are_one_line(tmp_path, tiny_llm_dir, tiny_bundle, case):
         bad = tmp_path / "bad"
         shutil.copytree(tiny_bundle, bad)
         (bad / "pudding.json").write_text("{not json")
-        args, message = ["chat", str(bad)], "malformed JSON"
+        args, message = ["chat", str(bad)], "not valid JSON"
     elif case.startswith("too-big"):  # a device with 1 MB of memory: every command refuses to load
         pre = "import mlx.core as mx\nmx.device_info = lambda: {'memory_size': 1_000_000}\n"
         args = {"too-big": ["chat", str(tiny_llm_dir)],
@@ -362,28 +362,13 @@ def test_route_and_info_on_other_errors(tmp_path):
 # -- the default bundle, without a shipped router ---------------------------------------------
 
 
-def test_default_bundle_without_router_runs_dense(tmp_path, monkeypatch, tiny_llm_dir):
+def test_default_bundle_without_router_runs_dense(tiny_default_build):
     """No head.safetensors shipped: the bundle is built without a router (candidates kept), the
     status note says so, a second call reuses it, a stale or half-built folder is rebuilt."""
-    import shutil
-
-    from pudding_mlx import default_bundle as db
+    from pudding_mlx.convert import default_bundle as db
     from pudding_mlx.bundle import read_manifest
 
-    data = tmp_path / "data"
-    data.mkdir()
-    (data / "candidates.json").write_text(json.dumps([[1, 3], [2, 4]]))
-    calls = []
-
-    def fake_convert(src, out, progress=None, **kw):  # the tiny model stands in for SmolLM2
-        calls.append(src)
-        shutil.copytree(tiny_llm_dir, out)
-        return Path(out)
-
-    monkeypatch.setenv("PUDDING_MLX_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr("pudding_mlx.convert.llm.convert_llm", fake_convert)
-    monkeypatch.setattr(db.assets, "smollm2_gguf", lambda quiet=True: Path("SmolLM2.gguf"))
-    monkeypatch.setattr(db.assets, "minilm_dir", lambda quiet=True: pytest.fail("no router: no encoder needed"))
+    data, calls = tiny_default_build
 
     target = db.bundle_path()
     target.mkdir(parents=True)  # a half-built folder from an earlier crash: never used

@@ -90,7 +90,7 @@ def spawn(args, env):
 
 
 def default_bundle(env) -> Path:
-    done = subprocess.run([sys.executable, "-c", "from pudding_mlx.default_bundle import ensure_default_bundle;"
+    done = subprocess.run([sys.executable, "-c", "from pudding_mlx.convert.default_bundle import ensure_default_bundle;"
                            "print(ensure_default_bundle())"], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     return Path(done.stdout.strip())
@@ -201,5 +201,5 @@ def test_route_and_info_on_the_default_bundle(env):
     assert 134e6 < info["parameters"] < 135e6  # SmolLM2-135M, counted through the 4/8-bit packing
     assert info["quantization"]["bits"] == 4 and info["candidates"]["count"] == 10
     assert info["router"]["outputs"] == 10 and info["router"]["max_tokens"] == 512
-    assert "MiniLM" in info["router"]["encoder"]
+    assert info["router"]["encoder"] == "sentence-transformers/all-MiniLM-L6-v2"  # as the README names it
     assert info["disk"]["total"] > info["disk"]["llm_weights"] + info["disk"]["router"] > 0

@@ -183,7 +183,7 @@ def test_router_outputs_must_match_the_candidate_sets(smol, light_router, minilm
 @pytest.mark.parametrize("content, needles", [
     ([[4, 30]], ["[0]", "[30] out of range 0..29", "30 blocks"]),
     ([[1, 2], list(range(30))], ["[1]", "omits all 30 blocks"]),
-    ([[1, 1]], ["repeats"]),
+    ([[1, 1]], ["repeated"]),
     ([[1, "x"]], ["integers"]),
     ('{"format": "pudding-mlx-candidates", "candidates": [', ["not valid JSON"]),
     ({"format": "pudding-mlx-candidates", "schema_version": 1, "num_blocks": 24, "candidates": []},

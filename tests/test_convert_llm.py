@@ -93,6 +93,19 @@ def test_gguf_output_layout(smol_mlx):
 
 
 @pytest.mark.assets
+def test_output_has_usual_permissions(smol_mlx):
+    """Issue 12, item 9 (a guard: `convert llm` builds in a subfolder of mkdtemp's 0700 folder, which
+    already had normal modes; `convert bundle` and `convert router` did not): the published folder has
+    the modes a plain mkdir / open give under the umask."""
+    import stat
+
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(smol_mlx.stat().st_mode) == 0o777 & ~umask
+    assert stat.S_IMODE((smol_mlx / "config.json").stat().st_mode) == 0o666 & ~umask
+
+
+@pytest.mark.assets
 def test_repack_matches_mx_load(smollm2_gguf):
     """The numpy repacking of Q4_1/Q8_0 blocks equals MLX's own GGUF loader bit for bit."""
     ref = mx.load(str(smollm2_gguf))
@@ -189,6 +202,39 @@ def test_gguf_conversion_needs_no_torch(smollm2_gguf, smol_mlx, tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     for name in ("tokenizer.json", "config.json"):
         assert json.loads((out / name).read_text()) == json.loads((smol_mlx / name).read_text())
+
+
+@pytest.mark.assets
+def test_gguf_tokenizer_uses_the_public_api_when_torch_is_there(smollm2_gguf, smol_mlx, tmp_path, monkeypatch):
+    """Issue 12, item 1: the private module transformers.integrations.gguf.gguf_tokenizer_mapping
+    exists in 5.24 but not in 5.17. With torch installed (the GPU machine: 5.17 + torch 2.11) the
+    tokenizer comes from the public AutoTokenizer(gguf_file=...) alone; the private fallback is not
+    touched, and the result is the torch-free conversion's, file for file."""
+    from pudding_mlx.convert import llm
+
+    monkeypatch.setattr(llm, "_gguf_tokenizer_without_torch",
+                        lambda g: pytest.fail("the private fallback ran although torch is installed"))
+    out = convert_llm(smollm2_gguf, tmp_path / "public")
+    for name in ("tokenizer.json", "tokenizer_config.json", "config.json"):
+        assert json.loads((out / name).read_text()) == json.loads((smol_mlx / name).read_text())
+
+
+def test_gguf_tokenizer_without_torch_nor_the_private_module_is_one_line(smollm2_gguf, tmp_path):
+    """Without torch, on a transformers that lacks the private module: one line saying what to
+    install, exit 2, nothing written."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "old-transformers"
+    code = ("import sys; sys.modules['torch'] = None\n"
+            "sys.modules['transformers.integrations.gguf.gguf_tokenizer_mapping'] = None  # as in 5.17\n"
+            "from pudding_mlx.app.cli import main\n"
+            f"sys.argv = ['pudding-mlx', 'convert', 'llm', {str(smollm2_gguf)!r}, {str(out)!r}]\n"
+            "main()\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "Traceback" not in done.stderr and "pip install torch" in done.stderr
+    assert not out.exists() and not _leftovers(tmp_path)
 
 
 # ---------------------------------------------------------------------------------------------------------------

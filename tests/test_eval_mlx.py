@@ -14,10 +14,11 @@ from typer.testing import CliRunner
 from pudding_mlx.app.eval_cmd import register
 from pudding_mlx.bundle import Candidate, Manifest
 from pudding_mlx.errors import PuddingError
-from pudding_mlx.evaluate import _batches, evaluate, evaluate_examples, score_requests
+from helpers import evaluate_examples
+from pudding_mlx.evaluate import _batches, evaluate, score_requests
 from pudding_mlx.load import load
-from pudding_mlx.train.requests import flatten, metrics
-from pudding_mlx.train.tasks import TASKS, Request, load_task
+from pudding_mlx.requests import flatten, metrics
+from pudding_mlx.tasks import TASKS, Request, load_task
 
 pytestmark = pytest.mark.assets
 DATA = Path(os.environ.get("PUDDING_MLX_DATA") or "/work/shared/data/benchmarks")
@@ -114,7 +115,7 @@ def test_head_on_selected_positions_equals_full_logits(arch, bits):
     import mlx.core as mx
 
     from pudding_mlx.evaluate import _Scorer
-    from pudding_mlx.shapes import tiny_model
+    from helpers import tiny_model
     from pudding_mlx.skip import SkipView
 
     model = tiny_model(arch, bits)
@@ -147,7 +148,7 @@ def pair(tiny_hf_dir, tmp_path_factory):
     """The same tiny random Llama weights on both sides: PyTorch float32 CPU, and MLX float32."""
     pytest.importorskip("torch")
     from pudding_mlx.convert.llm import convert_llm
-    from pudding_mlx.train.scoring import load_model
+    from helpers import load_model
 
     out = convert_llm(tiny_hf_dir, tmp_path_factory.mktemp("conv") / "mlx", dtype="float32")
     from transformers import AutoTokenizer
@@ -372,7 +373,7 @@ def test_eval_runs_without_torch(tiny_llm_dir, tmp_path):
 
 def test_requests_module_imports_neither_torch_nor_mlx():
     code = ("import sys\nsys.modules['torch'] = None\nsys.modules['mlx'] = None\n"
-            "import pudding_mlx.train.requests as R, pudding_mlx.train.tasks\n"
+            "import pudding_mlx.requests as R, pudding_mlx.tasks\n"
             "bad = [k for k in sys.modules if k.split('.')[0] in ('torch', 'mlx', 'mlx_lm') and sys.modules[k] is not None]\n"
             "assert not bad, bad\nprint(R.metrics.__name__)\n")
     done = _subprocess(code)

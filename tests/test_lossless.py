@@ -11,7 +11,8 @@ from mlx_lm.generate import generate_step
 
 from pudding_mlx.generate import generate, prompt_tokens, stream_generate
 from pudding_mlx.load import load
-from pudding_mlx.shapes import TINY, build_model, tiny_model
+from helpers import TINY, tiny_model
+from pudding_mlx.shapes import build_model
 from pudding_mlx.skip import SkipView
 
 PROMPT = [7, 99, 3, 250, 17, 42, 8, 301, 77, 5, 66, 123]

@@ -237,6 +237,24 @@ def test_tiny_layouts_match_hf(tiny_seqcls, tiny_light, outs):
     same_weights(outs / "a", outs / "b")
 
 
+def test_converted_router_and_light_encoder_name(tiny_light, outs):
+    """Issue 12, items 8 and 9: the converted folder has the usual modes, not mkdtemp's 0700; a light
+    router's head.json may name its encoder (`encoder_name`, as the default bundle does for
+    all-MiniLM-L6-v2, whose config names only the model it was trained from), else the config does."""
+    import os
+    import stat
+
+    umask = os.umask(0)
+    os.umask(umask)
+    out = convert_router(tiny_light, outs / "plain")
+    assert stat.S_IMODE(out.stat().st_mode) == 0o777 & ~umask
+    assert json.loads((out / "router.json").read_text())["encoder"] == "encoder"  # the folder: no _name_or_path
+    head = json.loads((tiny_light / "head.json").read_text())
+    (tiny_light / "head.json").write_text(json.dumps(dict(head, encoder_name="someone/tiny-bert")))
+    out = convert_router(tiny_light, outs / "named")
+    assert json.loads((out / "router.json").read_text())["encoder"] == "someone/tiny-bert"
+
+
 def test_float16(tiny_seqcls, outs):
     r32 = load_router(convert_router(tiny_seqcls, outs / "f32"))
     r16 = load_router(convert_router(tiny_seqcls, outs / "f16", dtype="float16"))

@@ -15,8 +15,8 @@ transformers = pytest.importorskip("transformers")
 
 from pudding_mlx.errors import PuddingError  # noqa: E402
 from pudding_mlx.train import scoring as S  # noqa: E402
-from pudding_mlx.train import tasks as T  # noqa: E402
-from pudding_mlx.train.tasks import Example, Request  # noqa: E402
+from pudding_mlx import tasks as T  # noqa: E402
+from pudding_mlx.tasks import Example, Request  # noqa: E402
 
 pytestmark = [pytest.mark.torch, pytest.mark.assets]
 DATA = Path(os.environ.get("PUDDING_MLX_DATA") or "/work/shared/data/benchmarks")

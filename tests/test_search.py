@@ -7,8 +7,8 @@ import json
 import pytest
 
 from pudding_mlx.errors import PuddingError
-from pudding_mlx.train.search import (SearchState, greedy_search, pool, read_candidates,
-                                      write_candidates)
+from pudding_mlx.candidates import read_candidates
+from pudding_mlx.train.search import SearchState, greedy_search, pool, write_candidates
 
 N_BLOCKS = 10
 
@@ -83,7 +83,7 @@ def test_state_with_other_settings_is_refused(tmp_path):
     with pytest.raises(PuddingError, match="other settings"):
         SearchState(path, {"k": 5})
     path.write_text("{broken")
-    with pytest.raises(PuddingError, match="corrupt"):
+    with pytest.raises(PuddingError, match="not valid JSON"):
         SearchState(path, {"k": 4})
 
 

@@ -60,7 +60,7 @@ import json, os, sys
 import torch.distributed as dist
 from pudding_mlx.train.distributed import evaluate_everywhere, finish, init_from_env
 from pudding_mlx.train.hf import load_hf
-from pudding_mlx.train.tasks import load_task
+from pudding_mlx.tasks import load_task
 init_from_env()
 model, tok, _ = load_hf(sys.argv[1], device="cpu")
 ex = load_task("arc_easy", "validation", sys.argv[2], limit=6) + load_task("piqa", "validation", sys.argv[2], limit=5)

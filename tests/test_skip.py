@@ -20,7 +20,8 @@ from mlx.utils import tree_flatten
 from mlx_lm.generate import generate_step
 
 from pudding_mlx.errors import PuddingError
-from pudding_mlx.shapes import TINY, build_model, tiny_model
+from helpers import TINY, tiny_model
+from pudding_mlx.shapes import build_model
 from pudding_mlx.skip import SkipView
 
 ARCHS = TINY

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from pudding_mlx.errors import PuddingError
-from pudding_mlx.train import tasks as T
+from pudding_mlx import tasks as T
 
 DATA = Path(os.environ.get("PUDDING_MLX_DATA") or "/work/shared/data/benchmarks")
 pytestmark = pytest.mark.skipif(not (DATA / "README.md").is_file(),
@@ -173,6 +173,6 @@ def test_sample_is_seeded_and_records_ids():
 
 
 def test_no_mlx_or_torch_import():
-    code = ("import sys, pudding_mlx.errors, pudding_mlx.train.tasks; "
+    code = ("import sys, pudding_mlx.errors, pudding_mlx.tasks; "
             "assert 'mlx' not in sys.modules and 'torch' not in sys.modules, sorted(sys.modules)")
     subprocess.run([sys.executable, "-c", code], check=True)

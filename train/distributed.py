@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 
 from .scoring import flatten, metrics, score_requests
-from .tasks import Example
+from pudding_mlx.tasks import Example
 
 
 def init_from_env() -> None:

@@ -6,7 +6,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from pudding_mlx.errors import PuddingError
+from pudding_mlx.errors import PuddingError, first_line
 
 from .scoring import default_dtype
 
@@ -41,5 +41,5 @@ def load_hf(model: str, device: Optional[str] = None, dtype: Optional[str] = Non
         tokenizer = AutoTokenizer.from_pretrained(src, **kwargs)
         lm = AutoModelForCausalLM.from_pretrained(src, dtype=torch_dtype, **kwargs)
     except OSError as e:
-        raise PuddingError(f"{model}: could not load it ({str(e).splitlines()[0][:200]})")
+        raise PuddingError(f"{model}: could not load it ({first_line(e)})")
     return lm.to(dev).eval(), tokenizer, name

@@ -30,7 +30,7 @@ from pudding_mlx.errors import PuddingError
 
 from .router_data import load_router_data
 from .search import atomic_write_json, split_pool
-from .tasks import eval_metric
+from pudding_mlx.tasks import eval_metric
 
 MAIN_TASKS = ("arc_challenge", "arc_easy", "boolq", "hellaswag", "piqa", "winogrande")
 UNSEEN_TASKS = ("openbookqa", "mmlu")

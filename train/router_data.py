@@ -67,7 +67,9 @@ import numpy as np
 
 from pudding_mlx.errors import PuddingError
 
-from .search import atomic_write_json, read_candidates
+from pudding_mlx.candidates import read_candidates
+
+from .search import atomic_write_json
 
 FORMAT = "pudding-mlx-router-data"
 SCHEMA_VERSION = 1
@@ -95,9 +97,9 @@ def _sha256(path: Path) -> str:
 def resolve_sets(candidates, n_blocks: int) -> Tuple[List[List[int]], dict]:
     """(the candidate sets as sorted 0-based block lists, provenance of where they came from).
 
-    `candidates`: a candidates file (path; `train.search.read_candidates`), or a list of sets
+    `candidates`: a candidates file (path; `pudding_mlx.candidates.read_candidates`), or a list of sets
     (lists of block indices, or dicts with "omitted")."""
-    from .scoring import check_omitted
+    from pudding_mlx.omission import check_omitted
 
     source: dict = {}
     if isinstance(candidates, (str, os.PathLike)):
@@ -131,7 +133,7 @@ def resolve_sets(candidates, n_blocks: int) -> Tuple[List[List[int]], dict]:
 def draw_examples(tasks: Sequence[str], split: str = "train", max_per_task: Optional[int] = None,
                   seed: int = 0, data_dir=None) -> Dict[str, list]:
     """{task: its `split` examples, or a seeded sample of `max_per_task` of them}, in task order."""
-    from .tasks import load_task, sample
+    from pudding_mlx.tasks import load_task, sample
 
     if not tasks:
         raise PuddingError("no tasks: give at least one calibration task")

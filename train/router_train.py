@@ -57,7 +57,6 @@ from __future__ import annotations
 import datetime
 import json
 import math
-import os
 import shutil
 import tempfile
 import time
@@ -68,7 +67,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from pudding_mlx.atomic import install_dir
+from pudding_mlx.atomic import install_dir, usual_permissions as _usual_permissions
 from pudding_mlx.errors import PuddingError
 
 from .report import router_metrics  # noqa: F401  (also part of this module's API)
@@ -173,16 +172,6 @@ def _set_label(s: Sequence[int]) -> str:
 
 
 # -- training --------------------------------------------------------------------------------------
-
-
-def _usual_permissions(folder: Path) -> None:
-    """mkdtemp makes a 0700 folder (and some writers 0600 files): give the result the modes a
-    plain mkdir / open would have under the current umask."""
-    umask = os.umask(0)
-    os.umask(umask)
-    folder.chmod(0o777 & ~umask)
-    for p in folder.rglob("*"):
-        p.chmod((0o777 if p.is_dir() else 0o666) & ~umask)
 
 
 def train_router(

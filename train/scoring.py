@@ -31,7 +31,7 @@ it. Search losses over a set of examples: `likelihood` = -sum_x ell-bar(gold), `
 
 Batching: requests are sorted by input length (longest first), padded on the right with an
 attention mask, and only the logits of the continuation positions are computed (`logits_to_keep`)
-and turned into float32 log-probs. bf16 on GPU, float32 on CPU (`default_dtype`, `load_model`).
+and turned into float32 log-probs. bf16 on GPU, float32 on CPU (`default_dtype`).
 """
 
 from __future__ import annotations
@@ -43,13 +43,13 @@ from typing import Callable, Iterable, List, Optional, Sequence, Union
 import torch
 from torch import nn
 
-from pudding_mlx.bundle import check_omitted
+from pudding_mlx.omission import check_omitted, kept_blocks
 from pudding_mlx.errors import PuddingError
 
 # the torch-free half (tokenization, Score, metrics) lives in .requests; re-exported here
-from .requests import (Score, _prefix_token, _split_space, encode_requests, flatten, losses,  # noqa: F401
+from pudding_mlx.requests import (Score, _prefix_token, _split_space, encode_requests, flatten, losses,  # noqa: F401
                        metrics, model_inputs)
-from .tasks import Example, Request
+from pudding_mlx.tasks import Example, Request
 
 # Decoder families whose forward (transformers 5.23) was checked: the block loop is
 # `self.layers[: config.num_hidden_layers]`, optionally with `config.layer_types[i]`; `layer_idx`
@@ -69,18 +69,6 @@ def default_dtype(device: Union[str, torch.device, None]) -> torch.dtype:
     """bf16 on an accelerator, float32 on the CPU."""
     dev = torch.device(device) if device is not None else torch.device("cpu")
     return torch.float32 if dev.type == "cpu" else torch.bfloat16
-
-
-def load_model(name_or_path: str, device: Union[str, torch.device, None] = None,
-               dtype: Optional[torch.dtype] = None, **kwargs):
-    """An AutoModelForCausalLM in eval mode on `device` (default: cuda if available, else cpu),
-    in `dtype` (default: `default_dtype(device)`)."""
-    from transformers import AutoModelForCausalLM
-
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    model = AutoModelForCausalLM.from_pretrained(
-        name_or_path, dtype=dtype or default_dtype(device), **kwargs)
-    return model.to(device).eval()
 
 
 def find_decoder(model: nn.Module) -> nn.Module:
@@ -130,7 +118,7 @@ def skip_blocks(model: nn.Module, omitted: Iterable[int] = ()):
     with _SWAP_LOCK:
         layers = decoder.layers
         n = len(layers)
-        kept = [i for i in range(n) if i not in set(omitted)]
+        kept = kept_blocks(omitted, n)
         saved_n = cfg.num_hidden_layers
         saved_types = getattr(cfg, "layer_types", None)
         if saved_types is not None and len(saved_types) != n:

