@@ -99,7 +99,7 @@ def _add_hidden_router(src: Path, dest: Path, cands) -> RouterSettings:
     the bundle loads)."""
     from pudding_mlx.hidden_router import HEAD_FILE, ROUTER_FILE
 
-    settings = json.loads((src / ROUTER_FILE).read_text())
+    settings = read_json(src / ROUTER_FILE, "the hidden-state router's settings", "retrain the router")
     if [sorted(s) for s in settings.get("sets", [])] != [list(c.omitted) for c in cands]:
         raise PuddingError(f"{src / ROUTER_FILE}: field 'sets' (the router's outputs) differs from the candidate "
                            "sets, in content or order; pass the candidates file the router was trained with")

@@ -32,7 +32,8 @@ from typing import List, Optional, Sequence, Tuple
 
 import mlx.core as mx
 
-from .errors import PuddingError
+from .errors import PuddingError, first_line
+from .jsonio import read_json
 from .skip import SkipView, decoder, family_forward
 
 ROUTER_FILE = "router.json"
@@ -194,10 +195,7 @@ def load_hidden_router(folder, model, tokenizer, num_outputs: Optional[int] = No
     """Read router.json + head.safetensors (module doc); every bad field is one line naming it."""
     folder = Path(folder)
     where = folder / ROUTER_FILE
-    try:
-        s = json.loads(where.read_text())
-    except (OSError, ValueError) as e:
-        raise PuddingError(f"{where}: not readable JSON ({e})") from None
+    s = read_json(where, "the hidden-state router's settings", "retrain the router or rebuild the bundle")
 
     def need(key, ok, what):
         if key not in s or not ok(s[key]):
@@ -224,7 +222,7 @@ def load_hidden_router(folder, model, tokenizer, num_outputs: Optional[int] = No
         w = mx.load(str(wpath))
         mx.eval(w)
     except Exception as e:
-        raise PuddingError(f"{wpath}: not a readable safetensors file ({type(e).__name__}); retrain or recopy the router") from None
+        raise PuddingError(f"{wpath}: not a readable safetensors file ({first_line(e)}); retrain or recopy the router") from None
     weight, bias = w.get("weight"), w.get("bias")
     pools = len(s["pooling"].split("+"))
     width = model.args.hidden_size

@@ -44,7 +44,7 @@ RIDGE = (0.1, 1.0, 10.0, 100.0, 1000.0)
 
 def hits(data: dict) -> np.ndarray:
     """[N, M] bool: example i answered correctly under set m, by its task's reported metric."""
-    from .tasks import eval_metric
+    from pudding_mlx.tasks import eval_metric
 
     norm = np.array([eval_metric(str(t)) == "acc_norm" for t in data["task"]])
     return np.where(norm[:, None], data["correct_norm"], data["correct"])
@@ -192,13 +192,11 @@ def train_probe_router(data_dir, out, sets: Sequence[Sequence[int]], objective: 
     """`pudding-mlx train router --variant probe`: fit on DATA_DIR (router_data.npz + features_pca.npz)
     and write OUT: router.json (kind "hidden": block, pooling, sets, fallback, margin), head.safetensors
     (the folded linear map of the raw hidden state) and probe.npz (the head on PCA features)."""
-    import json
-    import tempfile
     from pathlib import Path
 
     from safetensors.numpy import save_file
 
-    from pudding_mlx.atomic import install_dir
+    from pudding_mlx.atomic import building, write_json
 
     from .features import load_features
     from .router_data import load_router_data
@@ -213,11 +211,8 @@ def train_probe_router(data_dir, out, sets: Sequence[Sequence[int]], objective: 
     probe = train_probe(restrict(data, cols), feats, after, objective, val_fraction, seed)
     folded = export(probe, feats)
     out = Path(out)
-    if out.exists() and not force:
+    if out.exists() and not force:  # checked before any work is lost
         raise PuddingError(f"{out}: already exists; pass --force to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
-    tmp.chmod(0o755)
     meta = {"format": "pudding-mlx-router", "kind": "hidden", "after": after, "pooling": probe["pooling"],
             "prompt": "the text as one user message through the LLM's chat template (generation prompt added)",
             "max_tokens": int(feats["max_tokens"]), "objective": objective,
@@ -229,21 +224,22 @@ def train_probe_router(data_dir, out, sets: Sequence[Sequence[int]], objective: 
             "validation": {"accuracy": probe["val_accuracy"], "static_accuracy": probe["val_static_accuracy"],
                            "n_train": probe["n_train"], "n_val": probe["n_val"]},
             "tried": probe["tried"]}
-    (tmp / ROUTER_FILE).write_text(json.dumps(meta, indent=1) + "\n")
-    save_file(folded, str(tmp / HEAD_FILE))
     head = probe["head"]
-    np.savez(tmp / PROBE_FILE, mu=head["mu"], sd=head["sd"], w=head["w"], b=head["b"],
-             margin=np.float64(probe["margin"]), static=np.int64(probe["static"]), after=np.int64(after))
-    install_dir(tmp, out, force=force)
+    with building(out, force=force) as tmp:
+        write_json(tmp / ROUTER_FILE, meta)
+        save_file(folded, str(tmp / HEAD_FILE))
+        np.savez(tmp / PROBE_FILE, mu=head["mu"], sd=head["sd"], w=head["w"], b=head["b"],
+                 margin=np.float64(probe["margin"]), static=np.int64(probe["static"]), after=np.int64(after))
     return meta
 
 
 def load_probe(router_dir) -> dict:
-    import json
     from pathlib import Path
 
+    from pudding_mlx.jsonio import read_json
+
     router_dir = Path(router_dir)
-    meta = json.loads((router_dir / ROUTER_FILE).read_text())
+    meta = read_json(router_dir / ROUTER_FILE, "the router settings", "retrain the router")
     with np.load(router_dir / PROBE_FILE) as z:
         head = {k: z[k] for k in ("mu", "sd", "w", "b")}
         return {"head": head, "after": int(z["after"]), "pooling": meta["pooling"],

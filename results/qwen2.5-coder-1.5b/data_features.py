@@ -12,7 +12,7 @@ from pudding_mlx.train.distributed import finish, init_from_env, is_main
 from pudding_mlx.train.features import project_features, write_features
 from pudding_mlx.train.hf import load_hf
 from pudding_mlx.train.router_data import build_router_data
-from pudding_mlx.train.search import read_candidates
+from pudding_mlx.candidates import read_candidates
 
 model, work = sys.argv[1], sys.argv[2]
 n_train = int(sys.argv[3]) if len(sys.argv) > 3 else 1000
