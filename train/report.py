@@ -237,6 +237,17 @@ def to_markdown(report: dict) -> str:
         f = lambda x: f"{x:.3f}" if isinstance(x, (int, float)) else "-"
         lines.append(f"| {m['k']} | {m['router']} | {f(v.get('mse'))} | {f(v.get('agreement'))} | {f(v.get('regret'))} | "
                      f"{f(e['mse'])} | {f(e['agreement'])} | {f(e['regret'])} |")
+    if report.get("hidden_routers"):
+        lines += ["", "## Hidden-state routers: what validation chose", "",
+                  "Chosen on a by-question validation split of the training data (never on the evaluation data): "
+                  "pooling, ridge strength and the margin over the fallback (the best static set on the training "
+                  "data). Validation accuracy is the mean over the training tasks of the routed choice vs the fallback.", "",
+                  "| router | block | pooling | ridge | margin | val routed % | val static % |", "|---|---|---|---|---|---|---|"]
+        for name, h in report["hidden_routers"].items():
+            v = h.get("validation") or {}
+            margin = h["margin_is"] if h.get("margin") is None else f"{h['margin']:.4f}"
+            lines.append(f"| {name} | {h['after']} | {h['pooling']} | {h['ridge']} | {margin} | "
+                         f"{100 * v.get('accuracy', float('nan')):.2f} | {100 * v.get('static_accuracy', float('nan')):.2f} |")
     lines += ["", "## Every static candidate", "", head, "|" + "---|" * (len(tasks) + 4)]
     for r in report["rows"]:
         if r["method"] == "static":
@@ -314,5 +325,13 @@ def report_run_dir(run_dir, model: str = None) -> Path:
                       if (run / "routers" / "heads" / f"router_train-{v}-k{k}.json").is_file()}
     name = model or json.loads(evals[0].with_suffix(".json").read_text()).get("settings", {}).get("model", run.name)
     select = [run / "data-train.npz"] if (run / "data-train.npz").is_file() else []
+    hidden = {}
+    for p in sorted((run / "routers" / "hidden").glob("hidden-*-k*.json")):
+        r = json.loads(p.read_text())
+        hidden[p.stem] = {k: r.get(k) for k in ("after", "pooling", "objective", "fallback", "margin", "margin_is",
+                                                 "ridge", "validation")}
     name = Path(str(name)).name.removesuffix(".gguf")  # a path or hub id -> its last part ("1.5B" is no suffix)
-    return write_report(build_report(name, evals, candidates, routers, trained, select_paths=select), run)
+    report = build_report(name, evals, candidates, routers, trained, select_paths=select)
+    if hidden:
+        report["hidden_routers"] = hidden
+    return write_report(report, run)
