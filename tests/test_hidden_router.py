@@ -12,7 +12,7 @@ from mlx_lm.generate import generate_step
 from mlx_lm.models.base import create_attention_mask
 
 from pudding_mlx.hidden_router import HiddenRouter, block_output, routed_prefill
-from pudding_mlx.shapes import tiny_model
+from helpers import tiny_model
 from pudding_mlx.skip import SkipView
 
 
