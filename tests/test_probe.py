@@ -103,3 +103,17 @@ def test_probe_router_end_to_end(tiny_hf_dir, tmp_path, monkeypatch):
     assert head["weight"].shape[0] == 3 and head["weight"].shape[1] % 64 == 0  # tiny model: hidden 64
     with np.load(tmp_path / "p.npz") as z:
         assert z["scores"].shape == (40, 3) and set(z["chosen"]) <= {0, 1, 2}
+
+
+def test_features_of_a_subset_of_rows_select_those_rows():
+    rng = np.random.default_rng(0)
+    data, feats, _ = _data(rng, n=40)
+    sub = {k: (v[::-3] if isinstance(v, np.ndarray) and v.ndim >= 1 and len(v) == 40 else v) for k, v in feats.items()}
+    got = probe.rows_with_features(dict(data, meta={}), sub)
+    assert list(got["id"]) == list(sub["id"]) and np.array_equal(got["y"], data["y"][::-3])
+    assert probe.rows_with_features(data, feats) is data
+    from pudding_mlx.errors import PuddingError
+
+    bad = dict(sub, id=np.array(["nope"] + list(sub["id"][1:])))
+    with pytest.raises(PuddingError, match="recompute the features"):
+        probe.rows_with_features(data, bad)

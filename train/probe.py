@@ -186,6 +186,22 @@ def restrict(data: dict, cols: Sequence[int]) -> dict:
     return out
 
 
+def rows_with_features(data: dict, feats: dict) -> dict:
+    """The router data's rows that have features, in the features' order (features computed for a
+    seeded subset of the training rows train on that subset; the best static set is still chosen on
+    all of them by the report)."""
+    if list(feats["id"]) == list(data["id"]) and list(feats["task"]) == list(data["task"]):
+        return data
+    where = {(str(t), str(i)): r for r, (t, i) in enumerate(zip(data["task"], data["id"]))}
+    try:
+        rows = np.array([where[(str(t), str(i))] for t, i in zip(feats["task"], feats["id"])], dtype=np.int64)
+    except KeyError as e:
+        raise PuddingError(f"the features have a row the router data lacks ({e.args[0]}); recompute the features") from None
+    n = len(data["id"])
+    return {k: (v[rows] if isinstance(v, np.ndarray) and v.ndim >= 1 and v.shape[0] == n else v)
+            for k, v in data.items()}
+
+
 def train_probe_router(data_dir, out, sets: Sequence[Sequence[int]], objective: str = "accuracy",
                        after: Optional[int] = None, val_fraction: float = 0.2, seed: int = 0,
                        force: bool = False) -> dict:
@@ -201,7 +217,7 @@ def train_probe_router(data_dir, out, sets: Sequence[Sequence[int]], objective: 
     from .features import load_features
     from .router_data import load_router_data
 
-    data = load_router_data(data_dir)
+    data = rows_with_features(load_router_data(data_dir), load_features(data_dir))
     feats = load_features(data_dir)
     cols = columns(data["meta"]["sets"], sets)
     if after is None:
