@@ -76,7 +76,7 @@ def _print(result):
     lossless = [r for r in rows if "lossless_s" in r]
     if lossless:
         table = Table(title=f"lossless: the routed set drafts {lossless[0]['draft_tokens']} tokens, the dense "
-                            "model verifies (output = dense)")
+                            "model verifies (output: the dense model's)")
         for col in ("prompt+gen", "dense s", "lossless s", "accepted from draft", "speedup (router counted)"):
             table.add_column(col, justify="right")
         for r in lossless:

@@ -57,7 +57,8 @@ def chat(
 ):
     """Chat with a model, each message routed to a set of skipped blocks. In-chat: /help.
 
-    With --lossless every reply is the dense model's, token for token: the routed set only drafts."""
+    With --lossless every reply is the dense model's (token for token in float32; in bf16/fp16 it is
+    the dense model under multi-token verification): the routed set only drafts."""
     import mlx.core as mx
     from mlx_lm.sample_utils import make_sampler
 

@@ -11,7 +11,7 @@ mlx-lm's own generation loop, for
              (router_s) and counted in the speedup: dense / (routed + router)
 
 With `draft_tokens` (`bench --lossless`), generation cells also time `lossless`: the routed set
-drafts that many tokens, the dense model verifies them (output = dense output), and the share of
+drafts that many tokens, the dense model verifies them (the dense model's output), and the share of
 tokens taken from the draft is recorded; speedup_lossless = dense / (lossless + router). Prompts are
 random token ids, so acceptance here is that of random text: `benchmarks/lossless.py` measures it on
 real prompts.
