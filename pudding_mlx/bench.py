@@ -181,20 +181,6 @@ def time_cells(model, omitted_static: Sequence[int], omitted_routed: Optional[Se
                    "gen_tokens": n_gen, "error": _one_line(e)}
 
 
-def run_bench(model, omitted_static: Sequence[int], omitted_routed: Optional[Sequence[int]] = None,
-              router=None, cells=PREFILL + GENERATE, runs: int = 10, vocab: Optional[int] = None,
-              progress: Callable[[str], None] = None, draft_tokens: Optional[int] = None) -> List[dict]:
-    """Time every (prompt_tokens, gen_tokens) cell. `omitted_routed`: the set the router picked
-    (default: the static set); `router` (with `.best(text)`) is timed for router_s. `draft_tokens`: also time
-    lossless generation with the routed set drafting."""
-    rows = []
-    for row in time_cells(model, omitted_static, omitted_routed, router, cells, runs, vocab, draft_tokens):
-        rows.append(row)
-        if progress:
-            progress(cell_line(row))
-    return rows
-
-
 def cell_line(row: dict) -> str:
     head = f"{row['phase']} {row['prompt_tokens']}+{row['gen_tokens']}"
     if "error" in row:
@@ -250,7 +236,6 @@ class Target:
     router: object
     router_name: Optional[str]       # the JSON's "router": a path, "bundle", or None when none was timed
     source: dict                     # {"shape": name} or {"model": path}
-    dtype: object = None
 
 
 def parse_cells(cells: Optional[str]) -> List[tuple]:
