@@ -91,3 +91,16 @@ def test_offline_cache_miss_is_one_line(tmp_path):
     assert done.returncode != 0
     assert "cannot read ybisk/piqa split 'validation' from the Hugging Face hub" in done.stderr
     assert "--data-dir DIR or set PUDDING_MLX_DATA" in done.stderr
+
+
+def test_train_calibration_reads_the_hub(mirror):
+    """`train search` draws its calibration sample through load_task: with no local folder (or
+    `hub`) it draws the same examples from the hub as from the local files."""
+    from pudding_mlx.train.search import calibration_sets
+
+    tasks = ["arc_easy", "piqa", "winogrande", "mix"]
+    local = calibration_sets(tasks, 3, 0, FIXTURES / "benchmarks")
+    for source in ("hub", None):
+        hub = calibration_sets(tasks, 3, 0, source)
+        assert {t: [e.id for e in v] for t, v in hub.items()} == {t: [e.id for e in v] for t, v in local.items()}
+        assert hub == local
