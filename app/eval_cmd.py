@@ -6,7 +6,7 @@
 
 Same templates, tokenization and metrics as the training side (`pudding_mlx.tasks`, `pudding_mlx.requests`), so
 the figures match `pudding-mlx train` on the same weights. Benchmark files come from --data-dir or
-$PUDDING_MLX_DATA. Bad input (unknown task, no data folder, bad --omit, bad MODEL) is one line on
+$PUDDING_MLX_DATA; with neither, the tasks are read from the Hugging Face hub (`datasets`). Bad input (unknown task, no data folder, bad --omit, bad MODEL) is one line on
 stderr and exit status 2.
 """
 
@@ -46,7 +46,8 @@ def eval_command(
     omit: Optional[str] = typer.Option(None, "--omit", help="Skip these 0-based blocks, e.g. 3,5 "
                                        "(overrides the router)."),
     data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="The benchmark folder "
-                                            "(<task>.<split>.jsonl.gz); default $PUDDING_MLX_DATA."),
+                                            "(<task>.<split>.jsonl.gz); default $PUDDING_MLX_DATA, else "
+                                            "(or 'hub') the Hugging Face hub via `datasets`."),
     batch_size: int = typer.Option(16, "--batch-size", min=1, help="Most requests per forward pass."),
     batch_tokens: int = typer.Option(2048, "--batch-tokens", min=1, help="Most padded tokens per forward "
                                      "pass (the logits of a batch are tokens x vocab floats)."),

@@ -6,6 +6,8 @@ from pudding_mlx import DRAFT_TOKENS
 
 LOSSLESS = typer.Option(
     False, "--lossless", help="The routed (pruned) model only drafts tokens and the dense model verifies "
-    "them: output identical to --dense, faster when drafts are accepted.")
+    "them: the output is the dense model's (greedy: identical to --dense in float32; in bf16/fp16 the "
+    "multi-token verification can round near-tied tokens differently from one-token decoding), faster "
+    "when drafts are accepted.")
 DRAFT = typer.Option(DRAFT_TOKENS, "--draft-tokens", min=1, help="Tokens drafted per dense verification "
                      "(--lossless).")

@@ -11,6 +11,7 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from pudding_mlx.app.options import DRAFT, LOSSLESS
@@ -56,7 +57,8 @@ def chat(
 ):
     """Chat with a model, each message routed to a set of skipped blocks. In-chat: /help.
 
-    With --lossless every reply is the dense model's, token for token: the routed set only drafts."""
+    With --lossless every reply is the dense model's (token for token in float32; in bf16/fp16 it is
+    the dense model under multi-token verification): the routed set only drafts."""
     import mlx.core as mx
     from mlx_lm.sample_utils import make_sampler
 
@@ -90,7 +92,7 @@ def chat(
         mx.random.seed(seed)
     session = ChatSession.from_loaded(loaded, system=system, lossless=lossless, draft_tokens=draft_tokens)
     state = _ChatState(loaded, session,
-                       make_sampler(temp=temp, top_p=top_p), max_tokens, dense, base_omit, note)
+                       make_sampler(temp=temp, top_p=top_p), max_tokens, dense, base_omit, note, err)
 
     router = "no router" if loaded.router is None else f"router with {len(loaded.manifest.candidates)} candidate sets"
     mode = f" · lossless: the routed set drafts {draft_tokens} tokens, the dense model verifies" if lossless else ""
@@ -139,20 +141,66 @@ class _StopFlag:
         return False
 
 
+class _PrefillProgress:
+    """A progress bar on stderr while a long prompt is prefilled, or the history re-prefilled after a
+    set change; it disappears when the reply starts to stream."""
+
+    LONG = 64  # tokens: below this a prefill is quick enough to need no display
+
+    def __init__(self, console):
+        self.console, self.bar, self.tasks = console, None, {}
+
+    def update(self, phase: str, done: int, total: int) -> None:
+        if phase in self.tasks and self.tasks[phase] is None:  # shown and finished already
+            return
+        if phase not in self.tasks and (total < self.LONG or done >= total):
+            return
+        if self.bar is None:
+            self.bar = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                TextColumn("tokens"), TimeElapsedColumn(), console=self.console, transient=True)
+        if phase not in self.tasks:
+            what = ("re-prefilling the conversation under the new set" if phase == "re-prefill"
+                    else "prefilling the prompt")
+            self.tasks[phase] = self.bar.add_task(what, total=total, completed=done)
+            self.bar.start()  # (no-op when running) now that there is a line to show
+        self.bar.update(self.tasks[phase], completed=done, total=total)
+        if done >= total:  # this phase is over: its line goes, the next phase gets its own
+            self.bar.remove_task(self.tasks[phase])
+            self.tasks[phase] = None
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+            self.bar, self.tasks = None, {}
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+        return False
+
+
 class _ChatState:
-    def __init__(self, loaded, session, sampler, max_tokens, dense, base_omit, note):
+    def __init__(self, loaded, session, sampler, max_tokens, dense, base_omit, note, err=None):
         self.loaded, self.session, self.sampler = loaded, session, sampler
         self.max_tokens, self.dense, self.base_omit, self.note = max_tokens, dense, base_omit, note
+        self.err = err or Console(stderr=True, highlight=False)
         self.last_route = None  # (text, index, scores, ms) of the last routed message
         self.used = {}
 
     # one user turn
     def turn(self, console, text):
-        with _StopFlag() as stop:  # Ctrl-C from here on (routing included) stops this turn only
+        def show(piece):
+            progress.close()
+            console.print(piece, end="", markup=False, highlight=False, emoji=False)
+
+        # Ctrl-C from here on (routing included) stops this turn only
+        with _StopFlag() as stop, _PrefillProgress(self.err) as progress:
             result = self.session.routed_reply(
                 text, dense=self.dense, omit=None if self.dense else self.base_omit,
                 max_tokens=self.max_tokens, sampler=self.sampler, should_stop=stop,
-                on_token=lambda piece: console.print(piece, end="", markup=False, highlight=False, emoji=False),
+                on_token=show, on_prefill=progress.update,
             )
         choice = result.choice
         if choice.how == "routed":
@@ -164,6 +212,11 @@ class _ChatState:
                               "is kept in the conversation][/yellow]")
             else:
                 console.print("[yellow]\\[interrupted before the reply began: the message was dropped][/yellow]")
+        elif result.finish_reason == "length":
+            limit = (f"--max-tokens {self.max_tokens}" if result.generation_tokens >= self.max_tokens
+                     else "the model's context")
+            console.print(f"[yellow]\\[cut off: the reply reached {result.generation_tokens} tokens "
+                          f"({limit}); it may be unfinished][/yellow]")
         key = choice.candidate if choice.how == "routed" else choice.how
         self.used[key] = self.used.get(key, 0) + 1
         console.print(self.status(choice, result), style="dim", markup=False)
@@ -246,22 +299,19 @@ class _ChatState:
                                   title=f"router scores for {preview!r} ({ms:.1f} ms)"))
 
     def show_stats(self, console):
-        s = self.session
-        turns = s.turns
+        s = self.session.stats()
         table = Table(show_header=False, box=None, padding=(0, 2))
-        table.add_row("turns", f"{len(turns)} ({sum(1 for t in turns if t.finish_reason == 'interrupted')} interrupted)")
-        table.add_row("messages", str(len(s.messages)))
-        table.add_row("KV cache", f"{s.cache_tokens} tokens under omitted {list(s.omitted)}, "
-                      f"{s.cache_bytes / 1e6:.2f} MB allocated")
-        table.add_row("prompt tokens", f"{sum(t.prepared.prompt_tokens for t in turns)} rendered, "
-                      f"{sum(t.prepared.reused for t in turns)} from cache, "
-                      f"{sum(t.prepared.rebuilt for t in turns)} re-prefilled after set changes")
-        gen = sum(t.generation_tokens for t in turns)
-        table.add_row("generated", f"{gen} tokens")
-        if turns:
-            table.add_row("speed (mean)", f"prompt {sum(t.prompt_tps for t in turns) / len(turns):.1f} tok/s, "
-                          f"generation {sum(t.generation_tps for t in turns) / len(turns):.1f} tok/s")
-            table.add_row("peak memory", f"{max(t.peak_memory_gb for t in turns):.3f} GB")
+        table.add_row("turns", f"{s['turns']} ({s['interrupted']} interrupted, {s['dropped']} dropped)")
+        table.add_row("messages", str(s["messages"]))
+        table.add_row("KV cache", f"{s['cache_tokens']} tokens under omitted {s['cache_omitted']}, "
+                      f"{s['cache_bytes'] / 1e6:.2f} MB allocated")
+        table.add_row("prompt tokens", f"{s['prompt_rendered']} rendered, {s['prompt_from_cache']} from cache, "
+                      f"{s['prompt_re_prefilled']} re-prefilled after set changes")
+        table.add_row("generated", f"{s['generated']} tokens")
+        if s["turns"]:
+            table.add_row("speed (overall)", f"prompt {s['prompt_tps']:.1f} tok/s, "
+                          f"generation {s['generation_tps']:.1f} tok/s")
+            table.add_row("peak memory", f"{s['peak_memory_gb']:.3f} GB")
         used = ", ".join(f"{'candidate ' + str(k) if isinstance(k, int) else k}: {v}"
                          for k, v in sorted(self.used.items(), key=lambda kv: str(kv[0])))
         table.add_row("sets used", used or "-")

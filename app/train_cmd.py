@@ -45,7 +45,8 @@ def search(
     protect_first: int = typer.Option(1, help="Never remove blocks 0..P-1 (with --protect's blocks): "
                                       "their output is then free for a hidden-state router."),
     data_dir: Optional[Path] = typer.Option(None, envvar="PUDDING_MLX_DATA",
-                                            help="Benchmark folder (gzip JSONL)."),
+                                            help="Benchmark folder (gzip JSONL); "
+                                            "none, or 'hub': the Hugging Face hub via `datasets`."),
     device: Optional[str] = typer.Option(None, help="cuda, cuda:1, cpu (default: cuda if present)."),
 ):
     """Greedy search for candidate omission sets, one chain per (task, loss). Resumable: rerun the
@@ -113,7 +114,8 @@ def data(
     seed: int = typer.Option(0, help="Seed of that sample."),
     batch_size: int = typer.Option(64, help="Requests per forward pass."),
     out: Path = typer.Option(..., "--out", help="Output folder (router_data.npz + .json); rerun to resume."),
-    data_dir: Optional[Path] = typer.Option(None, envvar="PUDDING_MLX_DATA", help="Benchmark folder."),
+    data_dir: Optional[Path] = typer.Option(None, envvar="PUDDING_MLX_DATA", help="Benchmark folder "
+                                            "(none, or 'hub': the Hugging Face hub via `datasets`)."),
     device: Optional[str] = typer.Option(None, help="cuda, cuda:1, cpu (default: cuda if present)."),
 ):
     """Score every example of the tasks under every candidate set (and dense): the router's

@@ -4,8 +4,13 @@
 #
 #   benchmarks/gpu_session.sh setup     STAGED   # STAGED: a folder with the files listed below
 #   benchmarks/gpu_session.sh bench8b   OUT      # pudding-mlx bench on the LLaMA-3.1-8B shape
-#   benchmarks/gpu_session.sh bundle    OUT      # bench + lossless sweep on the real SmolLM2 bundle,
+#   benchmarks/gpu_session.sh bundle    OUT      # bench + lossless sweep on the real SmolLM2 bundle
+#                                                # (bf16: divergence from dense measured, not asserted),
 #                                                # MLX-vs-PyTorch eval parity (PyTorch on cuda)
+#
+# bench interleaves its runners over 15 rounds and reports every ratio with a 95% interval; a part
+# of a run that fails (a cell, the memory probe) is marked in its JSON and the rest is kept, so a
+# failed step is reported and the session goes on to the next one (exit status 1 at the end).
 #
 # STAGED holds what the GPU machine cannot download: the wheels mlx==0.32.4 (cp312),
 # mlx-cuda-13==0.32.4, mlx-lm==0.32.2 and gguf==0.19.0 (installed with --no-deps into /tmp/site;
@@ -14,7 +19,10 @@
 # (the `benchmarks` data folder). setup puts the two model assets where pudding_mlx.assets caches
 # them, so the default bundle builds offline exactly as on a laptop.
 set -eu
-phase=$1 dir=$2
+phase=$1 dir=$2 status=0
+step() {  # run one measurement; on failure say so and go on (what it measured is already written)
+    "$@" || { echo "gpu_session: FAILED ($?): $*" >&2; status=1; }
+}
 export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 PUDDING_MLX_DATA=/tmp/data/benchmarks
 B=$HOME/.cache/pudding-mlx/default-bundle
 case $phase in
@@ -30,15 +38,16 @@ setup)
     python3 -c "import mlx.core as mx; print('mlx', mx.__version__, mx.default_device())"
     python3 -c "from pudding_mlx.default_bundle import ensure_default_bundle; print(ensure_default_bundle())" ;;
 bench8b)
-    pudding-mlx bench --shape llama-3.1-8b --k 7 --runs 5 --json "$dir/bench_llama-3.1-8b_cuda.json" \
+    step pudding-mlx bench --shape llama-3.1-8b --k 7 --runs 15 --json "$dir/bench_llama-3.1-8b_cuda.json" \
         --plot "$dir/bench_llama-3.1-8b_cuda.png" ;;
 bundle)
-    pudding-mlx bench "$B" --runs 5 --lossless --json "$dir/bench_smollm2_bundle_cuda.json" \
+    step pudding-mlx bench "$B" --runs 15 --lossless --json "$dir/bench_smollm2_bundle_cuda.json" \
         --plot "$dir/bench_smollm2_bundle_cuda.png"
-    python3 benchmarks/lossless.py "$B" --static 3,14,15,16,17,18,19 --per-task 5 --max-tokens 32 \
-        --draft-tokens 1,2,3,4,5 --json "$dir/lossless_smollm2_cuda.json" --md "$dir/lossless_smollm2_cuda.md"
-    python3 benchmarks/eval_parity.py --limit 100 --device cuda --md "$dir/eval_parity_cuda.md" \
+    step python3 benchmarks/lossless.py "$B" --static 3,14,15,16,17,18,19 --per-task 5 --max-tokens 32 \
+        --draft-tokens 1,2,3,4,5 --no-strict --json "$dir/lossless_smollm2_cuda.json" --md "$dir/lossless_smollm2_cuda.md"
+    step python3 benchmarks/eval_parity.py --limit 100 --device cuda --md "$dir/eval_parity_cuda.md" \
         --json "$dir/eval_parity_cuda.json" ;;
 *)
     echo "usage: $0 setup STAGED | bench8b OUT | bundle OUT" >&2; exit 2 ;;
 esac
+exit $status

@@ -25,11 +25,10 @@ import time
 from pathlib import Path
 
 ARC = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "benchmarks" / "arc_easy.validation.jsonl.gz"
-ARC_FALLBACK = Path("/work/shared/data/benchmarks/arc_easy.validation.jsonl.gz")
 
 
 def arc_questions(n: int):
-    path = ARC if ARC.exists() else ARC_FALLBACK
+    path = ARC
     rows = []
     with gzip.open(path, "rt") as f:
         for line in f:

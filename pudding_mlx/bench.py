@@ -11,13 +11,22 @@ mlx-lm's own generation loop, for
              (router_s) and counted in the speedup: dense / (routed + router)
 
 With `draft_tokens` (`bench --lossless`), generation cells also time `lossless`: the routed set
-drafts that many tokens, the dense model verifies them (output = dense output), and the share of
+drafts that many tokens, the dense model verifies them (the dense model's output), and the share of
 tokens taken from the draft is recorded; speedup_lossless = dense / (lossless + router). Prompts are
 random token ids, so acceptance here is that of random text: `benchmarks/lossless.py` measures it on
 real prompts.
 
-ideal = L / (L - k). Every cell is the median of `runs` after a warm-up, and the four runners are
-interleaved, with their order rotated each round, so drift hits them alike.
+ideal = L / (L - k). Every runner is warmed up first (the router included: its first call compiles).
+Then each round times every runner once, interleaved, with their order rotated each round, so drift
+hits them alike; every ratio is computed within a round (paired) and reported as the median over
+rounds with its min, max and a bootstrap 95% interval of that median (`spread`). Each row keeps the
+per-round seconds (`times`). `summary` states only what an interval supports: a speedup above (or
+below) 1 when its whole interval is, else "no difference shown".
+
+`measure` is what `pudding-mlx bench` runs: it picks the model and sets (`bench_target`), times every
+cell, and runs the memory probe; a part that fails is recorded in `result["failed"]` and the rest is
+kept. `check_outputs` refuses unusable output paths before any work; `save` writes the JSON
+(atomically) and the plot.
 
 Memory (`memory_probe`): in a fresh process, a model directory is loaded lazily and one request is
 run with blocks omitted, then one dense: MLX's active memory after each is the weight bytes that
@@ -29,12 +38,15 @@ import statistics
 import subprocess
 import sys
 import time
-from typing import Callable, Dict, List, Optional, Sequence
+from dataclasses import dataclass
+from typing import Callable, Dict, Iterator, List, Optional, Sequence
 
 import mlx.core as mx
+import numpy as np
 from mlx_lm.generate import generate_step, speculative_generate_step
 from mlx_lm.models.cache import make_prompt_cache
 
+from .errors import PuddingError
 from .skip import SkipView
 
 PREFILL = [(128, 1), (256, 1), (512, 1)]
@@ -84,70 +96,310 @@ def time_router(router, text: str, n_tokens: int) -> float:
     return time.perf_counter() - t0
 
 
-def run_bench(model, omitted_static: Sequence[int], omitted_routed: Optional[Sequence[int]] = None,
-              router=None, cells=PREFILL + GENERATE, runs: int = 5, vocab: Optional[int] = None,
-              progress: Callable[[str], None] = None, draft_tokens: Optional[int] = None) -> List[dict]:
-    """Time every (prompt_tokens, gen_tokens) cell. `omitted_routed`: the set the router picked
-    (default: the static set); `router` (with `.best(text)`) is timed for router_s. `draft_tokens`: also time
-    lossless generation with the routed set drafting."""
-    n_blocks = len(SkipView(model, ()).layers)
-    vocab = vocab or model.args.vocab_size
+# every ratio, computed per round (paired): name -> (runners summed above, runners summed below)
+RATIOS = {
+    "speedup": (("dense",), ("routed", "router")),
+    "speedup_static": (("dense",), ("static",)),
+    "routed_over_static": (("routed",), ("static",)),
+    "dense_over_mlx_lm": (("dense",), ("mlx_lm",)),
+    "router_over_dense_prefill": (("router",), ("dense",)),
+    "speedup_lossless": (("dense",), ("lossless", "router")),
+}
+MIN_ROUNDS_FOR_CLAIMS = 5
+
+
+def interval(values: Sequence[float], n_boot: int = 2000, seed: int = 0) -> dict:
+    """min, median and max of per-round values, and a bootstrap 95% interval of the median."""
+    v = np.asarray(values, dtype=float)
+    medians = np.median(v[np.random.default_rng(seed).integers(0, len(v), (n_boot, len(v)))], axis=1)
+    return {"min": float(v.min()), "median": float(np.median(v)), "max": float(v.max()),
+            "ci95": [float(np.percentile(medians, 2.5)), float(np.percentile(medians, 97.5))]}
+
+
+def _runners(model, omitted_static, omitted_routed) -> Dict[str, tuple]:
     static = SkipView(model, omitted_static)
     routed = SkipView(model, omitted_static if omitted_routed is None else omitted_routed)
     dense = SkipView(model, ())
-    runners = {"mlx_lm": (model, lambda: make_prompt_cache(model)), "dense": (dense, dense.make_cache),
-               "static": (static, static.make_cache), "routed": (routed, routed.make_cache)}
-    rows = []
+    return {"mlx_lm": (model, lambda: make_prompt_cache(model)), "dense": (dense, dense.make_cache),
+            "static": (static, static.make_cache), "routed": (routed, routed.make_cache)}
+
+
+def time_cell(runners: Dict[str, tuple], router, n_prompt: int, n_gen: int, runs: int, vocab: int,
+              draft_tokens: Optional[int] = None) -> dict:
+    """One (prompt_tokens, gen_tokens) cell: every runner warmed up, then `runs` interleaved rounds."""
+    prompt = mx.random.randint(0, vocab, (n_prompt,), key=mx.random.key(n_prompt))
+    dense, routed = runners["dense"][0], runners["routed"][0]
+    lossless = bool(draft_tokens) and n_gen > 1
+    accepted = []
+
+    def run_lossless(p, n):
+        seconds, share = time_lossless(dense, routed, p, n, draft_tokens)
+        accepted.append(share)
+        return seconds
+
+    timers = {name: (lambda p, n, m=m, mk=mk: time_request(m, p, n, mk)) for name, (m, mk) in runners.items()}
+    if router is not None:
+        timers["router"] = lambda p, n: time_router(router, ROUTER_TEXT, n_prompt)
+    if lossless:
+        timers["lossless"] = run_lossless
+    for timer in timers.values():  # warm-up: kernels compiled (the router's too), weights resident
+        timer(prompt[:16], 2)
+    accepted.clear()
+    names = list(timers)
+    times: Dict[str, list] = {name: [] for name in names}
+    for r in range(runs):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            times[name].append(timers[name](prompt, n_gen))
+    times.setdefault("router", [0.0] * runs)
+    n_blocks = len(runners["dense"][0].layers)
+    row = {"phase": "prefill" if n_gen == 1 else "generate", "prompt_tokens": n_prompt, "gen_tokens": n_gen,
+           **{f"{name}_s": statistics.median(v) for name, v in times.items()},
+           "ideal": n_blocks / (n_blocks - len(routed.omitted))}
+    for name, (above, below) in RATIOS.items():
+        if all(x in times for x in above + below):
+            per_round = [sum(times[x][i] for x in above) / sum(times[x][i] for x in below) for i in range(runs)]
+            row[f"{name}_spread"] = interval(per_round)
+            row[name] = row[f"{name}_spread"]["median"]
+    if lossless:
+        row.update(draft_tokens=draft_tokens, lossless_accepted=statistics.mean(accepted))
+    row["times"] = times
+    return row
+
+
+def time_cells(model, omitted_static: Sequence[int], omitted_routed: Optional[Sequence[int]] = None,
+               router=None, cells=PREFILL + GENERATE, runs: int = 10, vocab: Optional[int] = None,
+               draft_tokens: Optional[int] = None) -> Iterator[dict]:
+    """A row per cell, as each is timed. A cell that fails (out of memory, ...) gives a row with its
+    `error` instead of the timings, and the next cells still run."""
+    runners = _runners(model, omitted_static, omitted_routed)
+    vocab = vocab or model.args.vocab_size
     for n_prompt, n_gen in cells:
-        prompt = mx.random.randint(0, vocab, (n_prompt,), key=mx.random.key(n_prompt))
-        for m, mk in runners.values():  # warm-up: kernels compiled, weights resident
-            time_request(m, prompt[:16], 2, mk)
-        if router is not None:
-            time_router(router, ROUTER_TEXT, n_prompt)
-        lossless = bool(draft_tokens) and n_gen > 1
-        if lossless:
-            time_lossless(dense, routed, prompt[:16], 4, draft_tokens)
-        times: Dict[str, list] = {name: [] for name in list(runners) + ["router", "lossless"]}
-        names = list(runners) + (["lossless"] if lossless else [])
-        accepted = []
-        for r in range(runs):
-            for name in names[r % len(names):] + names[:r % len(names)]:
-                if name == "lossless":
-                    seconds, share = time_lossless(dense, routed, prompt, n_gen, draft_tokens)
-                    times[name].append(seconds)
-                    accepted.append(share)
-                    continue
-                m, mk = runners[name]
-                times[name].append(time_request(m, prompt, n_gen, mk))
-            times["router"].append(time_router(router, ROUTER_TEXT, n_prompt) if router is not None else 0.0)
-        med = {name: statistics.median(v) for name, v in times.items() if v}
-        row = {"phase": "prefill" if n_gen == 1 else "generate", "prompt_tokens": n_prompt, "gen_tokens": n_gen,
-               "dense_s": med["dense"], "routed_s": med["routed"], "router_s": med["router"],
-               "static_s": med["static"], "mlx_lm_s": med["mlx_lm"],
-               "speedup": med["dense"] / (med["routed"] + med["router"]),
-               "speedup_static": med["dense"] / med["static"],
-               "ideal": n_blocks / (n_blocks - len(routed.omitted)),
-               "dense_over_mlx_lm": med["dense"] / med["mlx_lm"],
-               "router_over_dense_prefill": med["router"] / med["dense"]}
-        if lossless:
-            row.update(lossless_s=med["lossless"], draft_tokens=draft_tokens,
-                       lossless_accepted=statistics.mean(accepted),
-                       speedup_lossless=med["dense"] / (med["lossless"] + med["router"]))
-        rows.append(row)
-        if progress:
-            progress(f"{row['phase']} {n_prompt}+{n_gen}: speedup {row['speedup']:.3f} (ideal {row['ideal']:.3f})")
-    return rows
+        try:
+            yield time_cell(runners, router, n_prompt, n_gen, runs, vocab, draft_tokens)
+        except Exception as e:  # noqa: BLE001 -- recorded in the row; the measured cells are kept
+            yield {"phase": "prefill" if n_gen == 1 else "generate", "prompt_tokens": n_prompt,
+                   "gen_tokens": n_gen, "error": _one_line(e)}
+
+
+def cell_line(row: dict) -> str:
+    head = f"{row['phase']} {row['prompt_tokens']}+{row['gen_tokens']}"
+    if "error" in row:
+        return f"{head}: failed ({row['error']})"
+    lo, hi = row["speedup_spread"]["ci95"]
+    return f"{head}: speedup {row['speedup']:.3f} [{lo:.3f}, {hi:.3f}] (ideal {row['ideal']:.3f})"
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0]}" if text else type(e).__name__
+
+
+def summary(result: dict) -> List[str]:
+    """What the intervals support, one line per timed cell (nothing is claimed from too few rounds)."""
+    if result["runs"] < MIN_ROUNDS_FOR_CLAIMS:
+        return [f"{result['runs']} round(s): too few for intervals (at least {MIN_ROUNDS_FOR_CLAIMS}); "
+                "no speedup is claimed"]
+    same = result["static"] == result["routed"]
+    lines = []
+    for row in result["rows"]:
+        if "error" in row:
+            continue
+        parts = [_versus(row, "speedup", 1.0, "routed (router counted)", "dense")]
+        parts.append(_versus(row, "speedup_static", row["ideal"], "static", f"the ideal {row['ideal']:.3f}"))
+        if same:
+            parts.append(_versus(row, "routed_over_static", 1.0, "routed/static (the same set)", "1"))
+        lines.append(f"{row['prompt_tokens']}+{row['gen_tokens']}: " + "; ".join(parts))
+    return lines
+
+
+def _versus(row: dict, name: str, reference: float, what: str, against: str) -> str:
+    s = row[f"{name}_spread"]
+    lo, hi = s["ci95"]
+    figure = f"{s['median']:.3f} [{lo:.3f}, {hi:.3f}]"
+    if lo > reference:
+        return f"{what} {figure}: above {against}"
+    if hi < reference:
+        return f"{what} {figure}: below {against}"
+    return f"{what} {figure}: no difference from {against} shown"
+
+
+# -- the `pudding-mlx bench` run: target, timings, memory, outputs ----------------------------------
+
+
+@dataclass
+class Target:
+    """What a bench run times: the model, its static and routed sets, the router (and its name)."""
+
+    model: object
+    static: List[int]
+    routed: List[int]
+    router: object
+    router_name: Optional[str]       # the JSON's "router": a path, "bundle", or None when none was timed
+    source: dict                     # {"shape": name} or {"model": path}
+
+
+def parse_cells(cells: Optional[str]) -> List[tuple]:
+    if not cells:
+        return PREFILL + GENERATE
+    try:
+        return [tuple(int(x) for x in c.split("+")) for c in cells.split(",")]
+    except ValueError:
+        raise PuddingError(f"--cells {cells!r}: give PROMPT+GEN pairs, e.g. 128+1,128+128") from None
+
+
+def bench_target(model: Optional[str], shape: Optional[str], k: int, omit: Optional[str] = None,
+                 router_dir=None, dtype: Optional[str] = None) -> Target:
+    """MODEL (a bundle: its candidate 0 or --omit is static, its router's pick is routed) or a random
+    SHAPE (the spread set is both). The router: --router, else the bundle's, else (shapes) the
+    default bundle's when it is built."""
+    if (model is None) == (shape is None):
+        raise PuddingError("give either MODEL or --shape")
+    from .router import load_router
+
+    router = load_router(router_dir) if router_dir is not None else None
+    name = str(router_dir) if router_dir is not None else None
+    if shape:
+        return _shape_target(shape, k, router, name, dtype)
+    return _model_target(model, k, omit, router, name, dtype)
+
+
+def _shape_target(shape, k, router, name, dtype) -> Target:
+    from .assets import cache_dir
+    from .load import DTYPES, backend
+    from .router import load_router
+    from .shapes import random_model
+
+    mdtype = DTYPES[dtype] if dtype else (mx.float32 if backend() == "cpu" else mx.bfloat16)
+    lm = random_model(shape, mdtype)
+    static = spread(len(lm.layers), k)
+    default = cache_dir() / "default-bundle" / "router"
+    if router is None and default.is_dir():
+        router, name = load_router(default), str(default)
+    return Target(lm, static, static, router, name, {"shape": shape})
+
+
+def _model_target(model, k, omit, router, name, dtype) -> Target:
+    from .load import load
+    from .omission import check_omitted, parse_omit
+    from .routing import route
+
+    loaded = load(model, dtype=dtype)
+    n_blocks = loaded.n_blocks
+    cands = loaded.manifest.candidates if loaded.manifest else []
+    if omit is not None:
+        static = list(check_omitted(parse_omit(omit), n_blocks, "--omit"))
+    elif cands:
+        static = list(cands[0].omitted)
+    else:
+        static = spread(n_blocks, k)
+    routed = static
+    if router is None and loaded.router is not None:  # the bundle's router picks the routed set
+        router, name = loaded.router, "bundle"
+        routed = sorted(route(loaded, ROUTER_TEXT).omitted)
+    return Target(loaded.model, static, routed, router, name, {"model": str(loaded.path)})
+
+
+def measure(model: Optional[str] = None, shape: Optional[str] = None, k: int = 7, omit: Optional[str] = None,
+            router_dir=None, cells: Optional[str] = None, runs: int = 10, memory: bool = True,
+            dtype: Optional[str] = None, draft_tokens: Optional[int] = None,
+            progress: Callable[[str], None] = print) -> dict:
+    """The whole `pudding-mlx bench` run. Failures of a part (a cell, the memory probe, Ctrl-C) are
+    recorded in `result["failed"]` (part -> one line) and everything measured is kept."""
+    from .load import backend
+
+    grid = parse_cells(cells)
+    target = bench_target(model, shape, k, omit, router_dir, dtype)
+    if target.router is None:
+        progress("no router to time: router_s is 0 (pass --router or build the default bundle)")
+    result = {"backend": backend(), **target.source, "k": len(target.static), "blocks": len(target.model.layers),
+              "static": target.static, "routed": target.routed, "runs": runs, "router": target.router_name,
+              "rows": [], "failed": {}}
+    try:
+        for row in time_cells(target.model, target.static, target.routed, target.router, grid, runs,
+                              draft_tokens=draft_tokens):
+            result["rows"].append(row)
+            progress(cell_line(row))
+            if "error" in row:
+                result["failed"][f"{row['prompt_tokens']}+{row['gen_tokens']}"] = row["error"]
+        if memory:
+            result["memory"] = _memory(target, shape)
+            if "error" in result["memory"]:
+                result["failed"]["memory"] = result["memory"]["error"]
+    except KeyboardInterrupt:
+        result["failed"]["interrupted"] = "stopped with Ctrl-C; the cells above were measured"
+    result["summary"] = summary(result)
+    return result
+
+
+def _memory(target: Target, shape: Optional[str]) -> dict:
+    """The memory probe on the model directory (a shape is saved to a temporary one first);
+    a failure is returned as {"error": line}."""
+    import tempfile
+    from pathlib import Path
+
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = target.source.get("model")
+            if shape:
+                from mlx_lm.utils import save_config, save_model
+
+                from .shapes import SHAPES
+
+                save_model(tmp, target.model)
+                save_config(SHAPES[shape], Path(tmp) / "config.json")
+                folder = tmp
+            return memory_probe(folder, target.static)
+    except Exception as e:  # noqa: BLE001 -- recorded; the timings are kept
+        return {"error": str(e) if isinstance(e, PuddingError) else _one_line(e)}
+
+
+def check_outputs(json_out=None, plot_out=None) -> None:
+    """Refuse, before any work, an output that could not be written: a missing or read-only folder,
+    a folder given as the file, --plot without matplotlib."""
+    import os
+    from pathlib import Path
+
+    for flag, path in (("--json", json_out), ("--plot", plot_out)):
+        if path is None:
+            continue
+        path = Path(path).expanduser()
+        if path.is_dir():
+            raise PuddingError(f"{flag} {path}: is a folder; give a file name")
+        parent = path.resolve().parent
+        if not parent.is_dir():
+            raise PuddingError(f"{flag} {path}: the folder {parent} does not exist; create it first")
+        if not os.access(parent, os.W_OK):
+            raise PuddingError(f"{flag} {path}: the folder {parent} is not writable")
+    if plot_out is not None:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise PuddingError("--plot needs matplotlib: pip install 'pudding-mlx[plot]' "
+                               "(or leave out --plot)") from None
+
+
+def save(result: dict, json_out=None, plot_out=None) -> None:
+    """The plot (a failure is recorded in result["failed"]), then the JSON, written atomically."""
+    from .atomic import write_json
+
+    if plot_out is not None:
+        try:
+            plot(result, plot_out)
+        except Exception as e:  # noqa: BLE001 -- the measurements still get written
+            result["failed"]["plot"] = _one_line(e)
+    if json_out is not None:
+        write_json(json_out, result)
 
 
 PROBE = """
 import json, sys
 import mlx.core as mx
 from mlx.utils import tree_flatten
-from pudding_mlx.load import load
+from pathlib import Path
+from mlx_lm.utils import load_model
 from pudding_mlx.skip import SkipView
-loaded = load(sys.argv[1], with_router=False)
+model, _ = load_model(Path(sys.argv[1]), lazy=True)  # the weights only: no tokenizer needed
 omit = json.loads(sys.argv[2])
-model = loaded.model
 sizes = {k: v.nbytes for k, v in tree_flatten(model.parameters())}
 block = lambda k: int(k.split(".")[2]) if k.startswith("model.layers.") else None
 skipped = sum(v for k, v in sizes.items() if block(k) in omit)
@@ -169,30 +421,37 @@ def memory_probe(model_dir, omitted: Sequence[int]) -> dict:
     done = subprocess.run([sys.executable, "-c", PROBE, str(model_dir), json.dumps(list(omitted))],
                           capture_output=True, text=True)
     if done.returncode != 0:
-        from .errors import PuddingError
-
         raise PuddingError(f"memory probe failed: {done.stderr.strip().splitlines()[-1] if done.stderr.strip() else done.returncode}")
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def plot(result: dict, path) -> None:
+    """Speedups with their 95% intervals per timed cell, against the ideal; written atomically."""
+    import os
+
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = result["rows"]
+    rows = [r for r in result["rows"] if "error" not in r]
     fig, ax = plt.subplots(figsize=(7, 4))
     labels = [f"{r['prompt_tokens']}+{r['gen_tokens']}" for r in rows]
     x = range(len(rows))
-    ax.bar([i - 0.2 for i in x], [r["speedup"] for r in rows], width=0.4, label="routed (router counted)")
-    ax.bar([i + 0.2 for i in x], [r["speedup_static"] for r in rows], width=0.4, label="static")
+    for shift, name, label in ((-0.2, "speedup", "routed (router counted)"), (0.2, "speedup_static", "static")):
+        ci = [r[f"{name}_spread"]["ci95"] for r in rows]
+        errors = [[r[name] - lo for r, (lo, _) in zip(rows, ci)], [hi - r[name] for r, (_, hi) in zip(rows, ci)]]
+        ax.bar([i + shift for i in x], [r[name] for r in rows], width=0.4, yerr=errors, capsize=3, label=label)
     ax.plot(list(x), [r["ideal"] for r in rows], "k--", label="ideal L/(L-k)")
     ax.axhline(1.0, color="grey", linewidth=0.8)
     ax.set_xticks(list(x), labels)
     ax.set_xlabel("prompt + generated tokens")
-    ax.set_ylabel("speedup over dense")
-    ax.set_title(f"{result.get('shape') or result.get('model')}: k={result['k']}, {result['backend']}")
+    ax.set_ylabel("speedup over dense (median, 95% CI)")
+    ax.set_title(f"{result.get('shape') or result.get('model')}: k={result['k']}, {result['backend']}, "
+                 f"{result['runs']} rounds")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    tmp = f"{path}.tmp"
+    fig.savefig(tmp, dpi=120, format="png")
+    plt.close(fig)
+    os.replace(tmp, path)

@@ -54,7 +54,7 @@ keeps whatever prefix it computed, which the next turn reuses only where it matc
 """
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence
 
 import mlx.core as mx
@@ -89,6 +89,11 @@ class Prepared:
     def new_tokens(self) -> int:
         return self.prompt_tokens - self.reused
 
+    @property
+    def cached(self) -> int:
+        """Prompt tokens not run again this turn: the reused prefix less what the set change re-ran."""
+        return self.reused - self.rebuilt
+
 
 @dataclass
 class TurnResult:
@@ -108,6 +113,32 @@ class TurnResult:
     @property
     def prefill_tokens(self) -> int:
         return self.prepared.rebuilt + self.prepared.new_tokens
+
+
+@dataclass
+class _Turn:
+    """What one reply has produced so far (ChatSession.reply fills it as tokens arrive)."""
+
+    speculative: bool = False
+    prepared: Optional[Prepared] = None
+    ids: List[int] = field(default_factory=list)
+    pieces: List[str] = field(default_factory=list)
+    finish: str = "interrupted"
+    last: object = None
+    drafted: int = 0
+    text: str = ""
+
+    def add(self, response) -> None:
+        self.ids.append(int(response.token))
+        self.pieces.append(response.text)
+        self.drafted += bool(response.from_draft)
+        self.last = response
+
+
+def _overall(turns, tokens, tps) -> float:
+    """All the tokens of `turns` over all their time (each turn's time = tokens / its tok/s)."""
+    seconds = sum(tokens(t) / tps(t) for t in turns)
+    return sum(tokens(t) for t in turns) / seconds if seconds > 0 else 0.0
 
 
 def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
@@ -221,10 +252,12 @@ class ChatSession:
         return self.draft is not None
 
     def prepare(self, prompt: Sequence[int], omitted: Sequence[int] = (),
-                should_stop: Optional[Callable[[], bool]] = None, limit: Optional[int] = None) -> Prepared:
+                should_stop: Optional[Callable[[], bool]] = None, limit: Optional[int] = None,
+                on_prefill: Optional[Callable[[str, int, int], None]] = None) -> Prepared:
         """Make the cache hold a prefix of `prompt` computed under `omitted` (the rule above) and
         return what was reused and rebuilt. `prompt[Prepared.reused:]` is left to prefill. `limit`:
-        reuse at most that many tokens."""
+        reuse at most that many tokens. `on_prefill("re-prefill", done, total)` reports the re-run
+        of the prefix after a set change, chunk by chunk."""
         prompt = [int(i) for i in prompt]
         if not prompt:
             raise PuddingError("the prompt is empty")
@@ -261,12 +294,16 @@ class ChatSession:
             caches = scratch + fresh
             try:
                 for lo in range(0, p, self.prefill_step_size):
+                    if on_prefill is not None:
+                        on_prefill("re-prefill", lo, p)
                     if should_stop is not None and should_stop():
                         raise Interrupted()
                     chunk = prompt[lo: min(p, lo + self.prefill_step_size)]
                     view(mx.array(chunk)[None], cache=caches)  # logits unused: never computed
                     mx.eval([c.state for c in caches])
                     rebuilt = lo + len(chunk)
+                if on_prefill is not None:
+                    on_prefill("re-prefill", p, p)
             finally:
                 del scratch, caches
                 if rebuilt < p:  # interrupted: keep what is consistent
@@ -326,8 +363,11 @@ class ChatSession:
         should_stop: Optional[Callable[[], bool]] = None,
         on_token: Optional[Callable[[str], None]] = None,
         choice=None,
+        on_prefill: Optional[Callable[[str, int, int], None]] = None,
     ) -> TurnResult:
-        """Answer `user_text` with blocks `omitted` skipped; append the turn to the conversation."""
+        """Answer `user_text` with blocks `omitted` skipped; append the turn to the conversation.
+        `on_token(piece)` gets each piece of text shown; `on_prefill(phase, done, total)` reports
+        the prompt's prefill ("prefill") and a set change's re-run of the history ("re-prefill")."""
         if max_tokens < 1:
             raise PuddingError("max_tokens must be at least 1")
         omitted = check_omitted(omitted, self.n_blocks)
@@ -335,99 +375,129 @@ class ChatSession:
         self.check_prompt(prompt)
         if self.context:
             max_tokens = min(max_tokens, self.context - len(prompt))
-        sampler = sampler or make_sampler(temp=0.0)
         self.last_user = user_text
         mx.reset_peak_memory()
+        turn = _Turn(speculative=self.lossless and bool(omitted))
+        try:
+            turn.prepared = self._prepare_turn(prompt, omitted, turn.speculative, should_stop, on_prefill)
+            self._stream(turn, prompt, omitted, max_tokens, sampler or make_sampler(temp=0.0),
+                         should_stop, on_token, on_prefill)
+        except Interrupted:
+            pass
+        finally:  # whatever happened (Ctrl-C included), the conversation and the caches agree
+            self._close_turn(turn, user_text, prompt)
+        return self._record(turn, prompt, omitted, choice)
 
-        ids: List[int] = []
-        pieces: List[str] = []
-        finish = "interrupted"
-        last = None
-        prepared = None
+    def _prepare_turn(self, prompt, omitted, speculative, should_stop, on_prefill) -> Prepared:
+        """The cache rule for this turn: the dense and the draft caches (lossless), or the one cache
+        under `omitted` (the dense one, for a lossless turn with nothing to draft)."""
+        if speculative:
+            return self._prepare_both(prompt, omitted, should_stop, on_prefill)
+        return self.prepare(prompt, () if self.lossless else omitted, should_stop, on_prefill=on_prefill)
+
+    def _stream(self, turn, prompt, omitted, max_tokens, sampler, should_stop, on_token, on_prefill) -> None:
+        """Prefill what the cache does not hold and decode, collecting the reply in `turn`. A token
+        that arrives after `should_stop()` turned True is neither shown nor kept: the reply is
+        exactly what was shown when the interrupt landed."""
 
         def progress(done, total):  # mlx-lm calls this between prefill chunks (states evaluated)
+            if on_prefill is not None:
+                on_prefill("prefill", done, total)
             if should_stop is not None and done < total and should_stop():
                 raise Interrupted()
 
-        speculative = self.lossless and bool(omitted)
-        drafted = 0
+        if turn.speculative:
+            kwargs = dict(draft_model=SkipView(self.model, omitted), num_draft_tokens=self.draft_tokens,
+                          prompt_cache=self.cache + self.draft.cache)
+            view = SkipView(self.model, ())
+        else:
+            kwargs = dict(prompt_cache=self.cache, prompt_progress_callback=progress)
+            view = SkipView(self.model, self.omitted)
+        if should_stop is not None and should_stop():
+            raise Interrupted()
+        gen = mlx_stream_generate(view, self.tokenizer, mx.array(prompt[turn.prepared.reused:]),
+                                  max_tokens=max_tokens, sampler=sampler,
+                                  prefill_step_size=self.prefill_step_size, **kwargs)
         try:
-            if speculative:
-                prepared = self._prepare_both(prompt, omitted, should_stop)
-                kwargs = dict(draft_model=SkipView(self.model, omitted), num_draft_tokens=self.draft_tokens,
-                              prompt_cache=self.cache + self.draft.cache)
-                view = SkipView(self.model, ())
-            else:
-                prepared = self.prepare(prompt, () if self.lossless else omitted, should_stop)
-                kwargs = dict(prompt_cache=self.cache, prompt_progress_callback=progress)
-                view = SkipView(self.model, self.omitted)
-            if should_stop is not None and should_stop():
-                raise Interrupted()
-            gen = mlx_stream_generate(
-                view, self.tokenizer, mx.array(prompt[prepared.reused:]), max_tokens=max_tokens,
-                sampler=sampler, prefill_step_size=self.prefill_step_size, **kwargs,
-            )
-            try:
-                for response in gen:
-                    ids.append(int(response.token))
-                    drafted += bool(response.from_draft)
-                    pieces.append(response.text)
-                    last = response
-                    if on_token is not None and response.text:
-                        on_token(response.text)
-                    if response.finish_reason is not None:
-                        finish = response.finish_reason
-                        break
-                    if should_stop is not None and should_stop():
-                        break
-            finally:
-                gen.close()
-        except Interrupted:
-            pass
+            for response in gen:
+                if should_stop is not None and should_stop():
+                    break  # interrupted while this token was computed: the user never saw it
+                turn.add(response)
+                if on_token is not None and response.text:
+                    on_token(response.text)
+                if response.finish_reason is not None:
+                    turn.finish = response.finish_reason
+                    break
         finally:
-            # whatever happened, the cache must describe exactly the ids it holds
-            if self.cache is not None:
-                self._reconcile(prompt + ids)
-            if speculative and self.draft.cache is not None:
-                self.draft._reconcile(prompt + ids)
-            kept = bool(ids)
-            if kept:
-                eos = set(getattr(self.tokenizer, "eos_token_ids", ()) or ())
-                body = ids[:-1] if finish == "stop" and ids[-1] in eos else ids
-                text = self.tokenizer.decode(body) if finish == "interrupted" else "".join(pieces)
-                self.messages += [{"role": "user", "content": user_text},
-                                  {"role": "assistant", "content": text}]
-            else:
-                text = ""
-        if prepared is None:
-            prepared = Prepared(len(prompt), 0, 0, None, (), ())
+            gen.close()
+
+    def _close_turn(self, turn, user_text, prompt) -> None:
+        """Make every cache describe exactly the ids it holds, and keep the turn (with the text
+        shown) in the conversation if any reply token was produced."""
+        if self.cache is not None:
+            self._reconcile(prompt + turn.ids)
+        if turn.speculative and self.draft.cache is not None:
+            self.draft._reconcile(prompt + turn.ids)
+        if not turn.ids:
+            return
+        eos = set(getattr(self.tokenizer, "eos_token_ids", ()) or ())
+        body = turn.ids[:-1] if turn.finish == "stop" and turn.ids[-1] in eos else turn.ids
+        turn.text = self.tokenizer.decode(body) if turn.finish == "interrupted" else "".join(turn.pieces)
+        self.messages += [{"role": "user", "content": user_text}, {"role": "assistant", "content": turn.text}]
+
+    def _record(self, turn, prompt, omitted, choice) -> TurnResult:
+        prepared = turn.prepared or Prepared(len(prompt), 0, 0, None, (), ())
         prompt_time = prepared.rebuild_s
-        if last is not None and last.prompt_tps > 0:
-            prompt_time += last.prompt_tokens / last.prompt_tps
+        if turn.last is not None and turn.last.prompt_tps > 0:
+            prompt_time += turn.last.prompt_tokens / turn.last.prompt_tps
         result = TurnResult(
-            text=text,
-            token_ids=ids,
+            text=turn.text,
+            token_ids=turn.ids,
             omitted=omitted,
-            finish_reason=finish,
+            finish_reason=turn.finish,
             prepared=prepared,
             prompt_tps=(prepared.rebuilt + prepared.new_tokens) / prompt_time if prompt_time > 0 else 0.0,
-            generation_tokens=len(ids),
-            generation_tps=last.generation_tps if last is not None else 0.0,
+            generation_tokens=len(turn.ids),
+            generation_tps=turn.last.generation_tps if turn.last is not None else 0.0,
             peak_memory_gb=mx.get_peak_memory() / 1e9,
             choice=choice,
-            kept=kept,
-            drafted=drafted if speculative else None,
+            kept=bool(turn.ids),
+            drafted=turn.drafted if turn.speculative else None,
         )
         self.turns.append(result)
         return result
 
-    def _prepare_both(self, prompt, omitted, should_stop) -> Prepared:
+    def stats(self) -> dict:
+        """Session totals for `/stats`. `from_cache` counts the prompt tokens that were not run again
+        (a set change re-runs the reused prefix: those count as re-prefilled, not cached); speeds are
+        all tokens over all time, over the turns that ran that phase (a dropped turn has none)."""
+        turns = self.turns
+        prefilled = [t for t in turns if t.prompt_tps > 0]
+        generated = [t for t in turns if t.generation_tps > 0 and t.generation_tokens]
+        return {
+            "turns": len(turns),
+            "interrupted": sum(t.finish_reason == "interrupted" for t in turns),
+            "dropped": sum(not t.kept for t in turns),
+            "messages": len(self.messages),
+            "cache_tokens": self.cache_tokens,
+            "cache_bytes": self.cache_bytes,
+            "cache_omitted": list(self.omitted),
+            "prompt_rendered": sum(t.prepared.prompt_tokens for t in turns),
+            "prompt_from_cache": sum(t.prepared.cached for t in turns),
+            "prompt_re_prefilled": sum(t.prepared.rebuilt for t in turns),
+            "generated": sum(t.generation_tokens for t in turns),
+            "prompt_tps": _overall(prefilled, lambda t: t.prefill_tokens, lambda t: t.prompt_tps),
+            "generation_tps": _overall(generated, lambda t: t.generation_tokens, lambda t: t.generation_tps),
+            "peak_memory_gb": max((t.peak_memory_gb for t in turns), default=0.0),
+        }
+
+    def _prepare_both(self, prompt, omitted, should_stop, on_prefill=None) -> Prepared:
         """Lossless: the dense cache and the draft's cache (under `omitted`), cut back to one common
         prefix of `prompt`, since mlx-lm prefills both with the same tokens."""
         limit = None
         while True:
-            prepared = self.prepare(prompt, (), should_stop, limit)
-            drafting = self.draft.prepare(prompt, omitted, should_stop, limit)
+            prepared = self.prepare(prompt, (), should_stop, limit, on_prefill)
+            drafting = self.draft.prepare(prompt, omitted, should_stop, limit, on_prefill)
             if prepared.reused == drafting.reused:
                 break
             limit = min(prepared.reused, drafting.reused)  # a fallback to a fresh cache; shrinks to 0

@@ -90,7 +90,9 @@ def stream_generate(
 
     lossless: the pruned view only drafts `draft_tokens` tokens at a time and the dense model
     verifies them (mlx-lm's speculative decoding, with the view as its draft model: both share
-    every weight; each keeps its own cache). Output equals dense decoding; `from_draft` on each
+    every weight; each keeps its own cache). Output is the dense model's: greedy, token-identical to
+    dense decoding in float32; in bf16/fp16 a multi-token verify forward rounds differently from
+    one-token decoding, so near-ties can differ; `from_draft` on each
     response says which tokens the draft got right."""
     view = SkipView(model, omitted)
     limit = context_length(model)

@@ -2,7 +2,8 @@
 
 Data: one gzip'd JSONL file per task and split, `<task>.<split>.jsonl.gz`, every line
 `{"task", "split", "id", "query", "choices", "label", "src"}` (see the README next to the files).
-The folder is the `data_dir` argument, else `$PUDDING_MLX_DATA`; there is no built-in default.
+The folder is the `data_dir` argument, else `$PUDDING_MLX_DATA`; with neither (or `data_dir="hub"`)
+the tasks are read from the Hugging Face hub with `datasets` (`pudding_mlx.hub_datasets`).
 
 Every task goes through ONE code path (`_build`), driven by the `TASKS` table below. An example
 becomes one (context, continuation) request per answer choice; the continuation always starts with
@@ -66,6 +67,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple, Union
 
+from pudding_mlx import hub_datasets
 from pudding_mlx.errors import PuddingError
 
 DATA_ENV = "PUDDING_MLX_DATA"
@@ -282,6 +284,7 @@ def load_task(
     if limit is not None and limit < 0:
         raise PuddingError(f"limit must be >= 0, got {limit}")
     user = is_user_file(task)
+    hub_rows = None
     if user:
         path = Path(task).expanduser()
         if not path.is_file():
@@ -289,12 +292,16 @@ def load_task(
         want_split = _SPLIT_ALIASES.get(split, split) if split else None
     else:
         split = _SPLIT_ALIASES.get(split, split) if split else _spec(task).eval_split
-        path = task_file(task, split, data_dir)
         want_split = None
+        if hub_datasets.wants_hub(data_dir or os.environ.get(DATA_ENV)):  # no local folder: the hub
+            _spec(task)
+            path, hub_rows = Path(hub_datasets.describe(task, split)), hub_datasets.rows(task, split)
+        else:
+            path = task_file(task, split, data_dir)
 
     out: List[Example] = []
     seen: Dict[str, int] = {}
-    for lineno, row in _rows(path):
+    for lineno, row in hub_rows or _rows(path):
         if limit is not None and len(out) >= limit:
             break
         where = f"{path.name}:{lineno}"

@@ -445,3 +445,108 @@ def test_chat_cli_lossless_prints_the_dense_reply(tiny_llm_dir):
     assert reply(lossless.stdout) == reply(dense.stdout) and len(reply(dense.stdout)) > 5
     assert "lossless, dense output · draft --omit: omitted [3]" in lossless.stdout
     assert "tokens accepted from the draft" in lossless.stdout
+
+
+# -- /stats, progress during a re-prefill, the cut-off note, Ctrl-C between tokens ---------------------
+
+
+def test_stats_count_only_tokens_not_run_again(tiny):
+    """A set change re-runs the reused prefix: those tokens are re-prefilled, not "from cache"; a
+    dropped turn (no prefill, no token) does not pull the speeds down."""
+    session = ChatSession(tiny.model, tiny.tokenizer)
+    session.reply(MESSAGES[0], (2,), max_tokens=N_NEW)
+    same = session.reply(MESSAGES[1], (2,), max_tokens=N_NEW)  # same set: the prefix is cached
+    changed = session.reply(MESSAGES[2], (0, 2), max_tokens=N_NEW)  # change at block 0: all re-run
+    dropped = session.reply(MESSAGES[3], (0, 2), max_tokens=N_NEW, should_stop=lambda: True)
+    assert same.prepared.cached == same.prepared.reused > 0 and same.prepared.rebuilt == 0
+    assert changed.prepared.rebuilt == changed.prepared.reused > 0 and changed.prepared.cached == 0
+    assert not dropped.kept and dropped.prompt_tps == 0 and dropped.generation_tps == 0
+    stats = session.stats()
+    assert stats["prompt_from_cache"] == same.prepared.reused + dropped.prepared.cached
+    assert stats["prompt_from_cache"] < sum(t.prepared.reused for t in session.turns)  # the old count
+    assert stats["prompt_re_prefilled"] == changed.prepared.rebuilt
+    assert (stats["turns"], stats["interrupted"], stats["dropped"]) == (4, 1, 1)
+    ran = session.turns[:3]
+    gen_time = sum(t.generation_tokens / t.generation_tps for t in ran)
+    assert stats["generation_tps"] == pytest.approx(sum(t.generation_tokens for t in ran) / gen_time)
+    assert stats["generation_tps"] >= min(t.generation_tps for t in ran)  # no 0 tok/s averaged in
+
+
+def test_re_prefill_after_a_set_change_reports_progress(tiny):
+    session = ChatSession(tiny.model, tiny.tokenizer, prefill_step_size=16)
+    session.reply(MESSAGES[0], (2,), max_tokens=N_NEW)
+    session.reply(MESSAGES[1], (2,), max_tokens=N_NEW)
+    calls = []
+    result = session.reply(MESSAGES[2], (0, 2), max_tokens=N_NEW, on_prefill=lambda *a: calls.append(a))
+    p = result.prepared.rebuilt
+    assert p > 32
+    rebuild = [c for c in calls if c[0] == "re-prefill"]
+    assert rebuild == [("re-prefill", done, p) for done in range(0, p, 16)] + [("re-prefill", p, p)]
+    assert calls.index(rebuild[-1]) < len(calls) - 1 and calls[-1][0] == "prefill"  # then the new tokens
+
+
+def test_a_token_computed_after_ctrl_c_is_not_shown(tiny):
+    """Ctrl-C lands while a token is being computed (here: inside the sampler of the 5th token):
+    that token and any later one are neither printed nor kept; the reply is what was shown."""
+    from mlx_lm.sample_utils import make_sampler
+
+    greedy, flag, shown, samples = make_sampler(temp=0.0), [False], [], [0]
+
+    def sampler(logprobs):
+        samples[0] += 1
+        if samples[0] == 5:
+            flag[0] = True  # SIGINT arrives now
+        return greedy(logprobs)
+
+    def on_token(piece):
+        assert not flag[0], f"{piece!r} was printed after Ctrl-C"
+        shown.append(piece)
+
+    session = ChatSession(tiny.model, tiny.tokenizer)
+    result = session.reply(MESSAGES[0], (1,), max_tokens=30, sampler=sampler, on_token=on_token,
+                           should_stop=lambda: flag[0])
+    assert result.finish_reason == "interrupted" and 0 < len(result.token_ids) < 30
+    # (the streaming detokenizer drops the reply's leading space; the kept text is decode(ids))
+    assert session.messages[-1]["content"] == tiny.tokenizer.decode(result.token_ids)
+    assert session.messages[-1]["content"].strip() == "".join(shown).strip()
+    prompt = render(tiny.tokenizer, session.messages[:1])
+    assert session.cached_ids == prompt + result.token_ids
+    assert all(c.offset == len(session.cached_ids) for c in session.cache)
+
+
+def _chat_state(tiny, max_tokens, session=None):
+    import io
+
+    from rich.console import Console
+
+    from pudding_mlx.app.session_cmd import _ChatState
+
+    out, err = io.StringIO(), io.StringIO()
+    session = session or ChatSession(tiny.model, tiny.tokenizer)
+    state = _ChatState(tiny, session, None, max_tokens, True, None, None,
+                       Console(file=err, force_terminal=True, width=120))
+    return state, Console(file=out, width=120), out, err
+
+
+def test_chat_turn_notes_a_reply_cut_off_by_max_tokens(tiny):
+    state, console, out, _ = _chat_state(tiny, max_tokens=3)
+    state.turn(console, MESSAGES[0])
+    assert state.session.turns[-1].finish_reason == "length"
+    assert "[cut off: the reply reached 3 tokens (--max-tokens 3); it may be unfinished]" in out.getvalue()
+    state, console, out, _ = _chat_state(tiny, max_tokens=10_000)  # the context (256) ends it first
+    state.turn(console, "Hi")
+    n = state.session.turns[-1].generation_tokens
+    assert state.session.turns[-1].finish_reason == "length" and n < 256
+    assert f"[cut off: the reply reached {n} tokens (the model's context); it may be unfinished]" in out.getvalue()
+
+
+def test_chat_turn_shows_progress_while_re_prefilling(tiny):
+    session = ChatSession(tiny.model, tiny.tokenizer, prefill_step_size=16)
+    state, console, out, err = _chat_state(tiny, max_tokens=N_NEW, session=session)
+    state.turn(console, " ".join(MESSAGES))
+    state.dense = False
+    state.base_omit = [0, 2]  # a set change at block 0: the whole history is re-run
+    state.turn(console, MESSAGES[1])
+    assert session.turns[-1].prepared.rebuilt >= 64
+    assert "re-prefilling the conversation under the new set" in err.getvalue()
+    assert "re-prefilled" in out.getvalue()

@@ -98,7 +98,9 @@ def default_bundle(env) -> Path:
 
 def test_chat_session_in_a_terminal(env):
     """No MODEL: the default bundle is built (with progress), then two routed turns, /route,
-    Ctrl-C during a streaming reply, a dense turn on the same conversation, /stats, /quit -> 0."""
+    Ctrl-C during a streaming reply (nothing printed after ^C), a dense turn on the same conversation
+    (its re-prefill shows progress), a reply cut off by --max-tokens (noted), /stats (only tokens
+    not run again count as cached), /quit -> 0."""
     child = spawn(["chat", "--max-tokens", "48"], env)
     screen = Screen(child)
     try:
@@ -126,11 +128,14 @@ def test_chat_session_in_a_terminal(env):
         screen.line("Tell me a long story about a brave knight and a dragon.")
         screen.wait_more(12, timeout=120)
         child.sendintr()
-        m = screen.wait(r"\[interrupted: the partial reply \((\d+) tokens\) is kept in the conversation\]", 60)
+        # nothing is printed after the ^C the terminal echoes: the reply stops where the key landed
+        m = screen.wait(r"\^C\s*\[interrupted: the partial reply \((\d+) tokens\) is kept in the conversation\]", 60)
         assert 0 < int(m[1]) < 48
         m = screen.wait(r"candidate \d+: omitted \[[\d, ]+\] \(23/30 blocks\) · router [\d.]+ ms " + STATUS, 60)
         # the first turn's tokens came from the cache, or were re-run after a set change
         assert re.fullmatch(r"\d+ new \+ \d+ cached|set changed at block \d+: \d+ re-prefilled \+ \d+ new", m[2])
+        cached = [int(x) for x in re.findall(r"(\d+) cached", m[2])]
+        rebuilt = [int(x) for x in re.findall(r"(\d+) re-prefilled", m[2])]
         screen.wait(PROMPT)
 
         # turn 3: dense now; the conversation (with the partial reply) is still usable
@@ -138,13 +143,29 @@ def test_chat_session_in_a_terminal(env):
         screen.wait(r"mode: dense")
         screen.wait(PROMPT)
         screen.line("In one word: which city did I ask about?")
+        start = screen.pos
         m = screen.wait(r"dense \(30/30 blocks\) " + STATUS, 120)
         assert re.fullmatch(r"set changed at block \d+: \d+ re-prefilled \+ \d+ new", m[2])
+        rebuilt.append(int(re.match(r"set changed at block \d+: (\d+)", m[2])[1]))
+        # the history is re-run under the new set: a progress line (on stderr) while it runs
+        assert "re-prefilling the conversation under the new set" in screen.text[start:m.start()]
         screen.wait(PROMPT)
 
+        # turn 4 (on a fresh conversation): a long reply cut off by --max-tokens says so
+        screen.line("/reset")
+        screen.wait(r"conversation and KV cache cleared")
+        screen.wait(PROMPT)
+        screen.line("Tell me a long story about a brave knight and a dragon.")
+        screen.wait(r"\[cut off: the reply reached 48 tokens \(--max-tokens 48\); it may be unfinished\]", 120)
+        m = screen.wait(r"dense \(30/30 blocks\) " + STATUS, 60)
+        cached += [int(x) for x in re.findall(r"(\d+) cached", m[2])]
+        screen.wait(PROMPT)
+
+        # /stats: "from cache" is what the status lines called cached, nothing re-prefilled
         screen.line("/stats")
-        screen.wait(r"turns\s+3 \(1 interrupted\)")
+        screen.wait(r"turns\s+4 \(1 interrupted, 0 dropped\)")
         screen.wait(r"KV cache\s+\d+ tokens under omitted \[\]")
+        screen.wait(rf"prompt tokens\s+\d+ rendered, {sum(cached)} from cache, {sum(rebuilt)} re-prefilled after set changes")
         screen.wait(PROMPT)
         screen.line("/quit")
         child.expect(pexpect.EOF, timeout=30)

@@ -21,7 +21,8 @@ from pudding_mlx.requests import flatten, metrics
 from pudding_mlx.tasks import TASKS, Request, load_task
 
 pytestmark = pytest.mark.assets
-DATA = Path(os.environ.get("PUDDING_MLX_DATA") or "/work/shared/data/benchmarks")
+# a few real rows of every file (tests/fixtures/make_fixtures.py): these tests need no more
+DATA = Path(__file__).resolve().parent / "fixtures" / "benchmarks"
 needs_data = pytest.mark.skipif(not DATA.is_dir(), reason=f"benchmark data not at {DATA}")
 
 
@@ -250,7 +251,10 @@ def test_unknown_task(tiny_llm_dir):
 
 def test_missing_data_dir(tiny_llm_dir, tmp_path):
     env = {"PUDDING_MLX_DATA": ""}
-    _one_line_error(run_cli(tiny_llm_dir, "--tasks", "piqa", env=env), "no benchmark data directory")
+    # no local folder: the hub; offline with nothing cached, one line naming both ways
+    offline = dict(env, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", HF_HOME=str(tmp_path / "hf"))
+    _one_line_error(run_cli(tiny_llm_dir, "--tasks", "piqa", env=offline),
+                    "cannot read ybisk/piqa split 'validation' from the Hugging Face hub")
     _one_line_error(run_cli(tiny_llm_dir, "--tasks", "piqa", "--data-dir", tmp_path / "nope", env=env),
                     "does not exist")
     _one_line_error(run_cli(tiny_llm_dir, "--tasks", "piqa", "--data-dir", tmp_path, env=env),
@@ -313,6 +317,22 @@ def test_json_stdout_dense_and_env_data(tiny_llm_dir):
     payload = json.loads(res.stdout)  # stdout is exactly one JSON object
     assert payload["omitted"] == [] and payload["mode"] == "dense"
     _check_tasks(payload, ["winogrande"], 2)
+
+
+def test_eval_reads_the_hub(tiny_llm_dir, monkeypatch, tmp_path):
+    """`eval --data-dir hub` (and no --data-dir at all) reads the tasks with `datasets` and scores
+    exactly what the local files give (the hub's layout: tests/fixtures/hub, a mirror of its repos)."""
+    datasets = pytest.importorskip("datasets")
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf-datasets")
+    env = {"PUDDING_MLX_HUB_MIRROR": str(DATA.parent / "hub"), "PUDDING_MLX_DATA": ""}
+    args = ("--tasks", "piqa,boolq,mmlu", "--limit", 3, "--dense", "--json", "-")
+    local = run_cli(tiny_llm_dir, *args, "--data-dir", DATA, env=env)
+    assert local.exit_code == 0, local.output
+    for where in (("--data-dir", "hub"), ()):
+        hub = run_cli(tiny_llm_dir, *args, *where, env=env)
+        assert hub.exit_code == 0, hub.output
+        got, want = json.loads(hub.stdout), json.loads(local.stdout)
+        assert got["tasks"] == want["tasks"] and all(t["n"] == 3 for t in got["tasks"].values())
 
 
 @needs_data

@@ -21,7 +21,9 @@ from pudding_mlx.train import router_train as RT  # noqa: E402
 from pudding_mlx.train.scoring import evaluate  # noqa: E402
 
 pytestmark = [pytest.mark.torch, pytest.mark.assets]
-DATA = Path(os.environ.get("PUDDING_MLX_DATA") or "/work/shared/data/benchmarks")
+# the real files: ../shared/data/benchmarks beside the repository (or $PUDDING_MLX_DATA)
+DATA = Path(os.environ.get("PUDDING_MLX_DATA") or Path(__file__).resolve().parents[2] / "shared" / "data"
+            / "benchmarks")
 TASKS = ["arc_easy", "piqa"]
 SETS = [[1, 2], [3, 4], [2, 5]]
 PER_TASK = 8
