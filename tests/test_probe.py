@@ -63,7 +63,7 @@ def test_decision_rule_extremes():
     assert probe.decide(score, 2, 0.6).tolist() == [2, 0]
 
 
-def test_export_is_the_same_map_on_the_raw_hidden_state():
+def test_export_is_the_same_map_on_the_raw_hidden_state(tmp_path):
     rng = np.random.default_rng(0)
     data, feats, hidden = _data(rng)
     for pooling in probe.POOLINGS:
@@ -72,6 +72,13 @@ def test_export_is_the_same_map_on_the_raw_hidden_state():
         raw = np.concatenate([hidden] * len(pooling.split("+")), axis=1)
         np.testing.assert_allclose(raw @ folded["weight"].T + folded["bias"], probe.predict(p, feats)["scores"],
                                    rtol=2e-2, atol=2e-2)  # float16 PCA features
+        # what the runtime reads back: saved through safetensors (a single pooling once came back
+        # scrambled: its weight was Fortran-ordered and safetensors wrote the raw buffer)
+        from safetensors.numpy import load_file, save_file
+
+        save_file(folded, str(tmp_path / "head.safetensors"))
+        back = load_file(str(tmp_path / "head.safetensors"))
+        np.testing.assert_array_equal(back["weight"], folded["weight"])
 
 
 def test_probe_router_end_to_end(tiny_hf_dir, tmp_path, monkeypatch):

@@ -162,7 +162,10 @@ def export(probe: dict, basis: dict) -> Dict[str, np.ndarray]:
         weights.append((v.T @ part).T)  # [M, hidden]
         bias = bias - c @ (v.T @ part)
         start += len(v)
-    return {"weight": np.concatenate(weights, axis=1).astype(np.float32), "bias": bias.astype(np.float32)}
+    # C order: safetensors' numpy writer stores an array's buffer as it lies in memory, so a
+    # Fortran-ordered weight (one pooling: the transpose of a product) would be saved scrambled
+    return {"weight": np.ascontiguousarray(np.concatenate(weights, axis=1), dtype=np.float32),
+            "bias": np.ascontiguousarray(bias, dtype=np.float32)}
 
 
 ROUTER_FILE = "router.json"
