@@ -54,22 +54,20 @@ from __future__ import annotations
 
 import datetime
 import hashlib
-import json
 import os
 import platform
 import re
 import zipfile
 from collections import defaultdict
 from pathlib import Path
-from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 
-from pudding_mlx.errors import PuddingError
-
+from pudding_mlx.atomic import write_json as atomic_write_json
 from pudding_mlx.candidates import read_candidates
-
-from .search import atomic_write_json
+from pudding_mlx.errors import PuddingError
+from pudding_mlx.jsonio import read_json
 
 FORMAT = "pudding-mlx-router-data"
 SCHEMA_VERSION = 1
@@ -276,22 +274,48 @@ def build_router_data(
     each chunk is written or found on disk (an exception there stops the run; finished chunks stay).
     `on_batch(done, total)` is passed to the scorer. `model_name` is recorded (default: the model
     config's `_name_or_path`)."""
-    from .distributed import evaluate_everywhere, is_main
+    from .distributed import is_main
     from .scoring import num_blocks
 
     out_dir = Path(out_dir).expanduser()
     n_blocks = num_blocks(model)
     sets, cand_source = resolve_sets(candidates, n_blocks)
     examples = draw_examples(tasks, split, max_per_task, seed, data_dir)
-    name = _model_name(model, model_name)
+    settings = _settings(model, model_name, n_blocks, sets, tasks, split, seed, max_per_task, examples)
+    manifest = _resumed_manifest(out_dir, settings)
+    if manifest is None:
+        manifest = _new_manifest(settings, cand_source, model, data_dir, batch_size)
+    work = _work_list(tasks, sets)
+    done_before = _done_chunks(out_dir, work, examples)
+    if is_main():
+        atomic_write_json(out_dir / MANIFEST, manifest)
+
+    for k, chunk in enumerate(work, 1):
+        if chunk.name not in done_before:
+            _score_chunk(model, tokenizer, chunk, examples[chunk.task], out_dir, manifest, batch_size,
+                         on_batch)
+        if progress is not None:
+            progress(k, len(work), chunk.name)
+
+    if is_main():
+        _assemble(out_dir, examples, sets, list(tasks), work, settings, manifest)
+    _barrier()
+    return out_dir / DATA_FILE
+
+
+# -- settings and the manifest: what a resumed run must share with the first -------------------------
+
+
+def _settings(model, model_name, n_blocks: int, sets, tasks, split: str, seed: int, max_per_task,
+              examples: Dict[str, list]) -> dict:
+    """Everything the scores depend on; a rerun in the same folder must have the same."""
     try:
         dtype = str(next(model.parameters()).dtype).replace("torch.", "")
     except StopIteration:
         dtype = None
-
-    settings = {
+    return {
         "format": FORMAT,
-        "model": name,
+        "model": _model_name(model, model_name),
         "num_blocks": n_blocks,
         "dtype": dtype,
         "sets": sets,
@@ -301,127 +325,181 @@ def build_router_data(
         "max_per_task": max_per_task,
         "ids": {t: [e.id for e in ex] for t, ex in examples.items()},
     }
-    manifest_path = out_dir / MANIFEST
-    manifest = None
-    if manifest_path.is_file():
-        try:
-            manifest = json.loads(manifest_path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise PuddingError(f"{manifest_path}: corrupt ({e}); delete {out_dir} to start over")
-        old = manifest.get("settings", {})
-        if old != settings:
-            keys = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
-            raise PuddingError(
-                f"{out_dir}: holds router data built with other settings ({', '.join(keys)} "
-                "differ); use another output folder or delete this one")
-    if manifest is None:
-        manifest = {
-            "format": FORMAT + "-manifest",
-            "settings": settings,
-            "provenance": {
-                "candidates": {k: v for k, v in cand_source.items() if k != "sets"},
-                "data_dir": str(data_dir) if data_dir else os.environ.get("PUDDING_MLX_DATA"),
-                "started": datetime.datetime.now(datetime.timezone.utc).isoformat(),
-                "versions": _versions(),
-                "add_bos": "gemma" in str(getattr(model.config, "model_type", "")),
-                "batch_size": batch_size,
-                "router_text": "Example.router_text (the prompt without answer choices)",
-            },
-            "chunks": {},
-        }
-    chunks_dir = out_dir / CHUNK_DIR
-    work: List[Tuple[int, str, Optional[int]]] = [
-        (ti, t, m) for ti, t in enumerate(tasks) for m in [None] + list(range(len(sets)))]
-    total = len(work)
-    # Decide once, on rank 0, which chunks are done, so every rank runs the same forward passes.
-    done_before = _from_main([chunk_name(ti, t, m) for ti, t, m in work
-                              if _read_chunk(chunks_dir / chunk_name(ti, t, m), examples[t],
-                                             [] if m is None else sets[m]) is not None])
-    if is_main():
-        atomic_write_json(manifest_path, manifest)
-
-    for k, (ti, t, m) in enumerate(work, 1):
-        cname = chunk_name(ti, t, m)
-        omitted = [] if m is None else sets[m]
-        if cname not in done_before:
-            result = evaluate_everywhere(model, tokenizer, examples[t], omitted,
-                                         batch_size=batch_size, progress=on_batch)
-            if is_main():
-                _savez_atomic(chunks_dir / cname, **_chunk_arrays(result, examples[t], omitted))
-                manifest["chunks"][cname] = {
-                    "task": t, "set": m, "omitted": omitted, "n": len(examples[t]),
-                    "acc": result["acc"], "acc_norm": result["acc_norm"],
-                    "mean_gold_mean_ll": float(np.mean(result["gold_mean_ll"])),
-                    "date": datetime.datetime.now(datetime.timezone.utc).isoformat()}
-                atomic_write_json(manifest_path, manifest)
-        if progress is not None:
-            progress(k, total, cname)
-
-    path = out_dir / DATA_FILE
-    if is_main():
-        _assemble(out_dir, examples, sets, list(tasks), settings, manifest)
-    _barrier()
-    return path
 
 
-def _assemble(out_dir: Path, examples: Dict[str, list], sets, tasks, settings, manifest) -> None:
+def _resumed_manifest(out_dir: Path, settings: dict) -> Optional[dict]:
+    """The manifest an earlier run left in OUT_DIR (None: there is none); refused when that run had
+    other settings."""
+    path = out_dir / MANIFEST
+    if not path.is_file():
+        return None
+    manifest = read_json(path, "the router data manifest", f"delete {out_dir} to start over")
+    old = manifest.get("settings", {})
+    if old != settings:
+        keys = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
+        raise PuddingError(
+            f"{out_dir}: holds router data built with other settings ({', '.join(keys)} "
+            "differ); use another output folder or delete this one")
+    return manifest
+
+
+def _new_manifest(settings: dict, cand_source: dict, model, data_dir, batch_size: int) -> dict:
+    return {
+        "format": FORMAT + "-manifest",
+        "settings": settings,
+        "provenance": {
+            "candidates": {k: v for k, v in cand_source.items() if k != "sets"},
+            "data_dir": str(data_dir) if data_dir else os.environ.get("PUDDING_MLX_DATA"),
+            "started": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+            "versions": _versions(),
+            "add_bos": "gemma" in str(getattr(model.config, "model_type", "")),
+            "batch_size": batch_size,
+            "router_text": "Example.router_text (the prompt without answer choices)",
+        },
+        "chunks": {},
+    }
+
+
+# -- the work: chunks, which are done, scoring one -------------------------------------------------
+
+
+class _Chunk(NamedTuple):
+    """One unit of work: task number `ti` (`task`) scored with set `m` skipped (None: dense)."""
+
+    ti: int
+    task: str
+    m: Optional[int]
+    omitted: List[int]
+
+    @property
+    def name(self) -> str:
+        return chunk_name(self.ti, self.task, self.m)
+
+
+def _work_list(tasks: Sequence[str], sets) -> List[_Chunk]:
+    """Every chunk, task by task: the dense one, then one per set in the candidates' order."""
+    return [_Chunk(ti, t, m, [] if m is None else sets[m])
+            for ti, t in enumerate(tasks) for m in [None] + list(range(len(sets)))]
+
+
+def _done_chunks(out_dir: Path, work: List[_Chunk], examples: Dict[str, list]) -> List[str]:
+    """The names of the chunks already on disk and readable. Decided once, on rank 0, so every rank
+    runs the same forward passes."""
+    return _from_main([c.name for c in work
+                       if _read_chunk(out_dir / CHUNK_DIR / c.name, examples[c.task], c.omitted) is not None])
+
+
+def _score_chunk(model, tokenizer, chunk: _Chunk, examples: list, out_dir: Path, manifest: dict,
+                 batch_size: int, on_batch) -> None:
+    """Score the chunk's examples (every rank its share); rank 0 writes the chunk, then the manifest
+    that records it."""
+    from .distributed import evaluate_everywhere, is_main
+
+    result = evaluate_everywhere(model, tokenizer, examples, chunk.omitted,
+                                 batch_size=batch_size, progress=on_batch)
+    if not is_main():
+        return
+    _savez_atomic(out_dir / CHUNK_DIR / chunk.name, **_chunk_arrays(result, examples, chunk.omitted))
+    manifest["chunks"][chunk.name] = {
+        "task": chunk.task, "set": chunk.m, "omitted": chunk.omitted, "n": len(examples),
+        "acc": result["acc"], "acc_norm": result["acc_norm"],
+        "mean_gold_mean_ll": float(np.mean(result["gold_mean_ll"])),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat()}
+    atomic_write_json(out_dir / MANIFEST, manifest)
+
+
+# -- assembling router_data.npz + router_data.json -------------------------------------------------
+
+
+def _assemble(out_dir: Path, examples: Dict[str, list], sets, tasks, work: List[_Chunk], settings,
+              manifest) -> None:
+    """Gather every chunk of `work` into one row per example (task by task, in example order)."""
     rows = [(t, e) for t in tasks for e in examples[t]]
-    n, n_sets = len(rows), len(sets)
     c_max = max(e.n_choices for _, e in rows)
-    y = np.zeros((n, n_sets), np.float32)
-    correct = np.zeros((n, n_sets), bool)
-    correct_norm = np.zeros((n, n_sets), bool)
-    logprob = np.full((n, n_sets, c_max), np.nan, np.float32)
-    mean_ll = np.full((n, n_sets, c_max), np.nan, np.float32)
-    dense = np.zeros(n, np.float32)
-    dense_correct = np.zeros(n, bool)
-    dense_correct_norm = np.zeros(n, bool)
-    dense_logprob = np.full((n, c_max), np.nan, np.float32)
-    dense_mean_ll = np.full((n, c_max), np.nan, np.float32)
-    gold = np.zeros(n, np.int64)
-
-    row0 = 0
-    for ti, t in enumerate(tasks):
-        ex = examples[t]
-        rs = slice(row0, row0 + len(ex))
-        starts = np.concatenate([[0], np.cumsum([e.n_choices for e in ex])])
-        for m in [None] + list(range(n_sets)):
-            omitted = [] if m is None else sets[m]
-            cname = chunk_name(ti, t, m)
-            data = _read_chunk(out_dir / CHUNK_DIR / cname, ex, omitted)
-            if data is None:
-                raise PuddingError(f"{out_dir / CHUNK_DIR / cname}: missing or unreadable after "
-                                   "scoring; rerun to recompute it")
-            lp = np.full((len(ex), c_max), np.nan, np.float32)
-            ml = np.full((len(ex), c_max), np.nan, np.float32)
-            for i, e in enumerate(ex):
-                lp[i, : e.n_choices] = data["logprob"][starts[i]:starts[i + 1]]
-                ml[i, : e.n_choices] = data["mean_ll"][starts[i]:starts[i + 1]]
-            if m is None:
-                dense[rs] = data["gold_mean_ll"]
-                dense_correct[rs], dense_correct_norm[rs] = data["correct"], data["correct_norm"]
-                dense_logprob[rs], dense_mean_ll[rs] = lp, ml
-            else:
-                y[rs, m] = data["gold_mean_ll"]
-                correct[rs, m], correct_norm[rs, m] = data["correct"], data["correct_norm"]
-                logprob[rs, m], mean_ll[rs, m] = lp, ml
-            gold[rs] = data["gold"]
-        row0 += len(ex)
-
-    blobs = [e.router_text.encode("utf-8") for _, e in rows]
-    offsets = np.concatenate([[0], np.cumsum([len(b) for b in blobs])]).astype(np.int64)
+    columns = _empty_columns(rows, len(sets), c_max)
+    starts = np.cumsum([0] + [len(examples[t]) for t in tasks])
+    task_rows = {t: slice(int(starts[ti]), int(starts[ti + 1])) for ti, t in enumerate(tasks)}
+    for chunk in work:
+        ex = examples[chunk.task]
+        _fill(columns, task_rows[chunk.task], chunk.m, _finished_chunk(out_dir, chunk, ex), ex, c_max)
     _savez_atomic(
         out_dir / DATA_FILE,
         task=np.array([t for t, _ in rows], dtype=str),
         id=np.array([e.id for _, e in rows], dtype=str),
-        text_utf8=np.frombuffer(b"".join(blobs), dtype=np.uint8),
-        text_offsets=offsets,
-        y=y, dense=dense, correct=correct, correct_norm=correct_norm,
-        dense_correct=dense_correct, dense_correct_norm=dense_correct_norm,
-        n_choices=np.array([e.n_choices for _, e in rows], dtype=np.int64), gold=gold,
-        logprob=logprob, mean_ll=mean_ll, dense_logprob=dense_logprob, dense_mean_ll=dense_mean_ll,
+        **_text_arrays([e.router_text for _, e in rows]),
+        **columns,
     )
-    meta = {
+    atomic_write_json(out_dir / META_FILE, _meta(len(rows), sets, examples, tasks, settings, manifest))
+
+
+def _empty_columns(rows, n_sets: int, c_max: int) -> Dict[str, np.ndarray]:
+    """router_data.npz's score columns (module doc), in file order, before the chunks fill them;
+    the per-choice ones are NaN past each example's choices."""
+    n = len(rows)
+    return {
+        "y": np.zeros((n, n_sets), np.float32),
+        "dense": np.zeros(n, np.float32),
+        "correct": np.zeros((n, n_sets), bool),
+        "correct_norm": np.zeros((n, n_sets), bool),
+        "dense_correct": np.zeros(n, bool),
+        "dense_correct_norm": np.zeros(n, bool),
+        "n_choices": np.array([e.n_choices for _, e in rows], dtype=np.int64),
+        "gold": np.zeros(n, np.int64),
+        "logprob": np.full((n, n_sets, c_max), np.nan, np.float32),
+        "mean_ll": np.full((n, n_sets, c_max), np.nan, np.float32),
+        "dense_logprob": np.full((n, c_max), np.nan, np.float32),
+        "dense_mean_ll": np.full((n, c_max), np.nan, np.float32),
+    }
+
+
+def _finished_chunk(out_dir: Path, chunk: _Chunk, examples: list) -> dict:
+    path = out_dir / CHUNK_DIR / chunk.name
+    data = _read_chunk(path, examples, chunk.omitted)
+    if data is None:
+        raise PuddingError(f"{path}: missing or unreadable after scoring; rerun to recompute it")
+    return data
+
+
+def _fill(columns: Dict[str, np.ndarray], rs: slice, m: Optional[int], data: dict, examples: list,
+          c_max: int) -> None:
+    """Put one chunk into rows `rs`: the dense columns (m None) or set m's column of the others."""
+    lp, ml = _per_choice(data, examples, c_max)
+    if m is None:
+        columns["dense"][rs] = data["gold_mean_ll"]
+        columns["dense_correct"][rs] = data["correct"]
+        columns["dense_correct_norm"][rs] = data["correct_norm"]
+        columns["dense_logprob"][rs], columns["dense_mean_ll"][rs] = lp, ml
+    else:
+        columns["y"][rs, m] = data["gold_mean_ll"]
+        columns["correct"][rs, m] = data["correct"]
+        columns["correct_norm"][rs, m] = data["correct_norm"]
+        columns["logprob"][rs, m], columns["mean_ll"][rs, m] = lp, ml
+    columns["gold"][rs] = data["gold"]
+
+
+def _per_choice(data: dict, examples: list, c_max: int) -> Tuple[np.ndarray, np.ndarray]:
+    """The chunk's flat per-choice (logprob, mean_ll) as [n, c_max] float32 tables, NaN past each
+    example's choices."""
+    starts = np.concatenate([[0], np.cumsum([e.n_choices for e in examples])])
+    lp = np.full((len(examples), c_max), np.nan, np.float32)
+    ml = np.full((len(examples), c_max), np.nan, np.float32)
+    for i, e in enumerate(examples):
+        lp[i, : e.n_choices] = data["logprob"][starts[i]:starts[i + 1]]
+        ml[i, : e.n_choices] = data["mean_ll"][starts[i]:starts[i + 1]]
+    return lp, ml
+
+
+def _text_arrays(texts: Sequence[str]) -> Dict[str, np.ndarray]:
+    """The texts as one UTF-8 blob and N+1 offsets (numpy's fixed-width str would cost 4 bytes x
+    the longest text per row)."""
+    blobs = [t.encode("utf-8") for t in texts]
+    offsets = np.concatenate([[0], np.cumsum([len(b) for b in blobs])]).astype(np.int64)
+    return {"text_utf8": np.frombuffer(b"".join(blobs), dtype=np.uint8), "text_offsets": offsets}
+
+
+def _meta(n: int, sets, examples: Dict[str, list], tasks, settings: dict, manifest: dict) -> dict:
+    """router_data.json: the sets of the y columns, the settings, the ids and the provenance."""
+    return {
         "format": FORMAT,
         "schema_version": SCHEMA_VERSION,
         "n": n,
@@ -436,7 +514,6 @@ def _assemble(out_dir: Path, examples: Dict[str, list], sets, tasks, settings, m
         "provenance": dict(manifest.get("provenance", {}),
                            finished=datetime.datetime.now(datetime.timezone.utc).isoformat()),
     }
-    atomic_write_json(out_dir / META_FILE, meta)
 
 
 def run_router_data(model: str, candidates, tasks: Sequence[str], out_dir, max_per_task=None,
@@ -483,7 +560,7 @@ def load_router_data(path) -> dict:
                             dtype=object)
     meta = {}
     if meta_path.is_file():
-        meta = json.loads(meta_path.read_text())
+        meta = read_json(meta_path, "the router data's sets and settings", "rebuild the data")
     if "sets" not in meta:
         raise PuddingError(f"{meta_path}: missing (the sets of the y columns); rebuild the data")
     if len(meta["sets"]) != data["y"].shape[1]:

@@ -49,28 +49,28 @@ agreement with the oracle (the chosen set has the highest y; ties count as agree
 regret y[oracle] - y[chosen]. `baseline` is the same on validation for the constant predictor
 (the training mean of y per set, i.e. always the best static set).
 
-OUT is written into a temporary folder next to it and moved into place with os.replace.
+OUT is built in a folder beside it and published only when complete (`pudding_mlx.atomic.building`).
 """
 
 from __future__ import annotations
 
 import datetime
-import json
 import math
 import shutil
-import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 from torch import nn
 
-from pudding_mlx.atomic import install_dir, usual_permissions as _usual_permissions
+from pudding_mlx.atomic import building, write_json
 from pudding_mlx.errors import PuddingError
+from pudding_mlx.jsonio import read_json
 
-from .report import router_metrics  # noqa: F401  (also part of this module's API)
+from .report import router_metrics  # also part of this module's API
 from .router_data import load_router_data, split_by_question
 
 VARIANTS = ("light", "full")
@@ -81,9 +81,6 @@ HEAD_WEIGHTS = "head.safetensors"
 ENCODER_SUBDIR = "encoder"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json")
 MAX_LENGTH = 512
-
-
-# -- metrics ---------------------------------------------------------------------------------------
 
 
 # -- encoder and tokens ----------------------------------------------------------------------------
@@ -99,10 +96,7 @@ def resolve_encoder(encoder=None) -> Path:
     cfg_path = path / "config.json"
     if not cfg_path.is_file():
         raise PuddingError(f"{path}: no config.json; --encoder must be a Hugging Face BERT folder")
-    try:
-        cfg = json.loads(cfg_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise PuddingError(f"{cfg_path}: not valid JSON ({e})") from None
+    cfg = read_json(cfg_path, "the encoder's config", "--encoder must be a Hugging Face BERT folder")
     if cfg.get("model_type", "bert") != "bert":
         raise PuddingError(f"{cfg_path}: model_type {cfg.get('model_type')!r}; the MLX router "
                            "reads BERT encoders only (model_type 'bert')")
@@ -201,25 +195,65 @@ def train_router(
     record}. `sets`: train on these candidate sets only (a subset of the data's columns, in this
     order), e.g. one k's pool out of data scored for several. Returns the metrics (also written to
     OUT/router_train.json)."""
-    from transformers import get_linear_schedule_with_warmup
-
     from .hf import pick_device
 
-    if variant not in VARIANTS:
-        raise PuddingError(f"unknown router variant {variant!r}; choose from {', '.join(VARIANTS)}")
-    for name, v, lo in (("epochs", epochs, 1), ("batch_size", batch_size, 1), ("warmup", warmup, 0)):
-        if not isinstance(v, int) or v < lo:
-            raise PuddingError(f"{name} must be an integer >= {lo}, got {v!r}")
-    out = Path(out).expanduser()
-    if (out.exists() or out.is_symlink()) and not force:
-        raise PuddingError(f"{out}: already exists; pass force=True to replace it")
+    _check_settings(variant, epochs, batch_size, warmup)
+    out = _check_out(out, force)
     lr = DEFAULT_LR[variant] if lr is None else float(lr)
     enc_dir = resolve_encoder(encoder)
     dev = pick_device(device)
     emit = progress or (lambda event: None)
 
     data = load_router_data(data_path)
-    y_all = data["y"].astype(np.float32)
+    sets, y = _select_sets(data, data_path, sets)
+    train_idx, val_idx = _split(data, val_fraction, seed)
+    targets = _Targets(y, train_idx, standardize, dev)
+
+    torch.manual_seed(seed)
+    tokenizer = _tokenizer(enc_dir)
+    setup = _setup_full if variant == "full" else _setup_light
+    router = setup(enc_dir, tokenizer, data["text"], sets, max_length, dev, batch_size, emit)
+    if init_bias_to_mean:
+        with torch.no_grad():
+            router.head.bias.copy_(targets.mean_on_training_scale())
+    fit = _fit(router, targets, train_idx, val_idx, epochs, lr, batch_size, warmup, weight_decay,
+               seed, emit)
+
+    settings = {"epochs": epochs, "lr": lr, "batch_size": batch_size, "warmup": warmup,
+                "weight_decay": weight_decay, "seed": seed, "val_fraction": val_fraction,
+                "standardize": standardize, "init_bias_to_mean": init_bias_to_mean}
+    metrics = _report(variant, enc_dir, out, data_path, data, sets, train_idx, val_idx, targets,
+                      settings, router, fit)
+    weight, bias = targets.fold_into(router.head)  # the saved head outputs raw-scale y
+    with building(out, force) as folder:
+        router.save(folder, weight, bias)
+        write_json(folder / TRAIN_INFO, metrics)
+    return metrics
+
+
+# -- inputs: settings, output folder, targets, split -----------------------------------------------
+
+
+def _check_settings(variant: str, epochs, batch_size, warmup) -> None:
+    if variant not in VARIANTS:
+        raise PuddingError(f"unknown router variant {variant!r}; choose from {', '.join(VARIANTS)}")
+    for name, v, lo in (("epochs", epochs, 1), ("batch_size", batch_size, 1), ("warmup", warmup, 0)):
+        if not isinstance(v, int) or v < lo:
+            raise PuddingError(f"{name} must be an integer >= {lo}, got {v!r}")
+
+
+def _check_out(out, force: bool) -> Path:
+    """OUT as a path, refused before any work when it exists and `force` is not given."""
+    out = Path(out).expanduser()
+    if (out.exists() or out.is_symlink()) and not force:
+        raise PuddingError(f"{out}: already exists; pass force=True to replace it")
+    return out
+
+
+def _select_sets(data: dict, data_path, sets) -> Tuple[list, np.ndarray]:
+    """(the sets the router scores, y [N, M] float32 with one column per set): every set of the
+    data, or `sets` (a subset of its columns, in this order)."""
+    y = data["y"].astype(np.float32)
     if sets is None:
         sets = data["meta"]["sets"]
     else:
@@ -228,128 +262,190 @@ def train_router(
         if missing:
             raise PuddingError(f"{data_path}: no scores for sets {missing[:3]}; build the data with them")
         sets = [sorted(c) for c in sets]
-        y_all = y_all[:, [column[tuple(c)] for c in sets]]
-    n, m = y_all.shape
-    if not np.isfinite(y_all).all():
+        y = y[:, [column[tuple(c)] for c in sets]]
+    if not np.isfinite(y).all():
         raise PuddingError(f"{data_path}: y has non-finite values")
+    return sets, y
+
+
+def _split(data: dict, val_fraction: float, seed: int) -> Tuple[np.ndarray, np.ndarray]:
+    """(training rows, validation rows), by question (`split_by_question`); the training side is
+    never empty."""
     train_idx, val_idx = split_by_question(data, val_fraction, seed)
     if len(train_idx) == 0:
         raise PuddingError("the training split is empty; lower val_fraction or add data")
-    mu = y_all[train_idx].mean(axis=0)
-    sd = np.maximum(y_all[train_idx].std(axis=0), 1e-6) if standardize else np.ones(m, np.float32)
-    shift = mu if standardize else np.zeros(m, np.float32)
-    target = torch.tensor((y_all - shift) / sd, dtype=torch.float32, device=dev)
-    sd_t = torch.tensor(sd, dtype=torch.float32, device=dev)
-    shift_t = torch.tensor(shift, dtype=torch.float32, device=dev)
-    y_t = torch.tensor(y_all, device=dev)
+    return train_idx, val_idx
 
-    torch.manual_seed(seed)
-    tokenizer = _tokenizer(enc_dir)
-    from transformers import BertForSequenceClassification, BertModel
 
-    if variant == "full":
-        model, info = BertForSequenceClassification.from_pretrained(
-            str(enc_dir), num_labels=m, problem_type="regression",
-            id2label={i: _set_label(s) for i, s in enumerate(sets)},
-            label2id={_set_label(s): i for i, s in enumerate(sets)},
-            use_safetensors=True, output_loading_info=True, dtype=torch.float32)
-        model = model.to(dev)
-        head = model.classifier
-        missing_pooler = any("pooler" in k for k in info.get("missing_keys", []))
-        max_len = _max_length(model.config, max_length)
-        tokens = _Tokens(tokenizer, data["text"], max_len)
+class _Targets:
+    """y on the device, and what the loss reads: raw y, or with `standardize` (y - mean) / std per
+    set, both taken on the training split. `raw` maps outputs back to raw y; `fold_into` puts that
+    map into a head's weights."""
 
-        def forward(idx):
-            return model(**tokens.batch(idx, dev)).logits
+    def __init__(self, y: np.ndarray, train_idx, standardize: bool, device):
+        self.m = y.shape[1]
+        self.y, self.device = y, device
+        self.mean = y[train_idx].mean(axis=0)
+        ones, zeros = np.ones(self.m, np.float32), np.zeros(self.m, np.float32)
+        self.sd = np.maximum(y[train_idx].std(axis=0), 1e-6) if standardize else ones
+        self.shift = self.mean if standardize else zeros
+        self.y_t = torch.tensor(y, device=device)
+        self.target = torch.tensor((y - self.shift) / self.sd, dtype=torch.float32, device=device)
+        self._sd = torch.tensor(self.sd, dtype=torch.float32, device=device)
+        self._shift = torch.tensor(self.shift, dtype=torch.float32, device=device)
 
-        trainable = model
-    else:
-        enc_model, info = BertModel.from_pretrained(
-            str(enc_dir), add_pooling_layer=True, use_safetensors=True, output_loading_info=True,
-            dtype=torch.float32)
-        enc_model = enc_model.to(dev).eval()
-        for p in enc_model.parameters():
-            p.requires_grad_(False)
-        missing_pooler = any("pooler" in k for k in info.get("missing_keys", []))
-        max_len = _max_length(enc_model.config, max_length)
-        tokens = _Tokens(tokenizer, data["text"], max_len)
-        feats = torch.empty((n, enc_model.config.hidden_size), dtype=torch.float32, device=dev)
-        done = 0
-        t0 = time.perf_counter()
-        with torch.no_grad():  # not inference_mode: the features are used under autograd later
-            for idx in _by_length(tokens, np.arange(n), max(batch_size, 64)):
-                pooled = enc_model(**tokens.batch(idx, dev)).pooler_output
-                feats[torch.as_tensor(idx, device=dev)] = pooled.float()
-                done += len(idx)
-                emit({"event": "features", "done": done, "total": n})
-        feature_seconds = time.perf_counter() - t0
-        head = nn.Linear(enc_model.config.hidden_size, m).to(dev)
-        model = head
+    def raw(self, out: torch.Tensor) -> torch.Tensor:
+        return out * self._sd + self._shift
 
-        def forward(idx):
-            return head(feats[torch.as_tensor(idx, device=dev)])
+    def mean_on_training_scale(self) -> torch.Tensor:
+        """The per-set training mean in the units the head is trained in (its starting bias)."""
+        return torch.tensor((self.mean - self.shift) / self.sd, dtype=torch.float32)
 
-        trainable = head
+    def fold_into(self, head: nn.Linear) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(weight, bias) on the CPU of `head` with the scaling folded in: it then outputs raw y."""
+        with torch.no_grad():
+            weight = head.weight.detach().float().cpu() * torch.tensor(self.sd)[:, None]
+            bias = head.bias.detach().float().cpu() * torch.tensor(self.sd) + torch.tensor(self.shift)
+        return weight, bias
 
-    with torch.no_grad():
-        if init_bias_to_mean:
-            head.bias.copy_(torch.tensor((mu - shift) / sd, dtype=torch.float32))
 
-    params = [(k, p) for k, p in trainable.named_parameters() if p.requires_grad]
-    groups = [{"params": [p for _, p in params if p.ndim >= 2], "weight_decay": weight_decay},
-              {"params": [p for _, p in params if p.ndim < 2], "weight_decay": 0.0}]
-    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=lr)
-    steps_per_epoch = math.ceil(len(train_idx) / batch_size)
-    total_steps = epochs * steps_per_epoch
+# -- the variants: setup, forward, save -----------------------------------------------------------
+
+
+@dataclass
+class _Router:
+    """A variant ready to train. `module` is what trains (the whole model, or the light head alone)
+    and `head` its last linear layer; `forward(rows)` gives the outputs for data rows on the training
+    scale; `save(folder, weight, bias)` writes the variant's layout with the head set to these."""
+
+    module: nn.Module
+    head: nn.Linear
+    forward: Callable[[np.ndarray], torch.Tensor]
+    tokens: _Tokens
+    max_length: int
+    pooler_initialized_randomly: bool
+    save: Callable[[Path, torch.Tensor, torch.Tensor], None]
+    variant_report: Dict[str, float] = field(default_factory=dict)  # its own router_train.json entries
+
+
+def _pooler_missing(loading_info: dict) -> bool:
+    return any("pooler" in k for k in loading_info.get("missing_keys", []))
+
+
+def _setup_full(enc_dir: Path, tokenizer, texts, sets, max_length, dev, batch_size, emit) -> _Router:
+    """Every weight trains: a BertForSequenceClassification with one regression output per set
+    (labelled "omit:..."), its dropout on in training; saved with save_pretrained plus the
+    encoder's tokenizer files (layout (a))."""
+    from transformers import BertForSequenceClassification
+
+    model, info = BertForSequenceClassification.from_pretrained(
+        str(enc_dir), num_labels=len(sets), problem_type="regression",
+        id2label={i: _set_label(s) for i, s in enumerate(sets)},
+        label2id={_set_label(s): i for i, s in enumerate(sets)},
+        use_safetensors=True, output_loading_info=True, dtype=torch.float32)
+    model = model.to(dev)
+    max_len = _max_length(model.config, max_length)
+    tokens = _Tokens(tokenizer, texts, max_len)
+
+    def forward(rows):
+        return model(**tokens.batch(rows, dev)).logits
+
+    def save(folder: Path, weight, bias) -> None:
+        with torch.no_grad():
+            model.classifier.weight.copy_(weight.to(dev))
+            model.classifier.bias.copy_(bias.to(dev))
+        model.save_pretrained(str(folder))
+        _copy_tokenizer(enc_dir, folder, tokenizer)
+
+    return _Router(model, model.classifier, forward, tokens, max_len, _pooler_missing(info), save)
+
+
+def _setup_light(enc_dir: Path, tokenizer, texts, sets, max_length, dev, batch_size, emit) -> _Router:
+    """The encoder is frozen and only a linear head trains, on the pooler outputs computed once;
+    saved as head.json + head.safetensors + the encoder folder (layout (b))."""
+    from transformers import BertModel
+
+    encoder, info = BertModel.from_pretrained(
+        str(enc_dir), add_pooling_layer=True, use_safetensors=True, output_loading_info=True,
+        dtype=torch.float32)
+    encoder = encoder.to(dev).eval()
+    for p in encoder.parameters():
+        p.requires_grad_(False)
+    max_len = _max_length(encoder.config, max_length)
+    tokens = _Tokens(tokenizer, texts, max_len)
+    t0 = time.perf_counter()
+    feats = _pooler_outputs(encoder, tokens, dev, max(batch_size, 64), emit)
+    feature_seconds = time.perf_counter() - t0
+    head = nn.Linear(encoder.config.hidden_size, len(sets)).to(dev)
+
+    def forward(rows):
+        return head(feats[torch.as_tensor(rows, device=dev)])
+
+    def save(folder: Path, weight, bias) -> None:
+        from safetensors.torch import save_file
+
+        enc_out = folder / ENCODER_SUBDIR
+        encoder.save_pretrained(str(enc_out))
+        _copy_tokenizer(enc_dir, enc_out, tokenizer)
+        save_file({"weight": weight.contiguous(), "bias": bias.contiguous()}, str(folder / HEAD_WEIGHTS),
+                  metadata={"format": "pt"})
+        write_json(folder / HEAD_JSON, {"encoder": ENCODER_SUBDIR, "num_outputs": len(sets),
+                                        "variant": "light", "pooling": "pooler", "sets": sets,
+                                        "source_encoder": str(enc_dir)})
+
+    return _Router(head, head, forward, tokens, max_len, _pooler_missing(info), save,
+                   {"feature_seconds": feature_seconds})
+
+
+def _pooler_outputs(encoder, tokens: _Tokens, dev, batch_size: int, emit) -> torch.Tensor:
+    """The encoder's pooler output for every text, [N, hidden] float32 on `dev`."""
+    n = len(tokens.ids)
+    feats = torch.empty((n, encoder.config.hidden_size), dtype=torch.float32, device=dev)
+    done = 0
+    with torch.no_grad():  # not inference_mode: the features are used under autograd later
+        for idx in _by_length(tokens, np.arange(n), batch_size):
+            pooled = encoder(**tokens.batch(idx, dev)).pooler_output
+            feats[torch.as_tensor(idx, device=dev)] = pooled.float()
+            done += len(idx)
+            emit({"event": "features", "done": done, "total": n})
+    return feats
+
+
+# -- the shared loop: epochs, schedule, validation, model selection --------------------------------
+
+
+def _fit(router: _Router, targets: _Targets, train_idx, val_idx, epochs: int, lr: float,
+         batch_size: int, warmup: int, weight_decay: float, seed: int, emit) -> dict:
+    """Train `router` for `epochs` passes over the training rows (a seeded order per epoch; AdamW,
+    linear warm-up then linear decay) and load back the epoch with the lowest validation MSE
+    (without validation rows, the last epoch). Returns {"history", "best_epoch", "initial_val",
+    "best_val", "total_steps"} (validation metrics are None without validation rows)."""
+    from transformers import get_linear_schedule_with_warmup
+
+    optimizer = _adamw(router.module, lr, weight_decay)
+    total_steps = epochs * math.ceil(len(train_idx) / batch_size)
     scheduler = get_linear_schedule_with_warmup(optimizer, warmup, total_steps)
 
-    def predict_rows(idx) -> np.ndarray:
-        """Raw-scale predictions for rows `idx`, in the order of `idx`, eval mode."""
-        was = model.training
-        model.eval()
-        outp = np.zeros((len(idx), m), np.float32)
-        pos = {int(r): k for k, r in enumerate(idx)}
-        with torch.inference_mode():
-            for b in _by_length(tokens, idx, max(batch_size, 64)):
-                raw = forward(b).float() * sd_t + shift_t
-                outp[[pos[int(r)] for r in b]] = raw.cpu().numpy()
-        model.train(was)
-        return outp
+    def validate() -> Optional[dict]:
+        if not len(val_idx):
+            return None
+        return router_metrics(_predict_rows(router, targets, val_idx, batch_size), targets.y[val_idx])
 
-    y_val = y_all[val_idx]
-    history = []
-    best = {"val_mse": float("inf"), "epoch": None, "state": None}
-    initial = router_metrics(predict_rows(val_idx), y_val) if len(val_idx) else None
+    initial = validate()
     rng = np.random.default_rng(seed)
+    history: List[dict] = []
+    best = {"val_mse": float("inf"), "epoch": None, "state": None}
     step = 0
     for epoch in range(1, epochs + 1):
         t0 = time.perf_counter()
-        model.train()  # full: dropout on; light: only the head (no dropout), the encoder stays eval
-        perm = rng.permutation(train_idx)
-        sse, count = 0.0, 0
-        for b in range(steps_per_epoch):
-            idx = perm[b * batch_size:(b + 1) * batch_size]
-            if len(idx) == 0:
-                continue
-            outb = forward(idx).float()
-            rows = torch.as_tensor(idx, device=dev)
-            loss = nn.functional.mse_loss(outb, target[rows])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            step += 1
-            with torch.no_grad():
-                raw = outb.detach() * sd_t + shift_t
-                sse += float(((raw - y_t[rows]) ** 2).sum())
-                count += len(idx) * m
-            emit({"event": "step", "epoch": epoch, "step": step, "steps": total_steps,
-                  "loss": float(loss.detach())})
-        record = {"epoch": epoch, "train_mse": sse / max(count, 1),
-                  "lr": float(scheduler.get_last_lr()[0]), "steps": step}
-        if len(val_idx):
-            vm = router_metrics(predict_rows(val_idx), y_val)
-            record.update(val_mse=vm["mse"], val_agreement=vm["agreement"], val_regret=vm["regret"])
+        order = rng.permutation(train_idx)
+        train_mse, step = _train_epoch(router, targets, order, optimizer, scheduler, batch_size,
+                                       epoch, step, total_steps, emit)
+        record = {"epoch": epoch, "train_mse": train_mse, "lr": float(scheduler.get_last_lr()[0]),
+                  "steps": step}
+        val = validate()
+        if val is not None:
+            record.update(val_mse=val["mse"], val_agreement=val["agreement"], val_regret=val["regret"])
         record["seconds"] = time.perf_counter() - t0
         history.append(record)
         emit({"event": "epoch", **record})
@@ -357,18 +453,70 @@ def train_router(
         if score < best["val_mse"] or best["state"] is None or not len(val_idx):
             best = {"val_mse": score, "epoch": epoch,
                     "state": {k: v.detach().to("cpu", copy=True)
-                              for k, v in trainable.state_dict().items()}}
-    trainable.load_state_dict(best["state"])
-    model.eval()
+                              for k, v in router.module.state_dict().items()}}
+    router.module.load_state_dict(best["state"])
+    router.module.eval()
+    return {"history": history, "best_epoch": best["epoch"], "initial_val": initial,
+            "best_val": validate(), "total_steps": total_steps}
 
-    final_val = router_metrics(predict_rows(val_idx), y_val) if len(val_idx) else None
-    baseline = router_metrics(np.tile(mu, (len(val_idx), 1)), y_val) if len(val_idx) else None
-    static_best = int(np.argmax(mu))
 
-    # fold the target scaling into the head: it then outputs raw-scale y
-    with torch.no_grad():
-        w = head.weight.detach().float().cpu() * torch.tensor(sd)[:, None]
-        bvec = head.bias.detach().float().cpu() * torch.tensor(sd) + torch.tensor(shift)
+def _adamw(module: nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
+    """AdamW over the trainable weights; decay on matrices only (not biases or LayerNorm weights)."""
+    params = [p for p in module.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
+              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr)
+
+
+def _train_epoch(router: _Router, targets: _Targets, order, optimizer, scheduler, batch_size: int,
+                 epoch: int, step: int, total_steps: int, emit) -> Tuple[float, int]:
+    """One pass over the rows in `order`, one optimizer step per batch. Returns (the epoch's
+    training MSE in raw y units, the step count after it)."""
+    router.module.train()  # full: dropout on; light: only the head (no dropout), the encoder stays eval
+    sse, count = 0.0, 0
+    for b in range(0, len(order), batch_size):
+        idx = order[b:b + batch_size]
+        out = router.forward(idx).float()
+        rows = torch.as_tensor(idx, device=targets.device)
+        loss = nn.functional.mse_loss(out, targets.target[rows])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        step += 1
+        with torch.no_grad():
+            sse += float(((targets.raw(out.detach()) - targets.y_t[rows]) ** 2).sum())
+            count += len(idx) * targets.m
+        emit({"event": "step", "epoch": epoch, "step": step, "steps": total_steps,
+              "loss": float(loss.detach())})
+    return sse / max(count, 1), step
+
+
+def _predict_rows(router: _Router, targets: _Targets, idx, batch_size: int) -> np.ndarray:
+    """Raw-scale predictions for rows `idx`, in the order of `idx`, in eval mode (then restored)."""
+    was = router.module.training
+    router.module.eval()
+    outp = np.zeros((len(idx), targets.m), np.float32)
+    pos = {int(r): k for k, r in enumerate(idx)}
+    with torch.inference_mode():
+        for b in _by_length(router.tokens, idx, max(batch_size, 64)):
+            outp[[pos[int(r)] for r in b]] = targets.raw(router.forward(b).float()).cpu().numpy()
+    router.module.train(was)
+    return outp
+
+
+# -- the report (router_train.json) ----------------------------------------------------------------
+
+
+def _report(variant: str, enc_dir: Path, out: Path, data_path, data: dict, sets, train_idx, val_idx,
+            targets: _Targets, settings: dict, router: _Router, fit: dict) -> dict:
+    """What router_train.json holds: the inputs and settings, the split, every epoch, the chosen
+    epoch on validation, and the constant predictor (the training mean per set) as the baseline."""
+    from .router_data import _versions
+
+    y_val = targets.y[val_idx]
+    baseline = router_metrics(np.tile(targets.mean, (len(val_idx), 1)), y_val) if len(val_idx) else None
+    loss = "MSE on y" + (" (standardized)" if settings["standardize"] else "")
     metrics = {
         "format": "pudding-mlx-router-train",
         "variant": variant,
@@ -376,60 +524,31 @@ def train_router(
         "out": str(out),
         "data": str(Path(data_path).expanduser().resolve()),
         "sets": sets,
-        "n": int(n), "n_train": int(len(train_idx)), "n_val": int(len(val_idx)),
-        "per_task_train": {t: int(c) for t, c in zip(*np.unique(data["task"][train_idx], return_counts=True))},
-        "per_task_val": {t: int(c) for t, c in zip(*np.unique(data["task"][val_idx], return_counts=True))},
-        "settings": {"epochs": epochs, "lr": lr, "batch_size": batch_size, "warmup": warmup,
-                     "weight_decay": weight_decay, "seed": seed, "val_fraction": val_fraction,
-                     "standardize": standardize, "init_bias_to_mean": init_bias_to_mean,
-                     "max_length": max_len, "device": str(dev), "optimizer": "AdamW",
-                     "schedule": "linear warm-up then linear decay",
-                     "total_steps": total_steps, "loss": "MSE on y" + (" (standardized)" if standardize else "")},
-        "warmup_exceeds_steps": warmup >= total_steps,
-        "pooler_initialized_randomly": bool(missing_pooler),
-        "initial_val": initial,
-        "epochs": history,
-        "best_epoch": best["epoch"],
-        "best_val": final_val,
+        "n": int(len(targets.y)), "n_train": int(len(train_idx)), "n_val": int(len(val_idx)),
+        "per_task_train": _per_task(data["task"][train_idx]),
+        "per_task_val": _per_task(data["task"][val_idx]),
+        "settings": dict(settings, max_length=router.max_length, device=str(targets.device),
+                         optimizer="AdamW", schedule="linear warm-up then linear decay",
+                         total_steps=fit["total_steps"], loss=loss),
+        "warmup_exceeds_steps": settings["warmup"] >= fit["total_steps"],
+        "pooler_initialized_randomly": bool(router.pooler_initialized_randomly),
+        "initial_val": fit["initial_val"],
+        "epochs": fit["history"],
+        "best_epoch": fit["best_epoch"],
+        "best_val": fit["best_val"],
         "baseline_val": baseline,
-        "static_best_set": static_best,
-        "y_train_mean": [float(v) for v in mu],
+        "static_best_set": int(np.argmax(targets.mean)),
+        "y_train_mean": [float(v) for v in targets.mean],
         "data_provenance": data["meta"].get("provenance"),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
     }
-    if variant == "light":
-        metrics["feature_seconds"] = feature_seconds
-    from .router_data import _versions
-
+    metrics.update(router.variant_report)
     metrics["versions"] = _versions()
-
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
-    try:
-        if variant == "full":
-            with torch.no_grad():
-                model.classifier.weight.copy_(w.to(dev))
-                model.classifier.bias.copy_(bvec.to(dev))
-            model.save_pretrained(str(tmp))
-            _copy_tokenizer(enc_dir, tmp, tokenizer)
-        else:
-            from safetensors.torch import save_file
-
-            enc_out = tmp / ENCODER_SUBDIR
-            enc_model.save_pretrained(str(enc_out))
-            _copy_tokenizer(enc_dir, enc_out, tokenizer)
-            save_file({"weight": w.contiguous(), "bias": bvec.contiguous()}, str(tmp / HEAD_WEIGHTS),
-                      metadata={"format": "pt"})
-            (tmp / HEAD_JSON).write_text(json.dumps(
-                {"encoder": ENCODER_SUBDIR, "num_outputs": m, "variant": "light",
-                 "pooling": "pooler", "sets": sets, "source_encoder": str(enc_dir)}, indent=1) + "\n")
-        (tmp / TRAIN_INFO).write_text(json.dumps(metrics, indent=1) + "\n")
-        _usual_permissions(tmp)
-        install_dir(tmp, out, force)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return metrics
+
+
+def _per_task(tasks: np.ndarray) -> Dict[str, int]:
+    return {t: int(c) for t, c in zip(*np.unique(tasks, return_counts=True))}
 
 
 # -- using a trained router in PyTorch ---------------------------------------------------------------
@@ -447,7 +566,7 @@ def predict(router_dir, texts: Sequence[str], device=None, batch_size: int = 64,
     src = Path(router_dir).expanduser()
     dev = pick_device(device)
     if (src / HEAD_JSON).is_file():
-        head_info = json.loads((src / HEAD_JSON).read_text())
+        head_info = read_json(src / HEAD_JSON, "the light router's head description", "retrain the router")
         enc_dir = (src / head_info["encoder"]).resolve()
         enc = BertModel.from_pretrained(str(enc_dir), add_pooling_layer=True, use_safetensors=True,
                                         dtype=torch.float32).to(dev).eval()
