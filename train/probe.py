@@ -223,9 +223,16 @@ def train_probe_router(data_dir, out, sets: Sequence[Sequence[int]], objective: 
     data = rows_with_features(load_router_data(data_dir), load_features(data_dir))
     feats = load_features(data_dir)
     cols = columns(data["meta"]["sets"], sets)
-    if after is None:
-        after = int(min(min(s) for s in sets) - 1)
-    if after < 0 or int(np.asarray(feats["after"]).max(initial=-1)) < after and f"mean_{after}" not in feats:
+    first = int(min(min(s) for s in sets if s))  # every set runs blocks 0..first-1
+    if after is None:  # the deepest block with features that every set runs
+        usable = [int(b) for b in np.atleast_1d(feats["after"]) if int(b) < first]
+        if not usable:
+            raise PuddingError(f"{data_dir}: no features after a block every set runs (0..{first - 1}); "
+                               f"compute them with `train features --after {first - 1}`")
+        after = max(usable)
+    if not 0 <= after < first:
+        raise PuddingError(f"--after {after}: the router may only read a block every set runs (0..{first - 1})")
+    if f"mean_{after}" not in feats:
         raise PuddingError(f"{data_dir}: no features after block {after}; compute them with `train features --after {after}`")
     probe = train_probe(restrict(data, cols), feats, after, objective, val_fraction, seed)
     folded = export(probe, feats)
