@@ -127,6 +127,23 @@ def probe_bundle(tiny_hf_dir, tmp_path_factory):
     return tmp
 
 
+def test_the_training_side_writes_what_the_runtime_reads(probe_bundle):
+    """train router --variant probe: router.json names the block, the sets and the rule; the folder
+    has the usual permissions; head.safetensors is the folded [M, hidden x pools] map; train predict
+    writes one score row and one decision per text."""
+    from safetensors.numpy import load_file
+
+    meta = json.loads((probe_bundle / "r" / "router.json").read_text())
+    assert meta["kind"] == "hidden" and meta["after"] == 1 and meta["sets"] == [[3], [4], [3, 5], [2, 4]]
+    assert meta["objective"] == "centered" and meta["validation"]["n_val"] > 0
+    assert (probe_bundle / "r").stat().st_mode & 0o777 == 0o755
+    head = load_file(str(probe_bundle / "r" / "head.safetensors"))
+    pools = len(meta["pooling"].split("+"))
+    assert head["weight"].shape == (4, 64 * pools) and head["bias"].shape == (4,)  # tiny model: hidden 64
+    with np.load(probe_bundle / "p.npz") as z:
+        assert z["scores"].shape == (120, 4) and set(z["chosen"].tolist()) <= {0, 1, 2, 3}
+
+
 def test_parity_with_the_training_side(probe_bundle):
     """The MLX router reads the same pooled states as the PyTorch features and picks the same set
     as `train predict` (issue target: >= 98% of texts)."""

@@ -2,7 +2,6 @@
 features carry it, falls back to the static set when they do not, and its exported linear map of
 the raw hidden state equals the PCA-space head."""
 
-import json
 
 import numpy as np
 import pytest
@@ -79,37 +78,6 @@ def test_export_is_the_same_map_on_the_raw_hidden_state(tmp_path):
         save_file(folded, str(tmp_path / "head.safetensors"))
         back = load_file(str(tmp_path / "head.safetensors"))
         np.testing.assert_array_equal(back["weight"], folded["weight"])
-
-
-def test_probe_router_end_to_end(tiny_hf_dir, tmp_path, monkeypatch):
-    """train data -> train features -> train pca -> train router --variant probe -> train predict."""
-    from typer.testing import CliRunner
-
-    from pudding_mlx.app.cli import app
-
-    monkeypatch.setenv("PUDDING_MLX_DATA", str(__import__("pathlib").Path(__file__).resolve().parents[2] / "shared" / "data" / "benchmarks"))
-    cand = tmp_path / "cand.json"
-    cand.write_text(json.dumps([[3], [4], [3, 5]]))
-    run = CliRunner()
-    for args in (["train", "data", str(tiny_hf_dir), "--candidates", str(cand), "--tasks", "arc_easy,piqa",
-                  "--max-per-task", "20", "--out", str(tmp_path / "d")],
-                 ["train", "features", str(tiny_hf_dir), "--data", str(tmp_path / "d"), "--after", "auto",
-                  "--candidates", str(cand)],
-                 ["train", "pca", "--fit", str(tmp_path / "d"), "--dim", "8"],
-                 ["train", "router", str(tmp_path / "d"), "--candidates", str(cand), "--variant", "probe",
-                  "--out", str(tmp_path / "r")],
-                 ["train", "predict", str(tmp_path / "r"), "--data", str(tmp_path / "d"), "--out", str(tmp_path / "p.npz")]):
-        result = run.invoke(app, args)
-        assert result.exit_code == 0, (args, result.output)
-    meta = json.loads((tmp_path / "r" / "router.json").read_text())
-    assert meta["kind"] == "hidden" and meta["after"] == 2 and meta["sets"] == [[3], [4], [3, 5]]
-    assert (tmp_path / "r").stat().st_mode & 0o777 == 0o755
-    from safetensors.numpy import load_file
-
-    head = load_file(str(tmp_path / "r" / "head.safetensors"))
-    assert head["weight"].shape[0] == 3 and head["weight"].shape[1] % 64 == 0  # tiny model: hidden 64
-    with np.load(tmp_path / "p.npz") as z:
-        assert z["scores"].shape == (40, 3) and set(z["chosen"]) <= {0, 1, 2}
 
 
 def test_features_of_a_subset_of_rows_select_those_rows():
