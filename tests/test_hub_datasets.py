@@ -15,7 +15,7 @@ import pytest
 
 from pudding_mlx import hub_datasets as H
 from pudding_mlx.errors import PuddingError
-from pudding_mlx.train import tasks as T
+from pudding_mlx import tasks as T
 
 pytest.importorskip("datasets")
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
@@ -84,7 +84,7 @@ def test_hub_errors_are_one_line(mirror, monkeypatch, tmp_path):
 
 def test_offline_cache_miss_is_one_line(tmp_path):
     """No network and nothing cached: one line naming the dataset and the local way out."""
-    code = "from pudding_mlx.train.tasks import load_task\nload_task('piqa', limit=1)\n"
+    code = "from pudding_mlx.tasks import load_task\nload_task('piqa', limit=1)\n"
     env = {k: v for k, v in os.environ.items() if k not in (T.DATA_ENV, H.MIRROR_ENV)}
     env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", HF_HOME=str(tmp_path))
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)

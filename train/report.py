@@ -14,7 +14,7 @@ Rows, per k:
   random   a uniformly random pool set per example (its expectation: the mean over the pool)
   oracle   the best pool set per example (correct if any pool set is correct): routing's ceiling
 
-Metrics per task as in `train.tasks` (ARC-C acc_norm, ARC-E acc, BoolQ acc, HellaSwag acc_norm,
+Metrics per task as in `pudding_mlx.tasks` (ARC-C acc_norm, ARC-E acc, BoolQ acc, HellaSwag acc_norm,
 PIQA acc, WinoGrande acc; OpenBookQA acc_norm and MMLU acc as unseen tasks), in %. The average is
 over the six main tasks. Intervals: paired bootstrap over examples (resampled within each task,
 2000 draws) of routed - best static on the six-task average; 95% percentile interval.

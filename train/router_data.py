@@ -9,15 +9,15 @@ acc_norm: argmax of sum / len(norm_text), lm-eval's definitions), plus the same 
 model (set = []) as a reference column that is never a candidate.
 
 Router input. `text` is `Example.router_text`: what a user would send as a prompt, the question or
-context WITHOUT the answer choices (MMLU keeps its "A. ..." option lines; see `train.tasks`).
+context WITHOUT the answer choices (MMLU keeps its "A. ..." option lines; see `pudding_mlx.tasks`).
 The official PuDDing code fed the router a prompt joined with an answer choice; we do not, because
 at inference time the router sees only the user's prompt, and a text built with a choice (often the
 gold one) is a prompt the router will never meet. The scores y are still computed on the full
 lm-eval requests (context + each choice).
 
 Examples. Each task's `split` (default train) in file order, optionally a seeded sample of
-`max_per_task` per task (`train.tasks.sample`, the same seed for every task). Ids are the task
-files' ids (made unique within a file with "#k", see `train.tasks`).
+`max_per_task` per task (`pudding_mlx.tasks.sample`, the same seed for every task). Ids are the task
+files' ids (made unique within a file with "#k", see `pudding_mlx.tasks`).
 
 Resumable. The work is cut into chunks, one per (task, set) plus one dense chunk per task. Each
 finished chunk is written atomically as `chunks/<NN>-<task>.<sMMM|dense>.npz` in OUT_DIR, and
@@ -579,7 +579,7 @@ def split_by_question(data: Mapping, val_fraction: float = 0.1, seed: int = 0
     """(train row indices, validation row indices), split by question, never by row.
 
     Rows are grouped (union-find) when they share (task, id with its "#k" suffix stripped) -- how
-    `train.tasks` makes repeated file ids unique -- or when they have the same router text (the
+    `pudding_mlx.tasks` makes repeated file ids unique -- or when they have the same router text (the
     router sees only the text, so a duplicated text on both sides would leak; PIQA repeats goals
     under different ids). Groups are shuffled with `numpy.random.default_rng(seed)` and taken into
     validation, task by task (a group counts for the task of its first row), until each task has

@@ -10,7 +10,7 @@ in a `finally`, also after an exception. Blocks keep their `layer_idx`, which is
 so the forward runs with `use_cache=False`. Only families whose decoder forward was checked for
 per-position state (transformers 5.23) are accepted; others raise a PuddingError.
 
-Tokenization, `Score` and the metrics are framework-free and live in `train.requests` (shared with
+Tokenization, `Score` and the metrics are framework-free and live in `pudding_mlx.requests` (shared with
 the MLX evaluator, `pudding_mlx.evaluate`); they are re-exported here. Tokenization (lm-eval's
 `HFLM._encode_pair`): trailing whitespace of the context moves to the front
 of the continuation; then `whole = enc(context + continuation)`, `ctx = enc(context)`, and the
