@@ -1,7 +1,7 @@
 """Parity of the hidden-state router between the training side (PyTorch features + probe head,
 `train predict`) and the MLX runtime (the folded head on MLX's own hidden state), on real texts.
 
-    python benchmarks/hidden_router_parity.py BUNDLE --data DIR[,DIR] --preds P[,P] [--limit N] [--json OUT]
+    python benchmarks/hidden_router_parity.py BUNDLE --data DIR[,DIR] --preds P[,P] [--limit N] [--stride K] [--json OUT]
 
 BUNDLE: a bundle with a hidden-state router (`convert bundle --router <train router --variant probe>`).
 DIR: router data folders (router_data.npz) whose texts to route; P: the matching `train predict` files.
@@ -14,6 +14,7 @@ import time
 
 import numpy as np
 
+from pudding_mlx.atomic import write_json
 from pudding_mlx.load import load
 from pudding_mlx.train.router_data import load_router_data
 
@@ -23,7 +24,8 @@ def main():
     ap.add_argument("bundle")
     ap.add_argument("--data", required=True)
     ap.add_argument("--preds", required=True)
-    ap.add_argument("--limit", type=int, default=None, help="first N texts of each folder (default: all)")
+    ap.add_argument("--limit", type=int, default=None, help="at most N texts of each folder (default: all)")
+    ap.add_argument("--stride", type=int, default=1, help="every K-th text (spreads --limit over the tasks)")
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--json", default=None)
     a = ap.parse_args()
@@ -37,7 +39,7 @@ def main():
         data = load_router_data(folder)
         with np.load(pred) as z:
             want_scores, want = z["scores"], z["chosen"]
-        rows = range(len(data["text"]) if a.limit is None else min(a.limit, len(data["text"])))
+        rows = list(range(0, len(data["text"]), a.stride))[:a.limit]
         for i in rows:
             got, scores, _ = router.best(str(data["text"][i]))
             ok = got == int(want[i])
@@ -49,13 +51,12 @@ def main():
             per[t][1] += 1
             if n % 200 == 0:
                 print(f"{n} texts, {same / n:.4f} same, {time.time() - t0:.0f} s", flush=True)
-    out = {"bundle": a.bundle, "dtype": a.dtype, "n": n, "same_choice": same / n, "max_abs_score_diff": worst,
+    out = {"bundle": a.bundle, "dtype": a.dtype, "n": n, "stride": a.stride, "same_choice": same / n, "max_abs_score_diff": worst,
            "per_task": {t: {"same": s / m, "n": m} for t, (s, m) in per.items()},
            "router": {"after": router.after, "pooling": router.pooling}}
     print(json.dumps(out, indent=1))
     if a.json:
-        with open(a.json, "w") as f:
-            json.dump(out, f, indent=1)
+        write_json(a.json, out)
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ import mlx.core as mx
 
 from pudding_mlx.generate import prompt_tokens
 from pudding_mlx.hidden_router import block_output
+from pudding_mlx.atomic import write_json
 from pudding_mlx.load import backend, load
 from pudding_mlx.skip import SkipView
 
@@ -59,8 +60,7 @@ def main():
            "leading_blocks_over_dense_prefill": statistics.median(b / d for b, d in zip(blocks, dense))}
     print(json.dumps(out, indent=1))
     if a.json:
-        with open(a.json, "w") as f:
-            json.dump(out, f, indent=1)
+        write_json(a.json, out)
 
 
 if __name__ == "__main__":
