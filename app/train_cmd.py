@@ -162,7 +162,9 @@ def features(
             from pudding_mlx.errors import PuddingError
 
             raise PuddingError("--after auto needs --candidates (the sets whose first omitted block bounds it)")
-        blocks.add(min(min(s) for s in _union_sets(_csv(candidates))) - 1)
+        from pudding_mlx.omission import first_omitted
+
+        blocks.add(first_omitted(_union_sets(_csv(candidates))) - 1)
     blocks = sorted(blocks)
     lm, tokenizer, _ = load_hf(model, device)
     for folder in _csv(data):
@@ -252,6 +254,7 @@ def predict(
     from pudding_mlx.train.router_data import load_router_data
     from pudding_mlx.train.router_train import predict as predict_scores
 
+    from pudding_mlx.atomic import write_npz
     from pudding_mlx.train.probe import is_probe_router, load_probe
     from pudding_mlx.train.probe import predict as predict_probe
 
@@ -265,14 +268,13 @@ def predict(
             from pudding_mlx.errors import PuddingError
 
             raise PuddingError(f"{data}: its features hold other rows than its router data; recompute them")
-        pred = predict_probe(load_probe(router_dir), feats)
+        probe = load_probe(router_dir)
+        pred = predict_probe(probe, feats)
         scores = pred["scores"]
-        extra = {"chosen": pred["chosen"], "objective": np.array(load_probe(router_dir)["meta"]["objective"])}
+        extra = {"chosen": pred["chosen"], "objective": np.array(probe["meta"]["objective"])}
     else:
         scores = predict_scores(router_dir, list(d["text"]), device=device)
-    tmp = out.with_name(out.name + ".tmp.npz")
-    np.savez(tmp, scores=scores, id=d["id"], task=d["task"], **extra)
-    tmp.replace(out)
+    write_npz(out, scores=scores, id=d["id"], task=d["task"], **extra)
     console.print(f"{len(scores)} texts x {scores.shape[1]} sets -> {out}")
 
 

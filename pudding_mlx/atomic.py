@@ -31,6 +31,20 @@ def write_json(path, data, indent: int = 1) -> None:
     write_text(path, json.dumps(data, indent=indent) + "\n")
 
 
+def write_npz(path, **arrays) -> None:
+    """Write a numpy .npz (no pickled objects) through a temporary file, fsync and an atomic rename."""
+    import numpy as np
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:  # a file object: numpy would append ".npz" to a name
+        np.savez(f, **arrays)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
 def usual_permissions(folder) -> None:
     """Give `folder` and everything in it the modes a plain mkdir / open would have under the current
     umask (mkdtemp makes a 0700 folder, and some writers 0600 files)."""

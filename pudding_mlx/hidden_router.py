@@ -34,6 +34,8 @@ import mlx.core as mx
 
 from .errors import PuddingError, first_line
 from .jsonio import read_json
+from .omission import first_omitted
+from .routing import best_index
 from .skip import SkipView, decoder, family_forward
 
 ROUTER_FILE = "router.json"
@@ -103,8 +105,10 @@ class HiddenRouter:
         self.after = settings["after"]
         self.pooling = settings["pooling"]
         self.fallback = settings["fallback"]
-        self.margin = settings["margin"]
-        self.margin_is = settings.get("margin_is", "finite")
+        # the decision rule's margin as a number: +inf always runs the fallback, -inf the argmax
+        margin_is = settings.get("margin_is", "finite")
+        self.margin = math.inf if margin_is.startswith("+inf") else -math.inf if margin_is.startswith("-inf") \
+            else float(settings["margin"])
         self.max_tokens = settings["max_tokens"]
         self.sets = [tuple(s) for s in settings["sets"]]
         self.weight, self.bias = weight, bias
@@ -128,12 +132,9 @@ class HiddenRouter:
         return self.weight @ self.pool(h) + self.bias
 
     def decide(self, scores: Sequence[float]) -> int:
-        top = max(range(len(scores)), key=lambda i: (not math.isnan(scores[i]), scores[i], -i))
-        if self.margin_is.startswith("+inf"):
-            return self.fallback
-        if self.margin_is.startswith("-inf"):
-            return top
-        return top if scores[top] - scores[self.fallback] > self.margin else self.fallback
+        top = best_index(scores)
+        always = self.margin == -math.inf  # also when the fallback's score is NaN
+        return top if always or scores[top] - scores[self.fallback] > self.margin else self.fallback
 
     def best_ids(self, ids: Sequence[int]) -> Tuple[int, List[float], float]:
         """(chosen candidate, all scores, router ms) for a prompt given as token ids, with a pass
@@ -213,7 +214,7 @@ def load_hidden_router(folder, model, tokenizer, num_outputs: Optional[int] = No
         need("margin", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool), "a number")
     if num_outputs is not None and len(sets) != num_outputs:
         raise PuddingError(f"{where}: field 'sets' has {len(sets)} sets but the bundle has {num_outputs} candidates")
-    first = min(min(x) for x in sets if x) if any(sets) else n_blocks
+    first = first_omitted(sets, n_blocks)
     if first <= s["after"]:
         raise PuddingError(f"{where}: field 'after' is {s['after']}, but a set omits block {first}; "
                            "the router may only read blocks that every set runs")

@@ -5,7 +5,7 @@ Shared by the MLX runtime, the converters and the PyTorch side (this module impo
 
 from numbers import Integral
 from collections.abc import Iterable
-from typing import List, Tuple
+from typing import List, Optional, Tuple
 
 from .errors import PuddingError
 
@@ -44,6 +44,17 @@ def check_omitted(omitted: Iterable[int], n_blocks: int, what: str = "omission s
     if len(omitted) >= n_blocks:
         raise PuddingError(f"{what}: omits all {n_blocks} blocks; at least one must run")
     return tuple(sorted(omitted))
+
+
+def first_omitted(sets: Iterable[Iterable[int]], n_blocks: Optional[int] = None) -> int:
+    """The first block any of `sets` omits: blocks before it run under every set (what a
+    hidden-state router may read). `n_blocks` when no set omits anything (None: an error)."""
+    firsts = [min(s) for s in map(list, sets) if s]
+    if firsts:
+        return min(firsts)
+    if n_blocks is None:
+        raise PuddingError("no set omits any block")
+    return n_blocks
 
 
 def kept_blocks(omitted: Iterable[int], n_blocks: int) -> Tuple[int, ...]:

@@ -28,7 +28,6 @@ Tokenization is the HF tokenizer itself (`transformers.AutoTokenizer`, fast, fro
 files), never a re-implementation: batches are padded on the right to their longest prompt.
 """
 
-import math
 import time
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -40,6 +39,7 @@ from mlx.utils import tree_flatten
 from .bert import BertConfig, BertModel, hf_name, load_config
 from .errors import PuddingError, first_line
 from .jsonio import read_json
+from .routing import best_index
 
 FORMAT = "pudding-mlx-router"
 SCHEMA_VERSION = 1
@@ -180,9 +180,7 @@ class Router:
         mx.eval(s)
         ms = (time.perf_counter() - start) * 1000.0
         values = s.tolist()
-        # First maximum on ties, like argmax; NaN never wins.
-        index = max(range(len(values)), key=lambda i: (not math.isnan(values[i]), values[i], -i))
-        return index, values, ms
+        return best_index(values), values, ms
 
     def __repr__(self) -> str:
         return f"Router(path={str(self.path)!r}, num_outputs={self.num_outputs}, max_length={self.max_length})"

@@ -1,6 +1,7 @@
 """The routing decision: which blocks to omit for one prompt. The user's override (--dense or
 --omit), else the bundle's router, else none ("no-router": dense). Every command decides here."""
 
+import math
 from dataclasses import dataclass
 from typing import List, Optional, Sequence
 
@@ -19,6 +20,11 @@ class Choice:
     def to_json(self) -> dict:
         return {"omitted": list(self.omitted), "routing": self.how, "candidate": self.candidate,
                 "scores": self.scores, "router_ms": self.router_ms}
+
+
+def best_index(scores: Sequence[float]) -> int:
+    """The highest score's index: the first maximum on ties, like argmax; NaN never wins."""
+    return max(range(len(scores)), key=lambda i: (not math.isnan(scores[i]), scores[i], -i))
 
 
 def check_override(dense: bool, omit: Optional[Sequence[int]]) -> None:

@@ -16,12 +16,12 @@ from helpers import tiny_model
 from pudding_mlx.skip import SkipView
 
 
-def _router(model, after, sets, weight=None, pooling="mean+last", margin_is="-inf (always argmax)"):
+def _router(model, after, sets, weight=None, pooling="mean+last", margin_is="-inf (always argmax)", margin=None):
     hidden = model.args.hidden_size
     pools = len(pooling.split("+"))
     rng = np.random.default_rng(0)
     w = mx.array(rng.normal(size=(len(sets), hidden * pools)).astype(np.float32)) if weight is None else weight
-    settings = {"after": after, "pooling": pooling, "fallback": 0, "margin": None, "margin_is": margin_is,
+    settings = {"after": after, "pooling": pooling, "fallback": 0, "margin": margin, "margin_is": margin_is,
                 "max_tokens": 4096, "sets": sets}
     return HiddenRouter(model, None, settings, w, mx.zeros((len(sets),)), path=None)
 
@@ -86,13 +86,13 @@ def test_a_set_that_omits_the_routers_block_is_refused():
 
 def test_decision_rule():
     model = tiny_model("llama", seed=4)
-    r = _router(model, 1, [[3], [4], [5]], margin_is="finite")
-    r.margin = 0.5
+    r = _router(model, 1, [[3], [4], [5]], margin_is="finite", margin=0.5)
     assert r.decide([0.0, 0.4, 0.2]) == 0 and r.decide([0.0, 0.6, 0.2]) == 1
-    r.margin_is = "+inf (always static)"
+    r = _router(model, 1, [[3], [4], [5]], margin_is="+inf (always static)")
     assert r.decide([0.0, 9.0, 0.2]) == 0
-    r.margin_is = "-inf (always argmax)"
+    r = _router(model, 1, [[3], [4], [5]], margin_is="-inf (always argmax)")
     assert r.decide([0.0, 0.01, -1.0]) == 1
+    assert r.decide([float("nan"), 0.01, 0.01]) == 1  # NaN never wins; ties: the first maximum
 
 
 @pytest.fixture(scope="module")

@@ -27,12 +27,12 @@ raw hidden state, so the MLX runtime applies `(h - center) @ basis.T` and the he
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 
+from pudding_mlx.atomic import write_npz
 from pudding_mlx.errors import PuddingError
 
 FEATURES_FILE = "features.npz"
@@ -103,15 +103,6 @@ def hidden_features(model, tokenizer, texts: Sequence[str], after: Sequence[int]
     return out
 
 
-def _savez_atomic(path: Path, **arrays) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        np.savez(f, **arrays)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def write_features(model, tokenizer, data_dir, after: Sequence[int], batch_size: int = 32,
                    max_tokens: int = 1024, progress=None) -> Path:
     """Compute the features of every row of DATA_DIR/router_data.npz into DATA_DIR/features.npz
@@ -128,7 +119,7 @@ def write_features(model, tokenizer, data_dir, after: Sequence[int], batch_size:
                     and list(z["task"]) == list(data["task"]):
                 return path
     feats = hidden_features(model, tokenizer, list(data["text"]), after, batch_size, max_tokens, progress)
-    _savez_atomic(path, id=data["id"], task=data["task"], after=np.array(sorted(set(after)), np.int64),
+    write_npz(path, id=data["id"], task=data["task"], after=np.array(sorted(set(after)), np.int64),
                   max_tokens=np.int64(max_tokens),
                   **{k: v.astype(np.float16) for k, v in feats.items()})
     return path
@@ -170,6 +161,6 @@ def project_features(fit_dir, apply_dirs: Sequence, dim: int = 64) -> List[Path]
                 arrays[f"center_{k}"], arrays[f"basis_{k}"] = center, vt
                 arrays[f"explained_{k}"] = np.float64(explained)
         path = Path(d).expanduser() / PCA_FILE
-        _savez_atomic(path, **arrays)
+        write_npz(path, **arrays)
         written.append(path)
     return written

@@ -216,14 +216,15 @@ def train_probe_router(data_dir, out, sets: Sequence[Sequence[int]], objective: 
     from safetensors.numpy import save_file
 
     from pudding_mlx.atomic import building, write_json
+    from pudding_mlx.omission import first_omitted
 
     from .features import load_features
     from .router_data import load_router_data
 
-    data = rows_with_features(load_router_data(data_dir), load_features(data_dir))
     feats = load_features(data_dir)
+    data = rows_with_features(load_router_data(data_dir), feats)
     cols = columns(data["meta"]["sets"], sets)
-    first = int(min(min(s) for s in sets if s))  # every set runs blocks 0..first-1
+    first = first_omitted(sets)  # every set runs blocks 0..first-1
     if after is None:  # the deepest block with features that every set runs
         usable = [int(b) for b in np.atleast_1d(feats["after"]) if int(b) < first]
         if not usable:

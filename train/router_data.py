@@ -65,6 +65,7 @@ from typing import Callable, Dict, List, Mapping, NamedTuple, Optional, Sequence
 import numpy as np
 
 from pudding_mlx.atomic import write_json as atomic_write_json
+from pudding_mlx.atomic import write_npz
 from pudding_mlx.candidates import read_candidates
 from pudding_mlx.errors import PuddingError
 from pudding_mlx.jsonio import read_json
@@ -178,16 +179,6 @@ def _slug(task: str) -> str:
 def chunk_name(task_index: int, task: str, m: Optional[int]) -> str:
     """File name of the chunk of task `task_index` and set `m` (None: the dense chunk)."""
     return f"{task_index:02d}-{_slug(task)}.{DENSE if m is None else f's{m:03d}'}.npz"
-
-
-def _savez_atomic(path: Path, **arrays) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:  # a file object: numpy would append ".npz" to a name
-        np.savez(f, **arrays)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _chunk_arrays(result: dict, examples, omitted) -> dict:
@@ -399,7 +390,7 @@ def _score_chunk(model, tokenizer, chunk: _Chunk, examples: list, out_dir: Path,
                                  batch_size=batch_size, progress=on_batch)
     if not is_main():
         return
-    _savez_atomic(out_dir / CHUNK_DIR / chunk.name, **_chunk_arrays(result, examples, chunk.omitted))
+    write_npz(out_dir / CHUNK_DIR / chunk.name, **_chunk_arrays(result, examples, chunk.omitted))
     manifest["chunks"][chunk.name] = {
         "task": chunk.task, "set": chunk.m, "omitted": chunk.omitted, "n": len(examples),
         "acc": result["acc"], "acc_norm": result["acc_norm"],
@@ -422,7 +413,7 @@ def _assemble(out_dir: Path, examples: Dict[str, list], sets, tasks, work: List[
     for chunk in work:
         ex = examples[chunk.task]
         _fill(columns, task_rows[chunk.task], chunk.m, _finished_chunk(out_dir, chunk, ex), ex, c_max)
-    _savez_atomic(
+    write_npz(
         out_dir / DATA_FILE,
         task=np.array([t for t, _ in rows], dtype=str),
         id=np.array([e.id for _, e in rows], dtype=str),
