@@ -64,6 +64,8 @@ BAD = [
     (dict(num_blocks=7), "'num_blocks' is 7 but the LLM has 6"),
     (dict(num_blocks=...), "num_blocks"),
     (dict(router={"path": "router"}), "router.path"),
+    (dict(router={"path": "router", "kind": "gpt"}), "router.kind"),
+    (dict(router={"path": "router", "kind": "hidden"}), "needs schema version 2"),  # a v1 manifest
 ]
 
 
