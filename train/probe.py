@@ -173,14 +173,6 @@ HEAD_FILE = "head.safetensors"
 PROBE_FILE = "probe.npz"
 
 
-def columns(data_sets: Sequence[Sequence[int]], pool: Sequence[Sequence[int]]) -> List[int]:
-    index = {tuple(sorted(s)): i for i, s in enumerate(data_sets)}
-    missing = [list(s) for s in pool if tuple(sorted(s)) not in index]
-    if missing:
-        raise PuddingError(f"the router data has no scores for set {missing[0]}; build it with these candidates")
-    return [index[tuple(sorted(s))] for s in pool]
-
-
 def restrict(data: dict, cols: Sequence[int]) -> dict:
     """The router data with only the given set columns."""
     out = dict(data)
@@ -219,11 +211,12 @@ def train_probe_router(data_dir, out, sets: Sequence[Sequence[int]], objective: 
     from pudding_mlx.omission import first_omitted
 
     from .features import load_features
+    from .report import columns
     from .router_data import load_router_data
 
     feats = load_features(data_dir)
     data = rows_with_features(load_router_data(data_dir), feats)
-    cols = columns(data["meta"]["sets"], sets)
+    cols = columns({"sets": data["meta"]["sets"]}, sets, "the router data")
     first = first_omitted(sets)  # every set runs blocks 0..first-1
     if after is None:  # the deepest block with features that every set runs
         usable = [int(b) for b in np.atleast_1d(feats["after"]) if int(b) < first]

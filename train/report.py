@@ -55,11 +55,12 @@ def load_eval(paths: Sequence) -> dict:
     return out
 
 
-def columns(data: dict, omitted_sets: Sequence[Sequence[int]]) -> List[int]:
-    index = {s: i for i, s in enumerate(data["sets"])}
+def columns(data: dict, omitted_sets: Sequence[Sequence[int]], what: str = "the evaluation data") -> List[int]:
+    """The columns of `data` (its "sets") holding each of `omitted_sets`."""
+    index = {tuple(sorted(s)): i for i, s in enumerate(data["sets"])}
     missing = [list(s) for s in omitted_sets if tuple(sorted(s)) not in index]
     if missing:
-        raise PuddingError(f"the evaluation data has no scores for sets {missing[:2]}; rebuild it with these candidates")
+        raise PuddingError(f"{what} has no scores for sets {missing[:2]}; rebuild it with these candidates")
     return [index[tuple(sorted(s))] for s in omitted_sets]
 
 
