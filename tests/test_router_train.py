@@ -254,7 +254,7 @@ def test_light_router(built, minilm_dir, tmp_path):
     head = json.loads((out / "head.json").read_text())
     assert head["encoder"] == "encoder" and head["num_outputs"] == len(SETS)
     assert (out / "head.safetensors").is_file() and (out / "encoder" / "model.safetensors").is_file()
-    assert not list(tmp_path.glob(".light.tmp-*"))
+    assert not list(tmp_path.glob(".light.*"))  # no scratch folder left beside OUT (atomic.scratch_dir names them .light.<tag>-*)
     umask = os.umask(0)
     os.umask(umask)
     assert out.stat().st_mode & 0o777 == 0o777 & ~umask
