@@ -20,6 +20,9 @@ def bench(
     omit: Optional[str] = typer.Option(None, "--omit", help="The static set for a bundle (default: its candidate 0)."),
     router_dir: Optional[Path] = typer.Option(None, "--router", help="An MLX router folder to time "
                                               "(default: MODEL's router; for shapes, the default bundle's if built)."),
+    router_kind: str = typer.Option("bert", "--router-kind", help="For --shape: 'bert' times the default "
+                                    "bundle's MiniLM router (or --router); 'hidden' a hidden-state router with a "
+                                    "random head, inside the routed prefill (its cost is the head alone)."),
     runs: int = typer.Option(10, min=1, help="Timed rounds per cell, after a warm-up; ratios are the "
                              "median over rounds with a bootstrap 95% interval (claims need 5 or more)."),
     cells: Optional[str] = typer.Option(None, help="Override the protocol: PROMPT+GEN cells, e.g. 32+1,64+1,32+16."),
@@ -33,7 +36,8 @@ def bench(
 ):
     """Time dense, static, routed (router counted) and stock mlx-lm requests: prompts of 128/256/512
     tokens with 1 generated (prefill) and a 128-token prompt with 128/256/512 generated (generation);
-    speedup = dense / (routed + router), ideal = L / (L - k). Runners are interleaved per round; every
+    speedup = dense / (routed + router) (a hidden-state router runs inside the routed prefill:
+    dense / routed), ideal = L / (L - k). Runners are interleaved per round; every
     ratio is the median over rounds with a bootstrap 95% interval. A part that fails (a cell, the
     memory probe, the plot) is marked in the JSON, the rest is written, and the exit status is 1."""
     from pudding_mlx import bench as B
@@ -41,7 +45,8 @@ def bench(
     B.check_outputs(json_out, plot_out)  # before any work: an output that cannot be written
     result = B.measure(model, shape, k, omit, router_dir, cells, runs, memory, dtype,
                        draft_tokens if lossless else None,
-                       progress=lambda line: console.print(line, markup=False, soft_wrap=True))
+                       progress=lambda line: console.print(line, markup=False, soft_wrap=True),
+                       router_kind=router_kind)
     _print(result)
     B.save(result, json_out, plot_out)
     for part, why in result["failed"].items():
@@ -73,6 +78,9 @@ def _print(result):
                       f"{1e3 * r['router_s']:.1f}", _ratio(r, "speedup"), _ratio(r, "speedup_static"),
                       f"{r['ideal']:.3f}", _ratio(r, "routed_over_static"), _ratio(r, "dense_over_mlx_lm"))
     wide.print(table)
+    if rows and rows[0].get("router_inline"):
+        wide.print("The hidden-state router runs inside the routed request (routed s includes it); "
+                   "router ms is its head alone, not added again.")
     lossless = [r for r in rows if "lossless_s" in r]
     if lossless:
         table = Table(title=f"lossless: the routed set drafts {lossless[0]['draft_tokens']} tokens, the dense "

@@ -10,6 +10,12 @@ mlx-lm's own generation loop, for
     routed   the set the router picks for the prompt; the router's own time is measured apart
              (router_s) and counted in the speedup: dense / (routed + router)
 
+A hidden-state router (`hidden_router`) is not a separate pass: the routed request is the free routed
+prefill itself (blocks 0..after once, the head, the chosen set's remaining blocks reusing their KV,
+then generation), so its time already holds the routing and speedup = dense / routed. router_s is
+then the head alone (pooling + one matmul + reading the scores back) on the prompt's block output,
+reported apart and not added again.
+
 With `draft_tokens` (`bench --lossless`), generation cells also time `lossless`: the routed set
 drafts that many tokens, the dense model verifies them (the dense model's output), and the share of
 tokens taken from the draft is recorded; speedup_lossless = dense / (lossless + router). Prompts are
@@ -96,6 +102,34 @@ def time_router(router, text: str, n_tokens: int) -> float:
     return time.perf_counter() - t0
 
 
+def time_routed_request(model, router, sets, prompt: mx.array, n_gen: int) -> float:
+    """Seconds for one request with a hidden-state router, routing included: the free routed prefill
+    (`hidden_router.routed_prefill`), then generation from its cache under the chosen set."""
+    from .hidden_router import routed_prefill
+
+    ids = prompt.tolist()
+    mx.synchronize()
+    t0 = time.perf_counter()
+    _, _, _, omitted, cache = routed_prefill(model, router, ids, sets)
+    for _ in generate_step(prompt[-1:], SkipView(model, omitted), max_tokens=n_gen, prompt_cache=cache):
+        pass
+    mx.synchronize()
+    return time.perf_counter() - t0
+
+
+def time_hidden_head(router, h: mx.array) -> float:
+    """Seconds the hidden-state router's head takes on a block output (pooling, matmul, scores read)."""
+    mx.synchronize()
+    t0 = time.perf_counter()
+    router.decide(router.scores_of(h).tolist())
+    return time.perf_counter() - t0
+
+
+def is_inline(router) -> bool:
+    """A router whose cost is inside the routed request (the hidden-state router)."""
+    return getattr(router, "kind", None) == "hidden"
+
+
 # every ratio, computed per round (paired): name -> (runners summed above, runners summed below)
 RATIOS = {
     "speedup": (("dense",), ("routed", "router")),
@@ -105,6 +139,8 @@ RATIOS = {
     "router_over_dense_prefill": (("router",), ("dense",)),
     "speedup_lossless": (("dense",), ("lossless", "router")),
 }
+# with an inline router the routed request already holds the routing
+RATIOS_INLINE = {**RATIOS, "speedup": (("dense",), ("routed",))}
 MIN_ROUNDS_FOR_CLAIMS = 5
 
 
@@ -138,7 +174,17 @@ def time_cell(runners: Dict[str, tuple], router, n_prompt: int, n_gen: int, runs
         return seconds
 
     timers = {name: (lambda p, n, m=m, mk=mk: time_request(m, p, n, mk)) for name, (m, mk) in runners.items()}
-    if router is not None:
+    inline = is_inline(router)
+    if inline:
+        from .hidden_router import block_output
+
+        model = runners["mlx_lm"][0]
+        sets = [tuple(s) for s in router.sets]
+        timers["routed"] = lambda p, n: time_routed_request(model, router, sets, p, n)
+        h = block_output(model, prompt[None][:, -router.max_tokens:], router.after)
+        mx.eval(h)
+        timers["router"] = lambda p, n: time_hidden_head(router, h)
+    elif router is not None:
         timers["router"] = lambda p, n: time_router(router, ROUTER_TEXT, n_prompt)
     if lossless:
         timers["lossless"] = run_lossless
@@ -155,7 +201,9 @@ def time_cell(runners: Dict[str, tuple], router, n_prompt: int, n_gen: int, runs
     row = {"phase": "prefill" if n_gen == 1 else "generate", "prompt_tokens": n_prompt, "gen_tokens": n_gen,
            **{f"{name}_s": statistics.median(v) for name, v in times.items()},
            "ideal": n_blocks / (n_blocks - len(routed.omitted))}
-    for name, (above, below) in RATIOS.items():
+    if inline:
+        row["router_inline"] = True
+    for name, (above, below) in (RATIOS_INLINE if inline else RATIOS).items():
         if all(x in times for x in above + below):
             per_round = [sum(times[x][i] for x in above) / sum(times[x][i] for x in below) for i in range(runs)]
             row[f"{name}_spread"] = interval(per_round)
@@ -247,23 +295,47 @@ def parse_cells(cells: Optional[str]) -> List[tuple]:
         raise PuddingError(f"--cells {cells!r}: give PROMPT+GEN pairs, e.g. 128+1,128+128") from None
 
 
+ROUTER_KINDS = ("bert", "hidden")
+SHAPE_CANDIDATES = 10  # a shape's hidden-state router scores this many sets (the paper's candidate count)
+
+
 def bench_target(model: Optional[str], shape: Optional[str], k: int, omit: Optional[str] = None,
-                 router_dir=None, dtype: Optional[str] = None) -> Target:
+                 router_dir=None, dtype: Optional[str] = None, router_kind: str = "bert") -> Target:
     """MODEL (a bundle: its candidate 0 or --omit is static, its router's pick is routed) or a random
     SHAPE (the spread set is both). The router: --router, else the bundle's, else (shapes) the
-    default bundle's when it is built."""
+    default bundle's BERT router when it is built, or with router_kind "hidden" a hidden-state
+    router with a random head (`shape_hidden_router`)."""
     if (model is None) == (shape is None):
         raise PuddingError("give either MODEL or --shape")
+    if router_kind not in ROUTER_KINDS:
+        raise PuddingError(f"--router-kind {router_kind!r}: choose one of {', '.join(ROUTER_KINDS)}")
+    if router_kind == "hidden" and (model is not None or router_dir is not None):
+        raise PuddingError("--router-kind hidden is for --shape (a bundle times its own router); leave out --router")
     from .router import load_router
 
     router = load_router(router_dir) if router_dir is not None else None
     name = str(router_dir) if router_dir is not None else None
     if shape:
-        return _shape_target(shape, k, router, name, dtype)
+        return _shape_target(shape, k, router, name, dtype, router_kind)
     return _model_target(model, k, omit, router, name, dtype)
 
 
-def _shape_target(shape, k, router, name, dtype) -> Target:
+def shape_hidden_router(model, static: Sequence[int], n_candidates: int = SHAPE_CANDIDATES, seed: int = 0):
+    """A hidden-state router for a random-weight shape: it reads after the block before the first
+    omitted one (mean pooling) and scores n_candidates sets with a random head. Every candidate is the
+    static set, so routed and static run the same blocks and differ only by the routing."""
+    from pathlib import Path
+
+    from .hidden_router import HiddenRouter
+
+    hidden = model.args.hidden_size
+    settings = {"after": min(static) - 1, "pooling": "mean", "fallback": 0, "margin_is": "-inf (always the argmax)",
+                "max_tokens": 1 << 20, "sets": [list(static)] * n_candidates}
+    weight = mx.random.normal((n_candidates, hidden), key=mx.random.key(seed)) / hidden ** 0.5
+    return HiddenRouter(model, None, settings, weight, mx.zeros((n_candidates,)), Path("random-head"))
+
+
+def _shape_target(shape, k, router, name, dtype, router_kind="bert") -> Target:
     from .assets import cache_dir
     from .load import DTYPES, backend
     from .router import load_router
@@ -272,6 +344,11 @@ def _shape_target(shape, k, router, name, dtype) -> Target:
     mdtype = DTYPES[dtype] if dtype else (mx.float32 if backend() == "cpu" else mx.bfloat16)
     lm = random_model(shape, mdtype)
     static = spread(len(lm.layers), k)
+    if router_kind == "hidden":
+        if min(static) < 1:
+            raise PuddingError(f"--k {k}: the set omits block 0, so a hidden-state router has nothing to read")
+        return Target(lm, static, static, shape_hidden_router(lm, static),
+                      f"hidden (random head after block {min(static) - 1})", {"shape": shape})
     default = cache_dir() / "default-bundle" / "router"
     if router is None and default.is_dir():
         router, name = load_router(default), str(default)
@@ -302,17 +379,18 @@ def _model_target(model, k, omit, router, name, dtype) -> Target:
 def measure(model: Optional[str] = None, shape: Optional[str] = None, k: int = 7, omit: Optional[str] = None,
             router_dir=None, cells: Optional[str] = None, runs: int = 10, memory: bool = True,
             dtype: Optional[str] = None, draft_tokens: Optional[int] = None,
-            progress: Callable[[str], None] = print) -> dict:
+            progress: Callable[[str], None] = print, router_kind: str = "bert") -> dict:
     """The whole `pudding-mlx bench` run. Failures of a part (a cell, the memory probe, Ctrl-C) are
     recorded in `result["failed"]` (part -> one line) and everything measured is kept."""
     from .load import backend
 
     grid = parse_cells(cells)
-    target = bench_target(model, shape, k, omit, router_dir, dtype)
+    target = bench_target(model, shape, k, omit, router_dir, dtype, router_kind)
     if target.router is None:
         progress("no router to time: router_s is 0 (pass --router or build the default bundle)")
     result = {"backend": backend(), **target.source, "k": len(target.static), "blocks": len(target.model.layers),
               "static": target.static, "routed": target.routed, "runs": runs, "router": target.router_name,
+              "router_kind": getattr(target.router, "kind", "bert") if target.router is not None else None,
               "rows": [], "failed": {}}
     try:
         for row in time_cells(target.model, target.static, target.routed, target.router, grid, runs,

@@ -64,6 +64,8 @@ def test_bench_json_memory_lossless_and_plot(tmp_path):
     (("--shape", "small", "--plot", "/nonexistent-folder/b.png"), "the folder /nonexistent-folder does not exist"),
     (("--shape", "small", "--json", "."), "is a folder"),
     (("--shape", "small", "--plot", "b.png"), "--plot needs matplotlib"),
+    (("--shape", "small", "--router-kind", "linear"), "--router-kind 'linear': choose one of bert, hidden"),
+    (("--shape", "small", "--router-kind", "hidden", "--router", "r"), "--router-kind hidden is for --shape"),
 ])
 def test_bench_bad_input_is_one_line(args, message, tmp_path):
     """Outputs are checked before any work: one line, exit 2, nothing timed."""
@@ -152,6 +154,37 @@ def test_router_warmed_up_interleaved_and_recorded(monkeypatch, tmp_path):
     rounds = [timed[i * 5:(i + 1) * 5] for i in range(5)]
     assert [r.index(("router", 8)) for r in rounds] == [4, 3, 2, 1, 0]  # rotated: drift hits all alike
     assert len(result["rows"][0]["times"]["router"]) == 5
+
+
+def test_hidden_router_is_timed_inside_the_routed_request(monkeypatch):
+    """With a hidden-state router the routed request is the free routed prefill (routing inside it):
+    speedup = dense / routed, the head's own time is reported apart and not added again; the routed
+    request runs the routed prefill once per round after one warm-up, and (every candidate being the
+    static set) ends up running the same blocks as static."""
+    from pudding_mlx import bench as B
+    from pudding_mlx import hidden_router as H
+
+    chosen = []
+    real_prefill = H.routed_prefill
+
+    def prefill(model, router, prompt, sets):
+        out = real_prefill(model, router, prompt, sets)
+        chosen.append(out[3])
+        return out
+
+    monkeypatch.setattr(H, "routed_prefill", prefill)
+    result = B.measure(shape="small", k=3, cells="8+1,8+3", runs=3, memory=False, progress=lambda line: None,
+                       router_kind="hidden")
+    n = SHAPES["small"]["num_hidden_layers"]
+    static = spread(n, 3)
+    assert result["router_kind"] == "hidden" and result["router"].startswith("hidden (random head after block")
+    assert len(chosen) == 2 * (1 + 3) and set(chosen) == {tuple(static)}
+    for row in result["rows"]:
+        t = row["times"]
+        assert row["router_inline"] is True and all(x > 0 for x in t["router"])
+        per_round = sorted(d / r for d, r in zip(t["dense"], t["routed"]))
+        assert row["speedup"] == pytest.approx(per_round[1])  # the median of 3: no router added
+        assert row["router_over_dense_prefill_spread"]["median"] < 1
 
 
 def test_summary_claims_only_what_the_interval_supports():
