@@ -3,12 +3,14 @@
 # they were made on the lent H100. Usage, from the repository root:
 #
 #   benchmarks/gpu_session.sh setup     STAGED   # STAGED: a folder with the files listed below
-#   benchmarks/gpu_session.sh bench8b   OUT      # pudding-mlx bench on the LLaMA-3.1-8B shape
+#   benchmarks/gpu_session.sh bench8b   OUT      # pudding-mlx bench on the LLaMA-3.1-8B shape, with the
+#                                                # hidden-state router (inside the routed prefill) and
+#                                                # with the default bundle's MiniLM router (a separate pass)
 #   benchmarks/gpu_session.sh bundle    OUT      # bench + lossless sweep on the real SmolLM2 bundle
 #                                                # (bf16: divergence from dense measured, not asserted),
 #                                                # MLX-vs-PyTorch eval parity (PyTorch on cuda)
 #
-# bench interleaves its runners over 15 rounds and reports every ratio with a 95% interval; a part
+# bench interleaves its runners over RUNS rounds (default 10) and reports every ratio with a 95% interval; a part
 # of a run that fails (a cell, the memory probe) is marked in its JSON and the rest is kept, so a
 # failed step is reported and the session goes on to the next one (exit status 1 at the end).
 #
@@ -25,6 +27,8 @@ step() {  # run one measurement; on failure say so and go on (what it measured i
 }
 export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 PUDDING_MLX_DATA=/tmp/data/benchmarks
 B=$HOME/.cache/pudding-mlx/default-bundle
+PM="python3 -m pudding_mlx.app.cli"  # the console script may not be on PATH there
+RUNS=${RUNS:-10} CELLS8B=${CELLS8B:-128+1,256+1,512+1,128+128}
 case $phase in
 setup)
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$dir"/*.whl
@@ -36,12 +40,15 @@ setup)
     tar xf "$dir/bench.tar" -C /tmp/data
     python3 -m pip install -q --no-deps --no-build-isolation -e .
     python3 -c "import mlx.core as mx; print('mlx', mx.__version__, mx.default_device())"
-    python3 -c "from pudding_mlx.default_bundle import ensure_default_bundle; print(ensure_default_bundle())" ;;
+    python3 -c "from pudding_mlx.convert.default_bundle import ensure_default_bundle; print(ensure_default_bundle())" ;;
 bench8b)
-    step pudding-mlx bench --shape llama-3.1-8b --k 7 --runs 15 --json "$dir/bench_llama-3.1-8b_cuda.json" \
-        --plot "$dir/bench_llama-3.1-8b_cuda.png" ;;
+    # the memory probe would save 16 GB of random weights: memory is measured on the real bundle
+    step $PM bench --shape llama-3.1-8b --k 7 --router-kind hidden --runs "$RUNS" --cells "$CELLS8B" --no-memory \
+        --json "$dir/bench_llama-3.1-8b_hidden_cuda.json" --plot "$dir/bench_llama-3.1-8b_hidden_cuda.png"
+    step $PM bench --shape llama-3.1-8b --k 7 --runs "$RUNS" --cells "$CELLS8B" --no-memory \
+        --json "$dir/bench_llama-3.1-8b_cuda.json" --plot "$dir/bench_llama-3.1-8b_cuda.png" ;;
 bundle)
-    step pudding-mlx bench "$B" --runs 15 --lossless --json "$dir/bench_smollm2_bundle_cuda.json" \
+    step $PM bench "$B" --runs "$RUNS" --lossless --json "$dir/bench_smollm2_bundle_cuda.json" \
         --plot "$dir/bench_smollm2_bundle_cuda.png"
     step python3 benchmarks/lossless.py "$B" --static 3,14,15,16,17,18,19 --per-task 5 --max-tokens 32 \
         --draft-tokens 1,2,3,4,5 --no-strict --json "$dir/lossless_smollm2_cuda.json" --md "$dir/lossless_smollm2_cuda.md"

@@ -5,6 +5,8 @@
 #   results/qwen2.5-coder-1.5b/pipeline.sh data                # router data (train) + per-set scores (evaluation) + features
 #   results/qwen2.5-coder-1.5b/pipeline.sh features            # hidden-state router inputs + PCA
 #   results/qwen2.5-coder-1.5b/pipeline.sh resume              # next session: ARC test + features, from the committed data
+#   results/qwen2.5-coder-1.5b/pipeline.sh routers ENCODER      # MiniLM routers (light + full) per k, scored on val/test
+#   results/qwen2.5-coder-1.5b/pipeline.sh mlx OUTDIR           # MLX (CUDA or CPU): convert, bundle (hidden router), parity, eval, bench
 #   results/qwen2.5-coder-1.5b/pipeline.sh pack OUTDIR         # compact copies of everything for results/
 # Env: GGUF (the assembled Qwen GGUF; default where ../shared/tools/device-stage puts it), WORK (default /tmp/qwen-work), NGPU (default: every visible GPU; >1 runs under torchrun),
 # PUDDING_MLX_DATA (the benchmark folder). Every phase resumes where a killed run stopped.
@@ -50,6 +52,49 @@ resume)
     cp -n "$R"/cand-k3.json "$R"/cand-k5.json "$R"/cand-k7.json "$W/"
     if [ "$NGPU" -gt 1 ]; then L="torchrun --standalone --nproc-per-node $NGPU"; else L=python3; fi
     $L "$R/data_features.py" "$M" "$W" 1000 1000 128 test 2>&1 | tee -a "$W/data.log" ;;
+routers)
+    # the paper's routers: MiniLM light (frozen encoder + head) and full (fine-tuned), per k
+    ENC=$2
+    mkdir -p "$W/preds" "$W/heads"
+    for k in 3 5 7; do
+        for v in light full; do
+            python3 -m pudding_mlx.app.cli train router "$W/data-train" --candidates "$W/cand-k$k.json" --variant $v \
+                --encoder "$ENC" --out "$W/router-$v-k$k" --force 2>&1 | tee -a "$W/routers.log"
+            for d in val test; do
+                python3 -m pudding_mlx.app.cli train predict "$W/router-$v-k$k" --data "$W/data-$d" --out "$W/preds/$v-k$k-$d.npz"
+            done
+            cp "$W/router-$v-k$k/router_train.json" "$W/heads/router_train-$v-k$k.json"
+        done
+        mkdir -p "$W/heads/light-k$k"
+        cp "$W/router-light-k$k"/head.json "$W/router-light-k$k"/head.safetensors "$W/heads/light-k$k/"
+    done ;;
+mlx)
+    # the device side on the real model: the GGUF converted to MLX 4-bit (what users run), a bundle with
+    # the hidden-state router (k=$K, objective $OBJ, trained here on the train features), MLX-vs-PyTorch
+    # eval parity on the same float32 weights, the bundle's own eval (4-bit: routed, its fallback set,
+    # dense), and its bench. Needs MLX; writes into OUTDIR.
+    out=$2; mkdir -p "$out"
+    K=${K:-5} OBJ=${OBJ:-accuracy} LIMIT=${LIMIT:-300}
+    cli() { python3 -m pudding_mlx.app.cli "$@"; }
+    [ -d "$W/qwen-mlx-q4" ] || cli convert llm "$M" "$W/qwen-mlx-q4" --quantize 4 2>&1 | tee -a "$out/mlx.log"
+    cli train router "$W/data-train" --candidates "$W/cand-k$K.json" --variant probe --objective "$OBJ" \
+        --out "$W/router-hidden-$OBJ-k$K" --force 2>&1 | tee -a "$out/mlx.log"
+    cli convert bundle "$W/bundle-k$K" --llm "$W/qwen-mlx-q4" --router "$W/router-hidden-$OBJ-k$K" \
+        --candidates "$W/cand-k$K.json" --force 2>&1 | tee -a "$out/mlx.log"
+    cli info "$W/bundle-k$K" --json > "$out/bundle-k$K-info.json" || true
+    cp -r "$W/router-hidden-$OBJ-k$K" "$out/router-hidden-$OBJ-k$K"
+    static=$(python3 -c "import json,sys; r=json.load(open(sys.argv[1])); print(','.join(map(str, r['sets'][r['fallback']])))" \
+        "$W/router-hidden-$OBJ-k$K/router.json")
+    python3 benchmarks/eval_parity.py --gguf "$M" --limit "$LIMIT" --omit "$static" --device "${TORCH_DEVICE:-cuda}" \
+        --md "$out/eval_parity_qwen_cuda.md" --json "$out/eval_parity_qwen_cuda.json" 2>&1 | tee -a "$out/mlx.log" || echo "mlx: eval parity FAILED" >&2
+    for mode in routed "omit $static" dense; do
+        tag=$(echo "$mode" | cut -d' ' -f1)
+        flag=""; [ "$tag" = omit ] && flag="--omit $static"; [ "$tag" = dense ] && flag="--dense"
+        cli eval "$W/bundle-k$K" --tasks arc_challenge,arc_easy,boolq,hellaswag,piqa,winogrande --limit "$LIMIT" $flag \
+            --json "$out/eval_bundle_k${K}_${tag}.json" 2>&1 | tee -a "$out/mlx.log" || echo "mlx: eval $tag FAILED" >&2
+    done
+    cli bench "$W/bundle-k$K" --runs "${RUNS:-10}" ${CELLS:+--cells $CELLS} --json "$out/bench_qwen_bundle_k${K}_$(python3 -c 'from pudding_mlx.load import backend; print(backend())').json" \
+        2>&1 | tee -a "$out/mlx.log" || echo "mlx: bench FAILED" >&2 ;;
 pack)
     out=$2; mkdir -p "$out"
     # per-choice floats as float16 and compressed: the committed copies stay small (acc/acc_norm are exact bools)
@@ -68,11 +113,17 @@ for d in ("train", "val", "test"):
     shutil.copy(src / "router_data.json", out / f"data-{d}.json")
     if (src / "features_pca.npz").is_file():
         shutil.copy(src / "features_pca.npz", out / f"features-{d}.npz")
-for f in ["cand-k3.json", "cand-k5.json", "cand-k7.json", "cand.state.json", "search.log", "data.log", "features.log"]:
+for f in ["cand-k3.json", "cand-k5.json", "cand-k7.json", "cand.state.json", "search.log", "data.log", "features.log", "routers.log"]:
     if (w / f).is_file():
         shutil.copy(w / f, out / f)
+if (w / "preds").is_dir():  # the MiniLM routers' scores and heads
+    import tarfile
+    with tarfile.open(out / "routers.tar", "w") as t:
+        for sub in ("preds", "heads"):
+            if (w / sub).is_dir():
+                t.add(w / sub, arcname=sub)
 print(sorted(p.name for p in out.iterdir()))
 PY
     ;;
-*) echo "usage: $0 prep|search|data|features|pack OUTDIR" >&2; exit 2 ;;
+*) echo "usage: $0 search|data|features|resume|routers ENCODER|mlx OUTDIR|pack OUTDIR" >&2; exit 2 ;;
 esac
