@@ -19,8 +19,9 @@ llama.cpp's reference (measured on synthetic blocks: max error 8.2 on values up 
 checked bit for bit against `mx.load`'s own triplets in tests/test_convert_llm.py.
 
 llama.cpp's llama converter permutes the rows of the Q and K projections (HF's half-split rotary layout ->
-interleaved pairs, per head); `unpermute_rows` undoes it. The permutation is over output rows, so it is applied
-alike to a float weight, to the packed uint32 rows of a quantized weight and to their scales and biases rows.
+interleaved pairs, per head); `unpermute_rows` undoes it (its qwen2 and gemma3 converters keep HF's order). The
+permutation is over output rows, so it is applied alike to a float weight, to the packed uint32 rows of a
+quantized weight and to their scales and biases rows.
 """
 
 from dataclasses import dataclass, field
@@ -319,10 +320,43 @@ GEMMA3_BLOCK = {
     "ffn_down": "mlp.down_proj",
 }
 
+
+def _qwen2_config(g: GGUFFile) -> dict:
+    a = "qwen2"
+    hidden = int(g.need(f"{a}.embedding_length"))
+    heads = int(g.need(f"{a}.attention.head_count"))
+    head_dim = g.get(f"{a}.attention.key_length")
+    if head_dim is not None and int(head_dim) != hidden // heads:  # mlx-lm's qwen2 derives it
+        raise PuddingError(f"{g.path}: {a}.attention.key_length {head_dim} is not hidden size / heads "
+                           f"({hidden} / {heads}); mlx-lm's qwen2 model cannot hold it")
+    cfg = {
+        "architectures": ["Qwen2ForCausalLM"],
+        "model_type": "qwen2",
+        "hidden_size": hidden,
+        "intermediate_size": int(g.need(f"{a}.feed_forward_length")),
+        "num_hidden_layers": int(g.need(f"{a}.block_count")),
+        "num_attention_heads": heads,
+        "num_key_value_heads": int(g.get(f"{a}.attention.head_count_kv", heads)),
+        "rms_norm_eps": _f32(g.get(f"{a}.attention.layer_norm_rms_epsilon", 1e-6)),
+        "rope_theta": _f32(g.get(f"{a}.rope.freq_base", 1_000_000.0)),
+        "max_position_embeddings": int(g.get(f"{a}.context_length", 32768)),
+        "vocab_size": _vocab_size(g, a),
+        # tied only when the file has no output head (the Qwen2.5-Coder-1.5B Q4_K_M GGUF stores one, as Q6_K)
+        "tie_word_embeddings": "output.weight" not in g.tensors,
+        "hidden_act": "silu",
+    }
+    _add_rope_scaling(g, a, cfg, "type")
+    cfg["rope_parameters"] = {"rope_type": "default", "rope_theta": cfg["rope_theta"]}
+    return _common_ids(g, cfg)
+
+
 ARCHS: Dict[str, ArchSpec] = {
     "llama": ArchSpec("llama", "llama", _llama_config, GLOBALS, LLAMA_BLOCK, permute_qk=True),
     # float16 suits gemma3 too: mlx-lm's gemma3_text clips its float16 residual stream
     "gemma3": ArchSpec("gemma3", "gemma3_text", _gemma3_config, GLOBALS, GEMMA3_BLOCK, norm_offset=-1.0),
+    # llama.cpp's Qwen2Model keeps HF's Q/K row order (only its LlamaModel permutes), and the q/k/v
+    # biases map like the weights (blk.N.attn_q.bias -> model.layers.N.self_attn.q_proj.bias)
+    "qwen2": ArchSpec("qwen2", "qwen2", _qwen2_config, GLOBALS, LLAMA_BLOCK),
 }
 
 

@@ -366,6 +366,298 @@ def test_tiny_gguf_dequantize_and_requantize(tiny_gguf, tiny_gguf_reference, tmp
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# A tiny synthetic qwen2 GGUF: K-quants as in Qwen2.5's Q4_K_M, q/k/v biases, Q/K rows in HF order
+
+QWEN2_TYPES = {"attn_q": "Q4_K", "attn_k": "Q4_K", "attn_v": "Q6_K", "attn_output": "Q4_K",  # as llama.cpp's
+               "ffn_gate": "Q4_K", "ffn_up": "Q4_K", "ffn_down": "Q6_K"}  # Q4_K_M picks them for Qwen2.5-1.5B
+CHATML = ("{%- if messages[0]['role'] == 'system' %}{{- '<|im_start|>system\\n' + messages[0]['content'] + "
+          "'<|im_end|>\\n' }}{%- else %}{{- '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}"
+          "{%- endif %}{%- for message in messages %}{%- if not (message.role == 'system' and loop.first) %}"
+          "{{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>\\n' }}{%- endif %}"
+          "{%- endfor %}{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}")
+
+
+def _f16_bytes(x):
+    return x.astype(np.float16)[..., None].view(np.uint8)
+
+
+def _k_quant_bytes(rng, rows: int, cols: int, kind: str) -> np.ndarray:
+    """Valid raw Q4_K / Q6_K blocks (256 weights each) for a (rows, cols) matrix: random codes and sub-block
+    scales, float16 super-block scales sized for weights of about +-0.1. (The gguf package cannot quantize to
+    K-quants, so the codes are the data.)"""
+    n = cols // 256
+    if kind == "Q4_K":  # d, dmin (float16), 12 bytes of 6-bit scales and mins, 128 bytes of nibbles
+        b = rng.integers(0, 256, (rows, n, 144), dtype=np.uint8)
+        b[..., 0:2] = _f16_bytes(rng.uniform(1e-4, 3e-4, (rows, n)))
+        b[..., 2:4] = _f16_bytes(rng.uniform(1e-3, 2e-3, (rows, n)))
+    else:  # Q6_K: 128 bytes of low nibbles, 64 of high bit pairs, 16 int8 scales, d (float16) last
+        b = rng.integers(0, 256, (rows, n, 210), dtype=np.uint8)
+        b[..., 208:210] = _f16_bytes(rng.uniform(3e-5, 6e-5, (rows, n)))
+    return b.reshape(rows, -1)
+
+
+@pytest.fixture(scope="module")
+def tiny_qwen2_gguf(smollm2_gguf, tmp_path_factory):
+    """Written the way llama.cpp writes a Qwen2.5 Q4_K_M: Q4_K matrices, Q6_K for attn_v, ffn_down and the
+    output, F32 norms and q/k/v biases, Q/K rows unpermuted, the qwen2 pre-tokenizer, a ChatML template
+    with <|im_end|> as EOS. The vocabulary is SmolLM2's first 4096 tokens (it has <|im_start|> and <|im_end|>)
+    with the merges among them, a valid BPE vocabulary small enough to keep the test fast."""
+    import gguf
+    from gguf import GGMLQuantizationType as T
+
+    src = G.GGUFFile(smollm2_gguf)
+    path = tmp_path_factory.mktemp("tinyqwen2") / "tiny-qwen2.gguf"
+    rng = np.random.default_rng(1)
+    H, I, L, NH, NKV, V = 256, 512, 2, 4, 2, 4096  # K-quant rows: multiples of 256
+    KV = NKV * H // NH
+    tokens = src.meta["tokenizer.ggml.tokens"][:V]
+    kept = set(tokens)
+    merges = [m for m in src.meta["tokenizer.ggml.merges"] if "".join(m.split(" ")) in kept]
+    w = gguf.GGUFWriter(str(path), "qwen2")
+    w.add_context_length(4096)
+    w.add_embedding_length(H)
+    w.add_block_count(L)
+    w.add_feed_forward_length(I)
+    w.add_head_count(NH)
+    w.add_head_count_kv(NKV)
+    w.add_layer_norm_rms_eps(1e-6)
+    w.add_rope_freq_base(1_000_000.0)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("qwen2")
+    w.add_token_list(tokens)
+    w.add_token_merges(merges)
+    w.add_token_types(list(src.meta["tokenizer.ggml.token_type"])[:V])
+    w.add_bos_token_id(0)  # as Qwen: BOS = PAD = <|endoftext|>, never added; EOS = <|im_end|>
+    w.add_eos_token_id(2)
+    w.add_pad_token_id(0)
+    w.add_add_bos_token(False)
+    w.add_chat_template(CHATML)
+
+    def matrix(name, rows, cols, kind):
+        w.add_tensor(name, _k_quant_bytes(rng, rows, cols, kind), raw_dtype=T[kind])
+
+    def vector(name, n, scale, offset=0.0):
+        w.add_tensor(name, (offset + scale * rng.standard_normal(n)).astype(np.float32))
+
+    matrix("token_embd.weight", V, H, "Q4_K")
+    matrix("output.weight", V, H, "Q6_K")
+    vector("output_norm.weight", H, 0.1, offset=1.0)
+    for i in range(L):
+        p = f"blk.{i}."
+        vector(p + "attn_norm.weight", H, 0.1, offset=1.0)
+        vector(p + "ffn_norm.weight", H, 0.1, offset=1.0)
+        for proj, rows, cols in (("attn_q", H, H), ("attn_k", KV, H), ("attn_v", KV, H), ("attn_output", H, H),
+                                 ("ffn_gate", I, H), ("ffn_up", I, H), ("ffn_down", H, I)):
+            matrix(f"{p}{proj}.weight", rows, cols, QWEN2_TYPES[proj])
+        for proj, n in (("attn_q", H), ("attn_k", KV), ("attn_v", KV)):
+            vector(f"{p}{proj}.bias", n, 0.5)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_qwen2_reference(tiny_qwen2_gguf):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = tiny_qwen2_gguf
+    model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+    return model.eval(), AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+
+
+@pytest.fixture(scope="module")
+def tiny_qwen2_f16(tiny_qwen2_gguf, tmp_path_factory):
+    return convert_llm(tiny_qwen2_gguf, tmp_path_factory.mktemp("qwen2") / "f16")  # the default: float16
+
+
+def _q4_k_block(b: np.ndarray) -> np.ndarray:
+    """ggml's dequantize_row_q4_K (ggml-quants.c) for one 144-byte block, written out scalar by scalar."""
+    d, dmin = b[0:4].view(np.float16).astype(np.float32)
+    scales, qs = b[4:16], b[16:]
+
+    def scale_min(j):  # get_scale_min_k4
+        if j < 4:
+            return scales[j] & 63, scales[j + 4] & 63
+        return ((scales[j + 4] & 0xF) | ((scales[j - 4] >> 6) << 4),
+                (scales[j + 4] >> 4) | ((scales[j] >> 6) << 4))
+
+    y = []
+    for k in range(4):  # 64 weights per step: 32 low nibbles, then 32 high nibbles of the same bytes
+        (sc1, m1), (sc2, m2) = scale_min(2 * k), scale_min(2 * k + 1)
+        q = qs[32 * k: 32 * k + 32]
+        y += [d * np.float32(sc1) * np.float32(x & 0xF) - dmin * np.float32(m1) for x in q]
+        y += [d * np.float32(sc2) * np.float32(x >> 4) - dmin * np.float32(m2) for x in q]
+    return np.array(y, np.float32)
+
+
+def _q6_k_block(b: np.ndarray) -> np.ndarray:
+    """ggml's dequantize_row_q6_K for one 210-byte block."""
+    ql, qh, sc = b[0:128], b[128:192], b[192:208].view(np.int8)
+    d = b[208:210].view(np.float16).astype(np.float32)[0]
+    y = np.zeros(256, np.float32)
+    for n in range(2):  # two halves of 128 weights
+        for i in range(32):
+            s = i // 16
+            q = [(ql[64 * n + i] & 0xF) | (((qh[32 * n + i] >> 0) & 3) << 4),
+                 (ql[64 * n + i + 32] & 0xF) | (((qh[32 * n + i] >> 2) & 3) << 4),
+                 (ql[64 * n + i] >> 4) | (((qh[32 * n + i] >> 4) & 3) << 4),
+                 (ql[64 * n + i + 32] >> 4) | (((qh[32 * n + i] >> 6) & 3) << 4)]
+            for j in range(4):
+                y[128 * n + 32 * j + i] = d * np.float32(sc[8 * n + s + 2 * j]) * np.float32(int(q[j]) - 32)
+    return y
+
+
+def test_k_quant_decoding_matches_ggml_reference(tiny_qwen2_gguf):
+    """`dequantize` (the gguf package's decoders) reads the fixture's K-quant bytes as ggml's C reference does."""
+    g = G.GGUFFile(tiny_qwen2_gguf)
+    for name, decode, nbytes in (("blk.0.attn_q.weight", _q4_k_block, 144), ("blk.1.ffn_down.weight", _q6_k_block, 210)):
+        t = g.tensors[name]
+        full = G.dequantize(t)
+        raw = np.asarray(t.raw, np.uint8).reshape(t.shape[0], -1, nbytes)
+        for row, block in ((0, 0), (7, raw.shape[1] // 2), (t.shape[0] - 1, raw.shape[1] - 1)):
+            want = decode(raw[row, block])
+            np.testing.assert_allclose(full[row, 256 * block: 256 * block + 256], want, rtol=1e-6, atol=1e-9)
+        assert 0.02 < np.abs(full).mean() < 0.2  # the fixture's weights are of a sane size
+
+
+@pytest.mark.assets
+@pytest.mark.torch
+def test_tiny_qwen2_config_and_weights(tiny_qwen2_f16, tiny_qwen2_reference):
+    """Every weight of the float16 conversion is transformers' float32 dequantization rounded to float16
+    (no Q/K permutation, q/k/v biases in place, the untied output head), and nothing else is in the model."""
+    from mlx.utils import tree_flatten
+    from mlx_lm import load
+
+    cfg = json.loads((tiny_qwen2_f16 / "config.json").read_text())
+    assert cfg["model_type"] == "qwen2" and cfg["num_hidden_layers"] == 2 and cfg["num_key_value_heads"] == 2
+    assert cfg["rope_theta"] == 1_000_000.0 and cfg["rms_norm_eps"] == 1e-6 and cfg["tie_word_embeddings"] is False
+    assert "quantization" not in cfg and cfg["torch_dtype"] == "float16"  # K-quants come out as float
+    assert json.loads((tiny_qwen2_f16 / "generation_config.json").read_text())["eos_token_id"] == 2
+    model, _ = load(str(tiny_qwen2_f16))
+    ours = dict(tree_flatten(model.parameters()))
+    ref_model, _ = tiny_qwen2_reference
+    ref = ref_model.state_dict()
+    assert set(ours) == set(ref)
+    assert "model.layers.1.self_attn.k_proj.bias" in ours
+    for name, value in ref.items():
+        a, b = np.array(ours[name].astype(mx.float32)), value.numpy()
+        assert ours[name].dtype == mx.float16, name
+        # float16 rounding: half an ulp, relative 2^-11, or 2^-25 absolute among the subnormals
+        assert (np.abs(a - b) <= 2.0 ** -11 * np.abs(b) + 2.0 ** -25).all(), name
+
+
+def _qwen2_ids(tok):
+    return tok.apply_chat_template([{"role": "user", "content": "Write a Python function that adds 2 and 40."}],
+                                   tokenize=True, add_generation_prompt=True, return_dict=False)
+
+
+@pytest.mark.assets
+@pytest.mark.torch
+def test_tiny_qwen2_logits_and_greedy_parity(tiny_qwen2_gguf, tiny_qwen2_f16, tiny_qwen2_reference, tmp_path):
+    ref_model, ref_tok = tiny_qwen2_reference
+    prompts = [_qwen2_ids(ref_tok), ref_tok.encode("def fib(n):\n    return n if n < 2 else fib(n - 1) + fib(n - 2)")]
+    # float32 conversion: the same weights, so only float32 arithmetic order differs
+    model, tok = P.load_mlx(convert_llm(tiny_qwen2_gguf, tmp_path / "f32", dtype="float32"))
+    r = P.logits_parity(model, ref_model, prompts)
+    assert r["max_abs_logit_diff"] < 1e-4 and r["top1_agreement"] == 1.0, r
+    for ids in prompts:
+        assert P.greedy_mlx(model, tok, ids, 24) == P.greedy_ref(ref_model, ids, 24, sorted(tok.eos_token_ids))
+    # the float16 default: weights rounded to float16, computed in float32 (measured: max |diff| 0.007, top-1 72
+    # of 73 positions, greedy 24 of 24 tokens on both prompts)
+    model, tok = P.load_mlx(tiny_qwen2_f16)
+    r = P.logits_parity(model, ref_model, prompts)
+    assert r["max_abs_logit_diff"] < 0.05 and r["top1_agreement"] >= 0.95, r
+    for ids in prompts:
+        tokens = P.greedy_mlx(model, tok, ids, 24)
+        assert P.forced_agreement(ref_model, ids, tokens) >= min(20, len(tokens))
+
+
+def _dequantized(module) -> np.ndarray:
+    return np.array(mx.dequantize(module.weight, module.scales, module.biases, module.group_size, module.bits))
+
+
+@pytest.mark.assets
+@pytest.mark.torch
+def test_tiny_qwen2_quantize_4(tiny_qwen2_gguf, tiny_qwen2_reference, tmp_path):
+    """--quantize 4: the dequantized K-quants re-quantized to MLX affine 4-bit, group size 64: lossy (a group
+    of 64 spans two Q4_K sub-blocks with their own scales, and Q6_K has 64 levels), but every weight stays
+    within one MLX quantization step of transformers' value. Measured on this fixture: relative RMS weight
+    error 5% (from Q4_K) and 8% (from Q6_K); logits correlation 0.977, mean |diff| 0.16 for logits of standard
+    deviation 1.0. (Top-1 agreement, 0.64, is not asserted: a random model's logits are flat.)"""
+    out = convert_llm(tiny_qwen2_gguf, tmp_path / "q4", quantize_bits=4)
+    q = json.loads((out / "config.json").read_text())["quantization"]
+    assert (q["group_size"], q["bits"]) == (64, 4)
+    model, tok = P.load_mlx(out)
+    ref_model, ref_tok = tiny_qwen2_reference
+    ref = ref_model.state_dict()
+    modules = dict(model.named_modules())
+    for name in ("model.embed_tokens", "lm_head", "model.layers.0.self_attn.q_proj",
+                 "model.layers.1.self_attn.k_proj", "model.layers.1.self_attn.v_proj", "model.layers.0.mlp.down_proj"):
+        m = modules[name]
+        assert type(m).__name__ in ("QuantizedLinear", "QuantizedEmbedding") and (m.bits, m.group_size) == (4, 64)
+        w = ref[name + ".weight"].numpy()
+        err = np.abs(_dequantized(m) - w).reshape(w.shape[0], -1, 64).max(-1)
+        # one step (MLX scales can be negative), plus the float16 rounding of the group's bias (its minimum)
+        step = np.abs(np.array(m.scales.astype(mx.float32)))
+        assert (err <= 1.01 * step + 2.0 ** -10 * np.abs(w).reshape(err.shape + (64,)).max(-1)).all(), name
+        assert np.sqrt(((_dequantized(m) - w) ** 2).mean() / (w ** 2).mean()) < 0.1, name
+    bias = np.array(modules["model.layers.1.self_attn.k_proj"].bias.astype(mx.float32))
+    assert np.allclose(bias, ref["model.layers.1.self_attn.k_proj.bias"].numpy(), rtol=1e-3, atol=1e-6)
+    prompts = [_qwen2_ids(ref_tok), ref_tok.encode("def fib(n):\n    return n if n < 2 else fib(n - 1) + fib(n - 2)")]
+    r = P.logits_parity(model, ref_model, prompts)
+    assert r["mean_abs_logit_diff"] < 0.3, r
+    for ids in prompts:
+        a = np.array(model(mx.array([ids])))[0]
+        with torch.no_grad():
+            b = ref_model(torch.tensor([ids])).logits[0].numpy()
+        assert np.corrcoef(a.ravel(), b.ravel())[0, 1] > 0.95
+
+
+@pytest.mark.assets
+@pytest.mark.torch
+def test_tiny_qwen2_tokenizer_and_chat_template(tiny_qwen2_gguf, tiny_qwen2_f16, tiny_qwen2_reference):
+    """The qwen2 BPE tokenizer (its own pre-tokenizer: digits one by one) and the GGUF's chat template come
+    through; mlx-lm stops at <|im_end|>."""
+    from mlx_lm.utils import load_tokenizer
+    from transformers import AutoTokenizer
+
+    _, gguf_tok = tiny_qwen2_reference
+    assert (tiny_qwen2_f16 / "chat_template.jinja").read_text() == CHATML
+    hf_tok = AutoTokenizer.from_pretrained(str(tiny_qwen2_f16))
+    messages = [{"role": "user", "content": "Sum 12345 and 678?"}, {"role": "assistant", "content": "13023"},
+                {"role": "user", "content": "Now in code."}]
+    want = gguf_tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert want.startswith("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n")
+    assert hf_tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) == want
+    text = "x = 12345  # <|im_start|>user\nHi<|im_end|>"
+    assert hf_tok.encode(text) == gguf_tok.encode(text)
+    assert [hf_tok.decode([i]) for i in hf_tok.encode("12345")] == list("12345")  # qwen2's split, not SmolLM2's
+    assert hf_tok.encode("hi")[0] != 0  # no BOS added
+    wrapped = load_tokenizer(tiny_qwen2_f16)
+    assert wrapped.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) == want
+    assert set(wrapped.eos_token_ids) == {2}
+
+
+def test_tiny_qwen2_tokenizer_without_torch(tiny_qwen2_gguf, tiny_qwen2_f16, tmp_path):
+    """The torch-free fallback builds the same qwen2 tokenizer as transformers' public API."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "notorch"
+    code = ("import sys; sys.modules['torch'] = None\n"
+            "from pudding_mlx.convert.llm import convert_llm\n"
+            f"convert_llm({str(tiny_qwen2_gguf)!r}, {str(out)!r})\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    for name in ("tokenizer.json", "config.json", "generation_config.json"):
+        assert json.loads((out / name).read_text()) == json.loads((tiny_qwen2_f16 / name).read_text()), name
+    # tokenizer_config.json differs only in the class name (PreTrainedTokenizerFast, not Qwen2Tokenizer)
+    assert (out / "chat_template.jinja").read_text() == CHATML
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Hugging Face directory: a tiny random Llama
 
 
