@@ -54,7 +54,8 @@ def bench(
     if result["failed"]:
         console.print(f"failed: {', '.join(result['failed'])}; everything else was measured"
                       + (f" and written to {json_out}" if json_out else ""), style="yellow", markup=False)
-        raise typer.Exit(130 if "interrupted" in result["failed"] else 1)
+        interrupted = result["failed"].get("interrupted", "")
+        raise typer.Exit(143 if "SIGTERM" in interrupted else 130 if interrupted else 1)
 
 
 def _ratio(row, name) -> str:

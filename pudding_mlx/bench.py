@@ -393,6 +393,7 @@ def measure(model: Optional[str] = None, shape: Optional[str] = None, k: int = 7
               "router_kind": getattr(target.router, "kind", "bert") if target.router is not None else None,
               "rows": [], "failed": {}}
     try:
+        stop_on_sigterm = _on_sigterm(_raise_terminated)
         for row in time_cells(target.model, target.static, target.routed, target.router, grid, runs,
                               draft_tokens=draft_tokens):
             result["rows"].append(row)
@@ -403,10 +404,35 @@ def measure(model: Optional[str] = None, shape: Optional[str] = None, k: int = 7
             result["memory"] = _memory(target, shape)
             if "error" in result["memory"]:
                 result["failed"]["memory"] = result["memory"]["error"]
+    except Terminated:
+        result["failed"]["interrupted"] = "stopped by SIGTERM (a time limit?); the cells above were measured"
     except KeyboardInterrupt:
         result["failed"]["interrupted"] = "stopped with Ctrl-C; the cells above were measured"
+    finally:
+        _on_sigterm(stop_on_sigterm)
     result["summary"] = summary(result)
     return result
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM during a bench run (e.g. `timeout` on a lent GPU): handled like Ctrl-C, so the cells
+    measured so far are still written."""
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated
+
+
+def _on_sigterm(handler):
+    """Install `handler` for SIGTERM and return the previous one (None outside the main thread,
+    where signals cannot be handled: nothing changes)."""
+    import signal
+    import threading
+
+    if handler is None or threading.current_thread() is not threading.main_thread():
+        return None
+    previous = signal.signal(signal.SIGTERM, handler)
+    return signal.SIG_DFL if previous is None else previous  # None: a handler not set from Python
 
 
 def _memory(target: Target, shape: Optional[str]) -> dict:

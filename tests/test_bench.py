@@ -122,6 +122,32 @@ def test_a_failed_cell_keeps_the_others(monkeypatch):
     assert result["failed"] == {"8+2": "RuntimeError: [METAL] out of memory"}
 
 
+def test_sigterm_keeps_the_measured_cells(tmp_path):
+    """Killed by SIGTERM (as `timeout` did on the lent GPU, losing a whole bundle bench): the cells
+    measured so far are written to --json, the stop is marked, and the exit status is 143."""
+    import signal
+    import time
+
+    out = tmp_path / "b.json"
+    code = "import sys\nfrom pudding_mlx.app.cli import main\nsys.argv = ['pudding-mlx'] + sys.argv[1:]\nmain()\n"
+    proc = subprocess.Popen([sys.executable, "-c", code, "bench", "--shape", "small", "--k", "3", "--runs", "1",
+                             "--cells", "8+1," + ",".join(["64+64"] * 50), "--no-memory", "--json", str(out)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    first = proc.stderr.readline()  # the first cell's progress line: it has been measured
+    while first and not first.startswith("prefill 8+1"):  # (a note on the router may come first)
+        first = proc.stderr.readline()
+    assert first.startswith("prefill 8+1: speedup"), first
+    time.sleep(1)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 143, err
+    result = json.loads(out.read_text())
+    assert [(r["prompt_tokens"], r["gen_tokens"]) for r in result["rows"]][:1] == [(8, 1)]
+    assert len(result["rows"]) < 51 and result["rows"][0]["dense_s"] > 0
+    assert result["failed"] == {"interrupted": "stopped by SIGTERM (a time limit?); the cells above were measured"}
+    assert "Traceback" not in err
+
+
 class CountingRouter:
     def __init__(self):
         self.calls = 0
