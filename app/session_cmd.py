@@ -40,7 +40,10 @@ def register(app):
 def chat(
     model: Optional[str] = typer.Argument(
         None, help="A pudding-mlx bundle, an mlx-lm model directory, or a hub id. Default: the "
-        "default bundle (SmolLM2-135M-Instruct + the shipped router), built once into the cache."),
+        "--preset bundle, built once into the cache."),
+    preset: Optional[str] = typer.Option(None, "--preset", help="Without MODEL: qwen2.5-coder-1.5b (the default; "
+                                         "1.1 GB download, hidden-state router, k=5 of 28 blocks) or smollm2-135m "
+                                         "(190 MB, MiniLM router, k=7 of 30; fast but weak answers)."),
     system: Optional[str] = typer.Option(None, "--system", help="A system message for the chat template."),
     max_tokens: int = typer.Option(512, "--max-tokens", "-m", min=1, help="Most tokens per reply."),
     temp: float = typer.Option(0.0, "--temp", min=0.0, help="Sampling temperature; 0 is greedy."),
@@ -77,7 +80,9 @@ def chat(
         raise PuddingError(f"--dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
 
     try:
-        path = ensure_default_bundle(console=err) if model is None else resolve(model)
+        if model is not None and preset is not None:
+            raise PuddingError("give either MODEL or --preset (a preset is a bundle built for you)")
+        path = ensure_default_bundle(console=err, preset=preset) if model is None else resolve(model)
         with console.status("loading the model", spinner="dots"):
             loaded = load(str(path), dtype=dtype)
             SkipView(loaded.model)  # an unsupported architecture fails here, in one line

@@ -40,7 +40,7 @@ setup)
     tar xf "$dir/bench.tar" -C /tmp/data
     python3 -m pip install -q --no-deps --no-build-isolation -e .
     python3 -c "import mlx.core as mx; print('mlx', mx.__version__, mx.default_device())"
-    python3 -c "from pudding_mlx.convert.default_bundle import ensure_default_bundle; print(ensure_default_bundle())" ;;
+    python3 -c "from pudding_mlx.convert.default_bundle import ensure_default_bundle; print(ensure_default_bundle(preset='smollm2-135m'))" ;;
 bench8b)
     # the memory probe would save 16 GB of random weights: memory is measured on the real bundle
     step $PM bench --shape llama-3.1-8b --k 7 --router-kind hidden --runs "$RUNS" --cells "$CELLS8B" --no-memory \

@@ -82,6 +82,7 @@ def tiny_default_build(tmp_path, monkeypatch, tiny_llm_dir):
         return Path(out)
 
     monkeypatch.setenv("PUDDING_MLX_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(db, "DEFAULT_PRESET", "smollm2-135m")  # the light-router preset's path
     monkeypatch.setattr("pudding_mlx.convert.llm.convert_llm", fake_convert)
     monkeypatch.setattr(db.assets, "smollm2_gguf", lambda quiet=True: Path("SmolLM2.gguf"))
     monkeypatch.setattr(db.assets, "minilm_dir", lambda quiet=True: pytest.fail("no router: no encoder needed"))

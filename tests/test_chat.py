@@ -550,3 +550,82 @@ def test_chat_turn_shows_progress_while_re_prefilling(tiny):
     assert session.turns[-1].prepared.rebuilt >= 64
     assert "re-prefilling the conversation under the new set" in err.getvalue()
     assert "re-prefilled" in out.getvalue()
+
+
+# -- the presets ----------------------------------------------------------------------------------
+
+
+def test_hidden_router_preset_builds_routes_and_is_cached(tiny_default_build, monkeypatch):
+    """The Qwen preset's builder (hidden-state router, 4-bit conversion) with the tiny model standing
+    in: the LLM is fetched through assets.qwen25_coder_gguf and converted with quantize_bits=4, the
+    shipped router.json + head.safetensors become the bundle's hidden router (no encoder fetched),
+    the bundle routes per prompt with it, a second call reuses it, and a changed head rebuilds it."""
+    import mlx.core as mx
+
+    from pudding_mlx.bundle import read_manifest
+    from pudding_mlx.convert import default_bundle as db
+    from pudding_mlx.routing import route
+
+    data, calls = tiny_default_build
+    sets = [[2, 3], [3, 4], [2, 5]]
+    (data / "candidates.json").write_text(json.dumps(sets))
+    (data / "router.json").write_text(json.dumps({
+        "format": "pudding-mlx-router", "kind": "hidden", "after": 1, "pooling": "mean", "sets": sets,
+        "fallback": 0, "margin": None, "margin_is": "-inf (always the argmax)", "max_tokens": 64}))
+    mx.save_safetensors(str(data / "head.safetensors"),
+                        {"weight": mx.random.normal((3, 64), key=mx.random.key(1)), "bias": mx.zeros((3,))})
+    fetched, bits = [], []
+    monkeypatch.setattr(db.assets, "qwen25_coder_gguf", lambda *a, **k: fetched.append(1) or Path("Qwen.gguf"))
+    real_convert = __import__("pudding_mlx.convert.llm", fromlist=["convert_llm"]).convert_llm
+
+    def convert(src, out, quantize_bits=None, **kw):
+        bits.append(quantize_bits)
+        return real_convert(src, out, **kw)
+
+    monkeypatch.setattr("pudding_mlx.convert.llm.convert_llm", convert)
+    path = db.ensure_default_bundle(data_dir=data, preset="qwen2.5-coder-1.5b")
+    assert path == db.bundle_path("qwen2.5-coder-1.5b") and path.name == "preset-qwen2.5-coder-1.5b"
+    assert fetched == [1] and bits == [4] and calls == [Path("Qwen.gguf")]
+    manifest = read_manifest(path)
+    assert manifest.router.kind == "hidden" and manifest.provenance["preset"] == "qwen2.5-coder-1.5b"
+    loaded = load(str(path))
+    assert loaded.router.kind == "hidden" and loaded.router.after == 1
+    chosen = {route(loaded, text).candidate for text in ("hi", "What is the capital of France?", "Tell me a story")}
+    assert chosen <= {0, 1, 2}
+    assert db.ensure_default_bundle(data_dir=data, preset="qwen2.5-coder-1.5b") == path and len(calls) == 1
+    mx.save_safetensors(str(data / "head.safetensors"), {"weight": mx.ones((3, 64)), "bias": mx.zeros((3,))})
+    db.ensure_default_bundle(data_dir=data, preset="qwen2.5-coder-1.5b")
+    assert len(calls) == 2  # the shipped head changed: rebuilt
+    # the SmolLM2 preset lives in its own folder, untouched
+    assert not db.bundle_path("smollm2-135m").exists()
+
+
+def test_shipped_preset_data_is_consistent():
+    """What the package ships for each preset: the candidate sets, and a router scoring exactly those
+    sets (the Qwen head: [10 sets, 1536 x pools] reading after block 3, which no set omits)."""
+    import mlx.core as mx
+
+    from pudding_mlx.candidates import read_candidates
+    from pudding_mlx.convert import default_bundle as db
+
+    assert db.DEFAULT_PRESET == "qwen2.5-coder-1.5b" and db.preset_of(None).name == db.DEFAULT_PRESET
+    for p in db.PRESETS.values():
+        assert db.has_shipped_router(preset=p.name), p.name
+        sets = [sorted(c["omitted"]) for c in read_candidates(p.data_dir / "candidates.json") if c.get("task") != "mix"]
+        if p.router_kind == "hidden":
+            r = json.loads((p.data_dir / "router.json").read_text())
+            assert [sorted(s) for s in r["sets"]] == sets and len(sets) == 10
+            assert min(min(s) for s in sets) > r["after"] == 3
+            w = mx.load(str(p.data_dir / "head.safetensors"))
+            assert w["weight"].shape == (10, 1536 * len(r["pooling"].split("+"))) and w["bias"].shape == (10,)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--preset", "llama-70b"], "--preset 'llama-70b': choose one of qwen2.5-coder-1.5b, smollm2-135m"),
+    (["some-bundle", "--preset", "smollm2-135m"], "give either MODEL or --preset"),
+])
+def test_bad_preset_is_one_line(args, message):
+    code = "import sys\nfrom pudding_mlx.app.cli import main\nsys.argv = ['pudding-mlx'] + sys.argv[1:]\nmain()\n"
+    done = subprocess.run([sys.executable, "-c", code, "chat", *args], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and message in done.stderr and "Traceback" not in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1

@@ -91,21 +91,22 @@ def spawn(args, env):
 
 def default_bundle(env) -> Path:
     done = subprocess.run([sys.executable, "-c", "from pudding_mlx.convert.default_bundle import ensure_default_bundle;"
-                           "print(ensure_default_bundle())"], env=env, capture_output=True, text=True, timeout=300)
+                           "print(ensure_default_bundle(preset='smollm2-135m'))"], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     return Path(done.stdout.strip())
 
 
 def test_chat_session_in_a_terminal(env):
-    """No MODEL: the default bundle is built (with progress), then two routed turns, /route,
+    """No MODEL, the SmolLM2 preset (the default preset, Qwen, is a 1.1 GB download: its builder is
+    tested on a tiny stand-in in test_chat.py): the bundle is built (with progress), then two routed turns, /route,
     Ctrl-C during a streaming reply (nothing printed after ^C), a dense turn on the same conversation
     (its re-prefill shows progress), a reply cut off by --max-tokens (noted), /stats (only tokens
     not run again count as cached), /quit -> 0."""
-    child = spawn(["chat", "--max-tokens", "48"], env)
+    child = spawn(["chat", "--preset", "smollm2-135m", "--max-tokens", "48"], env)
     screen = Screen(child)
     try:
-        screen.wait(r"building the default bundle", timeout=60)
-        screen.wait(r"default bundle ready", timeout=240)
+        screen.wait(r"building the smollm2-135m bundle", timeout=60)
+        screen.wait(r"smollm2-135m bundle ready", timeout=240)
         screen.wait(r"30 blocks · router with 10 candidate sets", timeout=120)
         screen.wait(PROMPT)
 
