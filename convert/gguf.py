@@ -215,32 +215,33 @@ def _vocab_size(g: GGUFFile, prefix: str) -> int:
     return len(g.need("tokenizer.ggml.tokens"))
 
 
-def _llama_config(g: GGUFFile) -> dict:
-    a = "llama"
-    hidden = int(g.need(f"{a}.embedding_length"))
+def _decoder_config(g: GGUFFile, a: str, eps: float, theta: float, context: int) -> dict:
+    """The keys every decoder family's config shares, from architecture `a`'s metadata (the defaults:
+    that family's usual values when the file leaves a key out)."""
     heads = int(g.need(f"{a}.attention.head_count"))
-    kv = g.get(f"{a}.attention.head_count_kv", heads)
-    head_dim = int(g.get(f"{a}.attention.key_length", hidden // heads))
-    if "rope_freqs.weight" in g.tensors:
-        raise PuddingError(f"{g.path}: Llama-3-style rope frequency factors (rope_freqs.weight) are not supported yet; convert the original Hugging Face model instead")
-    cfg = {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
-        "hidden_size": hidden,
+    return {
+        "hidden_size": int(g.need(f"{a}.embedding_length")),
         "intermediate_size": int(g.need(f"{a}.feed_forward_length")),
         "num_hidden_layers": int(g.need(f"{a}.block_count")),
         "num_attention_heads": heads,
-        "num_key_value_heads": int(kv),
-        "head_dim": head_dim,
-        "rms_norm_eps": _f32(g.get(f"{a}.attention.layer_norm_rms_epsilon", 1e-5)),
-        "rope_theta": _f32(g.get(f"{a}.rope.freq_base", 10000.0)),
-        "max_position_embeddings": int(g.get(f"{a}.context_length", 2048)),
+        "num_key_value_heads": int(g.get(f"{a}.attention.head_count_kv", heads)),
+        "rms_norm_eps": _f32(g.get(f"{a}.attention.layer_norm_rms_epsilon", eps)),
+        "rope_theta": _f32(g.get(f"{a}.rope.freq_base", theta)),
+        "max_position_embeddings": int(g.get(f"{a}.context_length", context)),
         "vocab_size": _vocab_size(g, a),
+        # tied only when the file has no output head (the Qwen2.5-Coder-1.5B Q4_K_M GGUF stores one, as Q6_K)
         "tie_word_embeddings": "output.weight" not in g.tensors,
-        "attention_bias": "blk.0.attn_q.bias" in g.tensors,
-        "mlp_bias": "blk.0.ffn_up.bias" in g.tensors,
-        "hidden_act": "silu",
     }
+
+
+def _llama_config(g: GGUFFile) -> dict:
+    a = "llama"
+    if "rope_freqs.weight" in g.tensors:
+        raise PuddingError(f"{g.path}: Llama-3-style rope frequency factors (rope_freqs.weight) are not supported yet; convert the original Hugging Face model instead")
+    cfg = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", **_decoder_config(g, a, 1e-5, 10000.0, 2048)}
+    cfg["head_dim"] = int(g.get(f"{a}.attention.key_length", cfg["hidden_size"] // cfg["num_attention_heads"]))
+    cfg.update(attention_bias="blk.0.attn_q.bias" in g.tensors, mlp_bias="blk.0.ffn_up.bias" in g.tensors,
+               hidden_act="silu")
     _add_rope_scaling(g, a, cfg, "type")
     cfg["rope_parameters"] = {"rope_type": "default", "rope_theta": cfg["rope_theta"]}
     return _common_ids(g, cfg)
@@ -274,32 +275,20 @@ GLOBALS = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "out
 
 def _gemma3_config(g: GGUFFile) -> dict:
     a = "gemma3"
-    hidden = int(g.need(f"{a}.embedding_length"))
-    heads = int(g.need(f"{a}.attention.head_count"))
-    head_dim = int(g.get(f"{a}.attention.key_length", 256))
-    layers = int(g.need(f"{a}.block_count"))
     pattern = 6  # gemma3: five sliding-window layers, then one global
-    cfg = {
-        "architectures": ["Gemma3ForCausalLM"],
-        "model_type": "gemma3_text",
-        "hidden_size": hidden,
-        "intermediate_size": int(g.need(f"{a}.feed_forward_length")),
-        "num_hidden_layers": layers,
-        "num_attention_heads": heads,
-        "num_key_value_heads": int(g.get(f"{a}.attention.head_count_kv", heads)),
+    cfg = {"architectures": ["Gemma3ForCausalLM"], "model_type": "gemma3_text",
+           **_decoder_config(g, a, 1e-6, 1_000_000.0, 32768)}
+    head_dim = int(g.get(f"{a}.attention.key_length", 256))
+    layers = cfg["num_hidden_layers"]
+    cfg.update({
         "head_dim": head_dim,
-        "rms_norm_eps": _f32(g.get(f"{a}.attention.layer_norm_rms_epsilon", 1e-6)),
-        "rope_theta": _f32(g.get(f"{a}.rope.freq_base", 1_000_000.0)),
         "rope_local_base_freq": 10_000.0,
         "query_pre_attn_scalar": head_dim,
         "sliding_window": int(g.get(f"{a}.attention.sliding_window", 512)),
         "sliding_window_pattern": pattern,
         "layer_types": ["full_attention" if (i + 1) % pattern == 0 else "sliding_attention" for i in range(layers)],
-        "max_position_embeddings": int(g.get(f"{a}.context_length", 32768)),
-        "vocab_size": _vocab_size(g, a),
-        "tie_word_embeddings": "output.weight" not in g.tensors,
         "hidden_activation": "gelu_pytorch_tanh",
-    }
+    })
     _add_rope_scaling(g, a, cfg, "rope_type")
     return _common_ids(g, cfg)
 
@@ -323,28 +312,13 @@ GEMMA3_BLOCK = {
 
 def _qwen2_config(g: GGUFFile) -> dict:
     a = "qwen2"
-    hidden = int(g.need(f"{a}.embedding_length"))
-    heads = int(g.need(f"{a}.attention.head_count"))
+    cfg = {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", **_decoder_config(g, a, 1e-6, 1_000_000.0, 32768)}
+    hidden, heads = cfg["hidden_size"], cfg["num_attention_heads"]
     head_dim = g.get(f"{a}.attention.key_length")
     if head_dim is not None and int(head_dim) != hidden // heads:  # mlx-lm's qwen2 derives it
         raise PuddingError(f"{g.path}: {a}.attention.key_length {head_dim} is not hidden size / heads "
                            f"({hidden} / {heads}); mlx-lm's qwen2 model cannot hold it")
-    cfg = {
-        "architectures": ["Qwen2ForCausalLM"],
-        "model_type": "qwen2",
-        "hidden_size": hidden,
-        "intermediate_size": int(g.need(f"{a}.feed_forward_length")),
-        "num_hidden_layers": int(g.need(f"{a}.block_count")),
-        "num_attention_heads": heads,
-        "num_key_value_heads": int(g.get(f"{a}.attention.head_count_kv", heads)),
-        "rms_norm_eps": _f32(g.get(f"{a}.attention.layer_norm_rms_epsilon", 1e-6)),
-        "rope_theta": _f32(g.get(f"{a}.rope.freq_base", 1_000_000.0)),
-        "max_position_embeddings": int(g.get(f"{a}.context_length", 32768)),
-        "vocab_size": _vocab_size(g, a),
-        # tied only when the file has no output head (the Qwen2.5-Coder-1.5B Q4_K_M GGUF stores one, as Q6_K)
-        "tie_word_embeddings": "output.weight" not in g.tensors,
-        "hidden_act": "silu",
-    }
+    cfg["hidden_act"] = "silu"
     _add_rope_scaling(g, a, cfg, "type")
     cfg["rope_parameters"] = {"rope_type": "default", "rope_theta": cfg["rope_theta"]}
     return _common_ids(g, cfg)

@@ -188,18 +188,26 @@ def test_chat_template_survives(smol_mlx, reference):
     assert 2 in wrapped.eos_token_ids
 
 
+def convert_without_torch(gguf, out):
+    """convert_llm(gguf, out) in a fresh process where `import torch` fails; returns out."""
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.modules['torch'] = None\n"
+            "from pudding_mlx.convert.llm import convert_llm\n"
+            f"convert_llm({str(gguf)!r}, {str(out)!r})\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return out
+
+
 def test_gguf_conversion_needs_no_torch(smollm2_gguf, smol_mlx, tmp_path):
     # the default bundle is built from this GGUF on machines without torch (a Mac running chat)
     import json
     import subprocess
     import sys
 
-    out = tmp_path / "notorch"
-    code = ("import sys; sys.modules['torch'] = None\n"
-            "from pudding_mlx.convert.llm import convert_llm\n"
-            f"convert_llm({str(smollm2_gguf)!r}, {str(out)!r})\n")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
+    out = convert_without_torch(smollm2_gguf, tmp_path / "notorch")
     for name in ("tokenizer.json", "config.json"):
         assert json.loads((out / name).read_text()) == json.loads((smol_mlx / name).read_text())
 
@@ -239,6 +247,15 @@ def test_gguf_tokenizer_without_torch_nor_the_private_module_is_one_line(smollm2
 
 # ---------------------------------------------------------------------------------------------------------------
 # A tiny synthetic llama GGUF: every quant type per tensor, llama.cpp's Q/K permutation, an untied output
+
+
+def finish_gguf(w, path):
+    """Write a gguf.GGUFWriter's header, metadata and tensors to its file, close it; returns path."""
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
 
 
 @pytest.fixture(scope="module")
@@ -298,11 +315,7 @@ def tiny_gguf(smollm2_gguf, tmp_path_factory):
         put(p + "ffn_gate.weight", (I, H), "Q4_0")
         put(p + "ffn_up.weight", (I, H), "Q8_0")
         put(p + "ffn_down.weight", (H, I), "BF16")
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return path
+    return finish_gguf(w, path)
 
 
 @pytest.fixture(scope="module")
@@ -451,11 +464,7 @@ def tiny_qwen2_gguf(smollm2_gguf, tmp_path_factory):
             matrix(f"{p}{proj}.weight", rows, cols, QWEN2_TYPES[proj])
         for proj, n in (("attn_q", H), ("attn_k", KV), ("attn_v", KV)):
             vector(f"{p}{proj}.bias", n, 0.5)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return path
+    return finish_gguf(w, path)
 
 
 @pytest.fixture(scope="module")
@@ -645,12 +654,7 @@ def test_tiny_qwen2_tokenizer_without_torch(tiny_qwen2_gguf, tiny_qwen2_f16, tmp
     import subprocess
     import sys
 
-    out = tmp_path / "notorch"
-    code = ("import sys; sys.modules['torch'] = None\n"
-            "from pudding_mlx.convert.llm import convert_llm\n"
-            f"convert_llm({str(tiny_qwen2_gguf)!r}, {str(out)!r})\n")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
+    out = convert_without_torch(tiny_qwen2_gguf, tmp_path / "notorch")
     for name in ("tokenizer.json", "config.json", "generation_config.json"):
         assert json.loads((out / name).read_text()) == json.loads((tiny_qwen2_f16 / name).read_text()), name
     # tokenizer_config.json differs only in the class name (PreTrainedTokenizerFast, not Qwen2Tokenizer)
