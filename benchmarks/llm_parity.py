@@ -16,9 +16,10 @@ template. Figures:
   transformers generate(do_sample=False)), per prompt.
 
 The MLX model runs in float32 by default (`--mlx-dtype stored` keeps the stored float16): MLX keeps the Q4_1/Q8_0
-tensors quantized, with the same values transformers dequantizes, so the remaining gap is float arithmetic. K-quant
-tensors (Q4_K, Q6_K, ...) come out as float16 (a rounding of transformers' float32 values), or re-quantized with
-`--quantize` (lossy: MLX's affine groups cannot hold the K-quant values exactly).
+tensors quantized, with the same values transformers dequantizes, so the remaining gap is float arithmetic. Q4_K
+tensors stay 4-bit too (group size 32, their scales and biases rounded once to float16); other K-quants (Q6_K,
+...) come out as float16 (a rounding of transformers' float32 values); `--quantize` re-quantizes everything
+(lossy: MLX's affine groups cannot hold the K-quant values exactly).
 """
 
 import argparse

@@ -9,7 +9,14 @@ What maps and what does not:
       Q8_0: q = int8 + 128,  scale = d, bias = -128 d
   All three biases are exact in float16 (a product by a power of two), so the repacking loses nothing; these
   tensors can stay quantized (`weight` uint32 / `scales` / `biases`, bits 4 or 8, group size 32).
-* Every other GGML type (Q4_K, Q5_K, Q6_K, Q5_0, BF16, ...) is dequantized with the `gguf` package's reference
+* Q4_K super-blocks (256 weights: float16 d and dmin, eight 6-bit scales sc_j and mins m_j, 4-bit codes) are
+  eight groups of 32 with w = (d sc_j) q - (dmin m_j) (ggml's dequantize_row_q4_K), so MLX affine 4-bit, group
+  size 32, with scale = d sc_j and bias = -dmin m_j. The codes are kept exactly. Those products need up to
+  17 significant bits: in float32 they are exact (float32 is what ggml computes them in), so a float32
+  conversion loses nothing; stored in float16 (the default) or bfloat16 they are rounded once, to the nearest,
+  relative error at most 2^-11 (float16; 2^-8 for bfloat16) per scale and bias (measured on
+  Qwen2.5-Coder-1.5B Q4_K_M: see README). Each weight is then off by at most 15 |d(scale)| + |d(bias)|.
+* Every other GGML type (Q5_K, Q6_K, Q5_0, BF16, ...) is dequantized with the `gguf` package's reference
   dequantizers (the same code transformers uses) and comes out as float.
 
 Why the `gguf` package and not `mx.load` for the tensors: `mx.load` (MLX 0.32) reads GGUF lazily and maps
@@ -32,8 +39,8 @@ import numpy as np
 
 from pudding_mlx.errors import PuddingError, first_line
 
-GROUP_SIZE = 32  # the block size of Q4_0 / Q4_1 / Q8_0
-KEEPABLE = {"Q4_0": 4, "Q4_1": 4, "Q8_0": 8}  # GGML type -> MLX affine bits (lossless)
+GROUP_SIZE = 32  # the block size of Q4_0 / Q4_1 / Q8_0, the sub-block size of Q4_K
+KEEPABLE = {"Q4_0": 4, "Q4_1": 4, "Q8_0": 8, "Q4_K": 4}  # GGML type -> MLX affine bits (see above for Q4_K)
 
 
 def _gguf():
@@ -126,9 +133,37 @@ def _pack(q: np.ndarray, bits: int) -> np.ndarray:
     return np.ascontiguousarray(q).view("<u4")
 
 
+def _q4_k_scales_mins(sm: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """The 12 packed bytes of each Q4_K block (..., 12) -> its eight 6-bit scales and mins (..., 8) each, as
+    ggml's get_scale_min_k4: sub-blocks 0-3 in the low 6 bits of bytes 0-3 (scales) and 4-7 (mins); sub-blocks
+    4-7 in the nibbles of bytes 8-11 (low: scale, high: min) plus the top 2 bits of bytes 0-3 / 4-7."""
+    s_lo, m_lo, hi = sm[..., 0:4], sm[..., 4:8], sm[..., 8:12]
+    scales = np.concatenate([s_lo & 63, (hi & 0x0F) | ((s_lo >> 6) << 4)], axis=-1)
+    mins = np.concatenate([m_lo & 63, (hi >> 4) | ((m_lo >> 6) << 4)], axis=-1)
+    return scales, mins
+
+
+def _repack_q4_k(t: GGUFTensor) -> Tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    b = _blocks(t, 144)
+    rows = b.shape[0]
+    d = b[:, :, 0:2].copy().view(np.float16).astype(np.float32)  # (rows, blocks, 1)
+    dmin = b[:, :, 2:4].copy().view(np.float16).astype(np.float32)
+    scales, mins = _q4_k_scales_mins(b[:, :, 4:16])
+    # exact in float32 (11-bit d times a 6-bit integer); the caller rounds once to the model's dtype
+    scale = (d * scales.astype(np.float32)).reshape(rows, -1)
+    bias = -(dmin * mins.astype(np.float32)).reshape(rows, -1)
+    # each 32-byte chunk of codes holds 64 weights: the low nibbles are sub-block 2k, the high ones 2k + 1
+    qs = b[:, :, 16:].reshape(rows, -1, 4, 32)
+    q = np.concatenate([qs & 0x0F, qs >> 4], axis=-1).reshape(rows, -1)
+    return _pack(q, 4), scale, bias, 4
+
+
 def repack_quantized(t: GGUFTensor) -> Tuple[np.ndarray, np.ndarray, np.ndarray, int]:
-    """A Q4_0 / Q4_1 / Q8_0 tensor -> (weight uint32, scales float16, biases float16, bits), MLX affine, group 32."""
+    """A Q4_0 / Q4_1 / Q8_0 / Q4_K tensor -> (weight uint32, scales, biases, bits), MLX affine, group 32.
+    Scales and biases are float16 (Q4_K: float32, exact; the caller casts them to the model's dtype)."""
     kind = t.type_name
+    if kind == "Q4_K":
+        return _repack_q4_k(t)
     if kind == "Q8_0":
         b = _blocks(t, 34)
         d = b[:, :, 0:2].copy().view(np.float16)[..., 0]

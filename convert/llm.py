@@ -85,9 +85,10 @@ def convert_llm(
 
     quantize_bits: re-quantize every quantizable layer to this many bits (MLX affine, `group_size`); for a GGUF the
         weights are dequantized first. None keeps what the source has: a HF model stays float, a GGUF keeps its
-        Q4_0/Q4_1/Q8_0 tensors quantized (group size 32).
+        Q4_0/Q4_1/Q8_0/Q4_K tensors quantized (group size 32).
     dtype: float16 / bfloat16 / float32 for the float weights (and a GGUF's scales). None: the HF config's
-        torch_dtype, or for a GGUF float16, which holds GGUF's float16 scales exactly.
+        torch_dtype, or for a GGUF float16, which holds GGUF's float16 scales exactly (Q4_K's products
+        d * sc rounded once: float32 keeps those exact too; see convert/gguf.py).
     dequantize: write every weight as float (GGUF or an already quantized mlx-lm model).
     force: replace an existing OUT.
     Returns OUT as an absolute Path. Raises PuddingError, one line, for bad input.
@@ -229,7 +230,7 @@ def _convert_gguf(path: Path, build: Path, bits, group_size, dtype, dequantize, 
     report("read GGUF", 1, 1)
 
     dtype = dtype or spec.default_dtype
-    keep = bits is None and not dequantize  # Q4_0/Q4_1/Q8_0 tensors stay quantized
+    keep = bits is None and not dequantize  # Q4_0/Q4_1/Q8_0/Q4_K tensors stay quantized
     model, quant = _gguf_model(path, g, spec, config, getattr(mx, dtype), keep, report)
     config["torch_dtype"] = dtype
     model, config = _quantize(model, config, quant, bits, group_size, report)

@@ -531,27 +531,89 @@ def test_k_quant_decoding_matches_ggml_reference(tiny_qwen2_gguf):
         assert 0.02 < np.abs(full).mean() < 0.2  # the fixture's weights are of a sane size
 
 
+def _q4_k_tensors(path):
+    g = G.GGUFFile(path)
+    return [t for t in g.tensors.values() if t.type_name == "Q4_K"]
+
+
+def _affine(w, s, b, bits=4, group_size=32) -> np.ndarray:
+    return np.array(mx.dequantize(mx.array(w), mx.array(s), mx.array(b), group_size=group_size, bits=bits))
+
+
+def test_q4_k_repack_equals_ggml_reference(tiny_qwen2_gguf):
+    """Q4_K repacked as MLX affine 4-bit, group 32, with float32 scales and biases: `mx.dequantize` gives the
+    gguf package's dequantization (float32), and ggml's scalar reference on a few blocks. The fixture's random
+    bytes use every bit of the packed 6-bit scales/mins and both nibbles, so a wrong nibble order or scale/min
+    unpacking fails here (checked by swapping the nibble halves and the scale/min high bits once each)."""
+    tensors = _q4_k_tensors(tiny_qwen2_gguf)
+    assert len(tensors) == 1 + 2 * 5  # token_embd + q, k, output, gate, up per layer
+    for t in tensors:
+        w, s, b, bits = G.repack_quantized(t)
+        assert (bits, w.dtype, s.dtype, b.dtype) == (4, np.uint32, np.float32, np.float32)
+        assert w.shape == (t.shape[0], t.shape[1] // 8) and s.shape == b.shape == (t.shape[0], t.shape[1] // 32)
+        ours, want = _affine(w, s, b), G.dequantize(t)
+        np.testing.assert_allclose(ours, want, rtol=1e-6, atol=1e-9, err_msg=t.name)
+    t = tensors[1]
+    raw = np.asarray(t.raw, np.uint8).reshape(t.shape[0], -1, 144)
+    ours = _affine(*G.repack_quantized(t)[:3])
+    for row, block in ((0, 0), (t.shape[0] - 1, raw.shape[1] - 1)):
+        np.testing.assert_allclose(ours[row, 256 * block: 256 * block + 256], _q4_k_block(raw[row, block]),
+                                   rtol=1e-6, atol=1e-9)
+
+
+def test_q4_k_float16_scales_are_rounded_once(tiny_qwen2_gguf):
+    """Stored in float16 (the default dtype) the Q4_K scales d*sc and biases -dmin*m are the exact float32
+    products rounded to the nearest: relative error at most 2^-11, so each weight is within
+    2^-11 (15 |scale| + |bias|) of the reference."""
+    for t in _q4_k_tensors(tiny_qwen2_gguf)[:3]:
+        w, s, b, _ = G.repack_quantized(t)
+        s16, b16 = s.astype(np.float16), b.astype(np.float16)
+        for exact, rounded in ((s, s16), (b, b16)):
+            nz = exact != 0
+            assert (np.abs(rounded.astype(np.float32) - exact)[nz] <= 2.0 ** -11 * np.abs(exact)[nz]).all()
+        err = np.abs(_affine(w, s16.astype(np.float32), b16.astype(np.float32)) - G.dequantize(t)).reshape(s.shape + (32,))
+        bound = 2.0 ** -11 * (15 * np.abs(s) + np.abs(b)) * 1.0001 + 1e-9
+        assert (err <= bound[..., None]).all(), t.name
+
+
 @pytest.mark.assets
 @pytest.mark.torch
 def test_tiny_qwen2_config_and_weights(tiny_qwen2_f16, tiny_qwen2_reference):
-    """Every weight of the float16 conversion is transformers' float32 dequantization rounded to float16
-    (no Q/K permutation, q/k/v biases in place, the untied output head), and nothing else is in the model."""
+    """The float16 conversion keeps the Q4_K matrices quantized (MLX affine 4-bit, group size 32, per the
+    config that stock mlx_lm.load reads) and dequantizes Q6_K to float16: every weight is transformers' float32
+    dequantization within the float16 rounding of a weight (Q6_K, norms, biases) or of a group's scale and
+    bias (Q4_K). No Q/K permutation, q/k/v biases in place, the untied output head, nothing else in the model."""
     from mlx.utils import tree_flatten
     from mlx_lm import load
 
     cfg = json.loads((tiny_qwen2_f16 / "config.json").read_text())
     assert cfg["model_type"] == "qwen2" and cfg["num_hidden_layers"] == 2 and cfg["num_key_value_heads"] == 2
     assert cfg["rope_theta"] == 1_000_000.0 and cfg["rms_norm_eps"] == 1e-6 and cfg["tie_word_embeddings"] is False
-    assert "quantization" not in cfg and cfg["torch_dtype"] == "float16"  # K-quants come out as float
+    assert cfg["quantization"] == {"group_size": 32, "bits": 4, "mode": "affine"} and cfg["torch_dtype"] == "float16"
     assert json.loads((tiny_qwen2_f16 / "generation_config.json").read_text())["eos_token_id"] == 2
     model, _ = load(str(tiny_qwen2_f16))
+    modules = dict(model.named_modules())
     ours = dict(tree_flatten(model.parameters()))
     ref_model, _ = tiny_qwen2_reference
     ref = ref_model.state_dict()
-    assert set(ours) == set(ref)
+    kept = {n.rsplit(".", 1)[0] for n in ours if n.endswith(".scales")}
+    assert kept == {"model.embed_tokens"} | {f"model.layers.{i}.{p}" for i in range(2) for p in (
+        "self_attn.q_proj", "self_attn.k_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj")}
+    assert {n for n in ours if not n.endswith((".scales", ".biases"))} == set(ref)
     assert "model.layers.1.self_attn.k_proj.bias" in ours
     for name, value in ref.items():
-        a, b = np.array(ours[name].astype(mx.float32)), value.numpy()
+        b = value.numpy()
+        module = name.rsplit(".", 1)[0]
+        if module in kept and name.endswith(".weight"):
+            m = modules[module]
+            assert (type(m).__name__, m.bits, m.group_size) in (("QuantizedLinear", 4, 32), ("QuantizedEmbedding", 4, 32))
+            assert m.scales.dtype == m.biases.dtype == mx.float16, name
+            s, bias = (np.array(x.astype(mx.float32)) for x in (m.scales, m.biases))
+            a = _affine(np.array(m.weight), s, bias)  # in float32, as pudding-mlx computes on the CPU
+            bound = 2.0 ** -11 * 1.001 * (15 * np.abs(s) + np.abs(bias)) + 2.0 ** -25
+            assert (np.abs(a - b).reshape(s.shape + (32,)) <= bound[..., None]).all(), name
+            continue
+        a = np.array(ours[name].astype(mx.float32))
         assert ours[name].dtype == mx.float16, name
         # float16 rounding: half an ulp, relative 2^-11, or 2^-25 absolute among the subnormals
         assert (np.abs(a - b) <= 2.0 ** -11 * np.abs(b) + 2.0 ** -25).all(), name
@@ -573,8 +635,9 @@ def test_tiny_qwen2_logits_and_greedy_parity(tiny_qwen2_gguf, tiny_qwen2_f16, ti
     assert r["max_abs_logit_diff"] < 1e-4 and r["top1_agreement"] == 1.0, r
     for ids in prompts:
         assert P.greedy_mlx(model, tok, ids, 24) == P.greedy_ref(ref_model, ids, 24, sorted(tok.eos_token_ids))
-    # the float16 default: weights rounded to float16, computed in float32 (measured: max |diff| 0.007, top-1 72
-    # of 73 positions, greedy 24 of 24 tokens on both prompts)
+    # the float16 default: Q4_K kept as 4-bit with its scales/biases rounded to float16, Q6_K and the rest as
+    # float16 weights, computed in float32 (measured: max |diff| 0.022, top-1 72 of 73 positions, greedy 24 of
+    # 24 tokens on both prompts; 0.007 when Q4_K too was dequantized to float16)
     model, tok = P.load_mlx(tiny_qwen2_f16)
     r = P.logits_parity(model, ref_model, prompts)
     assert r["max_abs_logit_diff"] < 0.05 and r["top1_agreement"] >= 0.95, r
@@ -835,7 +898,8 @@ def test_gemma3_gguf_parity(tmp_path):
     assert cfg["model_type"] == "gemma3_text" and cfg["num_hidden_layers"] == 18
     assert cfg["layer_types"][5] == "full_attention" and cfg["layer_types"][4] == "sliding_attention"
     assert cfg["sliding_window"] == 512 and cfg["rope_local_base_freq"] == 10000.0
-    # Q4_K/Q5_0/Q6_K come out as float16, Q8_0 stays quantized: measured max |diff| 0.053, top-1 1.0, 16/16 greedy
+    # Q5_0/Q6_K come out as float16, Q8_0 and Q4_K stay quantized (measured before Q4_K was kept, all K-quants
+    # as float16: max |diff| 0.053, top-1 1.0, 16/16 greedy)
     r = P.measure(Path(GEMMA3), questions=2, gen_prompts=1, gen_tokens=16, converted=out)
     assert r["top1_agreement"] >= 0.98 and r["max_abs_logit_diff"] < 0.5, r
     assert r["greedy_min_agree"] >= 12, r
