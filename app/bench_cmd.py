@@ -19,7 +19,7 @@ def bench(
     k: int = typer.Option(7, "--k", help="Blocks omitted (shapes: as a static and as a routed set)."),
     omit: Optional[str] = typer.Option(None, "--omit", help="The static set for a bundle (default: its candidate 0)."),
     router_dir: Optional[Path] = typer.Option(None, "--router", help="An MLX router folder to time "
-                                              "(default: MODEL's router; for shapes, the default bundle's if built)."),
+                                              "(default: MODEL's router; for shapes, the smollm2-135m preset's MiniLM router if built)."),
     router_kind: str = typer.Option("bert", "--router-kind", help="For --shape: 'bert' times the default "
                                     "bundle's MiniLM router (or --router); 'hidden' a hidden-state router with a "
                                     "random head, inside the routed prefill (its cost is the head alone)."),

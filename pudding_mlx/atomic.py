@@ -1,5 +1,5 @@
 """Writes that are never seen half-done: build beside the target, then rename into place. The one
-owner of atomic writes, for files and folders, used by every converter, the default bundle and the
+owner of atomic writes, for files and folders, used by every converter, the preset bundles and the
 training side (this module imports neither mlx nor torch).
 
 Published folders get the modes a plain mkdir / open would have under the user's umask, not the

@@ -303,7 +303,7 @@ def bench_target(model: Optional[str], shape: Optional[str], k: int, omit: Optio
                  router_dir=None, dtype: Optional[str] = None, router_kind: str = "bert") -> Target:
     """MODEL (a bundle: its candidate 0 or --omit is static, its router's pick is routed) or a random
     SHAPE (the spread set is both). The router: --router, else the bundle's, else (shapes) the
-    default bundle's BERT router when it is built, or with router_kind "hidden" a hidden-state
+    smollm2-135m preset's BERT router when it is built, or with router_kind "hidden" a hidden-state
     router with a random head (`shape_hidden_router`)."""
     if (model is None) == (shape is None):
         raise PuddingError("give either MODEL or --shape")
@@ -387,7 +387,7 @@ def measure(model: Optional[str] = None, shape: Optional[str] = None, k: int = 7
     grid = parse_cells(cells)
     target = bench_target(model, shape, k, omit, router_dir, dtype, router_kind)
     if target.router is None:
-        progress("no router to time: router_s is 0 (pass --router or build the default bundle)")
+        progress("no router to time: router_s is 0 (pass --router, or build the smollm2-135m preset: pudding-mlx chat --preset smollm2-135m)")
     result = {"backend": backend(), **target.source, "k": len(target.static), "blocks": len(target.model.layers),
               "static": target.static, "routed": target.routed, "runs": runs, "router": target.router_name,
               "router_kind": getattr(target.router, "kind", "bert") if target.router is not None else None,
