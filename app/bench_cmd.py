@@ -20,8 +20,8 @@ def bench(
     omit: Optional[str] = typer.Option(None, "--omit", help="The static set for a bundle (default: its candidate 0)."),
     router_dir: Optional[Path] = typer.Option(None, "--router", help="An MLX router folder to time "
                                               "(default: MODEL's router; for shapes, the smollm2-135m preset's MiniLM router if built)."),
-    router_kind: str = typer.Option("bert", "--router-kind", help="For --shape: 'bert' times the default "
-                                    "bundle's MiniLM router (or --router); 'hidden' a hidden-state router with a "
+    router_kind: str = typer.Option("bert", "--router-kind", help="For --shape: 'bert' times the smollm2-135m "
+                                    "preset's MiniLM router (or --router); 'hidden' a hidden-state router with a "
                                     "random head, inside the routed prefill (its cost is the head alone)."),
     runs: int = typer.Option(10, min=1, help="Timed rounds per cell, after a warm-up; ratios are the "
                              "median over rounds with a bootstrap 95% interval (claims need 5 or more)."),

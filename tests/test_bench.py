@@ -6,18 +6,14 @@ L / (L - k), the static set spread over the middle, the lazy-loading memory rati
 import json
 import os
 import subprocess
-import sys
 
 import pytest
 
+from helpers import CLI, run_cli
 from pudding_mlx.bench import spread
 from pudding_mlx.shapes import SHAPES
 
 
-def run_cli(*args, env=None):
-    code = "import sys\nfrom pudding_mlx.app.cli import main\nsys.argv = ['pudding-mlx'] + sys.argv[1:]\nmain()\n"
-    return subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True,
-                          timeout=600, env=dict(os.environ, **(env or {})))
 
 
 def test_bench_json_memory_lossless_and_plot(tmp_path):
@@ -129,8 +125,7 @@ def test_sigterm_keeps_the_measured_cells(tmp_path):
     import time
 
     out = tmp_path / "b.json"
-    code = "import sys\nfrom pudding_mlx.app.cli import main\nsys.argv = ['pudding-mlx'] + sys.argv[1:]\nmain()\n"
-    proc = subprocess.Popen([sys.executable, "-c", code, "bench", "--shape", "small", "--k", "3", "--runs", "1",
+    proc = subprocess.Popen([*CLI, "bench", "--shape", "small", "--k", "3", "--runs", "1",
                              "--cells", "8+1," + ",".join(["64+64"] * 50), "--no-memory", "--json", str(out)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     first = proc.stderr.readline()  # the first cell's progress line: it has been measured

@@ -625,7 +625,8 @@ def test_shipped_preset_data_is_consistent():
     (["some-bundle", "--preset", "smollm2-135m"], "give either MODEL or --preset"),
 ])
 def test_bad_preset_is_one_line(args, message):
-    code = "import sys\nfrom pudding_mlx.app.cli import main\nsys.argv = ['pudding-mlx'] + sys.argv[1:]\nmain()\n"
-    done = subprocess.run([sys.executable, "-c", code, "chat", *args], capture_output=True, text=True, timeout=120)
+    from helpers import run_cli
+
+    done = run_cli("chat", *args, timeout=120)
     assert done.returncode == 2 and message in done.stderr and "Traceback" not in done.stderr
     assert len(done.stderr.strip().splitlines()) == 1

@@ -9,11 +9,11 @@ temporary folder beside it).
 import json
 import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+
+import helpers
 
 import pudding_mlx
 
@@ -25,9 +25,7 @@ pytestmark = pytest.mark.assets
 
 
 def run_cli(*args):
-    code = "import sys\nfrom pudding_mlx.app.cli import main\nsys.argv = ['pudding-mlx'] + sys.argv[1:]\nmain()\n"
-    return subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True,
-                          env=dict(os.environ, HF_HUB_OFFLINE="1"), timeout=300)
+    return helpers.run_cli(*args, env={"HF_HUB_OFFLINE": "1"}, timeout=300)
 
 
 def ok(done):

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+import helpers
+
 from pudding_mlx.bundle import Candidate, Manifest, write_manifest
 from pudding_mlx.errors import PuddingError
 from pudding_mlx.omission import parse_omit
@@ -19,9 +21,7 @@ DATA = str(Path(__file__).resolve().parents[2] / "shared" / "data" / "benchmarks
 
 
 def run_cli(*args):
-    code = "import sys\nfrom pudding_mlx.app.cli import main\nsys.argv = ['pudding-mlx'] + sys.argv[1:]\nmain()\n"
-    return subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True,
-                          env=dict(os.environ, HF_HUB_OFFLINE="1"), timeout=300)
+    return helpers.run_cli(*args, env={"HF_HUB_OFFLINE": "1"}, timeout=300)
 
 
 def assert_one_line(done, *needles):
