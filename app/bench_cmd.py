@@ -31,6 +31,9 @@ def bench(
     lossless: bool = typer.Option(False, "--lossless", help="Also time lossless generation: the routed set "
                                   "drafts, the dense model verifies (generation cells; random-token prompts)."),
     draft_tokens: int = DRAFT,
+    speculate: Optional[bool] = typer.Option(None, "--speculate/--no-speculate", help="A hidden-state router's "
+                                             "routed prefill queues its fallback set before the decision is "
+                                             "known (default: on a GPU, where waiting leaves it idle)."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the results as JSON here."),
     plot_out: Optional[Path] = typer.Option(None, "--plot", help="Write a PNG plot here (needs matplotlib)."),
 ):
@@ -46,7 +49,7 @@ def bench(
     result = B.measure(model, shape, k, omit, router_dir, cells, runs, memory, dtype,
                        draft_tokens if lossless else None,
                        progress=lambda line: console.print(line, markup=False, soft_wrap=True),
-                       router_kind=router_kind)
+                       router_kind=router_kind, speculate=speculate)
     _print(result)
     B.save(result, json_out, plot_out)
     for part, why in result["failed"].items():
@@ -81,7 +84,8 @@ def _print(result):
     wide.print(table)
     if rows and rows[0].get("router_inline"):
         wide.print("The hidden-state router runs inside the routed request (routed s includes it); "
-                   "router ms is its head alone, not added again.")
+                   "router ms is its head alone, not added again"
+                   + (" (the fallback set was queued before the decision: --speculate)." if result.get("speculate") else "."))
     lossless = [r for r in rows if "lossless_s" in r]
     if lossless:
         table = Table(title=f"lossless: the routed set drafts {lossless[0]['draft_tokens']} tokens, the dense "

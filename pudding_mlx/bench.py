@@ -102,15 +102,16 @@ def time_router(router, text: str, n_tokens: int) -> float:
     return time.perf_counter() - t0
 
 
-def time_routed_request(model, router, sets, prompt: mx.array, n_gen: int) -> float:
+def time_routed_request(model, router, sets, prompt: mx.array, n_gen: int, speculate: Optional[bool] = None) -> float:
     """Seconds for one request with a hidden-state router, routing included: the free routed prefill
-    (`hidden_router.routed_prefill`), then generation from its cache under the chosen set."""
+    (`hidden_router.routed_prefill`, `speculate` as there), then generation from its cache under the
+    chosen set."""
     from .hidden_router import routed_prefill
 
     ids = prompt.tolist()
     mx.synchronize()
     t0 = time.perf_counter()
-    _, _, _, omitted, cache = routed_prefill(model, router, ids, sets)
+    _, _, _, omitted, cache = routed_prefill(model, router, ids, sets, speculate=speculate)
     for _ in generate_step(prompt[-1:], SkipView(model, omitted), max_tokens=n_gen, prompt_cache=cache):
         pass
     mx.synchronize()
@@ -161,7 +162,7 @@ def _runners(model, omitted_static, omitted_routed) -> Dict[str, tuple]:
 
 
 def time_cell(runners: Dict[str, tuple], router, n_prompt: int, n_gen: int, runs: int, vocab: int,
-              draft_tokens: Optional[int] = None) -> dict:
+              draft_tokens: Optional[int] = None, speculate: Optional[bool] = None) -> dict:
     """One (prompt_tokens, gen_tokens) cell: every runner warmed up, then `runs` interleaved rounds."""
     prompt = mx.random.randint(0, vocab, (n_prompt,), key=mx.random.key(n_prompt))
     dense, routed = runners["dense"][0], runners["routed"][0]
@@ -180,7 +181,7 @@ def time_cell(runners: Dict[str, tuple], router, n_prompt: int, n_gen: int, runs
 
         model = runners["mlx_lm"][0]
         sets = [tuple(s) for s in router.sets]
-        timers["routed"] = lambda p, n: time_routed_request(model, router, sets, p, n)
+        timers["routed"] = lambda p, n: time_routed_request(model, router, sets, p, n, speculate)
         h = block_output(model, prompt[None][:, -router.max_tokens:], router.after)
         mx.eval(h)
         timers["router"] = lambda p, n: time_hidden_head(router, h)
@@ -216,14 +217,14 @@ def time_cell(runners: Dict[str, tuple], router, n_prompt: int, n_gen: int, runs
 
 def time_cells(model, omitted_static: Sequence[int], omitted_routed: Optional[Sequence[int]] = None,
                router=None, cells=PREFILL + GENERATE, runs: int = 10, vocab: Optional[int] = None,
-               draft_tokens: Optional[int] = None) -> Iterator[dict]:
+               draft_tokens: Optional[int] = None, speculate: Optional[bool] = None) -> Iterator[dict]:
     """A row per cell, as each is timed. A cell that fails (out of memory, ...) gives a row with its
     `error` instead of the timings, and the next cells still run."""
     runners = _runners(model, omitted_static, omitted_routed)
     vocab = vocab or model.args.vocab_size
     for n_prompt, n_gen in cells:
         try:
-            yield time_cell(runners, router, n_prompt, n_gen, runs, vocab, draft_tokens)
+            yield time_cell(runners, router, n_prompt, n_gen, runs, vocab, draft_tokens, speculate)
         except Exception as e:  # noqa: BLE001 -- recorded in the row; the measured cells are kept
             yield {"phase": "prefill" if n_gen == 1 else "generate", "prompt_tokens": n_prompt,
                    "gen_tokens": n_gen, "error": _one_line(e)}
@@ -379,8 +380,10 @@ def _model_target(model, k, omit, router, name, dtype) -> Target:
 def measure(model: Optional[str] = None, shape: Optional[str] = None, k: int = 7, omit: Optional[str] = None,
             router_dir=None, cells: Optional[str] = None, runs: int = 10, memory: bool = True,
             dtype: Optional[str] = None, draft_tokens: Optional[int] = None,
-            progress: Callable[[str], None] = print, router_kind: str = "bert") -> dict:
-    """The whole `pudding-mlx bench` run. Failures of a part (a cell, the memory probe, Ctrl-C) are
+            progress: Callable[[str], None] = print, router_kind: str = "bert",
+            speculate: Optional[bool] = None) -> dict:
+    """The whole `pudding-mlx bench` run (`speculate`: a hidden-state router's routed prefill, as in
+    `hidden_router.routed_prefill`; default there: on a GPU). Failures of a part (a cell, the memory probe, Ctrl-C) are
     recorded in `result["failed"]` (part -> one line) and everything measured is kept."""
     from .load import backend
 
@@ -391,11 +394,12 @@ def measure(model: Optional[str] = None, shape: Optional[str] = None, k: int = 7
     result = {"backend": backend(), **target.source, "k": len(target.static), "blocks": len(target.model.layers),
               "static": target.static, "routed": target.routed, "runs": runs, "router": target.router_name,
               "router_kind": getattr(target.router, "kind", "bert") if target.router is not None else None,
+              "speculate": (mx.default_device() == mx.gpu if speculate is None else speculate) if is_inline(target.router) else None,
               "rows": [], "failed": {}}
     previous_sigterm = _on_sigterm(_raise_terminated)
     try:
         for row in time_cells(target.model, target.static, target.routed, target.router, grid, runs,
-                              draft_tokens=draft_tokens):
+                              draft_tokens=draft_tokens, speculate=speculate):
             result["rows"].append(row)
             progress(cell_line(row))
             if "error" in row:

@@ -152,12 +152,42 @@ class HiddenRouter:
         return f"HiddenRouter(path={str(self.path)!r}, after={self.after}, pooling={self.pooling!r}, num_outputs={self.num_outputs})"
 
 
-def routed_prefill(model, router: HiddenRouter, prompt: Sequence[int], sets: Sequence[Sequence[int]]):
+def _continue(model, router: HiddenRouter, omitted: tuple, leading: list, h: mx.array) -> list:
+    """A cache for the set `omitted` whose first entries are `leading` (blocks 0..after) and whose
+    remaining kept blocks are filled (lazily: the graph is built, nothing evaluated) from block
+    after's output `h` for every prompt token but the last."""
+    view = SkipView(model, omitted)
+    cache = view.make_cache()
+    n_lead = router.after + 1  # the kept blocks 0..after come first in the view's cache
+    cache[:n_lead] = leading
+    if len(view.kept) > n_lead:
+        run_blocks(model, view.layers[n_lead:], None, cache[n_lead:], input_embeddings=h[:, :-1])
+    return cache
+
+
+def _check_set(router: HiddenRouter, candidate, omitted: tuple) -> None:
+    if omitted and min(omitted) <= router.after:
+        raise PuddingError(f"candidate {candidate} omits block {min(omitted)}, which the router reads "
+                           f"after (block {router.after}); the bundle's router does not match its sets")
+
+
+def routed_prefill(model, router: HiddenRouter, prompt: Sequence[int], sets: Sequence[Sequence[int]],
+                   speculate: Optional[bool] = None):
     """The free routed prefill: blocks 0..after run once on the prompt; their pooled output picks
     the set; the chosen view's remaining blocks run from there. Returns (candidate, scores, router
     ms, omitted, cache) where cache (one entry per kept block of the chosen set) holds prompt[:-1]:
     hand prompt[-1:] and the cache to mlx-lm's generation, which runs the last token through every
     kept block as usual.
+
+    `speculate` (default: on a GPU): queue the fallback set's remaining blocks before waiting for
+    the decision. On a GPU the host otherwise waits for the scores and only then builds and
+    launches the remaining blocks while the GPU idles (measured on an H200 on the LLaMA-3.1-8B
+    shape: routed prefill 2-5 ms slower than the same set run statically). When the router picks
+    the fallback set (the decision rule makes it the usual choice) the queued work is the prefill
+    itself; otherwise it is discarded (its cache entries are fresh ones; the shared blocks 0..after
+    are only read) and the chosen set runs after it. On a CPU waiting costs nothing measurable and
+    a miss would cost real compute, so the default does not speculate there. Either way the result
+    is the same set's prefill. `router ms` is the time until the decision was known.
 
     The router's features are exactly what the training side computed only when the prompt is the
     router's own prompt (one chat message, at most max_tokens); a longer prompt is pooled over its
@@ -168,23 +198,25 @@ def routed_prefill(model, router: HiddenRouter, prompt: Sequence[int], sets: Seq
     if model_type not in CONTINUABLE:
         raise PuddingError(f"the routed prefill cannot continue from a block's output for {model_type!r}; "
                            "route with router.best_ids(prompt) and generate as usual")
+    if speculate is None:
+        speculate = mx.default_device() == mx.gpu
     start = time.perf_counter()
     leading = SkipView(model, ()).make_cache()[:router.after + 1]
     h = block_output(model, mx.array([list(prompt)]), router.after, leading)
     scores = router.scores_of(h[:, -router.max_tokens:])
-    values = scores.tolist()  # evaluates blocks 0..after and the head: the routing decision
+    guess = guess_cache = None
+    if speculate:
+        mx.async_eval(scores)  # queued first: the decision needs only blocks 0..after and the head
+        guess = tuple(sets[router.fallback])
+        _check_set(router, router.fallback, guess)
+        guess_cache = _continue(model, router, guess, leading, h)
+        mx.async_eval([c.state for c in guess_cache])
+    values = scores.tolist()  # waits for blocks 0..after and the head: the routing decision
     ms = (time.perf_counter() - start) * 1000.0
     candidate = router.decide(values)
     omitted = tuple(sets[candidate])
-    if omitted and min(omitted) <= router.after:
-        raise PuddingError(f"candidate {candidate} omits block {min(omitted)}, which the router reads "
-                           f"after (block {router.after}); the bundle's router does not match its sets")
-    view = SkipView(model, omitted)
-    cache = view.make_cache()
-    n_lead = router.after + 1  # the kept blocks 0..after come first in the view's cache
-    cache[:n_lead] = leading
-    if len(view.kept) > n_lead:  # the chosen set's remaining blocks, from block after's output
-        run_blocks(model, view.layers[n_lead:], None, cache[n_lead:], input_embeddings=h[:, :-1])
+    _check_set(router, candidate, omitted)
+    cache = guess_cache if guess is not None and omitted == guess else _continue(model, router, omitted, leading, h)
     for c in leading:  # the last prompt token goes through every kept block in generation
         c.trim(1)
     mx.eval([c.state for c in cache])

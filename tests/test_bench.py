@@ -185,17 +185,19 @@ def test_hidden_router_is_timed_inside_the_routed_request(monkeypatch):
     from pudding_mlx import bench as B
     from pudding_mlx import hidden_router as H
 
-    chosen = []
+    chosen, speculated = [], []
     real_prefill = H.routed_prefill
 
-    def prefill(model, router, prompt, sets):
-        out = real_prefill(model, router, prompt, sets)
+    def prefill(model, router, prompt, sets, speculate=None):
+        out = real_prefill(model, router, prompt, sets, speculate=speculate)
         chosen.append(out[3])
+        speculated.append(speculate)
         return out
 
     monkeypatch.setattr(H, "routed_prefill", prefill)
     result = B.measure(shape="small", k=3, cells="8+1,8+3", runs=3, memory=False, progress=lambda line: None,
-                       router_kind="hidden")
+                       router_kind="hidden", speculate=True)
+    assert result["speculate"] is True and set(speculated) == {True}
     n = SHAPES["small"]["num_hidden_layers"]
     static = spread(n, 3)
     assert result["router_kind"] == "hidden" and result["router"].startswith("hidden (random head after block")

@@ -44,8 +44,10 @@ def _greedy(view, prompt, cache, n=12):
     return out
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
-def test_routed_prefill_equals_the_chosen_set_from_scratch(family):
+@pytest.mark.parametrize("family,speculate", [("llama", False), ("llama", True), ("qwen2", True), ("qwen3", False)])
+def test_routed_prefill_equals_the_chosen_set_from_scratch(family, speculate):
+    # speculate: the fallback set (candidate 0) is queued before the decision; every other pick is
+    # a miss whose queued work must leave no trace in what the chosen set generates
     model = tiny_model(family, seed=2)
     mx.eval(model.parameters())
     sets = [[3, 4], [2, 5], [4], []]
@@ -55,7 +57,7 @@ def test_routed_prefill_equals_the_chosen_set_from_scratch(family):
         bias = mx.array([1.0 if m == pick else 0.0 for m in range(len(sets))])
         router = _router(model, after=1, sets=sets, weight=weight)
         router.bias = bias
-        candidate, scores, ms, omitted, cache = routed_prefill(model, router, prompt, sets)
+        candidate, scores, ms, omitted, cache = routed_prefill(model, router, prompt, sets, speculate=speculate)
         assert candidate == pick and omitted == tuple(sets[pick]) and ms > 0
         view = SkipView(model, omitted)
         assert len(cache) == len(view.kept) and all(c.offset == len(prompt) - 1 for c in cache)
