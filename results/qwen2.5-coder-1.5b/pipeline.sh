@@ -5,7 +5,8 @@
 #   results/qwen2.5-coder-1.5b/pipeline.sh data                # router data (train) + per-set scores (evaluation) + features
 #   results/qwen2.5-coder-1.5b/pipeline.sh features            # hidden-state router inputs + PCA
 #   results/qwen2.5-coder-1.5b/pipeline.sh resume              # next session: ARC test + features, from the committed data
-#   results/qwen2.5-coder-1.5b/pipeline.sh routers ENCODER      # MiniLM routers (light + full) per k, scored on val/test
+#   results/qwen2.5-coder-1.5b/pipeline.sh more-train          # router data on N_TRAIN (2,000) train examples per task + features
+#   results/qwen2.5-coder-1.5b/pipeline.sh routers ENCODER      # MiniLM routers (light + full) per k (KS), scored on val/test
 #   results/qwen2.5-coder-1.5b/pipeline.sh mlx OUTDIR           # MLX (CUDA or CPU): convert, bundle (hidden router), parity, eval, bench
 #   results/qwen2.5-coder-1.5b/pipeline.sh pack OUTDIR         # compact copies of everything for results/
 # Env: GGUF (the assembled Qwen GGUF; default where ../shared/tools/device-stage puts it), WORK (default /tmp/qwen-work), NGPU (default: every visible GPU; >1 runs under torchrun),
@@ -53,21 +54,18 @@ resume)
     if [ "$NGPU" -gt 1 ]; then L="torchrun --standalone --nproc-per-node $NGPU"; else L=python3; fi
     $L "$R/data_features.py" "$M" "$W" 1000 1000 128 test 2>&1 | tee -a "$W/data.log" ;;
 routers)
-    # the paper's routers: MiniLM light (frozen encoder + head) and full (fine-tuned), per k
-    ENC=$2
-    mkdir -p "$W/preds" "$W/heads"
-    for k in 3 5 7; do
-        for v in light full; do
-            python3 -m pudding_mlx.app.cli train router "$W/data-train" --candidates "$W/cand-k$k.json" --variant $v \
-                --encoder "$ENC" --out "$W/router-$v-k$k" --force 2>&1 | tee -a "$W/routers.log"
-            for d in val test; do
-                python3 -m pudding_mlx.app.cli train predict "$W/router-$v-k$k" --data "$W/data-$d" --out "$W/preds/$v-k$k-$d.npz"
-            done
-            cp "$W/router-$v-k$k/router_train.json" "$W/heads/router_train-$v-k$k.json"
-        done
-        mkdir -p "$W/heads/light-k$k"
-        cp "$W/router-light-k$k"/head.json "$W/router-light-k$k"/head.safetensors "$W/heads/light-k$k/"
-    done ;;
+    # the paper's routers: MiniLM light (frozen encoder + head) and full (fine-tuned), per k, one job per GPU
+    "$R/../../benchmarks/minilm_routers.sh" "$W" "$W" "$2" ${KS:-3 5 7} ;;
+more-train)
+    # router data on N_TRAIN (default 2,000) train examples per task, with the committed evaluation data
+    # (val, test) seeding the work folder; then the hidden-state features + PCA of all three splits
+    for d in val test; do
+        mkdir -p "$W/data-$d"
+        [ -f "$W/data-$d/router_data.npz" ] || { cp "$R/data-$d.npz" "$W/data-$d/router_data.npz"; cp "$R/data-$d.json" "$W/data-$d/router_data.json"; }
+    done
+    cp -n "$R"/cand-k3.json "$R"/cand-k5.json "$R"/cand-k7.json "$W/"
+    if [ "$NGPU" -gt 1 ]; then L="torchrun --standalone --nproc-per-node $NGPU"; else L=python3; fi
+    $L "$R/data_features.py" "$M" "$W" "${N_TRAIN:-2000}" 1000 128 train 2>&1 | tee -a "$W/data.log" ;;
 mlx)
     # the device side on the real model: the GGUF converted to MLX 4-bit (what users run), a bundle with
     # the hidden-state router (k=$K, objective $OBJ, trained here on the train features), MLX-vs-PyTorch

@@ -22,18 +22,6 @@ data)
         --max-per-task $N --batch-size 128 --out "$W/data-test"
     for d in train val test; do cp "$W/data-$d/router_data.npz" "$OUT/data-$d.npz"; cp "$W/data-$d/router_data.json" "$OUT/data-$d.json"; done ;;
 routers)
-    mkdir -p "$W/preds" "$W/heads"
-    for k in 3 5 7; do
-        for v in light full; do
-            pudding-mlx train router "$W/data-train" --candidates "$R/cand-k$k.json" --variant $v \
-                --encoder "$ENC" --out "$W/router-$v-k$k" --force
-            for d in val test; do
-                pudding-mlx train predict "$W/router-$v-k$k" --data "$W/data-$d" --out "$W/preds/$v-k$k-$d.npz"
-            done
-            cp "$W/router-$v-k$k/router_train.json" "$W/heads/router_train-$v-k$k.json"
-        done
-        mkdir -p "$W/heads/light-k$k"
-        cp "$W/router-light-k$k"/head.json "$W/router-light-k$k"/head.safetensors "$W/heads/light-k$k/"
-    done
+    "$R/../../benchmarks/minilm_routers.sh" "$W" "$R" "$ENC"
     tar -C "$W" -cf "$OUT/routers.tar" preds heads ;;
 esac
