@@ -31,9 +31,9 @@ def bench(
     lossless: bool = typer.Option(False, "--lossless", help="Also time lossless generation: the routed set "
                                   "drafts, the dense model verifies (generation cells; random-token prompts)."),
     draft_tokens: int = DRAFT,
-    speculate: Optional[bool] = typer.Option(None, "--speculate/--no-speculate", help="A hidden-state router's "
-                                             "routed prefill queues its fallback set before the decision is "
-                                             "known (default: on a GPU, where waiting leaves it idle)."),
+    speculate: bool = typer.Option(False, "--speculate/--no-speculate", help="A hidden-state router's "
+                                   "routed prefill queues its fallback set before the decision is known: faster "
+                                   "on a GPU when the router picks the fallback, slower when it does not."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the results as JSON here."),
     plot_out: Optional[Path] = typer.Option(None, "--plot", help="Write a PNG plot here (needs matplotlib)."),
 ):
@@ -86,6 +86,9 @@ def _print(result):
         wide.print("The hidden-state router runs inside the routed request (routed s includes it); "
                    "router ms is its head alone, not added again"
                    + (" (the fallback set was queued before the decision: --speculate)." if result.get("speculate") else "."))
+        for r in rows:
+            wide.print(f"{r['prompt_tokens']}+{r['gen_tokens']}: sets chosen in the timed requests: "
+                       + ", ".join(f"{s} x{n}" for s, n in r.get("routed_sets", [])))
     lossless = [r for r in rows if "lossless_s" in r]
     if lossless:
         table = Table(title=f"lossless: the routed set drafts {lossless[0]['draft_tokens']} tokens, the dense "

@@ -44,6 +44,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections import Counter
 from dataclasses import dataclass
 from typing import Callable, Dict, Iterator, List, Optional, Sequence
 
@@ -102,16 +103,19 @@ def time_router(router, text: str, n_tokens: int) -> float:
     return time.perf_counter() - t0
 
 
-def time_routed_request(model, router, sets, prompt: mx.array, n_gen: int, speculate: Optional[bool] = None) -> float:
+def time_routed_request(model, router, sets, prompt: mx.array, n_gen: int, speculate: bool = False,
+                        chosen: Optional[list] = None) -> float:
     """Seconds for one request with a hidden-state router, routing included: the free routed prefill
     (`hidden_router.routed_prefill`, `speculate` as there), then generation from its cache under the
-    chosen set."""
+    chosen set (appended to `chosen`)."""
     from .hidden_router import routed_prefill
 
     ids = prompt.tolist()
     mx.synchronize()
     t0 = time.perf_counter()
     _, _, _, omitted, cache = routed_prefill(model, router, ids, sets, speculate=speculate)
+    if chosen is not None:
+        chosen.append(list(omitted))
     for _ in generate_step(prompt[-1:], SkipView(model, omitted), max_tokens=n_gen, prompt_cache=cache):
         pass
     mx.synchronize()
@@ -162,7 +166,7 @@ def _runners(model, omitted_static, omitted_routed) -> Dict[str, tuple]:
 
 
 def time_cell(runners: Dict[str, tuple], router, n_prompt: int, n_gen: int, runs: int, vocab: int,
-              draft_tokens: Optional[int] = None, speculate: Optional[bool] = None) -> dict:
+              draft_tokens: Optional[int] = None, speculate: bool = False) -> dict:
     """One (prompt_tokens, gen_tokens) cell: every runner warmed up, then `runs` interleaved rounds."""
     prompt = mx.random.randint(0, vocab, (n_prompt,), key=mx.random.key(n_prompt))
     dense, routed = runners["dense"][0], runners["routed"][0]
@@ -181,7 +185,8 @@ def time_cell(runners: Dict[str, tuple], router, n_prompt: int, n_gen: int, runs
 
         model = runners["mlx_lm"][0]
         sets = [tuple(s) for s in router.sets]
-        timers["routed"] = lambda p, n: time_routed_request(model, router, sets, p, n, speculate)
+        chosen: list = []
+        timers["routed"] = lambda p, n: time_routed_request(model, router, sets, p, n, speculate, chosen)
         h = block_output(model, prompt[None][:, -router.max_tokens:], router.after)
         mx.eval(h)
         timers["router"] = lambda p, n: time_hidden_head(router, h)
@@ -202,8 +207,9 @@ def time_cell(runners: Dict[str, tuple], router, n_prompt: int, n_gen: int, runs
     row = {"phase": "prefill" if n_gen == 1 else "generate", "prompt_tokens": n_prompt, "gen_tokens": n_gen,
            **{f"{name}_s": statistics.median(v) for name, v in times.items()},
            "ideal": n_blocks / (n_blocks - len(routed.omitted))}
-    if inline:
+    if inline:  # the sets the router chose for the timed requests (it routes every request anew)
         row["router_inline"] = True
+        row["routed_sets"] = [[list(s), n] for s, n in Counter(tuple(c) for c in chosen[-runs:]).most_common()]
     for name, (above, below) in (RATIOS_INLINE if inline else RATIOS).items():
         if all(x in times for x in above + below):
             per_round = [sum(times[x][i] for x in above) / sum(times[x][i] for x in below) for i in range(runs)]
@@ -217,7 +223,7 @@ def time_cell(runners: Dict[str, tuple], router, n_prompt: int, n_gen: int, runs
 
 def time_cells(model, omitted_static: Sequence[int], omitted_routed: Optional[Sequence[int]] = None,
                router=None, cells=PREFILL + GENERATE, runs: int = 10, vocab: Optional[int] = None,
-               draft_tokens: Optional[int] = None, speculate: Optional[bool] = None) -> Iterator[dict]:
+               draft_tokens: Optional[int] = None, speculate: bool = False) -> Iterator[dict]:
     """A row per cell, as each is timed. A cell that fails (out of memory, ...) gives a row with its
     `error` instead of the timings, and the next cells still run."""
     runners = _runners(model, omitted_static, omitted_routed)
@@ -248,11 +254,11 @@ def summary(result: dict) -> List[str]:
     if result["runs"] < MIN_ROUNDS_FOR_CLAIMS:
         return [f"{result['runs']} round(s): too few for intervals (at least {MIN_ROUNDS_FOR_CLAIMS}); "
                 "no speedup is claimed"]
-    same = result["static"] == result["routed"]
     lines = []
     for row in result["rows"]:
         if "error" in row:
             continue
+        same = all(s == result["static"] for s, _ in row.get("routed_sets", [[result["routed"], 1]]))
         parts = [_versus(row, "speedup", 1.0, "routed (router counted)", "dense")]
         parts.append(_versus(row, "speedup_static", row["ideal"], "static", f"the ideal {row['ideal']:.3f}"))
         if same:
@@ -381,9 +387,9 @@ def measure(model: Optional[str] = None, shape: Optional[str] = None, k: int = 7
             router_dir=None, cells: Optional[str] = None, runs: int = 10, memory: bool = True,
             dtype: Optional[str] = None, draft_tokens: Optional[int] = None,
             progress: Callable[[str], None] = print, router_kind: str = "bert",
-            speculate: Optional[bool] = None) -> dict:
+            speculate: bool = False) -> dict:
     """The whole `pudding-mlx bench` run (`speculate`: a hidden-state router's routed prefill, as in
-    `hidden_router.routed_prefill`; default there: on a GPU). Failures of a part (a cell, the memory probe, Ctrl-C) are
+    `hidden_router.routed_prefill`). Failures of a part (a cell, the memory probe, Ctrl-C) are
     recorded in `result["failed"]` (part -> one line) and everything measured is kept."""
     from .load import backend
 
@@ -394,7 +400,7 @@ def measure(model: Optional[str] = None, shape: Optional[str] = None, k: int = 7
     result = {"backend": backend(), **target.source, "k": len(target.static), "blocks": len(target.model.layers),
               "static": target.static, "routed": target.routed, "runs": runs, "router": target.router_name,
               "router_kind": getattr(target.router, "kind", "bert") if target.router is not None else None,
-              "speculate": (mx.default_device() == mx.gpu if speculate is None else speculate) if is_inline(target.router) else None,
+              "speculate": bool(speculate) if is_inline(target.router) else None,
               "rows": [], "failed": {}}
     previous_sigterm = _on_sigterm(_raise_terminated)
     try:

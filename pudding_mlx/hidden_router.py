@@ -172,22 +172,24 @@ def _check_set(router: HiddenRouter, candidate, omitted: tuple) -> None:
 
 
 def routed_prefill(model, router: HiddenRouter, prompt: Sequence[int], sets: Sequence[Sequence[int]],
-                   speculate: Optional[bool] = None):
+                   speculate: bool = False):
     """The free routed prefill: blocks 0..after run once on the prompt; their pooled output picks
     the set; the chosen view's remaining blocks run from there. Returns (candidate, scores, router
     ms, omitted, cache) where cache (one entry per kept block of the chosen set) holds prompt[:-1]:
     hand prompt[-1:] and the cache to mlx-lm's generation, which runs the last token through every
     kept block as usual.
 
-    `speculate` (default: on a GPU): queue the fallback set's remaining blocks before waiting for
-    the decision. On a GPU the host otherwise waits for the scores and only then builds and
-    launches the remaining blocks while the GPU idles (measured on an H200 on the LLaMA-3.1-8B
-    shape: routed prefill 2-5 ms slower than the same set run statically). When the router picks
-    the fallback set (the decision rule makes it the usual choice) the queued work is the prefill
-    itself; otherwise it is discarded (its cache entries are fresh ones; the shared blocks 0..after
-    are only read) and the chosen set runs after it. On a CPU waiting costs nothing measurable and
-    a miss would cost real compute, so the default does not speculate there. Either way the result
-    is the same set's prefill. `router ms` is the time until the decision was known.
+    `speculate`: queue the fallback set's remaining blocks before waiting for the decision, so
+    that the GPU is not left idle while the host waits for the scores and then builds the rest.
+    When the router picks the fallback set the queued work is the prefill itself; otherwise it is
+    discarded (its cache entries are fresh ones; the shared blocks 0..after are only read) and the
+    chosen set runs after it: a miss costs the fallback set's remaining blocks. Either way the
+    result is the chosen set's prefill. Off by default: measured on an H200 (LLaMA-3.1-8B shape,
+    every candidate the same set, so every guess hits), it took the routed prefill from 1.31 / 1.24
+    / 1.21x the static one to 1.20 / 1.15 / 1.05x at 128 / 256 / 512 tokens, but on the
+    Qwen2.5-Coder preset with random-token prompts (the router then rarely picks the fallback) the
+    routed prefill was 1.41x / 1.37x the static one (`results/bench/`). `router ms` is the time
+    until the decision was known.
 
     The router's features are exactly what the training side computed only when the prompt is the
     router's own prompt (one chat message, at most max_tokens); a longer prompt is pooled over its
@@ -198,8 +200,6 @@ def routed_prefill(model, router: HiddenRouter, prompt: Sequence[int], sets: Seq
     if model_type not in CONTINUABLE:
         raise PuddingError(f"the routed prefill cannot continue from a block's output for {model_type!r}; "
                            "route with router.best_ids(prompt) and generate as usual")
-    if speculate is None:
-        speculate = mx.default_device() == mx.gpu
     start = time.perf_counter()
     leading = SkipView(model, ()).make_cache()[:router.after + 1]
     h = block_output(model, mx.array([list(prompt)]), router.after, leading)

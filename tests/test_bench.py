@@ -205,6 +205,7 @@ def test_hidden_router_is_timed_inside_the_routed_request(monkeypatch):
     for row in result["rows"]:
         t = row["times"]
         assert row["router_inline"] is True and all(x > 0 for x in t["router"])
+        assert row["routed_sets"] == [[static, 3]]  # the timed requests' choices, warm-up excluded
         per_round = sorted(d / r for d, r in zip(t["dense"], t["routed"]))
         assert row["speedup"] == pytest.approx(per_round[1])  # the median of 3: no router added
         assert row["router_over_dense_prefill_spread"]["median"] < 1
