@@ -26,9 +26,18 @@ NGPU=${NGPU:-$(python3 -c 'import torch; print(max(1, torch.cuda.device_count())
 C=$W/cand-k3.json,$W/cand-k5.json,$W/cand-k7.json
 TRAIN_TASKS=arc_challenge,arc_easy,hellaswag,piqa,winogrande
 mkdir -p "$W"
+if [ "$NGPU" -gt 1 ]; then L="torchrun --standalone --nproc-per-node $NGPU"; else L=python3; fi  # launcher of data_features.py
 run() {
     if [ "$NGPU" -gt 1 ]; then torchrun --standalone --nproc-per-node "$NGPU" -m pudding_mlx.app.cli "$@"
     else python3 -m pudding_mlx.app.cli "$@"; fi
+}
+seeded_data_features() {  # SPLITS N_TRAIN JOBS: seed SPLITS from the committed data, score JOBS, then features
+    for d in $1; do
+        mkdir -p "$W/data-$d"
+        [ -f "$W/data-$d/router_data.npz" ] || { cp "$R/data-$d.npz" "$W/data-$d/router_data.npz"; cp "$R/data-$d.json" "$W/data-$d/router_data.json"; }
+    done
+    cp -n "$R"/cand-k3.json "$R"/cand-k5.json "$R"/cand-k7.json "$W/"
+    $L "$R/data_features.py" "$M" "$W" "$2" 1000 128 "$3" 2>&1 | tee -a "$W/data.log"
 }
 case $phase in
 search)
@@ -36,7 +45,6 @@ search)
         --n-calib 128 --batch-size 512 --protect-first 4 --out "$W/cand.json" 2>&1 | tee -a "$W/search.log" ;;
 data)
     # train/val/test data and the hidden-state features with the model loaded once (data_features.py)
-    if [ "$NGPU" -gt 1 ]; then L="torchrun --standalone --nproc-per-node $NGPU"; else L=python3; fi
     $L "$R/data_features.py" "$M" "$W" 1000 1000 128 2>&1 | tee -a "$W/data.log" ;;
 features)
     python3 -m pudding_mlx.app.cli train features "$M" --data "$W/data-train,$W/data-val,$W/data-test" \
@@ -46,26 +54,14 @@ features)
 resume)
     # next session: the committed train/val data seed the work folder, then only the ARC test split is
     # scored, and the hidden-state features + PCA are computed for all three (seconds on a GPU)
-    for d in train val; do
-        mkdir -p "$W/data-$d"
-        [ -f "$W/data-$d/router_data.npz" ] || { cp "$R/data-$d.npz" "$W/data-$d/router_data.npz"; cp "$R/data-$d.json" "$W/data-$d/router_data.json"; }
-    done
-    cp -n "$R"/cand-k3.json "$R"/cand-k5.json "$R"/cand-k7.json "$W/"
-    if [ "$NGPU" -gt 1 ]; then L="torchrun --standalone --nproc-per-node $NGPU"; else L=python3; fi
-    $L "$R/data_features.py" "$M" "$W" 1000 1000 128 test 2>&1 | tee -a "$W/data.log" ;;
+    seeded_data_features "train val" 1000 test ;;
 routers)
     # the paper's routers: MiniLM light (frozen encoder + head) and full (fine-tuned), per k, one job per GPU
     "$R/../../benchmarks/minilm_routers.sh" "$W" "$W" "$2" ${KS:-3 5 7} ;;
 more-train)
     # router data on N_TRAIN (default 2,000) train examples per task, with the committed evaluation data
     # (val, test) seeding the work folder; then the hidden-state features + PCA of all three splits
-    for d in val test; do
-        mkdir -p "$W/data-$d"
-        [ -f "$W/data-$d/router_data.npz" ] || { cp "$R/data-$d.npz" "$W/data-$d/router_data.npz"; cp "$R/data-$d.json" "$W/data-$d/router_data.json"; }
-    done
-    cp -n "$R"/cand-k3.json "$R"/cand-k5.json "$R"/cand-k7.json "$W/"
-    if [ "$NGPU" -gt 1 ]; then L="torchrun --standalone --nproc-per-node $NGPU"; else L=python3; fi
-    $L "$R/data_features.py" "$M" "$W" "${N_TRAIN:-2000}" 1000 128 train 2>&1 | tee -a "$W/data.log" ;;
+    seeded_data_features "val test" "${N_TRAIN:-2000}" train ;;
 mlx)
     # the device side on the real model: the GGUF converted to MLX 4-bit (what users run), a bundle with
     # the hidden-state router (k=$K, objective $OBJ, trained here on the train features), MLX-vs-PyTorch
