@@ -233,6 +233,9 @@ def _convert_gguf(path: Path, build: Path, bits, group_size, dtype, dequantize, 
     keep = bits is None and not dequantize  # Q4_0/Q4_1/Q8_0/Q4_K tensors stay quantized
     model, quant = _gguf_model(path, g, spec, config, getattr(mx, dtype), keep, report)
     config["torch_dtype"] = dtype
+    # the transformers that writes the tokenizer files below; without this field transformers 5.x
+    # before 5.24 takes a local tokenizer for a Mistral one and warns that its regex is wrong
+    config["transformers_version"] = _transformers_version()
     model, config = _quantize(model, config, quant, bits, group_size, report)
 
     report("save", 0, 1)
@@ -367,6 +370,12 @@ def _gguf_tokenizer(path: Path, g):
 # transformers' module that maps GGUF tokenizer metadata; private, and it moved between versions
 # (transformers.integrations.ggml in 5.17, ...gguf.gguf_tokenizer_mapping in 5.24): used only as the
 # torch-free fallback, and a version without it gets one line that says what to install.
+def _transformers_version() -> str:
+    import transformers
+
+    return transformers.__version__
+
+
 _GGUF_TOKENIZER_MODULE = "transformers.integrations.gguf.gguf_tokenizer_mapping"
 
 

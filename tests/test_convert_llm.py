@@ -591,6 +591,10 @@ def test_tiny_qwen2_config_and_weights(tiny_qwen2_f16, tiny_qwen2_reference):
     assert cfg["rope_theta"] == 1_000_000.0 and cfg["rms_norm_eps"] == 1e-6 and cfg["tie_word_embeddings"] is False
     assert cfg["quantization"] == {"group_size": 32, "bits": 4, "mode": "affine"} and cfg["torch_dtype"] == "float16"
     assert json.loads((tiny_qwen2_f16 / "generation_config.json").read_text())["eos_token_id"] == 2
+    # transformers 5.x before 5.24 warns "incorrect regex pattern" for a local tokenizer whose config has no version
+    import transformers
+
+    assert cfg["transformers_version"] == transformers.__version__
     model, _ = load(str(tiny_qwen2_f16))
     modules = dict(model.named_modules())
     ours = dict(tree_flatten(model.parameters()))
