@@ -208,6 +208,10 @@ class _ChatState:
                 on_token=show, on_prefill=progress.update,
             )
         choice = result.choice
+        if choice is None:  # stopped while routing inside the prefill: no set ran, nothing was kept
+            console.print()
+            console.print("[yellow]\\[interrupted before the reply began: the message was dropped][/yellow]")
+            return
         if choice.how == "routed":
             self.last_route = (text, choice.candidate, choice.scores, choice.router_ms)
         console.print()
@@ -230,8 +234,11 @@ class _ChatState:
         n = self.loaded.n_blocks
         k = len(choice.omitted)
         if choice.how == "routed":
-            what = (f"candidate {choice.candidate}: omitted {list(choice.omitted)} ({n - k}/{n} blocks) · "
-                    f"router {choice.router_ms:.1f} ms")
+            if result.prepared.held is not None:  # routed inside the prefill: no pass of its own
+                routed = f"routed inside the prefill (blocks 0-{self.loaded.router.after}, {choice.router_ms:.1f} ms)"
+            else:
+                routed = f"router {choice.router_ms:.1f} ms"
+            what = f"candidate {choice.candidate}: omitted {list(choice.omitted)} ({n - k}/{n} blocks) · {routed}"
         elif choice.how == "omit":
             what = f"--omit: omitted {list(choice.omitted)} ({n - k}/{n} blocks)"
         elif choice.how == "no-router":

@@ -34,6 +34,10 @@ cache holds ids C computed under S):
 4. Caches that cannot be trimmed (a full rotating window) fall back to a fresh cache and a full
    prefill under S'.
 
+Free routing (a hidden-state router, `_route_and_prepare`): a first turn routes inside its prefill
+(blocks 0..after, which every set runs, run once over the prompt and their output picks the set);
+later turns route the message alone with a pass of its own (why: `_routes_inline`).
+
 Lossless turns (`lossless=True`): the dense model answers and the turn's set only drafts
 (mlx-lm's speculative decoding, the `SkipView` as draft model). The session then keeps two caches,
 each under the rule above: the dense one (its set never changes, so it is only ever trimmed and
@@ -84,6 +88,13 @@ class Prepared:
     reused_blocks: tuple        # blocks (0-based) whose cache objects were kept
     fresh_blocks: tuple         # blocks given fresh caches
     rebuild_s: float = 0.0
+    prefill_s: float = 0.0      # the new tokens' prefill done before generation (free routing)
+    held: Optional[int] = None  # prompt tokens the cache holds when generation starts (default: reused)
+
+    @property
+    def start(self) -> int:
+        """Where generation's prompt begins: what the cache holds at that point."""
+        return self.reused if self.held is None else self.held
 
     @property
     def new_tokens(self) -> int:
@@ -156,8 +167,8 @@ def _offset(c) -> int:
 class ChatSession:
     """A conversation with one model, routed per turn, on one KV cache (rule: module docstring).
 
-    `routed_reply(text)` routes the turn on this message alone (the bundle's router, or `dense` /
-    `omit` overrides) and calls `reply(text, omitted, ...)`, which renders the conversation plus
+    `routed_reply(text)` routes the turn (a BERT router on this message alone; a hidden-state router
+    inside the prefill, `_route_and_prepare`; or the `dense` / `omit` overrides) and calls `reply`, which renders the conversation plus
     `text`, applies the cache rule for the set `omitted`, prefills what is not cached and streams the
     reply (`on_token(text_piece)`); `should_stop()` is polled per token and between prefill chunks.
     """
@@ -289,27 +300,74 @@ class ChatSession:
         # From here on the session holds reused + fresh; the fresh caches are filled below.
         self.cache, self.omitted, self.cached_ids = reused + fresh, omitted, prompt[:p]
         rebuilt = 0
-        if fresh:
-            scratch = new_cache[: len(lead)]  # stand-ins for the reused caches during the re-run
-            caches = scratch + fresh
-            try:
-                for lo in range(0, p, self.prefill_step_size):
-                    if on_prefill is not None:
-                        on_prefill("re-prefill", lo, p)
-                    if should_stop is not None and should_stop():
-                        raise Interrupted()
-                    chunk = prompt[lo: min(p, lo + self.prefill_step_size)]
-                    view(mx.array(chunk)[None], cache=caches)  # logits unused: never computed
-                    mx.eval([c.state for c in caches])
-                    rebuilt = lo + len(chunk)
-                if on_prefill is not None:
-                    on_prefill("re-prefill", p, p)
-            finally:
-                del scratch, caches
-                if rebuilt < p:  # interrupted: keep what is consistent
-                    self._reconcile(prompt[:rebuilt])
+        if fresh:  # stand-ins for the reused caches during the re-run
+            rebuilt = self._rerun(view, prompt[:p], new_cache[: len(lead)], fresh, should_stop, on_prefill)
         return Prepared(len(prompt), p, rebuilt, f, tuple(lead), tuple(view.kept[len(lead):]),
                         time.perf_counter() - start)
+
+    def _rerun(self, view: SkipView, prefix: Sequence[int], scratch: list, fresh: list,
+               should_stop=None, on_prefill=None) -> int:
+        """Rule 3's re-run: `prefix` through `view`, `scratch` caches standing in for the reused
+        leading blocks (dropped afterwards), `fresh` filled. Returns the tokens re-run; interrupted,
+        the session keeps what is consistent."""
+        caches, p, rebuilt = scratch + fresh, len(prefix), 0
+        try:
+            for lo in range(0, p, self.prefill_step_size):
+                if on_prefill is not None:
+                    on_prefill("re-prefill", lo, p)
+                if should_stop is not None and should_stop():
+                    raise Interrupted()
+                chunk = prefix[lo: min(p, lo + self.prefill_step_size)]
+                view(mx.array(chunk)[None], cache=caches)  # logits unused: never computed
+                mx.eval([c.state for c in caches])
+                rebuilt = lo + len(chunk)
+            if on_prefill is not None:
+                on_prefill("re-prefill", p, p)
+        finally:
+            if rebuilt < p:  # interrupted: keep what is consistent
+                self._reconcile(prefix[:rebuilt])
+        return rebuilt
+
+    def _routes_inline(self, dense: bool, omit, n_prompt: int) -> bool:
+        """Free routing (`_route_and_prepare`) where it reads exactly what the router was trained on:
+        a hidden-state router, a model whose forward can continue from a block's output, no
+        override, not lossless, and no conversation yet (the prompt is then this message alone
+        through the template). Later turns route the message with a pass of its own: inside their
+        prefill the router would pool the new tokens with the conversation in context, which is not
+        what it was trained on (the message alone, the template's system prompt included), and a
+        pick that differs from the message-alone one costs a re-prefill of the whole history."""
+        from .hidden_router import CONTINUABLE, HiddenRouter
+
+        router = getattr(self.loaded, "router", None)
+        return (isinstance(router, HiddenRouter) and not dense and omit is None and not self.lossless
+                and not self.messages and n_prompt >= 2 and getattr(self.model, "model_type", None) in CONTINUABLE)
+
+    def _route_and_prepare(self, prompt: Sequence[int], should_stop=None, on_prefill=None):
+        """A first turn routed inside its prefill (`hidden_router.routed_prefill`, chunked): blocks
+        0..after run once over the prompt, their output picks the set, its other blocks continue
+        from there. The cache starts empty (a dropped turn's prefix is not reused: the router pools
+        every prompt token). Returns (Prepared, routing.Choice); the cache then holds P[:-1]."""
+        from .hidden_router import routed_prefill
+        from .routing import Choice
+
+        def between(phase, done, total):
+            if phase == "prefill" and on_prefill is not None:
+                on_prefill("prefill", done, total)
+            if should_stop is not None and should_stop():
+                raise Interrupted()
+
+        self.cache, self.cached_ids, self.omitted = None, [], ()
+        start = time.perf_counter()
+        sets = [tuple(c.omitted) for c in self.loaded.manifest.candidates]
+        candidate, values, ms, omitted, cache = routed_prefill(self.model, self.loaded.router, prompt, sets,
+                                                               step=self.prefill_step_size, between=between)
+        if on_prefill is not None:
+            on_prefill("prefill", len(prompt) - 1, len(prompt) - 1)
+        omitted = check_omitted(omitted, self.n_blocks)
+        self.cache, self.omitted, self.cached_ids = cache, omitted, list(prompt[:-1])
+        prepared = Prepared(len(prompt), 0, 0, None, (), tuple(kept_blocks(omitted, self.n_blocks)),
+                            prefill_s=time.perf_counter() - start, held=len(prompt) - 1)
+        return prepared, Choice(omitted, "routed", candidate, [float(x) for x in values], ms)
 
     @staticmethod
     def _trim(caches, n: int) -> bool:
@@ -351,6 +409,8 @@ class ChatSession:
                      should_stop: Optional[Callable[[], bool]] = None, **kwargs) -> TurnResult:
         """Route this turn's message (`choose`), then `reply` under the chosen set. Ctrl-C during
         routing (`should_stop`) stops the turn before it starts, as during prefill."""
+        if self._routes_inline(dense, omit, len(self.prompt_for(user_text))):  # the choice comes with the turn
+            return self.reply(user_text, (), should_stop=should_stop, route_inline=True, **kwargs)
         choice = self.choose(user_text, dense, omit)
         return self.reply(user_text, choice.omitted, should_stop=should_stop, choice=choice, **kwargs)
 
@@ -364,10 +424,13 @@ class ChatSession:
         on_token: Optional[Callable[[str], None]] = None,
         choice=None,
         on_prefill: Optional[Callable[[str, int, int], None]] = None,
+        route_inline: bool = False,
     ) -> TurnResult:
         """Answer `user_text` with blocks `omitted` skipped; append the turn to the conversation.
         `on_token(piece)` gets each piece of text shown; `on_prefill(phase, done, total)` reports
-        the prompt's prefill ("prefill") and a set change's re-run of the history ("re-prefill")."""
+        the prompt's prefill ("prefill") and a set change's re-run of the history ("re-prefill").
+        `route_inline`: route with the hidden-state router inside the prefill (`_route_and_prepare`;
+        `omitted` is then ignored and the turn's set is the router's)."""
         if max_tokens < 1:
             raise PuddingError("max_tokens must be at least 1")
         omitted = check_omitted(omitted, self.n_blocks)
@@ -379,7 +442,11 @@ class ChatSession:
         mx.reset_peak_memory()
         turn = _Turn(speculative=self.lossless and bool(omitted))
         try:
-            turn.prepared = self._prepare_turn(prompt, omitted, turn.speculative, should_stop, on_prefill)
+            if route_inline:
+                turn.prepared, choice = self._route_and_prepare(prompt, should_stop, on_prefill)
+                omitted = choice.omitted
+            else:
+                turn.prepared = self._prepare_turn(prompt, omitted, turn.speculative, should_stop, on_prefill)
             self._stream(turn, prompt, omitted, max_tokens, sampler or make_sampler(temp=0.0),
                          should_stop, on_token, on_prefill)
         except Interrupted:
@@ -415,7 +482,7 @@ class ChatSession:
             view = SkipView(self.model, self.omitted)
         if should_stop is not None and should_stop():
             raise Interrupted()
-        gen = mlx_stream_generate(view, self.tokenizer, mx.array(prompt[turn.prepared.reused:]),
+        gen = mlx_stream_generate(view, self.tokenizer, mx.array(prompt[turn.prepared.start:]),
                                   max_tokens=max_tokens, sampler=sampler,
                                   prefill_step_size=self.prefill_step_size, **kwargs)
         try:
@@ -447,7 +514,7 @@ class ChatSession:
 
     def _record(self, turn, prompt, omitted, choice) -> TurnResult:
         prepared = turn.prepared or Prepared(len(prompt), 0, 0, None, (), ())
-        prompt_time = prepared.rebuild_s
+        prompt_time = prepared.rebuild_s + prepared.prefill_s
         if turn.last is not None and turn.last.prompt_tps > 0:
             prompt_time += turn.last.prompt_tokens / turn.last.prompt_tps
         result = TurnResult(

@@ -28,7 +28,7 @@ import json
 import math
 import time
 from pathlib import Path
-from typing import List, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import mlx.core as mx
 
@@ -152,16 +152,25 @@ class HiddenRouter:
         return f"HiddenRouter(path={str(self.path)!r}, after={self.after}, pooling={self.pooling!r}, num_outputs={self.num_outputs})"
 
 
-def _continue(model, router: HiddenRouter, omitted: tuple, leading: list, h: mx.array) -> list:
+def _continue(model, router: HiddenRouter, omitted: tuple, leading: list, h: mx.array,
+              step: Optional[int] = None, between: Optional[Callable] = None) -> list:
     """A cache for the set `omitted` whose first entries are `leading` (blocks 0..after) and whose
-    remaining kept blocks are filled (lazily: the graph is built, nothing evaluated) from block
-    after's output `h` for every prompt token but the last."""
+    remaining kept blocks are filled from block after's output `h` for every prompt token but the
+    last: in one lazy graph (nothing evaluated), or `step` tokens at a time, each chunk evaluated
+    after `between("prefill", done, total)`."""
     view = SkipView(model, omitted)
     cache = view.make_cache()
     n_lead = router.after + 1  # the kept blocks 0..after come first in the view's cache
     cache[:n_lead] = leading
-    if len(view.kept) > n_lead:
-        run_blocks(model, view.layers[n_lead:], None, cache[n_lead:], input_embeddings=h[:, :-1])
+    n = h.shape[1] - 1
+    if len(view.kept) > n_lead and n > 0:
+        for lo in range(0, n, step or n):
+            if between is not None:
+                between("prefill", lo, n)
+            hi = n if step is None else min(n, lo + step)
+            run_blocks(model, view.layers[n_lead:], None, cache[n_lead:], input_embeddings=h[:, lo:hi])
+            if step is not None:
+                mx.eval([c.state for c in cache[n_lead:]])
     return cache
 
 
@@ -172,7 +181,7 @@ def _check_set(router: HiddenRouter, candidate, omitted: tuple) -> None:
 
 
 def routed_prefill(model, router: HiddenRouter, prompt: Sequence[int], sets: Sequence[Sequence[int]],
-                   speculate: bool = False):
+                   speculate: bool = False, step: Optional[int] = None, between: Optional[Callable] = None):
     """The free routed prefill: blocks 0..after run once on the prompt; their pooled output picks
     the set; the chosen view's remaining blocks run from there. Returns (candidate, scores, router
     ms, omitted, cache) where cache (one entry per kept block of the chosen set) holds prompt[:-1]:
@@ -191,6 +200,11 @@ def routed_prefill(model, router: HiddenRouter, prompt: Sequence[int], sets: Seq
     routed prefill was 1.41x / 1.37x the static one (`results/bench/`). `router ms` is the time
     until the decision was known.
 
+    `step`: run both passes `step` tokens at a time, evaluating each chunk, and call
+    `between(phase, done, total)` before each ("route": blocks 0..after; "prefill": the set's
+    other blocks), e.g. to show progress or to stop (an exception there leaves no cache behind).
+    Speculation applies to a prompt of one chunk only.
+
     The router's features are exactly what the training side computed only when the prompt is the
     router's own prompt (one chat message, at most max_tokens); a longer prompt is pooled over its
     last max_tokens tokens' states computed with the full prompt in context."""
@@ -201,11 +215,20 @@ def routed_prefill(model, router: HiddenRouter, prompt: Sequence[int], sets: Seq
         raise PuddingError(f"the routed prefill cannot continue from a block's output for {model_type!r}; "
                            "route with router.best_ids(prompt) and generate as usual")
     start = time.perf_counter()
+    prompt = list(prompt)
     leading = SkipView(model, ()).make_cache()[:router.after + 1]
-    h = block_output(model, mx.array([list(prompt)]), router.after, leading)
+    chunk = step or len(prompt)
+    parts = []
+    for lo in range(0, len(prompt), chunk):
+        if between is not None:
+            between("route", lo, len(prompt))
+        parts.append(block_output(model, mx.array([prompt[lo: lo + chunk]]), router.after, leading))
+        if step is not None:
+            mx.eval(parts[-1], [c.state for c in leading])
+    h = parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=1)
     scores = router.scores_of(h[:, -router.max_tokens:])
     guess = guess_cache = None
-    if speculate:
+    if speculate and len(parts) == 1:
         mx.async_eval(scores)  # queued first: the decision needs only blocks 0..after and the head
         guess = tuple(sets[router.fallback])
         _check_set(router, router.fallback, guess)
@@ -216,7 +239,8 @@ def routed_prefill(model, router: HiddenRouter, prompt: Sequence[int], sets: Seq
     candidate = router.decide(values)
     omitted = tuple(sets[candidate])
     _check_set(router, candidate, omitted)
-    cache = guess_cache if guess is not None and omitted == guess else _continue(model, router, omitted, leading, h)
+    cache = guess_cache if guess is not None and omitted == guess else \
+        _continue(model, router, omitted, leading, h, step, between)
     for c in leading:  # the last prompt token goes through every kept block in generation
         c.trim(1)
     mx.eval([c.state for c in cache])

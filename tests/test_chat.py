@@ -17,6 +17,7 @@ from pudding_mlx.chat import ChatSession, common_prefix
 from pudding_mlx.weights import weights_summary
 from pudding_mlx.errors import PuddingError
 from pudding_mlx.generate import generate
+from pudding_mlx.hidden_router import block_output
 from pudding_mlx.load import load
 from pudding_mlx.shapes import build_model
 
@@ -157,6 +158,111 @@ def test_routed_multi_turn_equals_from_scratch_and_follows_the_cache_rule(tiny, 
         assert session.cached_ids == prompt + result.token_ids
         assert all(c.offset == len(session.cached_ids) for c in session.cache)
         assert session.omitted == tuple(omitted)
+
+
+# after = 0: block 0 is the router's. Turn by turn: first set; a change at block 1; only a trailing
+# omission added (nothing re-run); a change at block 4 (blocks 0 and 3 keep their caches); same set.
+HIDDEN_SETS = [(2,), (1, 2), (1, 2, 5), (1, 2, 4), (1, 2, 4)]
+
+
+def _hidden_session(tiny, cands, decide, **kwargs):
+    """A session whose bundle has a hidden-state router reading after block 0 (random head);
+    `decide(scores)` stands in for its decision rule."""
+    from pudding_mlx.bundle import Candidate, Manifest
+    from pudding_mlx.hidden_router import HiddenRouter
+    from pudding_mlx.load import Loaded
+
+    model, tok = tiny.model, tiny.tokenizer
+    settings = {"after": 0, "pooling": "mean", "fallback": 0, "margin_is": "-inf (always the argmax)",
+                "max_tokens": 4096, "sets": [list(c) for c in cands]}
+
+    class Scripted(HiddenRouter):
+        def decide(self, scores):
+            return decide(scores)
+
+    weight = mx.random.normal((len(cands), model.args.hidden_size), key=mx.random.key(3))
+    router = Scripted(model, tok, settings, weight, mx.zeros((len(cands),)), None)
+    loaded = Loaded(model, tok, tiny.path, Manifest(6, [Candidate(c) for c in cands]), router)
+    return ChatSession.from_loaded(loaded, **kwargs), router
+
+
+def test_hidden_router_routes_the_first_turn_inside_its_prefill(tiny, monkeypatch):
+    """With a hidden-state router the first turn routes for free: blocks 0..after run once over the
+    prompt (the message alone through the template: the router's training input), their output gives
+    the scores, and the chosen set continues from there; later turns route the message alone with a
+    pass of its own (their prompts hold the conversation). Each reply equals the from-scratch reply
+    under the set the router chose; the scores are the router's own on the message; the cache rule
+    holds; block 0 runs the first prompt once (plus its last token in generation) and, on later turns,
+    the message alone once more."""
+    model, tok = tiny.model, tiny.tokenizer
+    cands = sorted(set(HIDDEN_SETS), key=HIDDEN_SETS.index)
+    seen = []
+    session, router = _hidden_session(tiny, cands, lambda scores: seen.append(list(scores))
+                                      or cands.index(HIDDEN_SETS[len(seen) - 1]))
+    counter = BlockCounter(monkeypatch, model)
+    ref_messages = []
+    for turn, (text, omitted) in enumerate(zip(MESSAGES, HIDDEN_SETS)):
+        before_ids, before_set = list(session.cached_ids), session.omitted
+        before_objs = cache_objects(session) if session.cache else {}
+        counter.take()
+        result = session.routed_reply(text, max_tokens=N_NEW)
+        work = counter.take()
+        assert result.choice.how == "routed" and result.omitted == omitted and result.choice.router_ms > 0
+
+        ref_messages.append({"role": "user", "content": text})
+        ref = from_scratch(model, tok, ref_messages, omitted)
+        assert result.token_ids == ref.token_ids, f"turn {turn}"
+        ref_messages.append({"role": "assistant", "content": ref.text})
+
+        prompt = render(tok, ref_messages[:-1])
+        alone = router.prompt_ids(text)
+        h = block_output(model, mx.array([alone]), 0)[0].astype(mx.float32)
+        assert mx.allclose(mx.array(seen[-1]), router.weight @ mx.mean(h, axis=0), atol=1e-4), f"turn {turn}"
+        assert result.choice.scores == seen[-1]
+        p = result.prepared
+        kept = [i for i in range(6) if i not in omitted]
+        per_block = p.rebuilt + p.new_tokens + len(result.token_ids)
+        if turn == 0:  # inside the prefill: the prompt is the message alone
+            assert prompt == alone and p.held == len(prompt) - 1 and p.reused == 0
+            assert work == [per_block + (b == 0) if b in kept else 0 for b in range(6)]
+        else:  # a routing pass of its own over the message alone, then the cache rule
+            assert p.held is None
+            assert p.reused == min(common_prefix(before_ids, prompt), len(prompt) - 1)
+            assert work == [per_block + (b == 0) * len(alone) if b in kept else 0 for b in range(6)], f"turn {turn}"
+            if omitted == before_set:
+                assert p.rebuilt == 0 and all(cache_objects(session)[b] is before_objs[b] for b in kept)
+            else:
+                f = min(set(before_set) ^ set(omitted))
+                assert p.first_changed == f and 0 in p.reused_blocks
+                assert cache_objects(session)[0] is before_objs[0]
+        if turn == 3:
+            assert p.first_changed == 4 and p.rebuilt == p.reused > 0 and p.fresh_blocks == (5,)
+        assert session.cached_ids == prompt + result.token_ids
+        assert all(c.offset == len(session.cached_ids) for c in session.cache)
+
+
+@pytest.mark.parametrize("when", ["before", "routing", "after the decision"])
+def test_first_turn_stopped_while_routing_inside_the_prefill(tiny, when):
+    """Ctrl-C in a first turn routed inside its prefill (before it starts, during blocks 0..after,
+    or after the decision, in the set's other blocks) drops the message and keeps no cache; the
+    turn sent again is the from-scratch reply."""
+    model, tok = tiny.model, tiny.tokenizer
+    cands = [(2,), (1, 2, 4)]
+    decided = []
+    session, _ = _hidden_session(tiny, cands, lambda scores: decided.append(1) or 1, prefill_step_size=8)
+    polls = []
+
+    def stop():
+        polls.append(1)
+        return {"before": True, "routing": len(polls) > 1, "after the decision": bool(decided)}[when]
+
+    stopped = session.routed_reply(MESSAGES[0], max_tokens=N_NEW, should_stop=stop)
+    assert stopped.choice is None and not stopped.kept and stopped.token_ids == []
+    assert len(decided) == (when == "after the decision") and session.messages == [] and session.cache is None
+    again = session.routed_reply(MESSAGES[0], max_tokens=N_NEW)
+    assert again.omitted == cands[1] and again.prepared.held is not None
+    ref = from_scratch(model, tok, [{"role": "user", "content": MESSAGES[0]}], again.omitted)
+    assert again.token_ids == ref.token_ids
 
 
 def test_interrupted_reply_is_kept_and_the_next_turn_is_exact(tiny):
