@@ -167,10 +167,11 @@ def _offset(c) -> int:
 class ChatSession:
     """A conversation with one model, routed per turn, on one KV cache (rule: module docstring).
 
-    `routed_reply(text)` routes the turn (a BERT router on this message alone; a hidden-state router
-    inside the prefill, `_route_and_prepare`; or the `dense` / `omit` overrides) and calls `reply`, which renders the conversation plus
-    `text`, applies the cache rule for the set `omitted`, prefills what is not cached and streams the
-    reply (`on_token(text_piece)`); `should_stop()` is polled per token and between prefill chunks.
+    `routed_reply(text)` routes the turn (the router on this message alone, a first turn inside its
+    prefill with a hidden-state router, or the `dense` / `omit` overrides) and calls `reply`, which
+    renders the conversation plus `text`, applies the cache rule for the turn's set, prefills what
+    is not cached and streams the reply (`on_token(text_piece)`); `should_stop()` is polled per
+    token and between prefill chunks.
     """
 
     def __init__(self, model, tokenizer, system: Optional[str] = None, chat_template: bool = True,
@@ -331,8 +332,8 @@ class ChatSession:
     def _routes_inline(self, dense: bool, omit, n_prompt: int) -> bool:
         """Free routing (`_route_and_prepare`) where it reads exactly what the router was trained on:
         a hidden-state router, a model whose forward can continue from a block's output, no
-        override, not lossless, and no conversation yet (the prompt is then this message alone
-        through the template). Later turns route the message with a pass of its own: inside their
+        override, not lossless, no conversation yet and no system message of the user's (the prompt
+        is then this message alone through the template). Later turns route the message with a pass of its own: inside their
         prefill the router would pool the new tokens with the conversation in context, which is not
         what it was trained on (the message alone, the template's system prompt included), and a
         pick that differs from the message-alone one costs a re-prefill of the whole history."""
@@ -340,7 +341,8 @@ class ChatSession:
 
         router = getattr(self.loaded, "router", None)
         return (isinstance(router, HiddenRouter) and not dense and omit is None and not self.lossless
-                and not self.messages and n_prompt >= 2 and getattr(self.model, "model_type", None) in CONTINUABLE)
+                and not self.messages and self.system is None and n_prompt >= 2
+                and getattr(self.model, "model_type", None) in CONTINUABLE)
 
     def _route_and_prepare(self, prompt: Sequence[int], should_stop=None, on_prefill=None):
         """A first turn routed inside its prefill (`hidden_router.routed_prefill`, chunked): blocks

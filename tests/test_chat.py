@@ -264,6 +264,10 @@ def test_first_turn_stopped_while_routing_inside_the_prefill(tiny, when):
     ref = from_scratch(model, tok, [{"role": "user", "content": MESSAGES[0]}], again.omitted)
     assert again.token_ids == ref.token_ids
 
+    # a system message of the user's: not the router's training input, so a pass of its own
+    with_system, _ = _hidden_session(tiny, cands, lambda scores: 1, system="Answer briefly.")
+    assert with_system.routed_reply(MESSAGES[0], max_tokens=2).prepared.held is None
+
 
 def test_interrupted_reply_is_kept_and_the_next_turn_is_exact(tiny):
     model, tok = tiny.model, tiny.tokenizer
