@@ -207,12 +207,8 @@ class _ChatState:
                 max_tokens=self.max_tokens, sampler=self.sampler, should_stop=stop,
                 on_token=show, on_prefill=progress.update,
             )
-        choice = result.choice
-        if choice is None:  # stopped while routing inside the prefill: no set ran, nothing was kept
-            console.print()
-            console.print("[yellow]\\[interrupted before the reply began: the message was dropped][/yellow]")
-            return
-        if choice.how == "routed":
+        choice = result.choice  # None: stopped while routing inside the prefill (the message is dropped)
+        if choice is not None and choice.how == "routed":
             self.last_route = (text, choice.candidate, choice.scores, choice.router_ms)
         console.print()
         if result.finish_reason == "interrupted":
@@ -226,6 +222,8 @@ class _ChatState:
                      else "the model's context")
             console.print(f"[yellow]\\[cut off: the reply reached {result.generation_tokens} tokens "
                           f"({limit}); it may be unfinished][/yellow]")
+        if choice is None:  # no set ran: nothing to count or show
+            return
         key = choice.candidate if choice.how == "routed" else choice.how
         self.used[key] = self.used.get(key, 0) + 1
         console.print(self.status(choice, result), style="dim", markup=False)

@@ -3,7 +3,6 @@ token ids, `mx.random.randint(0, vocab, (n,), key=mx.random.key(n))`, and their 
 the warm-up), against its fallback set: whether `bench --speculate` guesses hit.
 Usage: python benchmarks/bench_prompt_routes.py BUNDLE [--lengths 128,512] [--json OUT]"""
 import argparse
-import json
 
 import mlx.core as mx
 

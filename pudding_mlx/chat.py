@@ -301,48 +301,43 @@ class ChatSession:
         # From here on the session holds reused + fresh; the fresh caches are filled below.
         self.cache, self.omitted, self.cached_ids = reused + fresh, omitted, prompt[:p]
         rebuilt = 0
-        if fresh:  # stand-ins for the reused caches during the re-run
-            rebuilt = self._rerun(view, prompt[:p], new_cache[: len(lead)], fresh, should_stop, on_prefill)
+        if fresh:
+            scratch = new_cache[: len(lead)]  # stand-ins for the reused caches during the re-run
+            caches = scratch + fresh
+            try:
+                for lo in range(0, p, self.prefill_step_size):
+                    if on_prefill is not None:
+                        on_prefill("re-prefill", lo, p)
+                    if should_stop is not None and should_stop():
+                        raise Interrupted()
+                    chunk = prompt[lo: min(p, lo + self.prefill_step_size)]
+                    view(mx.array(chunk)[None], cache=caches)  # logits unused: never computed
+                    mx.eval([c.state for c in caches])
+                    rebuilt = lo + len(chunk)
+                if on_prefill is not None:
+                    on_prefill("re-prefill", p, p)
+            finally:
+                del scratch, caches
+                if rebuilt < p:  # interrupted: keep what is consistent
+                    self._reconcile(prompt[:rebuilt])
         return Prepared(len(prompt), p, rebuilt, f, tuple(lead), tuple(view.kept[len(lead):]),
                         time.perf_counter() - start)
 
-    def _rerun(self, view: SkipView, prefix: Sequence[int], scratch: list, fresh: list,
-               should_stop=None, on_prefill=None) -> int:
-        """Rule 3's re-run: `prefix` through `view`, `scratch` caches standing in for the reused
-        leading blocks (dropped afterwards), `fresh` filled. Returns the tokens re-run; interrupted,
-        the session keeps what is consistent."""
-        caches, p, rebuilt = scratch + fresh, len(prefix), 0
-        try:
-            for lo in range(0, p, self.prefill_step_size):
-                if on_prefill is not None:
-                    on_prefill("re-prefill", lo, p)
-                if should_stop is not None and should_stop():
-                    raise Interrupted()
-                chunk = prefix[lo: min(p, lo + self.prefill_step_size)]
-                view(mx.array(chunk)[None], cache=caches)  # logits unused: never computed
-                mx.eval([c.state for c in caches])
-                rebuilt = lo + len(chunk)
-            if on_prefill is not None:
-                on_prefill("re-prefill", p, p)
-        finally:
-            if rebuilt < p:  # interrupted: keep what is consistent
-                self._reconcile(prefix[:rebuilt])
-        return rebuilt
-
-    def _routes_inline(self, dense: bool, omit, n_prompt: int) -> bool:
+    def _routes_inline(self, user_text: str, dense: bool, omit) -> bool:
         """Free routing (`_route_and_prepare`) where it reads exactly what the router was trained on:
         a hidden-state router, a model whose forward can continue from a block's output, no
         override, not lossless, no conversation yet and no system message of the user's (the prompt
-        is then this message alone through the template). Later turns route the message with a pass of its own: inside their
-        prefill the router would pool the new tokens with the conversation in context, which is not
-        what it was trained on (the message alone, the template's system prompt included), and a
-        pick that differs from the message-alone one costs a re-prefill of the whole history."""
+        is then this message alone through the template). Later turns route the message with a pass
+        of its own: inside their prefill the router would pool the new tokens with the conversation
+        in context, which is not what it was trained on (the message alone, the template's system
+        prompt included), and a pick that differs from the message-alone one costs a re-prefill of
+        the whole history."""
         from .hidden_router import CONTINUABLE, HiddenRouter
 
         router = getattr(self.loaded, "router", None)
         return (isinstance(router, HiddenRouter) and not dense and omit is None and not self.lossless
-                and not self.messages and self.system is None and n_prompt >= 2
-                and getattr(self.model, "model_type", None) in CONTINUABLE)
+                and not self.messages and self.system is None
+                and getattr(self.model, "model_type", None) in CONTINUABLE and len(self.prompt_for(user_text)) >= 2)
 
     def _route_and_prepare(self, prompt: Sequence[int], should_stop=None, on_prefill=None):
         """A first turn routed inside its prefill (`hidden_router.routed_prefill`, chunked): blocks
@@ -411,7 +406,7 @@ class ChatSession:
                      should_stop: Optional[Callable[[], bool]] = None, **kwargs) -> TurnResult:
         """Route this turn's message (`choose`), then `reply` under the chosen set. Ctrl-C during
         routing (`should_stop`) stops the turn before it starts, as during prefill."""
-        if self._routes_inline(dense, omit, len(self.prompt_for(user_text))):  # the choice comes with the turn
+        if self._routes_inline(user_text, dense, omit):  # the choice comes with the turn
             return self.reply(user_text, (), should_stop=should_stop, route_inline=True, **kwargs)
         choice = self.choose(user_text, dense, omit)
         return self.reply(user_text, choice.omitted, should_stop=should_stop, choice=choice, **kwargs)
