@@ -22,7 +22,9 @@ def bench(
                                               "(default: MODEL's router; for shapes, the smollm2-135m preset's MiniLM router if built)."),
     router_kind: str = typer.Option("bert", "--router-kind", help="For --shape: 'bert' times the smollm2-135m "
                                     "preset's MiniLM router (or --router); 'hidden' a hidden-state router with a "
-                                    "random head, inside the routed prefill (its cost is the head alone)."),
+                                    "random head, inside the routed prefill (its cost is the head alone), whose "
+                                    "candidates are all the static set; 'hidden-miss' the same, but its fallback "
+                                    "set is another one that it never picks (the prefill's guess always misses)."),
     runs: int = typer.Option(10, min=1, help="Timed rounds per cell, after a warm-up; ratios are the "
                              "median over rounds with a bootstrap 95% interval (claims need 5 or more)."),
     cells: Optional[str] = typer.Option(None, help="Override the protocol: PROMPT+GEN cells, e.g. 32+1,64+1,32+16."),

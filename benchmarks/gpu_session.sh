@@ -4,9 +4,10 @@
 #
 #   benchmarks/gpu_session.sh setup     STAGED   # STAGED: a folder with the files listed below
 #   benchmarks/gpu_session.sh bench8b   OUT      # pudding-mlx bench on the LLaMA-3.1-8B shape with the
-#                                                # hidden-state router (inside the routed prefill), with and
-#                                                # without --speculate; BERT=1: also the smollm2-135m preset's
-#                                                # MiniLM router (a separate pass)
+#                                                # hidden-state router (inside the routed prefill) whose guess
+#                                                # always hits, and one whose guess always misses, and the routed
+#                                                # prefill's profile; SPEC=1: both with and without --speculate;
+#                                                # BERT=1: also the smollm2-135m preset's MiniLM router
 #   benchmarks/gpu_session.sh bundle    OUT      # bench + lossless sweep on the real SmolLM2 bundle
 #                                                # (bf16: divergence from dense measured, not asserted),
 #                                                # MLX-vs-PyTorch eval parity (PyTorch on cuda)
@@ -48,11 +49,18 @@ setup)
     python3 -c "import mlx.core as mx; print('mlx', mx.__version__, mx.default_device())"
     python3 -c "from pudding_mlx.convert.default_bundle import ensure_default_bundle; print(ensure_default_bundle(preset='smollm2-135m'))" ;;
 bench8b)
-    # the memory probe would save 16 GB of random weights: memory is measured on the real bundle
-    step $PM bench --shape llama-3.1-8b --k 7 --router-kind hidden --speculate --runs "$RUNS" --cells "$CELLS8B" \
+    # the memory probe would save 16 GB of random weights: memory is measured on the real bundle.
+    # hidden: every candidate is the static set (the prefill's guess, the fallback, always hits);
+    # hidden-miss: the fallback is another set, never picked (every guess misses)
+    step $PM bench --shape llama-3.1-8b --k 7 --router-kind hidden --runs "$RUNS" --cells "$CELLS8B" \
         --no-memory --json "$dir/bench_llama-3.1-8b_hidden_cuda.json" --plot "$dir/bench_llama-3.1-8b_hidden_cuda.png"
-    step $PM bench --shape llama-3.1-8b --k 7 --router-kind hidden --no-speculate --runs "$RUNS" \
-        --cells 128+1,256+1,512+1 --no-memory --json "$dir/bench_llama-3.1-8b_hidden_nospec_cuda.json"
+    step $PM bench --shape llama-3.1-8b --k 7 --router-kind hidden-miss --runs "$RUNS" --cells 128+1,256+1,512+1 \
+        --no-memory --json "$dir/bench_llama-3.1-8b_hidden-miss_cuda.json" --plot "$dir/bench_llama-3.1-8b_hidden-miss_cuda.png"
+    step python3 benchmarks/routed_prefill_profile.py --rounds 20 --json "$dir/routed_prefill_profile_cuda.json"
+    # SPEC=1: both router kinds with and without --speculate, in one session (results/bench/guess_cuda/)
+    [ "${SPEC:-0}" = 0 ] || for kind in hidden hidden-miss; do for sp in no-speculate speculate; do
+        step $PM bench --shape llama-3.1-8b --k 7 --router-kind $kind --$sp --runs "$RUNS" --cells 128+1,256+1,512+1 \
+            --no-memory --json "$dir/${kind}_$sp.json"; done; done
     [ "${BERT:-0}" = 0 ] || step $PM bench --shape llama-3.1-8b --k 7 --runs "$RUNS" --cells "$CELLS8B" --no-memory \
         --json "$dir/bench_llama-3.1-8b_cuda.json" --plot "$dir/bench_llama-3.1-8b_cuda.png" ;;
 bundle)

@@ -302,7 +302,7 @@ def parse_cells(cells: Optional[str]) -> List[tuple]:
         raise PuddingError(f"--cells {cells!r}: give PROMPT+GEN pairs, e.g. 128+1,128+128") from None
 
 
-ROUTER_KINDS = ("bert", "hidden")
+ROUTER_KINDS = ("bert", "hidden", "hidden-miss")
 SHAPE_CANDIDATES = 10  # a shape's hidden-state router scores this many sets (the paper's candidate count)
 
 
@@ -316,8 +316,8 @@ def bench_target(model: Optional[str], shape: Optional[str], k: int, omit: Optio
         raise PuddingError("give either MODEL or --shape")
     if router_kind not in ROUTER_KINDS:
         raise PuddingError(f"--router-kind {router_kind!r}: choose one of {', '.join(ROUTER_KINDS)}")
-    if router_kind == "hidden" and (model is not None or router_dir is not None):
-        raise PuddingError("--router-kind hidden is for --shape (a bundle times its own router); leave out --router")
+    if router_kind.startswith("hidden") and (model is not None or router_dir is not None):
+        raise PuddingError(f"--router-kind {router_kind} is for --shape (a bundle times its own router); leave out --router")
     from .router import load_router
 
     router = load_router(router_dir) if router_dir is not None else None
@@ -327,19 +327,29 @@ def bench_target(model: Optional[str], shape: Optional[str], k: int, omit: Optio
     return _model_target(model, k, omit, router, name, dtype)
 
 
-def shape_hidden_router(model, static: Sequence[int], n_candidates: int = SHAPE_CANDIDATES, seed: int = 0):
+def shape_hidden_router(model, static: Sequence[int], n_candidates: int = SHAPE_CANDIDATES, seed: int = 0,
+                        miss: bool = False):
     """A hidden-state router for a random-weight shape: it reads after the block before the first
     omitted one (mean pooling) and scores n_candidates sets with a random head. Every candidate is the
-    static set, so routed and static run the same blocks and differ only by the routing."""
+    static set, so routed and static run the same blocks and differ only by the routing, and the
+    routed prefill's guess (the fallback) always hits. `miss`: the fallback is instead another set
+    of k blocks that the head never picks (its bias is -1e9), so every guess misses."""
     from pathlib import Path
 
     from .hidden_router import HiddenRouter
 
     hidden = model.args.hidden_size
-    settings = {"after": min(static) - 1, "pooling": "mean", "fallback": 0, "margin_is": "-inf (always the argmax)",
-                "max_tokens": 1 << 20, "sets": [list(static)] * n_candidates}
+    sets = [list(static)] * n_candidates
+    bias = mx.zeros((n_candidates,))
+    if miss:
+        if max(static) + 1 >= len(model.layers):  # the other set: the static one moved one block later
+            raise PuddingError("--router-kind hidden-miss: the static set omits the last block; choose a smaller --k")
+        sets = sets[:-1] + [[b + 1 for b in static]]
+        bias = mx.concatenate([mx.zeros((n_candidates - 1,)), mx.array([-1e9])])
+    settings = {"after": min(static) - 1, "pooling": "mean", "fallback": n_candidates - 1 if miss else 0,
+                "margin_is": "-inf (always the argmax)", "max_tokens": 1 << 20, "sets": sets}
     weight = mx.random.normal((n_candidates, hidden), key=mx.random.key(seed)) / hidden ** 0.5
-    return HiddenRouter(model, None, settings, weight, mx.zeros((n_candidates,)), Path("random-head"))
+    return HiddenRouter(model, None, settings, weight, bias, Path("random-head"))
 
 
 def _shape_target(shape, k, router, name, dtype, router_kind="bert") -> Target:
@@ -351,11 +361,13 @@ def _shape_target(shape, k, router, name, dtype, router_kind="bert") -> Target:
     mdtype = DTYPES[dtype] if dtype else (mx.float32 if backend() == "cpu" else mx.bfloat16)
     lm = random_model(shape, mdtype)
     static = spread(len(lm.layers), k)
-    if router_kind == "hidden":
+    if router_kind.startswith("hidden"):
         if min(static) < 1:
             raise PuddingError(f"--k {k}: the set omits block 0, so a hidden-state router has nothing to read")
-        return Target(lm, static, static, shape_hidden_router(lm, static),
-                      f"hidden (random head after block {min(static) - 1})", {"shape": shape})
+        miss = router_kind == "hidden-miss"
+        return Target(lm, static, static, shape_hidden_router(lm, static, miss=miss),
+                      f"hidden (random head after block {min(static) - 1}"
+                      + ("; its fallback is another set, never picked)" if miss else ")"), {"shape": shape})
     default = cache_dir() / "default-bundle" / "router"
     if router is None and default.is_dir():
         router, name = load_router(default), str(default)

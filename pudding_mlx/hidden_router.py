@@ -124,12 +124,16 @@ class HiddenRouter:
 
     def pool(self, h: mx.array) -> mx.array:
         """[1, T, H] block output -> [H x pools] float32."""
-        h = h[0].astype(mx.float32)
-        parts = {"mean": mx.mean(h, axis=0), "last": h[-1]}
-        return mx.concatenate([parts[p] for p in self.pooling.split("+")])
+        def one(p):  # only what a pooling reads is cast (last: one row)
+            return mx.mean(h[0].astype(mx.float32), axis=0) if p == "mean" else h[0, -1].astype(mx.float32)
+
+        pools = self.pooling.split("+")
+        return one(pools[0]) if len(pools) == 1 else mx.concatenate([one(p) for p in pools])
 
     def scores_of(self, h: mx.array) -> mx.array:
-        return self.weight @ self.pool(h) + self.bias
+        # one fused kernel for weight @ pooled + bias: on a GPU every kernel of the head adds to the
+        # wait for the routing decision (benchmarks/routed_prefill_profile.py)
+        return mx.addmm(self.bias[:, None], self.weight, self.pool(h)[:, None])[:, 0]
 
     def decide(self, scores: Sequence[float]) -> int:
         top = best_index(scores)
@@ -188,17 +192,17 @@ def routed_prefill(model, router: HiddenRouter, prompt: Sequence[int], sets: Seq
     hand prompt[-1:] and the cache to mlx-lm's generation, which runs the last token through every
     kept block as usual.
 
-    `speculate`: queue the fallback set's remaining blocks before waiting for the decision, so
-    that the GPU is not left idle while the host waits for the scores and then builds the rest.
-    When the router picks the fallback set the queued work is the prefill itself; otherwise it is
-    discarded (its cache entries are fresh ones; the shared blocks 0..after are only read) and the
-    chosen set runs after it: a miss costs the fallback set's remaining blocks. Either way the
-    result is the chosen set's prefill. Off by default: measured on an H200 (LLaMA-3.1-8B shape,
-    every candidate the same set, so every guess hits), it took the routed prefill from 1.31 / 1.24
-    / 1.21x the static one to 1.20 / 1.15 / 1.05x at 128 / 256 / 512 tokens, but on the
+    The fallback set's remaining blocks are always built as a lazy graph while the GPU runs blocks
+    0..after (a prompt of one chunk); it is evaluated only if the router picks the fallback.
+    `speculate`: also queue it for the GPU before waiting for the decision, so that the GPU is not
+    idle while the host waits. When the router picks the fallback set the queued work is the
+    prefill itself; otherwise it is discarded (its cache entries are fresh ones; the shared blocks
+    0..after are only read) and the chosen set runs after it: a miss costs the fallback set's
+    remaining blocks. Either way the result is the chosen set's prefill. Off by default: on the
     Qwen2.5-Coder preset with random-token prompts (the router then never picked the fallback) the
-    routed prefill ran at 0.80x / 0.83x the speed of dense (`results/bench/`). `router ms` is the time
-    until the decision was known.
+    routed prefill ran at 0.80x / 0.83x the speed of dense on an H200 (`results/bench/`; `bench
+    --router-kind hidden-miss` times misses on a shape). `router ms` is the time until the decision
+    was known.
 
     `step`: run both passes `step` tokens at a time, evaluating each chunk, and call
     `between(phase, done, total)` before each ("route": blocks 0..after; "prefill": the set's
@@ -208,6 +212,18 @@ def routed_prefill(model, router: HiddenRouter, prompt: Sequence[int], sets: Seq
     The router's features are exactly what the training side computed only when the prompt is the
     router's own prompt (one chat message, at most max_tokens); a longer prompt is pooled over its
     last max_tokens tokens' states computed with the full prompt in context."""
+    result = _routed_prefill(model, router, prompt, sets, speculate, step, between)
+    # As mlx-lm's own prefill does, drop the buffers the prefill freed, here once all of its
+    # temporaries are gone (the token ids among them: an array made on the host). On an H200
+    # (benchmarks/routed_prefill_profile.py, 128 tokens) the first generation steps ran ~2 ms slower
+    # while they reused those buffers, also after a static prefill from host-made ids, and as fast
+    # as after a static prefill once they were cleared; clearing inside the prefill, before its
+    # temporaries were released, did not help.
+    mx.clear_cache()
+    return result
+
+
+def _routed_prefill(model, router, prompt, sets, speculate, step, between):
     if len(prompt) < 2:
         raise PuddingError("the routed prefill needs a prompt of at least 2 tokens")
     model_type = getattr(model, "model_type", None)
@@ -228,12 +244,17 @@ def routed_prefill(model, router: HiddenRouter, prompt: Sequence[int], sets: Seq
     h = parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=1)
     scores = router.scores_of(h[:, -router.max_tokens:])
     guess = guess_cache = None
-    if speculate and len(parts) == 1:
-        mx.async_eval(scores)  # queued first: the decision needs only blocks 0..after and the head
+    if len(parts) == 1:
+        mx.async_eval(scores)  # the GPU starts on blocks 0..after and the head...
+        # ...while the host builds the fallback set's remaining blocks as a lazy graph: if the router
+        # picks the fallback, that graph is the prefill, and building it (Python, about as long as
+        # those blocks take on a GPU at 128 tokens) is no longer a wait after the decision; if not,
+        # it is dropped unevaluated and only the host's time was spent.
         guess = tuple(sets[router.fallback])
         _check_set(router, router.fallback, guess)
         guess_cache = _continue(model, router, guess, leading, h)
-        mx.async_eval([c.state for c in guess_cache])
+        if speculate:  # queue it too: a miss then costs the GPU those blocks
+            mx.async_eval([c.state for c in guess_cache])
     values = scores.tolist()  # waits for blocks 0..after and the head: the routing decision
     ms = (time.perf_counter() - start) * 1000.0
     candidate = router.decide(values)

@@ -211,6 +211,28 @@ def test_hidden_router_is_timed_inside_the_routed_request(monkeypatch):
         assert row["router_over_dense_prefill_spread"]["median"] < 1
 
 
+def test_hidden_miss_router_never_picks_its_fallback(monkeypatch):
+    """--router-kind hidden-miss: the routed prefill's guess (the fallback set) is another set of k
+    blocks, and the router picks the static set every time, so every guess misses."""
+    from pudding_mlx import bench as B
+    from pudding_mlx import hidden_router as H
+
+    seen = []
+    real_prefill = H.routed_prefill
+
+    def prefill(model, router, prompt, sets, speculate=None):
+        out = real_prefill(model, router, prompt, sets, speculate=speculate)
+        seen.append((tuple(sets[router.fallback]), out[3]))
+        return out
+
+    monkeypatch.setattr(H, "routed_prefill", prefill)
+    result = B.measure(shape="small", k=3, cells="8+1", runs=2, memory=False, progress=lambda line: None,
+                       router_kind="hidden-miss")
+    static = tuple(spread(SHAPES["small"]["num_hidden_layers"], 3))
+    assert "never picked" in result["router"] and result["rows"][0]["routed_sets"] == [[list(static), 2]]
+    assert len(seen) == 3 and all(chosen == static and len(guess) == 3 and guess != static for guess, chosen in seen)
+
+
 def test_summary_claims_only_what_the_interval_supports():
     from pudding_mlx.bench import interval, summary
 

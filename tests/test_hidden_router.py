@@ -46,8 +46,9 @@ def _greedy(view, prompt, cache, n=12):
 
 @pytest.mark.parametrize("family,speculate", [("llama", False), ("llama", True), ("qwen2", True), ("qwen3", False)])
 def test_routed_prefill_equals_the_chosen_set_from_scratch(family, speculate):
-    # speculate: the fallback set (candidate 0) is queued before the decision; every other pick is
-    # a miss whose queued work must leave no trace in what the chosen set generates
+    # the fallback set (candidate 0) is built as a lazy graph before the decision (speculate: and
+    # queued); every other pick is a miss whose graph or work must leave no trace in what the
+    # chosen set generates
     model = tiny_model(family, seed=2)
     mx.eval(model.parameters())
     sets = [[3, 4], [2, 5], [4], []]
