@@ -202,7 +202,8 @@ def router(
     variant: str = typer.Option("light", help="light: frozen encoder + trained head; full: fine-tune all; "
                                 "probe: a linear head on the LLM's own hidden state (`train features`)."),
     objective: str = typer.Option("accuracy", help="probe only: mse (the paper's y), centered (y minus its "
-                                  "row mean) or accuracy (which sets answer this prompt better than its average set)."),
+                                  "row mean), accuracy (which sets answer this prompt better than its average set) or task (the "
+                                  "same averaged over the prompt's task: which task it looks like, and that task's best sets)."),
     after: Optional[int] = typer.Option(None, help="probe only: the block whose output it reads (default: the "
                                         "block before the first block any set omits)."),
     encoder: Optional[Path] = typer.Option(None, help="HF BERT folder (default: all-MiniLM-L6-v2 from its wheel)."),

@@ -21,7 +21,7 @@ for d in train val test; do
 done
 mkdir -p "$RUN/routers/preds" "$RUN/routers/hidden"
 for k in 3 5 7; do
-    for objective in mse centered accuracy; do
+    for objective in mse centered accuracy task; do
         r="$W/router-hidden-$objective-k$k"
         pudding-mlx train router "$W/data-train" --candidates "$RUN/cand-k$k.json" --variant probe \
             --objective "$objective" --out "$r" --force

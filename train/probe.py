@@ -13,6 +13,10 @@ Objectives (what the scores mean):
   accuracy   hit[i, m] - mean_m hit[i, m], hit = the example is answered correctly under S_m (the
              task's own metric, acc or acc_norm): the head predicts which sets answer this prompt
              better than its average set -- the quantity the evaluation counts.
+  task       the same, averaged over the rows of the prompt's task (on the rows the head is fitted
+             on): a single example's hits are 0/1 and mostly noise, its task's hit rates per set
+             are not, so the head learns which task a prompt looks like and that task's profile
+             over the sets. A prompt of an unseen task gets the profile of the tasks it resembles.
 
 Decision rule: the best static set s* (the pool set with the highest average accuracy over the
 tasks of the TRAINING data) runs unless the head predicts a gain over it larger than a margin:
@@ -37,7 +41,7 @@ import numpy as np
 
 from pudding_mlx.errors import PuddingError
 
-OBJECTIVES = ("mse", "centered", "accuracy")
+OBJECTIVES = ("mse", "centered", "accuracy", "task")
 POOLINGS = ("mean", "last", "mean+last")
 RIDGE = (0.1, 1.0, 10.0, 100.0, 1000.0)
 
@@ -50,7 +54,17 @@ def hits(data: dict) -> np.ndarray:
     return np.where(norm[:, None], data["correct_norm"], data["correct"])
 
 
-def targets(data: dict, objective: str) -> np.ndarray:
+def targets(data: dict, objective: str, fit_rows: Optional[np.ndarray] = None) -> np.ndarray:
+    """[N, M] regression targets; `fit_rows`: the rows the head is fitted on (objective "task"
+    averages over those only, so that validation rows never shape the targets)."""
+    if objective == "task":
+        h = hits(data).astype(np.float64)
+        tasks = np.asarray(data["task"])
+        rows = np.arange(len(h)) if fit_rows is None else np.asarray(fit_rows)
+        profile = {t: h[rows[tasks[rows] == t]].mean(0) for t in dict.fromkeys(tasks[rows])}
+        fallback = h[rows].mean(0)  # a task with no fitted rows (not used by the fit)
+        t = np.stack([profile.get(x, fallback) for x in tasks])
+        return t - t.mean(1, keepdims=True)
     if objective == "mse":
         return np.asarray(data["y"], np.float64)
     if objective == "centered":
@@ -118,14 +132,14 @@ def train_probe(data: dict, feats: dict, after: int, objective: str, val_fractio
         raise PuddingError("the features and the router data hold different rows; recompute the features")
     tasks = np.asarray(data["task"])
     hit = hits(data)
-    t_all = targets(data, objective)
     tr, va = split_by_question(data, val_fraction, seed)
+    t_tr = targets(data, objective, fit_rows=tr)
     static = best_static(hit[tr], tasks[tr])
     tried, best = [], None
     for pooling in poolings:
         x = features(feats, after, pooling)
         for ridge in ridges:
-            head = fit(x[tr], t_all[tr], ridge)
+            head = fit(x[tr], t_tr[tr], ridge)
             s = scores(head, x[va])
             for margin in _margins(s, static):
                 acc = accuracy(hit[va], tasks[va], decide(s, static, margin))
@@ -135,7 +149,7 @@ def train_probe(data: dict, feats: dict, after: int, objective: str, val_fractio
                     best = (key, pooling, ridge, margin)
     _, pooling, ridge, margin = best
     static_all = best_static(hit, tasks)
-    head = fit(features(feats, after, pooling), t_all, ridge)
+    head = fit(features(feats, after, pooling), targets(data, objective), ridge)
     val_static = accuracy(hit[va], tasks[va], np.full(len(va), static))
     return {"head": head, "after": after, "pooling": pooling, "ridge": ridge, "margin": margin,
             "objective": objective, "static": static_all, "val_accuracy": best[0][0],

@@ -9,6 +9,7 @@
 #   results/qwen2.5-coder-1.5b/pipeline.sh routers ENCODER      # MiniLM routers (light + full) per k (KS), scored on val/test
 #   results/qwen2.5-coder-1.5b/pipeline.sh mlx OUTDIR           # MLX (CUDA or CPU): convert, bundle (hidden router), parity, eval, bench
 #   results/qwen2.5-coder-1.5b/pipeline.sh pack OUTDIR         # compact copies of everything for results/
+#   results/qwen2.5-coder-1.5b/pipeline.sh preset              # the chat preset's router, from the committed data (CPU)
 # Env: GGUF (the assembled Qwen GGUF; default where ../shared/tools/device-stage puts it), WORK (default /tmp/qwen-work), NGPU (default: every visible GPU; >1 runs under torchrun),
 # PUDDING_MLX_DATA (the benchmark folder). Every phase resumes where a killed run stopped.
 #
@@ -89,6 +90,18 @@ mlx)
     done
     cli bench "$W/bundle-k$K" --runs "${RUNS:-10}" ${CELLS:+--cells $CELLS} --json "$out/bench_qwen_bundle_k${K}_$(python3 -c 'from pudding_mlx.load import backend; print(backend())').json" \
         2>&1 | tee -a "$out/mlx.log" || echo "mlx: bench FAILED" >&2 ;;
+preset)
+    # the chat preset's router (pudding_mlx/data/qwen25_coder_k3/, a copy in routers/hidden-k3-shipped/):
+    # the hidden-state router with the best six-task average at k = 3 in report.md (objective OBJ,
+    # default task), trained on this folder's committed router data; seconds on a CPU, no GPU
+    OBJ=${OBJ:-task} D=$(mktemp -d)
+    mkdir -p "$D/data-train"
+    cp "$R/data-train.npz" "$D/data-train/router_data.npz"; cp "$R/data-train.json" "$D/data-train/router_data.json"
+    cp "$R/features-train.npz" "$D/data-train/features_pca.npz"
+    python3 -m pudding_mlx.app.cli train router "$D/data-train" --candidates "$R/cand-k3.json" --variant probe \
+        --objective "$OBJ" --out "$D/router"
+    cp "$D/router/router.json" "$D/router/head.safetensors" "$R/../../pudding_mlx/data/qwen25_coder_k3/"
+    rm -rf "$R/routers/hidden-k3-shipped"; cp -r "$D/router" "$R/routers/hidden-k3-shipped"; rm -rf "$D" ;;
 pack)
     out=$2; mkdir -p "$out"
     # per-choice floats as float16 and compressed: the committed copies stay small (acc/acc_norm are exact bools)
@@ -119,5 +132,5 @@ if (w / "preds").is_dir():  # the MiniLM routers' scores and heads
 print(sorted(p.name for p in out.iterdir()))
 PY
     ;;
-*) echo "usage: $0 search|data|features|resume|routers ENCODER|mlx OUTDIR|pack OUTDIR" >&2; exit 2 ;;
+*) echo "usage: $0 search|data|features|resume|routers ENCODER|mlx OUTDIR|pack OUTDIR|preset" >&2; exit 2 ;;
 esac
