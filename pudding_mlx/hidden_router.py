@@ -260,8 +260,12 @@ def _routed_prefill(model, router, prompt, sets, speculate, step, between):
     candidate = router.decide(values)
     omitted = tuple(sets[candidate])
     _check_set(router, candidate, omitted)
-    cache = guess_cache if guess is not None and omitted == guess else \
-        _continue(model, router, omitted, leading, h, step, between)
+    if guess is not None and omitted == guess:
+        cache = guess_cache  # one chunk, built before the decision: announced as _continue would
+        if step is not None and between is not None:
+            between("prefill", 0, len(prompt) - 1)
+    else:
+        cache = _continue(model, router, omitted, leading, h, step, between)
     for c in leading:  # the last prompt token goes through every kept block in generation
         c.trim(1)
     mx.eval([c.state for c in cache])

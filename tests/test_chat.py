@@ -269,6 +269,23 @@ def test_first_turn_stopped_while_routing_inside_the_prefill(tiny, when):
     assert with_system.routed_reply(MESSAGES[0], max_tokens=2).prepared.held is None
 
 
+def test_first_turn_of_one_chunk_stopped_after_picking_the_fallback(tiny):
+    """A first turn of one chunk whose router picks the fallback set runs the graph built before the
+    decision; its prefill is still announced, so Ctrl-C there drops the message and keeps no cache,
+    and the turn sent again is the from-scratch reply under the fallback set."""
+    model, tok = tiny.model, tiny.tokenizer
+    cands = [(2,), (1, 2, 4)]
+    decided = []
+    session, _ = _hidden_session(tiny, cands, lambda scores: decided.append(1) or 0)  # 0: the fallback
+    stopped = session.routed_reply(MESSAGES[0], max_tokens=N_NEW, should_stop=lambda: bool(decided))
+    assert decided and stopped.choice is None and not stopped.kept and stopped.token_ids == []
+    assert session.messages == [] and session.cache is None
+    again = session.routed_reply(MESSAGES[0], max_tokens=N_NEW)
+    assert again.omitted == cands[0] and again.prepared.held is not None
+    ref = from_scratch(model, tok, [{"role": "user", "content": MESSAGES[0]}], again.omitted)
+    assert again.token_ids == ref.token_ids
+
+
 def test_interrupted_reply_is_kept_and_the_next_turn_is_exact(tiny):
     model, tok = tiny.model, tiny.tokenizer
     session = ChatSession(model, tok)
