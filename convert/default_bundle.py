@@ -5,7 +5,9 @@ qwen2.5-coder-1.5b). Each is built once, on first use, into `assets.cache_dir() 
                         (`assets.qwen25_coder_gguf()`, 1.1 GB), converted to MLX affine 4-bit; the
                         hidden-state router shipped in `pudding_mlx/data/qwen25_coder_k3/` (router.json,
                         head.safetensors: reads the residual stream after block 3, so routing costs
-                        the head alone) over the search's k=3 sets (candidates.json). Folder
+                        the head alone; objective "task", the best router at k=3 in the Qwen report,
+                        made by `results/qwen2.5-coder-1.5b/pipeline.sh preset`) over the search's
+                        k=3 sets (candidates.json). Folder
                         "preset-qwen2.5-coder-1.5b". k=3, not 5: with the k=5 router's usual set
                         (blocks 11-15) the model explained the blue sky with water vapour; with k=3
                         (blocks 13-15) it answered the README's three questions correctly.
