@@ -1,12 +1,11 @@
 """Which candidate a bundle's hidden-state router picks for `pudding-mlx bench`'s own prompts (random
-token ids, `mx.random.randint(0, vocab, (n,), key=mx.random.key(n))`, and their first 16 tokens,
-the warm-up), against its fallback set: whether `bench --speculate` guesses hit.
+token ids, `bench.cell_prompt`, and their first 16 tokens, the warm-up), against its fallback set:
+whether `bench --speculate` guesses hit.
 Usage: python benchmarks/bench_prompt_routes.py BUNDLE [--lengths 128,512] [--json OUT]"""
 import argparse
 
-import mlx.core as mx
-
 from pudding_mlx.atomic import write_json
+from pudding_mlx.bench import cell_prompt
 from pudding_mlx.load import backend, load
 
 ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -21,7 +20,7 @@ if getattr(router, "kind", None) != "hidden":
 vocab = loaded.model.args.vocab_size
 rows = []
 for n in (int(x) for x in a.lengths.split(",")):
-    prompt = mx.random.randint(0, vocab, (n,), key=mx.random.key(n))
+    prompt = cell_prompt(n, vocab)
     for name, ids in (("prompt", prompt.tolist()), ("warm-up (first 16)", prompt[:16].tolist())):
         candidate, scores, _ = router.best_ids(ids)
         rows.append({"prompt_tokens": n, "which": name, "candidate": candidate, "omitted": list(router.sets[candidate]),

@@ -165,10 +165,16 @@ def _runners(model, omitted_static, omitted_routed) -> Dict[str, tuple]:
             "static": (static, static.make_cache), "routed": (routed, routed.make_cache)}
 
 
+def cell_prompt(n_prompt: int, vocab: int) -> mx.array:
+    """The prompt a cell times: random token ids, the same for every run with this length and vocab
+    (its first 16 tokens are the warm-up's prompt)."""
+    return mx.random.randint(0, vocab, (n_prompt,), key=mx.random.key(n_prompt))
+
+
 def time_cell(runners: Dict[str, tuple], router, n_prompt: int, n_gen: int, runs: int, vocab: int,
               draft_tokens: Optional[int] = None, speculate: bool = False) -> dict:
     """One (prompt_tokens, gen_tokens) cell: every runner warmed up, then `runs` interleaved rounds."""
-    prompt = mx.random.randint(0, vocab, (n_prompt,), key=mx.random.key(n_prompt))
+    prompt = cell_prompt(n_prompt, vocab)
     dense, routed = runners["dense"][0], runners["routed"][0]
     lossless = bool(draft_tokens) and n_gen > 1
     accepted = []
