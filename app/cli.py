@@ -126,10 +126,12 @@ def _footer(loaded, choice, last, routed_prefill_tokens=None):
 from pudding_mlx.app.bench_cmd import register as register_bench  # noqa: E402
 from pudding_mlx.app.convert_cmd import convert_app  # noqa: E402
 from pudding_mlx.app.eval_cmd import register as register_eval  # noqa: E402
+from pudding_mlx.app.serve_cmd import register as register_serve  # noqa: E402
 from pudding_mlx.app.session_cmd import register as register_session  # noqa: E402
 from pudding_mlx.app.train_cmd import train_app  # noqa: E402
 
 register_session(app)
+register_serve(app)
 register_bench(app)
 register_eval(app)
 app.add_typer(convert_app, name="convert")

@@ -217,6 +217,14 @@ class ChatSession:
                 text += "assistant:"
             return [int(i) for i in self.tokenizer.encode(text)]
 
+    def set_history(self, messages: Sequence[dict], system: Optional[str] = None) -> None:
+        """Make the conversation `messages` (earlier turns) with system message `system`, for a
+        client that keeps the history itself and sends all of it each turn (`pudding-mlx serve`).
+        The KV cache is kept: the next turn's cache rule reuses whatever prefix of it the new
+        prompt shares, exactly as for a history built turn by turn here."""
+        self.messages = [dict(m) for m in messages]
+        self.system = system
+
     def prompt_for(self, user_text: str) -> List[int]:
         return self.render(self.messages + [{"role": "user", "content": user_text}])
 
