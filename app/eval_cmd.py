@@ -35,9 +35,10 @@ def _parse_tasks(text: str) -> List[str]:
 
 def eval_command(
     model: str = typer.Argument(..., help="A pudding-mlx bundle, an mlx-lm model directory, or a hub id."),
-    tasks: str = typer.Option(..., "--tasks", "-t", help="Comma-separated tasks: arc_challenge, arc_easy, "
-                              "boolq, hellaswag, piqa, winogrande, openbookqa, mmlu, or a .jsonl/.jsonl.gz "
-                              "file in the benchmark schema."),
+    tasks: str = typer.Option(..., "--tasks", "-t", help="Comma-separated tasks. Multiple choice: arc_challenge, "
+                              "arc_easy, boolq, hellaswag, piqa, winogrande, openbookqa, mmlu, or a .jsonl/.jsonl.gz "
+                              "file in the benchmark schema. Generation: humaneval (pass@1, code run in a "
+                              "sandbox), fidelity (agreement with the dense model's replies on fixed chat prompts)."),
     limit: Optional[int] = typer.Option(None, "--limit", "-n", min=1, help="Only the first N examples (file "
                                         "order) of each task's standard evaluation split."),
     json_file: Optional[str] = typer.Option(None, "--json", metavar="FILE", help="Write the results as one "
@@ -53,16 +54,26 @@ def eval_command(
                                      "pass (the logits of a batch are tokens x vocab floats)."),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="float32 | float16 | bfloat16. Default: "
                                         "float32 on the CPU backend, the stored dtype on Metal/CUDA."),
+    max_tokens: Optional[int] = typer.Option(None, "--max-tokens", "-m", min=1, help="Generation tasks: most "
+                                             "new tokens per reply (default: humaneval 512, fidelity 256)."),
+    workers: Optional[int] = typer.Option(None, "--workers", min=1, help="humaneval: sandboxes run at once "
+                                          "(default: the CPU count)."),
 ):
-    """Zero-shot accuracy (acc, acc_norm) per task, routed by the bundle's router or with --dense / --omit."""
+    """Zero-shot accuracy (acc, acc_norm) per multiple-choice task, pass@1 on HumanEval and agreement with
+    dense on chat prompts; routed by the bundle's router or with --dense / --omit. For generation tasks
+    --batch-size is the number of prompts generated together."""
     try:
-        _run(model, tasks, limit, json_file, dense, omit, data_dir, batch_size, batch_tokens, dtype)
+        _run(model, tasks, limit, json_file, dense, omit, data_dir, batch_size, batch_tokens, dtype,
+             max_tokens, workers)
     except PuddingError as e:
         err.print(f"[bold red]error:[/bold red] {e}", soft_wrap=True)
         raise typer.Exit(2)
 
 
-def _run(model, tasks, limit, json_file, dense, omit, data_dir, batch_size, batch_tokens, dtype):
+def _run(model, tasks, limit, json_file, dense, omit, data_dir, batch_size, batch_tokens, dtype, max_tokens=None,
+         workers=None):
+    from pudding_mlx.generation_eval import GENERATIVE_TASKS, chat_prompts
+    from pudding_mlx.humaneval import load_problems
     from pudding_mlx.omission import parse_omit
     from pudding_mlx.routing import check_override, fixed_choice
     from pudding_mlx.tasks import load_task
@@ -71,7 +82,12 @@ def _run(model, tasks, limit, json_file, dense, omit, data_dir, batch_size, batc
     check_override(dense, omit_list)
     names = _parse_tasks(tasks)
     # the data first: a wrong task name or data folder fails before the model is loaded
-    examples = {t: load_task(t, None, data_dir, limit=limit) for t in names}
+    examples = {t: load_task(t, None, data_dir, limit=limit) for t in names if t not in GENERATIVE_TASKS}
+    generative = {}
+    if "humaneval" in names:
+        generative["humaneval"] = load_problems(data_dir if str(data_dir) == "hub" else None, limit=limit)
+    if "fidelity" in names:
+        generative["fidelity"] = chat_prompts()[:limit] if limit else chat_prompts()
     if json_file not in (None, "-"):
         parent = Path(json_file).expanduser().parent
         if not parent.is_dir():
@@ -97,7 +113,10 @@ def _run(model, tasks, limit, json_file, dense, omit, data_dir, batch_size, batc
             bar.update(ids[phase], completed=done, total=total)
 
         result = evaluate(loaded, examples, omitted, batch_size=batch_size, batch_tokens=batch_tokens,
-                          progress=progress)
+                          progress=progress) if examples else {"tasks": {}}
+        if omitted is not None:
+            result["omitted"] = sorted(omitted)
+        result["tasks"].update(_generative(loaded, generative, omitted, max_tokens, batch_size, workers, progress))
     seconds = time.perf_counter() - start
     payload = {"model": str(loaded.path), "mode": mode, "limit": limit, "n_blocks": loaded.n_blocks}
     payload.update(result)
@@ -116,24 +135,53 @@ def _run(model, tasks, limit, json_file, dense, omit, data_dir, batch_size, batc
         err.print(f"wrote {path}")
 
 
+def _generative(loaded, data: dict, omitted, max_tokens, batch_size, workers, progress) -> dict:
+    from pudding_mlx import generation_eval as G
+
+    out = {}
+    if "humaneval" in data:
+        out["humaneval"] = G.humaneval(loaded, data["humaneval"], omitted, max_tokens or G.he.MAX_TOKENS,
+                                       batch_size, workers, progress)
+    if "fidelity" in data:
+        out["fidelity"] = G.fidelity(loaded, data["fidelity"], omitted, max_tokens or G.FIDELITY_MAX_TOKENS,
+                                     batch_size, progress)
+    return out
+
+
 def _table(payload: dict):
     out = Console(highlight=False, file=sys.stdout)
-    routed = "routing" in payload
+    routed = payload["mode"] == "routed"
     table = Table(show_edge=False)
     for col in ("task", "metric", "acc %", "acc_norm %", "n") + (("usage",) if routed else ()):
         table.add_column(col, justify="left" if col in ("task", "metric", "usage") else "right")
+    generated = {}
     for task, r in payload["tasks"].items():
+        if "records" in r:
+            generated[task] = r
+            continue
         row = [task, r.get("metric", ""), f"{r['acc']:.2f}", f"{r['acc_norm']:.2f}", str(r["n"])]
         if routed:
-            row.append(" ".join(str(u) for u in r["usage"]))
+            row.append(" ".join(str(u) for u in r.get("usage", [])))
         table.add_row(*row)
-    out.print(table)
+    if table.rows:
+        out.print(table)
+    for task, r in generated.items():
+        usage = {}
+        for rec in r["records"]:
+            usage[str(rec["omitted"])] = usage.get(str(rec["omitted"]), 0) + 1
+        what = (f"pass@1 {r['pass@1']:.2f}% ({r['outcomes']})" if task == "humaneval" else
+                f"identical to dense {r['identical']:.2f}%, dense tokens kept before the first difference "
+                f"{r['prefix_kept']:.2f}%")
+        out.print(f"{task}: {what}; n {r['n']}; {r['tokens_mean']:.1f} tokens per reply, {r['hit_limit']} hit "
+                  f"the {r['max_tokens']}-token limit; sets {usage}")
     n = payload["n_blocks"]
-    if routed:
+    if routed and "routing" in payload:
         rt = payload["routing"]
         kept = sum(u * (n - len(c)) for u, c in zip(rt["usage"], rt["candidates"])) / max(1, sum(rt["usage"]))
         err.print(f"Route: per example by the router ({len(rt['candidates'])} candidates; usage "
                   f"{rt['usage']}; mean {kept:.2f}/{n} blocks), router {rt['router_ms_mean']:.1f} ms mean")
+    elif routed:
+        err.print("Route: per prompt by the router (the sets each reply ran are listed above)")
     else:
         om = payload["omitted"]
         err.print(f"Route: {payload['mode']}, omitted {om} ({n - len(om)}/{n} blocks)")

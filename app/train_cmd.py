@@ -280,6 +280,61 @@ def predict(
 
 
 @train_app.command()
+def generate(
+    model: str = typer.Argument(..., help="Hugging Face model directory, .gguf file, or hub id."),
+    out: Path = typer.Option(..., "--out", help="Output folder: sets/<set>.json, replies/, summary.json "
+                             "(resumable: sets already written are skipped)."),
+    candidates: str = typer.Option("", help="Candidates files, comma-separated: every set in them is run."),
+    state: Optional[Path] = typer.Option(None, help="A search state (cand.state.json) for --prefix-k."),
+    prefix_k: str = typer.Option("", "--prefix-k", help="Also run the first k removals of every chain of "
+                                 "--state (e.g. 1,2: the k = 1 and 2 sets of the same searches)."),
+    omit: str = typer.Option("", "--omit", help="Extra sets, ';'-separated, e.g. '3,5;9,13,19'."),
+    tasks: str = typer.Option("humaneval,fidelity", help="humaneval and/or fidelity."),
+    limit: Optional[int] = typer.Option(None, "--limit", "-n", min=1, help="Only the first N problems/prompts."),
+    max_new_tokens: int = typer.Option(512, "--max-tokens", "-m", min=1, help="HumanEval: most new tokens "
+                                       "per reply (fidelity: 256)."),
+    batch_size: int = typer.Option(64, help="Prompts per generate() call."),
+    workers: Optional[int] = typer.Option(None, help="Sandboxes at once (default: the CPU count)."),
+    features_after: str = typer.Option("", help="Also write OUT/features.npz: router features (mean and "
+                                       "last hidden state after these blocks) of every prompt."),
+    recheck: bool = typer.Option(False, help="Only run the stored replies' tests again here (no model)."),
+    device: Optional[str] = typer.Option(None, help="cuda, cuda:1, cpu (default: cuda if present)."),
+    dtype: Optional[str] = typer.Option(None, help="float32 | bfloat16 | float16 (default: bf16 on GPU)."),
+):
+    """Greedy generation for many omission sets with the model loaded once: HumanEval pass@1 (code run in
+    a sandbox) and agreement with dense on the fixed chat prompts. HumanEval is held out: report only."""
+    _need_torch()
+    from pudding_mlx.omission import parse_omit
+    from pudding_mlx.train import generation as G
+
+    if recheck:
+        console.print(f"summary -> {G.recheck(out, workers, log=console.print)}")
+        return
+    task_list = _csv(tasks)
+    bad = [t for t in task_list if t not in ("humaneval", "fidelity")]
+    if bad or not task_list:
+        from pudding_mlx.errors import PuddingError
+
+        raise PuddingError(f"--tasks: {bad[0] if bad else 'nothing given'}; choose humaneval and/or fidelity")
+    sets = G.sets_to_run(_csv(candidates), state, [int(k) for k in _csv(prefix_k)])
+    for text in (t for t in omit.split(";") if t.strip()):
+        extra = parse_omit(text)
+        sets.setdefault(G._set_name(extra), {"omitted": sorted(extra), "k": len(extra), "sources": ["--omit"]})
+    from pudding_mlx.train.hf import load_hf
+
+    out.mkdir(parents=True, exist_ok=True)  # checked before the model loads
+    lm, tokenizer, _ = load_hf(model, device, dtype)
+    console.print(f"{len(sets)} sets x {', '.join(task_list)}")
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TimeElapsedColumn(), console=console, transient=True) as progress:
+        bar = progress.add_task("generate", total=1)
+        path = G.run_generation(lm, tokenizer, sets, out, task_list, limit, max_new_tokens, batch_size, workers,
+                                [int(b) for b in _csv(features_after)], log=console.print,
+                                progress=lambda d, t: progress.update(bar, completed=d, total=t))
+    console.print(f"summary -> {path}")
+
+
+@train_app.command()
 def evaluate(
     run_dir: Path = typer.Argument(..., help="A run folder: data-test/-val.npz, cand-k*.json, routers/ "
                                    "(what results/<model>/pipeline.sh leaves)."),

@@ -145,7 +145,8 @@ def describe(task: str, split: str) -> str:
     return f"{s.repo}{f'[{s.config}]' if s.config else ''}:{s.split}"
 
 
-def _load(src: Source):
+def load_source(src: Source):
+    """`datasets.load_dataset` of `src` (from `PUDDING_MLX_HUB_MIRROR` when set), errors as one line."""
     try:
         import datasets
     except ImportError:
@@ -169,7 +170,7 @@ def rows(task: str, split: str) -> Iterator[Tuple[int, dict]]:
     mapper, _ = SOURCES[task] if task in SOURCES else (None, None)
     src = source(task, split)
     per_subject: Dict[str, int] = {}
-    for n, raw in enumerate(_load(src)):
+    for n, raw in enumerate(load_source(src)):
         where = f"{describe(task, split)} row {n}"
         try:
             ex_id, query, choices, label, extra = mapper(raw, n, where)
