@@ -12,25 +12,28 @@ TASKS = ("arc_easy", "piqa")  # both report acc
 
 
 def _data(rng, n=400, m=4, informative=True, fitted=None):
-    """Rows whose best set is decided by a hidden direction (when informative)."""
+    """Rows whose best set is decided by a hidden direction of the mean-pooled state (when
+    informative); the last-token state is another draw (the two poolings differ, as real ones do:
+    a swapped order of mean+last shows). Returns (data, feats, {pool: raw hidden state})."""
     task = np.array([TASKS[i % 2] for i in range(n)])
     hidden = rng.normal(size=(n, 16)) * np.linspace(3, 0.5, 16)  # a few strong directions, as real states have
     good = (hidden[:, 0] > 0).astype(int) if informative else rng.integers(0, 2, n)
     correct = rng.random((n, m)) < 0.3
     correct[np.arange(n), good] = rng.random(n) < 0.9  # set 0 or set 1 answers, by the direction
     y = np.log(np.where(correct, 0.6, 0.2)) + rng.normal(0, 0.05, (n, m))
+    raw = {"mean": hidden, "last": rng.normal(size=(n, 16)) * np.linspace(2, 0.5, 16) + 1.0}
     data = {"task": task, "id": np.array([f"q{i}" for i in range(n)]), "text": np.array([f"t{i}" for i in range(n)], dtype=object),
             "y": y, "correct": correct, "correct_norm": correct}
-    if fitted is None:  # the PCA is fitted on the training rows and applied to the others
-        center = hidden.mean(0)
-        basis = np.linalg.svd(hidden - center, full_matrices=False)[2][:8]
-    else:
-        center, basis = fitted["center_mean_3"], fitted["basis_mean_3"]
-    feats = {"id": data["id"], "task": task, "mean_3": ((hidden - center) @ basis.T).astype(np.float16),
-             "last_3": ((hidden - center) @ basis.T).astype(np.float16),
-             "center_mean_3": center.astype(np.float32), "basis_mean_3": basis.astype(np.float32),
-             "center_last_3": center.astype(np.float32), "basis_last_3": basis.astype(np.float32)}
-    return data, feats, hidden
+    feats = {"id": data["id"], "task": task}
+    for pool, x in raw.items():
+        if fitted is None:  # the PCA is fitted on the training rows and applied to the others
+            center = x.mean(0)
+            basis = np.linalg.svd(x - center, full_matrices=False)[2][:8]
+        else:
+            center, basis = fitted[f"center_{pool}_3"], fitted[f"basis_{pool}_3"]
+        feats[f"{pool}_3"] = ((x - center) @ basis.T).astype(np.float16)
+        feats[f"center_{pool}_3"], feats[f"basis_{pool}_3"] = center.astype(np.float32), basis.astype(np.float32)
+    return data, feats, raw
 
 
 @pytest.mark.parametrize("objective", [o for o in probe.OBJECTIVES if o != "task"])  # per prompt, not per task
@@ -89,12 +92,29 @@ def test_task_targets_come_from_the_fitted_rows_only():
 
 
 def test_falls_back_to_static_when_the_features_say_nothing():
+    from pudding_mlx.train.router_data import split_by_question
+
     rng = np.random.default_rng(0)
     data, feats, _ = _data(rng, informative=False)
     p = probe.train_probe(data, feats, after=3, objective="accuracy")
-    assert p["val_accuracy"] >= p["val_static_accuracy"]  # the margin is chosen on validation
-    chosen = probe.predict(p, feats)["chosen"]
+    # the validation figures reported are the decision rule's, with the settings chosen, on the
+    # held-out rows of the split (a head fitted on the other rows)
+    tr, va = split_by_question(data, 0.2, 0)
+    tasks, hit = data["task"], probe.hits(data)
+    x = probe.features(feats, 3, p["pooling"])
+    head = probe.fit(x[tr], probe.targets(data, "accuracy", fit_rows=tr)[tr], p["ridge"])
+    static = probe.best_static(hit[tr], tasks[tr])
+    val = probe.decide(probe.scores(head, x[va]), static, p["margin"])
+    assert p["val_accuracy"] == probe.accuracy(hit[va], tasks[va], val)
+    assert p["val_static_accuracy"] == probe.accuracy(hit[va], tasks[va], np.full(len(va), static))
+    # on fresh rows there is nothing to learn: the router keeps mostly to the static set, and what
+    # it routes elsewhere costs little
+    test, test_feats, _ = _data(np.random.default_rng(1), informative=False, fitted=feats)
+    chosen = probe.predict(p, test_feats)["chosen"]
     assert np.mean(chosen == p["static"]) > 0.5
+    hit = probe.hits(test)
+    static_acc = probe.accuracy(hit, test["task"], np.full(len(chosen), p["static"]))
+    assert probe.accuracy(hit, test["task"], chosen) > static_acc - 0.05
 
 
 def test_decision_rule_extremes():
@@ -110,7 +130,7 @@ def test_export_is_the_same_map_on_the_raw_hidden_state(tmp_path):
     for pooling in probe.POOLINGS:
         p = probe.train_probe(data, feats, after=3, objective="centered", poolings=(pooling,))
         folded = probe.export(p, feats)
-        raw = np.concatenate([hidden] * len(pooling.split("+")), axis=1)
+        raw = np.concatenate([hidden[pool] for pool in pooling.split("+")], axis=1)  # mean first
         np.testing.assert_allclose(raw @ folded["weight"].T + folded["bias"], probe.predict(p, feats)["scores"],
                                    rtol=2e-2, atol=2e-2)  # float16 PCA features
         # what the runtime reads back: saved through safetensors (a single pooling once came back
