@@ -197,7 +197,7 @@ def run_search(model: str, tasks: Sequence[str], losses: Sequence[str], ks: Sequ
                                    progress=on_batch)
 
     orders = greedy_search(score_set, list(tasks), list(losses), n_blocks, k_max, protected, state, on_phase)
-    meta = {"model": str(model), "model_name": name, "num_blocks": n_blocks, "protected": protected,
+    meta = {"model": model_identity(model), "model_name": name, "num_blocks": n_blocks, "protected": protected,
             "calibration": {"split": "train", "n": n_calib, "seed": seed,
                             "ids": {t: [e.id for e in ex] for t, ex in calib.items()}}}
     written = {}
@@ -207,6 +207,24 @@ def run_search(model: str, tasks: Sequence[str], losses: Sequence[str], ks: Sequ
             written[k] = write_candidates(path, orders, k, state, meta)
             log(f"k={k}: {len(written[k]['candidates'])} distinct sets -> {path}")
     return written
+
+
+def model_identity(model: str) -> str:
+    """What a candidates file records as its model: a local file by its name and sha256 (as the preset
+    recipe names its GGUF, `name@sha256:...`; the path it had on the machine that ran the search means
+    nothing elsewhere), a local folder by its name, a hub id as given."""
+    import hashlib
+
+    path = Path(model).expanduser()
+    if path.is_file():
+        digest = hashlib.sha256()
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 24):
+                digest.update(chunk)
+        return f"{path.name}@sha256:{digest.hexdigest()}"
+    if path.is_dir():
+        return path.resolve().name
+    return str(model)
 
 
 def split_pool(path) -> tuple:
