@@ -83,3 +83,55 @@ def test_cli_bad_options_one_line(tiny_llm_dir, args, message):
     assert done.returncode == 2
     assert message in done.stderr and "Traceback" not in done.stderr
     assert len(done.stderr.strip().splitlines()) == 1
+
+
+def test_cli_generate_lossless(tiny_llm_dir):
+    """`generate --lossless` on the command line: the pruned set (--omit) only drafts and the dense
+    model verifies, so the tokens are dense's (float32: identical), not the pruned set's; --json
+    says how many came from the draft, the streamed form prints them."""
+    loaded = load(str(tiny_llm_dir))
+    ids = prompt_tokens(loaded.tokenizer, PROMPT)
+    dense = generate(loaded.model, loaded.tokenizer, ids, (), max_tokens=12)
+    assert generate(loaded.model, loaded.tokenizer, ids, (1, 3), max_tokens=12).token_ids != dense.token_ids
+    done = run_cli("generate", str(tiny_llm_dir), "-p", PROMPT, "--omit", "1,3", "--lossless", "--draft-tokens", "3",
+                   "-m", "12", "--json")
+    assert done.returncode == 0, done.stderr
+    payload = json.loads(done.stdout)
+    assert payload["token_ids"] == dense.token_ids and payload["omitted"] == [1, 3]
+    assert payload["lossless"] is True and payload["draft_tokens"] == 3 and 0 < payload["accepted_from_draft"] <= 1
+    streamed = run_cli("generate", str(tiny_llm_dir), "-p", PROMPT, "--omit", "1,3", "--lossless", "-m", "12")
+    assert streamed.returncode == 0, streamed.stderr
+    assert streamed.stdout.rstrip("\n") == dense.text
+    assert "tokens accepted from the pruned draft" in streamed.stderr
+
+
+def test_cpu_default_casts_floats_to_float32(tiny_llm_dir, tmp_path, monkeypatch):
+    """On the CPU backend `load` casts floating weights to float32 unless --dtype says otherwise
+    (bf16/fp16 matmuls are very slow there): a float16 model runs in float32; a 4-bit model keeps
+    its packed weights and gets float32 scales; on Metal/CUDA the stored dtype is kept."""
+    import contextlib
+    import io
+
+    import mlx.nn as nn
+    from mlx.utils import tree_flatten
+    from mlx_lm.convert import convert as mlx_lm_convert
+
+    import pudding_mlx.load as loader
+
+    def dtypes(loaded):
+        return {str(v.dtype) for _, v in tree_flatten(loaded.model.parameters())}
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        mlx_lm_convert(str(tiny_llm_dir), mlx_path=str(tmp_path / "f16"), dtype="float16")
+        mlx_lm_convert(str(tiny_llm_dir), mlx_path=str(tmp_path / "q4"), quantize=True, q_bits=4, dtype="float16")
+    assert loader.backend() == "cpu"
+    assert dtypes(load(str(tmp_path / "f16"))) == {"mlx.core.float32"}
+    assert dtypes(load(str(tmp_path / "f16"), dtype="float16")) == {"mlx.core.float16"}
+    q4 = load(str(tmp_path / "q4"))
+    q = q4.model.model.layers[0].self_attn.q_proj
+    assert isinstance(q, nn.QuantizedLinear) and q.weight.dtype == mx.uint32 and q.scales.dtype == mx.float32
+    assert dtypes(q4) == {"mlx.core.float32", "mlx.core.uint32"}
+    ids = prompt_tokens(q4.tokenizer, PROMPT)
+    assert len(generate(q4.model, q4.tokenizer, ids, (1, 3), max_tokens=4).token_ids) == 4
+    monkeypatch.setattr(loader, "backend", lambda: "metal")
+    assert dtypes(load(str(tmp_path / "f16"))) == {"mlx.core.float16"}
