@@ -94,6 +94,36 @@ def test_two_process_scoring_equals_one(tiny_hf_dir):
         assert p.returncode == 0, f"rank {rank} exited with {p.returncode}:\n{tail}"
     one = json.loads(single.stdout.strip().splitlines()[-1])
     two = json.loads(outs[0][0].strip().splitlines()[-1])
+    # every example (6 + 5) and every choice of each: zip alone would stop at the shorter
+    assert len(one["mean_ll"]) == len(two["mean_ll"]) == 11
+    assert [len(a) for a in one["mean_ll"]] == [len(b) for b in two["mean_ll"]]
     assert two["acc"] == one["acc"]
     for a, b in zip(one["mean_ll"], two["mean_ll"]):
         assert max(abs(x - y) for x, y in zip(a, b)) < 1e-5
+
+
+def test_search_protect_first(tiny_hf_dir, tmp_path):
+    """`train search --protect-first P`: no candidate omits blocks 0..P-1 (what a hidden-state
+    router reads after), the candidates file lists them as protected with the last block, and a k
+    that the blocks left cannot hold is refused with a message that says so."""
+    from typer.testing import CliRunner
+
+    from pudding_mlx.app.cli import app
+    from pudding_mlx.errors import PuddingError
+
+    def run(k, out):
+        return CliRunner().invoke(app, ["train", "search", str(tiny_hf_dir), "--tasks", "arc_easy", "--losses",
+                                        "likelihood", "--k", k, "--n-calib", "4", "--batch-size", "8", "--device",
+                                        "cpu", "--protect-first", "2", "--out", str(out)],
+                                  env={"PUDDING_MLX_DATA": str(DATA)})
+
+    done = run("1,3", tmp_path / "c.json")
+    assert done.exit_code == 0, done.output
+    for k in (1, 3):  # 6 blocks: 0, 1 (--protect-first 2) and 5 (last) stay; 2, 3, 4 may go
+        c = json.loads((tmp_path / f"c-k{k}.json").read_text())
+        assert c["protected"] == [0, 1, 5] and c["num_blocks"] == 6
+        assert c["candidates"] and all(len(x["omitted"]) == k and set(x["omitted"]) <= {2, 3, 4}
+                                       for x in c["candidates"]), c["candidates"]
+    refused = run("4", tmp_path / "d.json")
+    assert isinstance(refused.exception, PuddingError), refused.output
+    assert "k=4 but only 3 blocks may be removed" in str(refused.exception)
