@@ -684,10 +684,19 @@ def test_chat_turn_shows_progress_while_re_prefilling(tiny):
 
 def test_hidden_router_preset_builds_routes_and_is_cached(tiny_default_build, monkeypatch):
     """The Qwen preset's builder (hidden-state router, 4-bit conversion) with the tiny model standing
-    in: the LLM is fetched through assets.qwen25_coder_gguf and converted with quantize_bits=4, the
-    shipped router.json + head.safetensors become the bundle's hidden router (no encoder fetched),
-    the bundle routes per prompt with it, a second call reuses it, and a changed head rebuilds it."""
+    in: the LLM is fetched through assets.qwen25_coder_gguf and converted with quantize_bits=4 (here
+    the tiny model, quantized to those bits for real), the shipped router.json + head.safetensors
+    become the bundle's hidden router (no encoder fetched), the bundle routes per prompt with it on
+    the 4-bit model (the shipped head on the quantized model's own mean state after block 1, the
+    argmax), a second call reuses it, and a changed head rebuilds it."""
+    import contextlib
+    import io
+
     import mlx.core as mx
+    import mlx.nn as nn
+    import numpy as np
+    from mlx_lm.convert import convert as mlx_lm_convert
+    from mlx_lm.models.base import create_attention_mask
 
     from pudding_mlx.bundle import read_manifest
     from pudding_mlx.convert import default_bundle as db
@@ -703,11 +712,16 @@ def test_hidden_router_preset_builds_routes_and_is_cached(tiny_default_build, mo
                         {"weight": mx.random.normal((3, 64), key=mx.random.key(1)), "bias": mx.zeros((3,))})
     fetched, bits = [], []
     monkeypatch.setattr(db.assets, "qwen25_coder_gguf", lambda *a, **k: fetched.append(1) or Path("Qwen.gguf"))
-    real_convert = __import__("pudding_mlx.convert.llm", fromlist=["convert_llm"]).convert_llm
+    stand_in = __import__("pudding_mlx.convert.llm", fromlist=["convert_llm"]).convert_llm  # the fixture's copy
 
     def convert(src, out, quantize_bits=None, **kw):
         bits.append(quantize_bits)
-        return real_convert(src, out, **kw)
+        tiny = stand_in(src, Path(out).with_name("tiny-float"), **kw)
+        if quantize_bits is None:
+            return Path(tiny).rename(out)
+        with contextlib.redirect_stdout(io.StringIO()):
+            mlx_lm_convert(str(tiny), mlx_path=str(out), quantize=True, q_bits=quantize_bits, q_group_size=64)
+        return Path(out)
 
     monkeypatch.setattr("pudding_mlx.convert.llm.convert_llm", convert)
     path = db.ensure_default_bundle(data_dir=data, preset="qwen2.5-coder-1.5b")
@@ -717,8 +731,21 @@ def test_hidden_router_preset_builds_routes_and_is_cached(tiny_default_build, mo
     assert manifest.router.kind == "hidden" and manifest.provenance["preset"] == "qwen2.5-coder-1.5b"
     loaded = load(str(path))
     assert loaded.router.kind == "hidden" and loaded.router.after == 1
-    chosen = {route(loaded, text).candidate for text in ("hi", "What is the capital of France?", "Tell me a story")}
-    assert chosen <= {0, 1, 2}
+    layers = loaded.model.model.layers
+    assert isinstance(layers[0].self_attn.q_proj, nn.QuantizedLinear) and layers[0].self_attn.q_proj.bits == 4
+    weight = np.array(mx.load(str(data / "head.safetensors"))["weight"])
+    chosen = []
+    for text in ("hi", "What is the capital of France?", "Tell me a story", "def add(a, b):", "2 + 2 = ?",
+                 "Translate 'cat' into French."):
+        choice = route(loaded, text)
+        h = loaded.model.model.embed_tokens(mx.array([loaded.router.prompt_ids(text)]))
+        for layer in layers[:2]:  # blocks 0..1 of the 4-bit model, by hand
+            h = layer(h, create_attention_mask(h, None), None)
+        want = weight @ np.array(h[0].astype(mx.float32)).mean(0)
+        np.testing.assert_allclose(choice.scores, want, rtol=1e-4, atol=1e-4)
+        assert choice.candidate == int(np.argmax(want)) and choice.omitted == tuple(sets[choice.candidate])
+        chosen.append(choice.candidate)
+    assert len(set(chosen)) >= 2, chosen  # the head follows the prompt
     assert db.ensure_default_bundle(data_dir=data, preset="qwen2.5-coder-1.5b") == path and len(calls) == 1
     mx.save_safetensors(str(data / "head.safetensors"), {"weight": mx.ones((3, 64)), "bias": mx.zeros((3,))})
     db.ensure_default_bundle(data_dir=data, preset="qwen2.5-coder-1.5b")
