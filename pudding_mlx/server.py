@@ -456,13 +456,14 @@ class Engine:
             record.update(self.usage(result))
             record["pudding"] = self.extra(result, waited)
         self.count("completed" if finish in ("stop", "length") else "stopped", record)
-        what = record.get("pudding", {})
-        routed = (f"omitted {what.get('omitted')} ({what.get('blocks_ran')}/{self.num_blocks} blocks, "
-                  f"{what.get('routing')})" if what else "not started")
-        prompt = what.get("prompt", {})
-        self.log(f"{job.id} {finish} · {routed} · prompt {record['prompt_tokens']} tok "
-                 f"({prompt.get('cached', 0)} cached) · {record['completion_tokens']} tok in {seconds:.1f} s"
-                 + (f" · waited {waited:.1f} s" if waited >= 0.1 else ""))
+        what = record.get("pudding")
+        if what is None:
+            line = "not started (the client left while it waited)"
+        else:
+            line = (f"omitted {what['omitted']} ({what['blocks_ran']}/{self.num_blocks} blocks, {what['routing']}) · "
+                    f"prompt {record['prompt_tokens']} tok ({what['prompt']['cached']} cached) · "
+                    f"{record['completion_tokens']} tok in {seconds:.1f} s")
+        self.log(f"{job.id} {finish} · {line}" + (f" · waited {waited:.1f} s" if waited >= 0.1 else ""))
         job.emit("done", dict(record, text=text))
 
     @staticmethod

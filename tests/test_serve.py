@@ -243,6 +243,20 @@ def test_a_client_that_disconnects_stops_its_generation(server):
     assert stopped_after < 10  # 200 tokens would take far longer on this CPU (several tokens a second)
 
 
+def test_a_plain_request_whose_client_leaves_is_stopped(server):
+    """Not streamed: the server polls for the disconnect while it generates, and stops there."""
+    before = server.health()["counts"]["stopped"]
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=3)
+    conn.request("POST", "/v1/chat/completions", json.dumps({"messages": user(LONG), "max_tokens": 200}),
+                 {"Content-Type": "application/json"})
+    with pytest.raises(TimeoutError):
+        conn.getresponse()
+    conn.close()
+    h = server.wait_health(lambda h: h["counts"]["stopped"] == before + 1 and not h["running"], timeout=15)
+    record = h["recent"][-1]
+    assert record["finish"] == "disconnected" and record["completion_tokens"] < 60
+
+
 BAD = [  # (body, the param named in the error)
     (b"{not json", None),
     (b"[1, 2]", None),
