@@ -907,3 +907,123 @@ def test_gemma3_gguf_parity(tmp_path):
     r = P.measure(Path(GEMMA3), questions=2, gen_prompts=1, gen_tokens=16, converted=out)
     assert r["top1_agreement"] >= 0.98 and r["max_abs_logit_diff"] < 0.5, r
     assert r["greedy_min_agree"] >= 12, r
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A tiny synthetic gemma3 GGUF: the gemma3 conversion in CI (the real 270M file above is opt-in)
+
+GEMMA_TEMPLATE = ("{{ bos_token }}{% for message in messages %}{% set role = 'model' if message['role'] == 'assistant' "
+                  "else message['role'] %}{{ '<start_of_turn>' + role + '\\n' + message['content'] | trim + "
+                  "'<end_of_turn>\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<start_of_turn>model\\n' }}{% endif %}")
+
+
+@pytest.fixture(scope="module")
+def tiny_gemma3_gguf(tmp_path_factory):
+    """Written the way llama.cpp writes a Gemma 3: every RMSNorm weight stored as 1 + w (q/k norms too), head_dim
+    256 (a GGUF does not store query_pre_attn_scalar: both sides then take 256, as for gemma-3-270m and -1b), five
+    sliding-window layers then a global one, with a window (8 tokens) shorter than the test prompts, tied
+    embeddings, a different GGML type per projection, and a SentencePiece vocabulary (control, byte and normal
+    tokens) with Gemma's chat template."""
+    import gguf
+    from gguf import GGMLQuantizationType as T, quants
+
+    path = tmp_path_factory.mktemp("tinygemma3") / "tiny-gemma3.gguf"
+    rng = np.random.default_rng(2)
+    H, I, L, NH, NKV, HD = 64, 128, 6, 2, 1, 256
+    chars = ["\u2581"] + [chr(c) for c in range(33, 127)]
+    words = ["\u2581t", "\u2581a", "he", "\u2581th", "\u2581the", "in", "er", "an", "\u2581s", "\u2581w", "on", "re", "at",
+             "en", "\u2581o", "\u2581i", "is", "\u2581is", "\u2581c", "ed", "\u2581b", "or", "\u2581f", "\u2581m", "\u2581p",
+             "ou", "\u2581d", "ing", "\u2581of", "\u2581to", "\u2581and", "\u2581in", "model", "user", "\n", "\n\n"]
+    tokens = (["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>"]
+              + [f"<0x{b:02X}>" for b in range(256)] + chars + words)
+    w = gguf.GGUFWriter(str(path), "gemma3")
+    w.add_context_length(2048)
+    w.add_embedding_length(H)
+    w.add_block_count(L)
+    w.add_feed_forward_length(I)
+    w.add_head_count(NH)
+    w.add_head_count_kv(NKV)
+    w.add_key_length(HD)
+    w.add_value_length(HD)
+    w.add_layer_norm_rms_eps(1e-6)
+    w.add_rope_freq_base(1_000_000.0)
+    w.add_sliding_window(8)
+    w.add_tokenizer_model("llama")
+    w.add_tokenizer_pre("default")
+    w.add_token_list(tokens)
+    w.add_token_scores([-float(i) for i in range(len(tokens))])
+    w.add_token_types([3, 3, 3, 2, 3, 3] + [6] * 256 + [1] * (len(chars) + len(words)))
+    w.add_bos_token_id(2)
+    w.add_eos_token_id(1)
+    w.add_unk_token_id(3)
+    w.add_pad_token_id(0)
+    w.add_add_bos_token(True)
+    w.add_add_eos_token(False)
+    w.add_chat_template(GEMMA_TEMPLATE)
+
+    def put(name, shape, kind, scale=0.2, offset=0.0):
+        x = (offset + scale * rng.standard_normal(shape)).astype(np.float32)
+        if kind == "F32":
+            w.add_tensor(name, x)
+        elif kind == "F16":
+            w.add_tensor(name, x.astype(np.float16))
+        else:
+            w.add_tensor(name, quants.quantize(x, T[kind]), raw_dtype=T[kind])
+
+    put("token_embd.weight", (len(tokens), H), "Q8_0", scale=0.5)
+    put("output_norm.weight", (H,), "F32", scale=0.1, offset=1.0)
+    for i in range(L):
+        p = f"blk.{i}."
+        for norm in ("attn_norm", "post_attention_norm", "ffn_norm", "post_ffw_norm"):
+            put(p + norm + ".weight", (H,), "F32", scale=0.1, offset=1.0)
+        put(p + "attn_q_norm.weight", (HD,), "F32", scale=0.1, offset=1.0)
+        put(p + "attn_k_norm.weight", (HD,), "F32", scale=0.1, offset=1.0)
+        put(p + "attn_q.weight", (NH * HD, H), "Q4_0")
+        put(p + "attn_k.weight", (NKV * HD, H), "Q8_0")
+        put(p + "attn_v.weight", (NKV * HD, H), "F16")
+        put(p + "attn_output.weight", (H, NH * HD), "Q4_1")
+        put(p + "ffn_gate.weight", (I, H), "Q4_0")
+        put(p + "ffn_up.weight", (I, H), "Q8_0")
+        put(p + "ffn_down.weight", (H, I), "BF16")
+    return finish_gguf(w, path)
+
+
+@pytest.mark.torch
+def test_tiny_gemma3_gguf_parity(tiny_gemma3_gguf, tmp_path):
+    """The gemma3 GGUF converter on every run: the config (layer pattern, window, both rope bases, head_dim and
+    query scale, tied embeddings), the norms' stored 1 + w undone, the chat template, and the logits of
+    transformers' GGUF loader: in float32 only arithmetic order differs (measured max |diff| 1e-5; the window of
+    8 tokens is shorter than both prompts, so the sliding layers differ from global ones here); in the float16
+    default 7e-4, top-1 equal everywhere."""
+    from mlx.utils import tree_flatten
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = tiny_gemma3_gguf
+    ref = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
+    ref_tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    out = convert_llm(path, tmp_path / "f32", dtype="float32")
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["model_type"] == "gemma3_text" and cfg["num_hidden_layers"] == 6 and cfg["tie_word_embeddings"] is True
+    assert cfg["layer_types"] == ["sliding_attention"] * 5 + ["full_attention"] and cfg["sliding_window"] == 8
+    assert cfg["rope_local_base_freq"] == 10000.0 and cfg["rope_theta"] == 1_000_000.0
+    assert cfg["head_dim"] == cfg["query_pre_attn_scalar"] == 256 and cfg["hidden_activation"] == "gelu_pytorch_tanh"
+    model, tok = P.load_mlx(out)
+    ours = dict(tree_flatten(model.parameters()))
+    g = G.GGUFFile(path)
+    for gguf_name, name in (("blk.0.attn_norm.weight", "model.layers.0.input_layernorm.weight"),
+                            ("blk.5.attn_k_norm.weight", "model.layers.5.self_attn.k_norm.weight"),
+                            ("blk.3.post_ffw_norm.weight", "model.layers.3.post_feedforward_layernorm.weight"),
+                            ("output_norm.weight", "model.norm.weight")):
+        np.testing.assert_array_equal(np.array(ours[name]), G.dequantize(g.tensors[gguf_name]) - 1.0)
+    message = [{"role": "user", "content": "What is the sky? the model is in the user"}]
+    ids = list(tok.apply_chat_template(message, add_generation_prompt=True, tokenize=True))
+    assert ids == list(ref_tok.apply_chat_template(message, add_generation_prompt=True, tokenize=True, return_dict=False))
+    assert ids[:2] == [2, 4] and len(ids) > 8  # <bos> <start_of_turn> ...
+    prompts = [ids, ref_tok.encode("the sky is blue and the sea is in the model " * 3)]
+    r = P.logits_parity(model, ref, prompts)
+    assert r["max_abs_logit_diff"] < 1e-4 and r["top1_agreement"] == 1.0, r
+    logits = np.array(model(mx.array([prompts[1]])))[0]
+    assert len(set(logits.argmax(-1).tolist())) > 5  # top-1 varies along the prompt: its agreement means something
+    model16, _ = P.load_mlx(convert_llm(path, tmp_path / "f16"))  # the default dtype: float16
+    r = P.logits_parity(model16, ref, prompts)
+    assert r["max_abs_logit_diff"] < 1e-2 and r["top1_agreement"] >= 0.98, r
