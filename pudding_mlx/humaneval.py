@@ -30,7 +30,7 @@ as the body that continues the stub (completion style).
 
 Sandbox (`run_program`): a separate Python process (`python -I -B`: isolated, no bytecode written) in a
 fresh temporary folder, with a clean environment, in a new session, under resource limits (CPU seconds,
-address space, file size, open files, processes), as a distinct unprivileged user when run as root, and
+address space, file size, open files, processes), as a fresh unprivileged uid of its own when run as root, and
 with audit hooks installed before the program runs that refuse: writing, deleting, renaming or
 changing files outside its folder, starting processes (fork, exec, subprocess, os.system), network
 sockets, and ctypes. A wall-clock limit kills its whole process group. stdout and stderr go to one file
@@ -46,6 +46,7 @@ import gzip
 import hashlib
 import json
 import os
+import random
 import re
 import shutil
 import signal
@@ -275,25 +276,30 @@ class Outcome:
         return {"passed": self.passed, "result": self.result, "test_seconds": round(self.seconds, 3)}
 
 
+_UIDS_IN_USE: set = set()
 _UID_LOCK = threading.Lock()
-_FREE_UIDS: List[int] = []
-_NEXT_UID = [61000]  # root only: each concurrent sandbox runs as its own uid 61000.., which owns nothing
+_UID_RANGE = (1 << 20, 1 << 30)  # root only: a fresh uid per sandbox, drawn at random, owning nothing
 
 
 def _take_uid() -> Optional[int]:
+    """A uid for one sandbox run (as root), unused by this process's other sandboxes and, being drawn
+    from 2^30 at random, by other processes' (several evaluations may run at once on one machine:
+    `_kill_all` kills by uid, so a shared uid would kill another's program)."""
     if os.name != "posix" or os.geteuid() != 0:
         return None
+    rng = random.SystemRandom()
     with _UID_LOCK:
-        if _FREE_UIDS:
-            return _FREE_UIDS.pop()
-        _NEXT_UID[0] += 1
-        return _NEXT_UID[0] - 1
+        while True:
+            uid = rng.randrange(*_UID_RANGE)
+            if uid not in _UIDS_IN_USE:
+                _UIDS_IN_USE.add(uid)
+                return uid
 
 
 def _give_uid(uid: Optional[int]) -> None:
     if uid is not None:
         with _UID_LOCK:
-            _FREE_UIDS.append(uid)
+            _UIDS_IN_USE.discard(uid)
 
 
 def _limit_child(limits: Limits, as_other_user: bool):

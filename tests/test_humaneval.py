@@ -145,5 +145,20 @@ def test_a_clean_environment_and_a_private_folder():
 
 @pytest.mark.skipif(os.name != "posix" or os.geteuid() != 0, reason="another uid only when run as root")
 def test_as_root_the_program_runs_as_a_uid_of_its_own():
-    src = "import os\nassert os.getuid() >= 61000, os.getuid()\nassert os.getgid() == os.getuid()\n"
+    src = "import os\nassert os.getuid() >= 1 << 20, os.getuid()\nassert os.getgid() == os.getuid()\n"
     assert he.run_program(src, FAST).passed
+
+
+def test_sandboxes_of_two_processes_at_once_leave_each_other_alone(problems, tmp_path):
+    """Two evaluations on one machine (the GPU runs do this): each one's clean-up must not kill the other's
+    programs (as root it kills by uid; a uid shared between processes made 'killed: killed' failures)."""
+    import subprocess
+    import sys
+
+    code = ("from pudding_mlx import humaneval as he\n"
+            "ps = he.load_problems(limit=24)\n"
+            "out = he.check_all(ps, [p.prompt + p.canonical_solution for p in ps], workers=3)\n"
+            "print(sum(o.passed for o in out), sorted({o.result for o in out if not o.passed}))\n")
+    procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=300)[0].strip() for p in procs]
+    assert outs == ["24 []", "24 []"], outs
