@@ -14,7 +14,7 @@ from rich.console import Console
 
 from pudding_mlx import __version__
 from pudding_mlx.errors import PuddingError
-from pudding_mlx.app.options import DRAFT, LOSSLESS
+from pudding_mlx.app.options import DRAFT, LOSSLESS, ROUTED
 
 app = typer.Typer(
     name="pudding-mlx",
@@ -25,7 +25,7 @@ app = typer.Typer(
     add_completion=False,
     rich_markup_mode="rich",
 )
-err = Console(stderr=True, highlight=False)
+err = Console(stderr=True, highlight=False, soft_wrap=True)  # footer lines are never wrapped
 out = Console(highlight=False, soft_wrap=True)
 
 
@@ -56,6 +56,7 @@ def generate(
     prompt: str = typer.Option(..., "--prompt", "-p", help="The user message."),
     dense: bool = DENSE,
     omit: Optional[str] = OMIT,
+    routed: bool = ROUTED,
     max_tokens: int = typer.Option(256, "--max-tokens", "-m", min=1, help="Most tokens to generate."),
     temp: float = typer.Option(0.0, "--temp", min=0.0, help="Sampling temperature; 0 is greedy."),
     top_p: float = typer.Option(1.0, "--top-p", min=0.0, max=1.0, help="Nucleus sampling mass."),
@@ -72,13 +73,14 @@ def generate(
     from pudding_mlx.generate import generate as run_generate, prompt_tokens, stream_generate
     from pudding_mlx.load import load
     from pudding_mlx.omission import parse_omit
-    from pudding_mlx.routing import choose_and_prefill
+    from pudding_mlx.routing import check_override, choose_and_prefill
 
-    loaded = load(model, dtype=dtype)
+    omit_list = None if omit is None else parse_omit(omit)
+    check_override(dense, omit_list, routed)
+    loaded = load(model, dtype=dtype, routed=routed)
     ids = prompt_tokens(loaded.tokenizer, prompt, not ignore_chat_template, system)
     n_prompt = len(ids)
-    choice, ids, cache = choose_and_prefill(loaded, prompt, ids, dense, None if omit is None else parse_omit(omit),
-                                            lossless)
+    choice, ids, cache = choose_and_prefill(loaded, prompt, ids, dense, omit_list, lossless)
     kwargs = dict(max_tokens=max_tokens, temp=temp, top_p=top_p, seed=seed, prompt_cache=cache)
     if lossless:
         kwargs.update(lossless=True, draft_tokens=draft_tokens)
@@ -109,6 +111,10 @@ def _footer(loaded, choice, last, routed_prefill_tokens=None):
                 f"({n - len(choice.omitted)}/{n} blocks), router {choice.router_ms:.1f} ms")
     elif choice.how == "no-router":
         what = f"dense ({n}/{n} blocks): this model has no router"
+    elif choice.how == "dense-default":
+        from pudding_mlx.routing import default_note
+
+        what = f"dense ({n}/{n} blocks), {default_note(loaded)}"
     else:
         what = f"omitted {list(choice.omitted)} ({n - len(choice.omitted)}/{n} blocks)"
     err.print(f"[dim]{'=' * 10}[/dim]")

@@ -21,6 +21,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from pudding_mlx.app.options import ROUTED
 from pudding_mlx.errors import PuddingError
 
 err = Console(stderr=True, highlight=False)
@@ -44,6 +45,7 @@ def eval_command(
     json_file: Optional[str] = typer.Option(None, "--json", metavar="FILE", help="Write the results as one "
                                             "JSON object to FILE ('-': to stdout, instead of the table)."),
     dense: bool = typer.Option(False, "--dense", help="Run every block (no pruning), ignoring the router."),
+    routed: bool = ROUTED,
     omit: Optional[str] = typer.Option(None, "--omit", help="Skip these 0-based blocks, e.g. 3,5 "
                                        "(overrides the router)."),
     data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="The benchmark folder "
@@ -64,14 +66,14 @@ def eval_command(
     --batch-size is the number of prompts generated together."""
     try:
         _run(model, tasks, limit, json_file, dense, omit, data_dir, batch_size, batch_tokens, dtype,
-             max_tokens, workers)
+             max_tokens, workers, routed)
     except PuddingError as e:
         err.print(f"[bold red]error:[/bold red] {e}", soft_wrap=True)
         raise typer.Exit(2)
 
 
 def _run(model, tasks, limit, json_file, dense, omit, data_dir, batch_size, batch_tokens, dtype, max_tokens=None,
-         workers=None):
+         workers=None, routed=False):
     from pudding_mlx.generation_eval import GENERATIVE_TASKS, chat_prompts
     from pudding_mlx.humaneval import load_problems
     from pudding_mlx.omission import parse_omit
@@ -79,7 +81,7 @@ def _run(model, tasks, limit, json_file, dense, omit, data_dir, batch_size, batc
     from pudding_mlx.tasks import load_task
 
     omit_list = None if omit is None else parse_omit(omit)
-    check_override(dense, omit_list)
+    check_override(dense, omit_list, routed)
     names = _parse_tasks(tasks)
     # the data first: a wrong task name or data folder fails before the model is loaded
     examples = {t: load_task(t, None, data_dir, limit=limit) for t in names if t not in GENERATIVE_TASKS}
@@ -96,11 +98,15 @@ def _run(model, tasks, limit, json_file, dense, omit, data_dir, batch_size, batc
     from pudding_mlx.evaluate import evaluate
     from pudding_mlx.load import load
 
-    loaded = load(model, dtype=dtype, with_router=not dense and omit_list is None)
-    choice = fixed_choice(loaded.n_blocks, loaded.router is not None, dense, omit_list)
+    loaded = load(model, dtype=dtype, with_router=not dense and omit_list is None, routed=routed)
+    choice = fixed_choice(loaded.n_blocks, loaded.router is not None, dense, omit_list, loaded.dense_by_default)
     omitted, mode = (None, "routed") if choice is None else (choice.omitted, choice.how)
     if mode == "no-router":
         err.print(f"{loaded.path}: this model has no router; evaluating dense", soft_wrap=True)
+    elif mode == "dense-default":
+        from pudding_mlx.routing import default_note
+
+        err.print(f"{loaded.path}: {default_note(loaded)}", soft_wrap=True)
 
     start = time.perf_counter()
     with Progress(TextColumn("{task.description:<8}"), BarColumn(), MofNCompleteColumn(),

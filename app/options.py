@@ -11,3 +11,6 @@ LOSSLESS = typer.Option(
     "when drafts are accepted.")
 DRAFT = typer.Option(DRAFT_TOKENS, "--draft-tokens", min=1, help="Tokens drafted per dense verification "
                      "(--lossless).")
+ROUTED = typer.Option(False, "--routed", help="Route with the bundle's router even where the bundle runs dense "
+                      "by default (the qwen2.5-coder-1.5b preset: routing at k = 3 costs most of its HumanEval "
+                      "pass@1; see results/qwen2.5-coder-1.5b/generation.md).")

@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from pudding_mlx.app.options import DRAFT, LOSSLESS
+from pudding_mlx.app.options import DRAFT, LOSSLESS, ROUTED
 from pudding_mlx.errors import PuddingError
 
 HELP = [
@@ -53,6 +53,7 @@ def chat(
                                "switches routing back on)."),
     omit: Optional[str] = typer.Option(None, "--omit", help="Skip these 0-based blocks on every turn, "
                                        "e.g. 3,5,9 (overrides the router)."),
+    routed: bool = ROUTED,
     dtype: Optional[str] = typer.Option(None, "--dtype", help="float32 | float16 | bfloat16 (default: "
                                         "float32 on the CPU backend, the stored dtype elsewhere)."),
     lossless: bool = LOSSLESS,
@@ -69,13 +70,13 @@ def chat(
     from pudding_mlx.convert.default_bundle import ensure_default_bundle, note_for
     from pudding_mlx.load import DTYPES, load, resolve
     from pudding_mlx.omission import parse_omit
-    from pudding_mlx.routing import check_override, fixed_choice
+    from pudding_mlx.routing import check_override, default_note, fixed_choice
     from pudding_mlx.skip import SkipView
 
     console = Console(highlight=False, soft_wrap=True)
     err = Console(stderr=True, highlight=False)
     base_omit = None if omit is None else parse_omit(omit)
-    check_override(dense, base_omit)
+    check_override(dense, base_omit, routed)
     if dtype is not None and dtype not in DTYPES:
         raise PuddingError(f"--dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
 
@@ -84,7 +85,7 @@ def chat(
             raise PuddingError("give either MODEL or --preset (a preset is a bundle built for you)")
         path = ensure_default_bundle(console=err, preset=preset) if model is None else resolve(model)
         with console.status("loading the model", spinner="dots"):
-            loaded = load(str(path), dtype=dtype)
+            loaded = load(str(path), dtype=dtype, routed=routed)
             SkipView(loaded.model)  # an unsupported architecture fails here, in one line
     except KeyboardInterrupt:
         err.print("interrupted")
@@ -92,7 +93,7 @@ def chat(
     n = loaded.n_blocks
     if base_omit is not None:  # checked against the model now, not at the first message
         base_omit = list(fixed_choice(n, loaded.router is not None, omit=base_omit).omitted)
-    note = note_for(loaded.manifest)
+    note = note_for(loaded.manifest) or (None if dense or base_omit is not None else default_note(loaded))
     if seed is not None:
         mx.random.seed(seed)
     session = ChatSession.from_loaded(loaded, system=system, lossless=lossless, draft_tokens=draft_tokens)
@@ -241,6 +242,8 @@ class _ChatState:
             what = f"--omit: omitted {list(choice.omitted)} ({n - k}/{n} blocks)"
         elif choice.how == "no-router":
             what = f"dense ({n}/{n} blocks): {self.note or 'this model has no router'}"
+        elif choice.how == "dense-default":
+            what = f"dense ({n}/{n} blocks): the bundle's default (--routed to route)"
         else:
             what = f"dense ({n}/{n} blocks)"
         if result.drafted is not None:  # lossless: the set above drafted, the dense model answered
@@ -280,6 +283,7 @@ class _ChatState:
                 return None
             mode = "dense (every block runs)" if self.dense else (
                 f"--omit {self.base_omit}" if self.base_omit is not None else
+                f"dense: {self.note}" if self.loaded.dense_by_default else
                 "routed" if self.loaded.router is not None else f"dense: {self.note or 'no router'}")
             console.print(f"[dim]mode: {mode}[/dim]")
         elif cmd == "/route":

@@ -66,7 +66,7 @@ def _candidates(candidates, n_blocks: int):
 
 
 def build_bundle(llm_dir, out, candidates=None, router=None, provenance: Optional[dict] = None,
-                 force: bool = False) -> Path:
+                 force: bool = False, default_routing: Optional[dict] = None) -> Path:
     llm_dir, out = Path(llm_dir), Path(out)
     if out.exists() and not force:
         raise PuddingError(f"{out}: already exists; pass --force to replace it")
@@ -86,7 +86,8 @@ def build_bundle(llm_dir, out, candidates=None, router=None, provenance: Optiona
         settings = None
         if router is not None:
             settings = _add_router(Path(router), tmp / "router", cands)
-        manifest = Manifest(num_blocks=n_blocks, candidates=cands, router=settings, provenance=prov)
+        manifest = Manifest(num_blocks=n_blocks, candidates=cands, router=settings, provenance=prov,
+                            default_routing=default_routing)
         # the same checks a user's load runs, before anything is visible at OUT
         parse_manifest(manifest.to_json(), str(out / MANIFEST), n_blocks)
         write_manifest(tmp, manifest)

@@ -91,6 +91,9 @@ def bundle_path(preset: Optional[str] = None) -> Path:
     return assets.cache_dir() / preset_of(preset).folder
 
 
+DEFAULT_ROUTING = "default_routing.json"  # optional, shipped beside the router: what runs when no set is named
+
+
 def _router_files(kind: str) -> tuple:
     return ("router.json", "head.safetensors") if kind == "hidden" else ("head.json", "head.safetensors")
 
@@ -106,7 +109,7 @@ def recipe(data_dir: Optional[Path] = None, preset: Optional[str] = None) -> dic
     p = preset_of(preset)
     data_dir = Path(data_dir or p.data_dir)
     digest = hashlib.sha256()
-    for name in ("candidates.json",) + _router_files(p.router_kind):
+    for name in ("candidates.json", DEFAULT_ROUTING) + _router_files(p.router_kind):
         path = data_dir / name
         digest.update(name.encode())
         digest.update(path.read_bytes() if path.is_file() else b"<absent>")
@@ -207,9 +210,13 @@ def _build(target: Path, data_dir: Path, progress, p: Preset) -> None:
             for name in _router_files("hidden"):
                 shutil.copy2(data_dir / name, router / name)
         provenance = {"source_model": p.source_model, "default_bundle": True, "preset": p.name}
+        default_routing = None
+        if with_router and (data_dir / DEFAULT_ROUTING).is_file():
+            shipped = read_json(data_dir / DEFAULT_ROUTING, "the preset's default routing", "reinstall pudding-mlx")
+            default_routing = {"mode": shipped["mode"], "reason": shipped["reason"]}
         bundle = step("assemble the bundle" + (" (convert the router)" if with_router else " (no router shipped)"),
                       lambda: build_bundle(llm, work / "bundle", data_dir / "candidates.json", router,
-                                           provenance=provenance))
+                                           provenance=provenance, default_routing=default_routing))
         write_json(bundle / MARKER, recipe(data_dir, p.name))
         # one rename; a stale TARGET is replaced, a complete one (another process finished first) kept
         publish_dir(bundle, target, force=True, keep=lambda path: is_complete(path, data_dir, p.name))

@@ -74,6 +74,8 @@ class Manifest:
     router: Optional[RouterSettings] = None
     provenance: dict = field(default_factory=dict)
     schema_version: int = SCHEMA_VERSION
+    # {"mode": "dense" | "routed", "reason": str}: what runs when the user names no set (routing.default_dense)
+    default_routing: Optional[dict] = None
 
     def to_json(self) -> dict:
         return {
@@ -83,6 +85,7 @@ class Manifest:
             "candidates": [c.to_json() for c in self.candidates],
             "router": None if self.router is None else vars(self.router),
             "provenance": self.provenance,
+            **({"default_routing": self.default_routing} if self.default_routing else {}),
         }
 
 
@@ -146,7 +149,14 @@ def parse_manifest(data, where: str, llm_blocks: Optional[int] = None) -> Manife
     provenance = data.get("provenance", {})
     if not isinstance(provenance, dict):
         fail("provenance", "must be an object")
-    return Manifest(n, candidates, router, provenance, version)
+    default = data.get("default_routing")
+    if default is not None:
+        if not isinstance(default, dict) or default.get("mode") not in ("dense", "routed") \
+                or not isinstance(default.get("reason", ""), str):
+            fail("default_routing", 'must be {"mode": "dense" | "routed", "reason": text} or absent')
+        if default["mode"] == "dense" and router is None:
+            fail("default_routing", "says dense by default, but the bundle has no router to fall back from")
+    return Manifest(n, candidates, router, provenance, version, default)
 
 
 def read_manifest(bundle_dir, llm_blocks: Optional[int] = None) -> Manifest:

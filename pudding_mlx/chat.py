@@ -344,6 +344,7 @@ class ChatSession:
 
         router = getattr(self.loaded, "router", None)
         return (isinstance(router, HiddenRouter) and not dense and omit is None and not self.lossless
+                and not getattr(self.loaded, "dense_by_default", None)
                 and not self.messages and self.system is None
                 and getattr(self.model, "model_type", None) in CONTINUABLE and len(self.prompt_for(user_text)) >= 2)
 

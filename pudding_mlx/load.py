@@ -32,6 +32,9 @@ class Loaded:
     path: Path
     manifest: Optional[Manifest] = None  # None for a plain model directory
     router: object = None  # pudding_mlx.router.Router when the bundle has one
+    # the bundle's reason to run dense when the user names no set (its manifest's default_routing), unless
+    # load(routed=True); None: route by default (routing.fixed_choice)
+    dense_by_default: Optional[str] = None
 
     @property
     def n_blocks(self) -> int:
@@ -86,9 +89,10 @@ def read_model_dir(path: Path) -> Optional[Manifest]:
 
 
 def load(model: str, dtype: Optional[str] = None, lazy: bool = True, with_router: bool = True,
-         check_memory: bool = True) -> Loaded:
+         check_memory: bool = True, routed: bool = False) -> Loaded:
     """Load MODEL (bundle, mlx-lm directory or hub id) with its tokenizer, manifest and router.
-    check_memory: refuse, in one line, weights that alone exceed the device's memory."""
+    check_memory: refuse, in one line, weights that alone exceed the device's memory. routed: route
+    even where the bundle's default is dense (the user's --routed)."""
     from mlx_lm.utils import load as mlx_lm_load
 
     from .weights import check_fits
@@ -124,4 +128,7 @@ def load(model: str, dtype: Optional[str] = None, lazy: bool = True, with_router
             from .router import load_router
 
             loaded.router = load_router(path / manifest.router.path, num_outputs=len(manifest.candidates))
+        default = manifest.default_routing or {}
+        if loaded.router is not None and default.get("mode") == "dense" and not routed:
+            loaded.dense_by_default = default.get("reason") or "the bundle runs dense by default"
     return loaded

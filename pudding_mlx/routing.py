@@ -1,5 +1,7 @@
 """The routing decision: which blocks to omit for one prompt. The user's override (--dense or
---omit), else the bundle's router, else none ("no-router": dense). Every command decides here."""
+--omit), else the bundle's default when it is dense ("dense-default": a bundle whose measured quality
+says so, e.g. the Qwen coder preset; --routed lifts it at load), else the bundle's router, else none
+("no-router": dense). Every command decides here."""
 
 import math
 from dataclasses import dataclass
@@ -12,7 +14,7 @@ from .omission import check_omitted
 @dataclass
 class Choice:
     omitted: tuple
-    how: str  # "dense" | "omit" | "routed" | "no-router"
+    how: str  # "dense" | "omit" | "routed" | "no-router" | "dense-default"
     candidate: Optional[int] = None
     scores: Optional[List[float]] = None  # the router's, only when routed
     router_ms: Optional[float] = None
@@ -27,16 +29,19 @@ def best_index(scores: Sequence[float]) -> int:
     return max(range(len(scores)), key=lambda i: (not math.isnan(scores[i]), scores[i], -i))
 
 
-def check_override(dense: bool, omit: Optional[Sequence[int]]) -> None:
-    """--dense and --omit are two answers to one question."""
+def check_override(dense: bool, omit: Optional[Sequence[int]], routed: bool = False) -> None:
+    """--dense, --omit and --routed are answers to one question."""
     if dense and omit is not None:
         raise PuddingError("--dense and --omit contradict each other; give one")
+    if routed and (dense or omit is not None):
+        raise PuddingError(f"--routed and {'--dense' if dense else '--omit'} contradict each other; give one")
 
 
 def fixed_choice(n_blocks: int, has_router: bool, dense: bool = False,
-                 omit: Optional[Sequence[int]] = None) -> Optional[Choice]:
+                 omit: Optional[Sequence[int]] = None, dense_by_default: Optional[str] = None) -> Optional[Choice]:
     """The set when it does not depend on the prompt: --dense, --omit (checked against the model),
-    or dense for a model without a router. None: the router must score each prompt (`route`)."""
+    dense for a model without a router or for a bundle whose default is dense (`dense_by_default`, its
+    reason: `load.Loaded.dense_by_default`). None: the router must score each prompt (`route`)."""
     check_override(dense, omit)
     if dense:
         return Choice((), "dense")
@@ -44,7 +49,15 @@ def fixed_choice(n_blocks: int, has_router: bool, dense: bool = False,
         return Choice(check_omitted(omit, n_blocks, "--omit"), "omit")
     if not has_router:
         return Choice((), "no-router")
+    if dense_by_default:
+        return Choice((), "dense-default")
     return None
+
+
+def default_note(loaded) -> Optional[str]:
+    """What a command says when the bundle's default (dense) decides: the reason and the way out."""
+    reason = getattr(loaded, "dense_by_default", None)
+    return f"running dense by default: {reason} (--routed to route)" if reason else None
 
 
 def route(loaded, text: str) -> Choice:
@@ -58,7 +71,8 @@ def route(loaded, text: str) -> Choice:
 
 def choose(loaded, text: str, dense: bool = False, omit: Optional[Sequence[int]] = None) -> Choice:
     """This prompt's set: `fixed_choice`, else the router's pick for `text`."""
-    return fixed_choice(loaded.n_blocks, loaded.router is not None, dense, omit) or route(loaded, text)
+    return fixed_choice(loaded.n_blocks, loaded.router is not None, dense, omit,
+                        getattr(loaded, "dense_by_default", None)) or route(loaded, text)
 
 
 def choose_and_prefill(loaded, text: str, ids, dense: bool = False, omit: Optional[Sequence[int]] = None,
@@ -72,6 +86,7 @@ def choose_and_prefill(loaded, text: str, ids, dense: bool = False, omit: Option
 
     router = loaded.router
     if (dense or omit is not None or lossless or not isinstance(router, HiddenRouter)
+            or getattr(loaded, "dense_by_default", None)
             or getattr(loaded.model, "model_type", None) not in CONTINUABLE or len(ids) < 2):
         return choose(loaded, text, dense, omit), list(ids), None
     sets = [c.omitted for c in loaded.manifest.candidates]

@@ -278,11 +278,12 @@ class Engine:
     def __init__(self, model_path, model_id: str, dtype: Optional[str] = None, dense: bool = False,
                  omit: Optional[Sequence[int]] = None, queue_size: int = 8, max_tokens: int = 512,
                  temperature: float = 0.0, top_p: float = 1.0, lossless: bool = False,
-                 draft_tokens: Optional[int] = None, log: Optional[Callable[[str], None]] = None):
+                 draft_tokens: Optional[int] = None, log: Optional[Callable[[str], None]] = None,
+                 routed: bool = False):
         if queue_size < 0:
             raise PuddingError(f"--queue-size {queue_size}: must be 0 or more")
         self.model_path, self.model_id, self.dtype = Path(model_path), model_id, dtype
-        self.dense, self.omit = dense, None if omit is None else list(omit)
+        self.dense, self.omit, self.routed = dense, None if omit is None else list(omit), routed
         self.queue_size, self.max_tokens = queue_size, max_tokens
         self.temperature, self.top_p = temperature, top_p
         self.lossless, self.draft_tokens = lossless, draft_tokens
@@ -355,10 +356,12 @@ class Engine:
     def _load(self) -> None:
         from .chat import ChatSession
         from .load import load
-        from .routing import fixed_choice
+        from .routing import default_note, fixed_choice
         from .skip import SkipView
 
-        loaded = load(str(self.model_path), dtype=self.dtype)
+        loaded = load(str(self.model_path), dtype=self.dtype, routed=self.routed)
+        if default_note(loaded) and not self.dense and self.omit is None:
+            self.log(default_note(loaded))
         SkipView(loaded.model)  # an unsupported architecture fails here, in one line
         if self.omit is not None:  # checked against the model now, not at the first request
             self.omit = list(fixed_choice(loaded.n_blocks, loaded.router is not None, omit=self.omit).omitted)

@@ -729,8 +729,9 @@ def test_hidden_router_preset_builds_routes_and_is_cached(tiny_default_build, mo
     assert fetched == [1] and bits == [4] and calls == [Path("Qwen.gguf")]
     manifest = read_manifest(path)
     assert manifest.router.kind == "hidden" and manifest.provenance["preset"] == "qwen2.5-coder-1.5b"
+    assert manifest.default_routing is None  # nothing shipped: the bundle routes by default
     loaded = load(str(path))
-    assert loaded.router.kind == "hidden" and loaded.router.after == 1
+    assert loaded.router.kind == "hidden" and loaded.router.after == 1 and loaded.dense_by_default is None
     layers = loaded.model.model.layers
     assert isinstance(layers[0].self_attn.q_proj, nn.QuantizedLinear) and layers[0].self_attn.q_proj.bits == 4
     weight = np.array(mx.load(str(data / "head.safetensors"))["weight"])
@@ -747,9 +748,37 @@ def test_hidden_router_preset_builds_routes_and_is_cached(tiny_default_build, mo
         chosen.append(choice.candidate)
     assert len(set(chosen)) >= 2, chosen  # the head follows the prompt
     assert db.ensure_default_bundle(data_dir=data, preset="qwen2.5-coder-1.5b") == path and len(calls) == 1
+    # a shipped default_routing.json (the preset's measured quality says dense): rebuilt, and every command
+    # runs dense unless --routed; routed, the same choices as above
+    (data / "default_routing.json").write_text(json.dumps({"mode": "dense", "reason": "measured: code suffers"}))
+    db.ensure_default_bundle(data_dir=data, preset="qwen2.5-coder-1.5b")
+    assert len(calls) == 2 and read_manifest(path).default_routing == {"mode": "dense", "reason": "measured: code suffers"}
+    from pudding_mlx.routing import choose, choose_and_prefill
+
+    dense_default = load(str(path))
+    assert dense_default.dense_by_default == "measured: code suffers"
+    choice = choose(dense_default, "def add(a, b):")
+    assert (choice.how, choice.omitted, choice.candidate) == ("dense-default", (), None)
+    ids = dense_default.tokenizer.encode("def add(a, b):")
+    assert choose_and_prefill(dense_default, "def add(a, b):", ids)[0].how == "dense-default"
+    routed = load(str(path), routed=True)
+    assert routed.dense_by_default is None and choose(routed, "def add(a, b):").candidate == chosen[3]
+    def ok(*args):
+        done = run_cli(*map(str, args))
+        assert done.returncode == 0, done.stderr
+        return done
+
+    out = json.loads(ok("generate", path, "-p", "def add(a, b):", "-m", "2", "--json").stdout)
+    assert (out["routing"], out["omitted"]) == ("dense-default", [])
+    out = json.loads(ok("generate", path, "-p", "def add(a, b):", "-m", "2", "--json", "--routed").stdout)
+    assert (out["routing"], out["candidate"]) == ("routed", chosen[3])
+    footer = ok("generate", path, "-p", "hi", "-m", "2").stderr
+    assert "Route: dense (6/6 blocks), running dense by default: measured: code suffers (--routed to route)" in footer
+    bad = run_cli("generate", str(path), "-p", "hi", "--routed", "--dense")
+    assert bad.returncode == 2 and "--routed and --dense contradict each other" in bad.stderr
     mx.save_safetensors(str(data / "head.safetensors"), {"weight": mx.ones((3, 64)), "bias": mx.zeros((3,))})
     db.ensure_default_bundle(data_dir=data, preset="qwen2.5-coder-1.5b")
-    assert len(calls) == 2  # the shipped head changed: rebuilt
+    assert len(calls) == 3  # the shipped head changed: rebuilt
     # the SmolLM2 preset lives in its own folder, untouched
     assert not db.bundle_path("smollm2-135m").exists()
 
