@@ -346,6 +346,22 @@ def generate(
     console.print(f"summary -> {path}")
 
 
+@train_app.command("generation-report")
+def generation_report(
+    run_dir: Path = typer.Argument(..., help="A run folder (results/<model>): cand-k*.json, cand.state.json, "
+                                   "report.json, the router data and features."),
+    gen: Path = typer.Option(..., "--gen", help="A `train generate` output folder (sets/, features.npz)."),
+    mlx: Optional[Path] = typer.Option(None, "--mlx", help="A folder of `pudding-mlx eval --tasks humaneval --json` "
+                                       "outputs of the model's bundle (MLX rows and parity)."),
+    model: str = typer.Option(..., help="Model name for the title."),
+):
+    """Write RUN_DIR/generation.md/.json/.png: HumanEval pass@1 and fidelity to dense per set and k, best
+    static (chosen without HumanEval), the routers' picks, oracle, with paired-bootstrap intervals."""
+    from pudding_mlx.train.generation_report import write
+
+    console.print(f"report -> {write(run_dir, gen, model, mlx)}")
+
+
 @train_app.command()
 def evaluate(
     run_dir: Path = typer.Argument(..., help="A run folder: data-test/-val.npz, cand-k*.json, routers/ "

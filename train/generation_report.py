@@ -1,0 +1,300 @@
+"""The generation report: HumanEval pass@1 and fidelity to dense beside multiple choice, for dense, every
+candidate set (k = 1, 2 from the same searches' first removals; k = 3, 5, 7 the candidate pools), the best
+static set, every hidden-state router, random and the best set per problem (oracle).
+
+HumanEval is held out: nothing here is chosen on it. The best static set of a k is chosen twice, both
+without HumanEval: on the multiple-choice selection data (the training split, as the main report chooses
+it; k = 3, 5, 7) and on the fidelity prompts (the set whose replies keep most of dense's tokens before the
+first difference; k <= the largest k with fidelity). A router's row is the set it picks for each problem
+(from the problem's message, as `chat` routes a first turn), scored with that set's own result: the
+routers are the hidden-state routers of the run (`train router --variant probe`), retrained from the
+committed router data and features (seconds on a CPU) and applied to the features of the HumanEval
+messages that `train generate --features-after` wrote on the GPU (the dense bf16 model's hidden state:
+the router's input as the training side computes it).
+
+Intervals: paired bootstrap over problems (2,000 draws), 95%.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+
+from pudding_mlx.atomic import write_json, write_text
+from pudding_mlx.errors import PuddingError
+
+OBJECTIVES = ("task", "accuracy", "mse")
+
+
+def load_sets(gen_dir) -> Dict[str, dict]:
+    """{set name: its sets/<name>.json} of a `train generate` output folder."""
+    sets = {}
+    for p in sorted((Path(gen_dir) / "sets").glob("*.json")):
+        sets[p.stem] = json.loads(p.read_text())
+    if "dense" not in sets:
+        raise PuddingError(f"{gen_dir}: no sets/dense.json; run `pudding-mlx train generate` first")
+    return sets
+
+
+def passed(result: dict, ids: Sequence[str]) -> np.ndarray:
+    by_id = {r["task_id"]: r["passed"] for r in result["humaneval"]["records"]}
+    return np.array([by_id[i] for i in ids], dtype=bool)
+
+
+def bootstrap(a: np.ndarray, b: np.ndarray, draws: int = 2000, seed: int = 0) -> List[float]:
+    """95% interval of mean(a) - mean(b) in points, resampling problems (paired)."""
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, len(a), size=(draws, len(a)))
+    d = (a[idx].astype(float).mean(1) - b[idx].astype(float).mean(1)) * 100
+    return [float(np.percentile(d, 2.5)), float(np.percentile(d, 97.5))]
+
+
+def _name(omitted) -> str:
+    return "dense" if not omitted else "omit-" + "-".join(str(b) for b in sorted(omitted))
+
+
+def router_picks(run_dir, features_path, k: int, objective: str, ids: Sequence[str]):
+    """(the candidate index a hidden-state router, retrained from RUN_DIR's committed data, picks for each of
+    `ids` (rows of FEATURES_PATH), the pool's sets); None when the run lacks the router data."""
+    import tempfile
+
+    from .probe import load_probe, predict, train_probe_router
+    from .report import split_pool
+
+    run = Path(run_dir)
+    if not all((run / f).is_file() for f in ("data-train.npz", "data-train.json", "features-train.npz",
+                                                f"cand-k{k}.json")):
+        return None
+    pool, _ = split_pool(str(run / f"cand-k{k}.json"))
+    sets = [sorted(c["omitted"]) for c in pool]
+    with tempfile.TemporaryDirectory() as tmp:
+        data = Path(tmp) / "data-train"
+        data.mkdir()
+        for src, dst in (("data-train.npz", "router_data.npz"), ("data-train.json", "router_data.json"),
+                         ("features-train.npz", "features_pca.npz")):
+            (data / dst).write_bytes((run / src).read_bytes())
+        train_probe_router(data, Path(tmp) / "router", sets, objective=objective)
+        probe = load_probe(Path(tmp) / "router")
+    with np.load(run / "features-train.npz", allow_pickle=False) as z:
+        basis = {key: z[key].astype(np.float64) for key in z.files if key.startswith(("basis_", "center_"))}
+    with np.load(features_path, allow_pickle=False) as z:
+        rows = {str(i): n for n, i in enumerate(z["id"])}
+        order = [rows[i] for i in ids]
+        feats = {key: (z[key].astype(np.float64)[order] - basis[f"center_{key}"]) @ basis[f"basis_{key}"].T
+                 for key in z.files if f"basis_{key}" in basis}  # the PCA projection the router was trained on
+    return predict(probe, feats)["chosen"], sets
+
+
+def _mlx_rows(mlx_dir, torch_dense: Optional[np.ndarray], ids: Sequence[str]) -> dict:
+    """The preset's own `pudding-mlx eval --tasks humaneval,fidelity` runs (MLX, its 4-bit weights): pass@1
+    per configuration against MLX dense, and MLX dense against PyTorch dense (parity)."""
+    runs = {}
+    for p in sorted(Path(mlx_dir).glob("eval_*.json")):
+        payload = json.loads(p.read_text())
+        he = payload["tasks"]["humaneval"]
+        by_id = {r["task_id"]: r for r in he["records"]}
+        usage: Dict[str, int] = {}
+        for r in he["records"]:
+            usage[str(r["omitted"])] = usage.get(str(r["omitted"]), 0) + 1
+        runs[p.stem] = {"file": str(p), "mode": payload["mode"], "omitted": payload.get("omitted"),
+                        "hit": np.array([by_id[i]["passed"] for i in ids], bool), "usage": usage,
+                        "tokens_mean": he["tokens_mean"], "hit_limit": he["hit_limit"],
+                        "fidelity": payload["tasks"].get("fidelity", {}).get("prefix_kept"),
+                        "identical": payload["tasks"].get("fidelity", {}).get("identical")}
+    dense = next((r for r in runs.values() if r["mode"] == "dense"), None)
+    rows = []
+    for name, r in runs.items():
+        row = {"run": name, "file": r["file"], "mode": r["mode"], "omitted": r["omitted"], "usage": r["usage"],
+               "pass@1": float(r["hit"].mean() * 100), "tokens_mean": r["tokens_mean"], "hit_limit": r["hit_limit"],
+               "fidelity": r["fidelity"], "identical": r["identical"]}
+        if dense is not None and r is not dense:
+            row["minus_dense_ci95"] = bootstrap(r["hit"], dense["hit"])
+            row["of_dense"] = float(r["hit"].mean() / max(dense["hit"].mean(), 1e-9))
+        rows.append(row)
+    parity = None
+    if dense is not None and torch_dense is not None:
+        parity = {"mlx_dense": float(dense["hit"].mean() * 100), "torch_dense": float(torch_dense.mean() * 100),
+                  "mlx_minus_torch_ci95": bootstrap(dense["hit"], torch_dense),
+                  "same_verdict": float((dense["hit"] == torch_dense).mean() * 100)}
+    return {"rows": rows, "parity": parity}
+
+
+def build(run_dir, gen_dir, model: str, mc_report: Optional[dict] = None, mlx_dir=None) -> dict:
+    """The report as a dict (module doc). Rows for every k that `train generate` ran; the k = 3, 5, 7 routers'
+    picks on the HumanEval messages, scored where the picked sets were run; the MLX preset runs of MLX_DIR."""
+    run, gen = Path(run_dir), Path(gen_dir)
+    sets = load_sets(gen)
+    ids = [r["task_id"] for r in sets["dense"]["humaneval"]["records"]]
+    dense = passed(sets["dense"], ids)
+    n_blocks = json.loads((run / "cand.state.json").read_text())["settings"]["num_blocks"]
+    mc_static = {}
+    if mc_report:
+        for r in mc_report["rows"]:
+            if r["method"] == "static":
+                mc_static[_name(r["set"])] = {"average": r["average"], "best": bool(r.get("best"))}
+    rows, deltas, picks = [], [], []
+    hits = {n: passed(s, ids) for n, s in sets.items()}
+
+    def row(method, k, name, hit, **extra):
+        r = {"method": method, "k": k, "name": name, "pass@1": float(hit.mean() * 100), "n": int(len(hit)),
+             "minus_dense_ci95": bootstrap(hit, dense) if method != "dense" else None, **extra}
+        rows.append(r)
+        return r
+
+    def stats(s):
+        return {"fidelity": s.get("fidelity", {}).get("prefix_kept"), "identical": s.get("fidelity", {}).get("identical"),
+                "mc_average": mc_static.get(s["name"], {}).get("average"),
+                "tokens_mean": float(np.mean([x["tokens"] for x in s["humaneval"]["records"]])),
+                "hit_limit": sum(not x["finished"] for x in s["humaneval"]["records"])}
+
+    d = sets["dense"]
+    dense_stats = stats(d)
+    if mc_report:
+        dense_stats["mc_average"] = next(r["average"] for r in mc_report["rows"] if r["method"] == "dense")
+    row("dense", 0, "dense", dense, **dense_stats)
+    for k in sorted({s["k"] for s in sets.values() if s["k"] > 0}):
+        names = sorted(n for n, s in sets.items() if s["k"] == k)
+        for n in names:
+            row("static", k, n, hits[n], omitted=sets[n]["omitted"], sources=sets[n]["sources"], **stats(sets[n]))
+        pool = np.stack([hits[n] for n in names], 1)
+        row("random", k, f"uniform over the {len(names)} sets run", pool.mean(1))
+        row("oracle", k, f"best of the {len(names)} sets run, per problem", pool.any(1))
+        chosen = {}
+        mc_best = [n for n in names if mc_static.get(n, {}).get("best")]
+        if mc_best:
+            chosen["best static (MC selection data)"] = mc_best[0]
+        fid = {n: sets[n]["fidelity"]["prefix_kept"] for n in names if "fidelity" in sets[n]}
+        if fid:
+            chosen["best static (fidelity prompts)"] = max(sorted(fid), key=lambda n: fid[n])
+        for label, n in chosen.items():
+            row("best static", k, label, hits[n], set=sets[n]["omitted"])
+    features = gen / "features.npz"
+    for k in (3, 5, 7):
+        for objective in OBJECTIVES:
+            got = router_picks(run, features, k, objective, ids) if features.is_file() else None
+            if got is None:
+                continue
+            chosen_idx, pool_sets = got
+            usage = {str(pool_sets[m]): int(c) for m, c in enumerate(np.bincount(chosen_idx, minlength=len(pool_sets))) if c}
+            entry = {"k": k, "router": f"hidden, {objective}", "usage": usage}
+            if all(_name(pool_sets[c]) in hits for c in set(chosen_idx.tolist())):
+                hit = np.array([hits[_name(pool_sets[c])][i] for i, c in enumerate(chosen_idx)])
+                entry.update({"pass@1": float(hit.mean() * 100), "minus_dense_ci95": bootstrap(hit, dense)})
+            picks.append(entry)
+    mlx = _mlx_rows(mlx_dir, dense, ids) if mlx_dir and Path(mlx_dir).is_dir() else None
+    from .generation import sets_to_run
+
+    wanted = sets_to_run(sorted(run.glob("cand-k*.json")), run / "cand.state.json", (1, 2))  # what the GPU script runs
+    not_run = sorted((n for n in wanted if n not in sets), key=lambda n: (wanted[n]["k"], n))
+    mc_points = [{"k": len(r["set"]), "set": r["set"], "average": r["average"]}
+                 for r in (mc_report or {"rows": []})["rows"] if r["method"] == "static"]
+    return {"model": model, "n_blocks": n_blocks, "n_problems": len(ids), "rows": rows, "deltas": deltas,
+            "router_picks": picks, "mlx": mlx, "sets_not_run": not_run, "mc_points": mc_points,
+            "protocol": {"prompt": "pudding_mlx.humaneval.message, one user message through the chat template",
+                         "decoding": "greedy", "max_new_tokens": d.get("max_new_tokens"),
+                         "held_out": "HumanEval chose nothing: best static sets on MC selection data or fidelity prompts"}}
+
+
+def _f(x, nd=1):
+    return "" if x is None else f"{x:.{nd}f}"
+
+
+def to_markdown(rep: dict) -> str:
+    L = rep["n_blocks"]
+    out = [f"# Generation: {rep['model']} ({rep['n_problems']} HumanEval problems, greedy, "
+           f"{rep['protocol']['max_new_tokens']} new tokens at most)", "",
+           "pass@1 (%) with its paired-bootstrap 95% interval against dense; `fidelity` = share of dense's reply tokens "
+           "reproduced before the first difference on the 48 fixed chat prompts, `identical` = replies token-identical "
+           "to dense (%); `MC` = six-task multiple-choice average (report.md). HumanEval chose nothing here.", ""]
+    out += ["| k | kept | row | set | pass@1 | − dense [95%] | fidelity | identical | MC | tokens |",
+            "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rep["rows"]:
+        ci = r["minus_dense_ci95"]
+        delta = "" if ci is None else f"{r['pass@1'] - rep['rows'][0]['pass@1']:+.1f} [{ci[0]:+.1f}, {ci[1]:+.1f}]"
+        what = r["method"] if r["method"] in ("dense", "static") else r["name"]
+        s = r.get("omitted", r.get("set", ""))
+        out.append(f"| {r['k']} | {L - r['k']}/{L} | {what} | {s} | {r['pass@1']:.1f} | {delta} | {_f(r.get('fidelity'))} "
+                   f"| {_f(r.get('identical'))} | {_f(r.get('mc_average'), 2)} | {_f(r.get('tokens_mean'), 0)} |")
+    if rep.get("router_picks"):
+        out += ["", "The hidden-state routers' picks for the 164 HumanEval messages (retrained from the committed "
+                "router data; the dense bf16 model's hidden state after block 3, from `train generate --features-after 3`):", ""]
+        for p in rep["router_picks"]:
+            score = (f": pass@1 {p['pass@1']:.1f} [{p['minus_dense_ci95'][0]:+.1f}, {p['minus_dense_ci95'][1]:+.1f} vs dense]"
+                     if "pass@1" in p else " (those sets were not run on the PyTorch side)")
+            out.append(f"- k = {p['k']}, {p['router']}: {p['usage']}{score}")
+    if rep.get("mlx"):
+        m = rep["mlx"]
+        out += ["", "## The preset on MLX (CUDA, its 4-bit weights): `pudding-mlx eval PRESET --tasks humaneval,fidelity`", "",
+                "| run | mode | sets used (problems) | pass@1 | − MLX dense [95%] | of dense | fidelity | identical | tokens | hit limit |",
+                "|---|---|---|---|---|---|---|---|---|---|"]
+        for r in m["rows"]:
+            ci = r.get("minus_dense_ci95")
+            delta = "" if ci is None else f"{r['pass@1'] - next(x['pass@1'] for x in m['rows'] if x['mode'] == 'dense'):+.1f} [{ci[0]:+.1f}, {ci[1]:+.1f}]"
+            of = "" if "of_dense" not in r else f"{100 * r['of_dense']:.0f}%"
+            out.append(f"| {r['run']} | {r['mode']} | {r['usage']} | {r['pass@1']:.1f} | {delta} | {of} | {_f(r['fidelity'])} "
+                       f"| {_f(r['identical'])} | {r['tokens_mean']:.0f} | {r['hit_limit']} |")
+        if m.get("parity"):
+            p = m["parity"]
+            out += ["", f"Parity, dense: MLX (4-bit, CUDA) {p['mlx_dense']:.1f} vs PyTorch (bf16 dequantized GGUF) "
+                    f"{p['torch_dense']:.1f}: MLX − PyTorch {p['mlx_dense'] - p['torch_dense']:+.1f} "
+                    f"[{p['mlx_minus_torch_ci95'][0]:+.1f}, {p['mlx_minus_torch_ci95'][1]:+.1f}]; the same verdict on "
+                    f"{p['same_verdict']:.1f}% of problems."]
+    if rep.get("sets_not_run"):
+        out += ["", f"Not run on the PyTorch side (the GPU run's time ran out): {len(rep['sets_not_run'])} of the sets "
+                f"`benchmarks/generation_gpu.sh torch` runs: {', '.join(rep['sets_not_run'])}."]
+    if rep["deltas"]:
+        out += ["", "Routed − best static (pass@1 points, paired bootstrap 95%):", ""]
+        out += [f"- k = {d['k']}, {d['router']} vs {d['versus']} {d['set']}: {d['delta']:+.1f} "
+                f"[{d['ci95'][0]:+.1f}, {d['ci95'][1]:+.1f}]" for d in rep["deltas"]]
+    return "\n".join(out) + "\n"
+
+
+def plot(rep: dict, path) -> None:
+    """The speed-quality frontier: kept blocks against HumanEval pass@1 and the MC average."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    L = rep["n_blocks"]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    static = [r for r in rep["rows"] if r["method"] in ("dense", "static")]
+    x = [(L - r["k"]) / L for r in static]
+    ax.scatter(x, [r["pass@1"] for r in static], s=12, c="tab:blue", label="HumanEval pass@1, each set")
+    mc = [(xx, r["mc_average"]) for xx, r in zip(x, static) if r.get("mc_average") is not None]
+    mc += [((L - p["k"]) / L, p["average"]) for p in rep.get("mc_points", [])]
+    if mc:
+        ax.scatter(*zip(*mc), s=12, c="tab:orange", marker="s", label="MC average, each set (report.md)")
+    if rep.get("mlx"):
+        pts = [((L - (0 if r["mode"] == "dense" else 3)) / L, r["pass@1"]) for r in rep["mlx"]["rows"]
+               if r["mode"] in ("dense", "omit", "routed")]
+        ax.scatter(*zip(*pts), marker="v", c="tab:purple", s=30, label="HumanEval, the preset on MLX (k = 3)")
+    for method, marker, color in (("routed", "^", "tab:green"), ("oracle", "x", "tab:gray"), ("best static", "D", "tab:red")):
+        pts = [((L - r["k"]) / L, r["pass@1"]) for r in rep["rows"] if r["method"] == method]
+        if pts:
+            ax.scatter(*zip(*pts), marker=marker, c=color, s=30, label=f"HumanEval, {method}")
+    ax.set_xlabel(f"kept blocks (of {L}); decode cost scales with it")
+    ax.set_ylabel("%")
+    ax.set_title(f"{rep['model']}: quality against depth")
+    ax.legend(fontsize=7, loc="upper left")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def write(run_dir, gen_dir, model: str, mlx_dir=None) -> Path:
+    """RUN_DIR/generation.{md,json,png} from GEN_DIR (a `train generate` output) and MLX_DIR (eval JSONs)."""
+    run = Path(run_dir)
+    mc = json.loads((run / "report.json").read_text()) if (run / "report.json").is_file() else None
+    rep = build(run, gen_dir, model, mc, mlx_dir)
+    write_json(run / "generation.json", rep)
+    write_text(run / "generation.md", to_markdown(rep))
+    try:
+        plot(rep, run / "generation.png")
+    except ImportError:
+        pass
+    return run / "generation.md"
