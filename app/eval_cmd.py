@@ -74,7 +74,8 @@ def eval_command(
 
 def _run(model, tasks, limit, json_file, dense, omit, data_dir, batch_size, batch_tokens, dtype, max_tokens=None,
          workers=None, routed=False):
-    from pudding_mlx.generation_eval import GENERATIVE_TASKS, chat_prompts
+    from pudding_mlx.fidelity import chat_prompts
+    from pudding_mlx.generation_eval import GENERATIVE_TASKS
     from pudding_mlx.humaneval import load_problems
     from pudding_mlx.omission import parse_omit
     from pudding_mlx.routing import check_override, fixed_choice

@@ -23,17 +23,15 @@ the message alone, as `chat` routes a first turn) and generate each set's prompt
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass, field
-from importlib import resources
 from typing import Callable, Dict, List, Optional, Sequence
 
 from . import humaneval as he
 from .errors import PuddingError
+from .fidelity import FIDELITY_MAX_TOKENS, agreement, chat_prompts, first_difference  # noqa: F401 (re-exported)
 
 GENERATIVE_TASKS = ("humaneval", "fidelity")
-FIDELITY_MAX_TOKENS = 256
 
 Progress = Callable[[str, int, int], None]  # (phase, done, total)
 
@@ -55,12 +53,6 @@ class Reply:
         if with_ids:
             out["token_ids"] = self.token_ids
         return out
-
-
-def chat_prompts() -> List[dict]:
-    """The fixed chat prompt set: [{"id", "kind" ("chat" | "code"), "text"}]."""
-    rows = json.loads(resources.files("pudding_mlx").joinpath("data/chat_prompts.json").read_text("utf-8"))
-    return rows["prompts"]
 
 
 def _generate_group(loaded, ids: List[List[int]], omitted, max_tokens: int, batch_size: int,
@@ -149,32 +141,6 @@ def humaneval(loaded, problems: Sequence[he.Problem], omitted: Optional[Sequence
             "outcomes": he.summary(outcomes), "max_tokens": max_tokens, **_answers(replies), "records": records}
 
 
-def first_difference(a: Sequence[int], b: Sequence[int]) -> Optional[int]:
-    """The first position where two token sequences differ (a shorter one differs where it ends);
-    None when they are equal."""
-    for i, (x, y) in enumerate(zip(a, b)):
-        if x != y:
-            return i
-    return None if len(a) == len(b) else min(len(a), len(b))
-
-
-def agreement(dense: Sequence[Reply], other: Sequence[Reply]) -> dict:
-    """How far `other`'s replies follow dense's: identical share, first difference, and the share of
-    dense's tokens reproduced before it."""
-    same, firsts, kept = 0, [], []
-    for d, o in zip(dense, other):
-        f = first_difference(d.token_ids, o.token_ids)
-        if f is None:
-            same += 1
-            kept.append(1.0)
-        else:
-            firsts.append(f)
-            kept.append(f / max(1, len(d.token_ids)))
-    n = len(dense)
-    return {"identical": 100.0 * same / n, "first_difference_median": sorted(firsts)[len(firsts) // 2] if firsts else None,
-            "prefix_kept": 100.0 * sum(kept) / n, "per_prompt": kept}
-
-
 def fidelity(loaded, prompts: Sequence[dict], omitted: Optional[Sequence[int]] = None,
              max_tokens: int = FIDELITY_MAX_TOKENS, batch_size: int = 8, progress: Optional[Progress] = None) -> dict:
     """Agreement with dense on `prompts` (dense replies generated in the same run)."""
@@ -182,14 +148,14 @@ def fidelity(loaded, prompts: Sequence[dict], omitted: Optional[Sequence[int]] =
     dense = generate_replies(loaded, messages, (), max_tokens, batch_size, "fidelity: dense", progress)
     mine = dense if omitted is not None and not list(omitted) else \
         generate_replies(loaded, messages, omitted, max_tokens, batch_size, "fidelity", progress)
-    agree = agreement(dense, mine)
+    agree = agreement([d.token_ids for d in dense], [m.token_ids for m in mine])
     records = [dict(id=p["id"], kind=p["kind"], prefix_kept=k, **r.to_json(), dense_tokens=len(d.token_ids),
                     dense_finished=d.finished, dense_seconds=round(d.seconds, 3))
                for p, k, r, d in zip(prompts, agree.pop("per_prompt"), mine, dense)]
     by_kind = {}
     for kind in sorted({p["kind"] for p in prompts}):
         rows = [i for i, p in enumerate(prompts) if p["kind"] == kind]
-        sub = agreement([dense[i] for i in rows], [mine[i] for i in rows])
+        sub = agreement([dense[i].token_ids for i in rows], [mine[i].token_ids for i in rows])
         sub.pop("per_prompt")
         by_kind[kind] = sub
     return {"metric": "identical", **agree, "n": len(prompts), "by_kind": by_kind, "max_tokens": max_tokens,

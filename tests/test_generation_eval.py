@@ -14,11 +14,10 @@ from helpers import run_cli
 
 
 def test_first_difference_and_agreement():
-    R = lambda ids: G.Reply("", ids, True, 0.0, 1, [])  # noqa: E731
     assert G.first_difference([1, 2, 3], [1, 2, 3]) is None
     assert G.first_difference([1, 2, 3], [1, 5, 3]) == 1
     assert G.first_difference([1, 2], [1, 2, 3]) == 2  # a longer reply differs where the shorter ends
-    a = G.agreement([R([1, 2, 3, 4]), R([7, 8]), R([1])], [R([1, 2, 3, 4]), R([7, 9]), R([2])])
+    a = G.agreement([[1, 2, 3, 4], [7, 8], [1]], [[1, 2, 3, 4], [7, 9], [2]])
     assert a["identical"] == pytest.approx(100 / 3) and a["first_difference_median"] == 1
     assert a["per_prompt"] == [1.0, 0.5, 0.0] and a["prefix_kept"] == pytest.approx(50.0)
 
@@ -59,7 +58,7 @@ def test_fidelity_compares_with_dense_in_the_same_run(tiny):
     other = G.fidelity(tiny, prompts, (1, 2, 3), max_tokens=10, batch_size=3)
     dense = G.generate_replies(tiny, [p["text"] for p in prompts], (), max_tokens=10, batch_size=3)
     mine = G.generate_replies(tiny, [p["text"] for p in prompts], (1, 2, 3), max_tokens=10, batch_size=3)
-    want = G.agreement(dense, mine)
+    want = G.agreement([r.token_ids for r in dense], [r.token_ids for r in mine])
     assert other["identical"] == want["identical"] and other["prefix_kept"] == pytest.approx(want["prefix_kept"])
     assert [r["prefix_kept"] for r in other["records"]] == want["per_prompt"]
     assert other["by_kind"]["chat"]["identical"] == want["identical"]

@@ -34,7 +34,7 @@ import torch
 from pudding_mlx import humaneval as he
 from pudding_mlx.atomic import write_json, write_npz
 from pudding_mlx.errors import PuddingError
-from pudding_mlx.generation_eval import FIDELITY_MAX_TOKENS, agreement, chat_prompts
+from pudding_mlx.fidelity import FIDELITY_MAX_TOKENS, agreement, chat_prompts
 
 from .features import prompt_ids
 from .scoring import find_decoder, skip_blocks
@@ -206,7 +206,7 @@ def _score_and_write(path, name, info, problems, he_replies, prompts, fid_replie
             "records": [{"task_id": p.task_id, "passed": o.passed, "result": o.result, "tokens": len(r["token_ids"]),
                          "finished": r["finished"]} for p, o, r in zip(problems, outcomes, he_replies)]}
     if prompts and dense_fid is not None:
-        agree = agreement([_as_reply(r) for r in dense_fid], [_as_reply(r) for r in fid_replies])
+        agree = agreement([r["token_ids"] for r in dense_fid], [r["token_ids"] for r in fid_replies])
         kept = agree.pop("per_prompt")
         result["fidelity"] = {**agree, "n": len(prompts), "records": [
             {"id": p["id"], "kind": p["kind"], "prefix_kept": k, "tokens": len(r["token_ids"]), "finished": r["finished"]}
@@ -215,12 +215,6 @@ def _score_and_write(path, name, info, problems, he_replies, prompts, fid_replie
     he_txt = f"HumanEval pass@1 {result['humaneval']['pass@1']:.1f}" if problems else ""
     fid_txt = f", identical to dense {result['fidelity']['identical']:.1f}%" if "fidelity" in result else ""
     log(f"  {name}: {he_txt}{fid_txt}")
-
-
-def _as_reply(r: dict):
-    from pudding_mlx.generation_eval import Reply as R
-
-    return R(r["text"], r["token_ids"], r["finished"], r.get("seconds", 0.0), r.get("batch", 1), [])
 
 
 def _write_replies(path: Path, problems, he_replies, prompts, fid_replies) -> None:
