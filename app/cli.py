@@ -106,7 +106,10 @@ def generate(
 
 def _footer(loaded, choice, last, routed_prefill_tokens=None):
     n = loaded.n_blocks
-    if choice.how == "routed":
+    if choice.how == "routed" and routed_prefill_tokens:  # the decision was part of the prompt's prefill
+        what = (f"candidate {choice.candidate}: omitted {list(choice.omitted)} "
+                f"({n - len(choice.omitted)}/{n} blocks), chosen inside the prefill")
+    elif choice.how == "routed":
         what = (f"candidate {choice.candidate}: omitted {list(choice.omitted)} "
                 f"({n - len(choice.omitted)}/{n} blocks), router {choice.router_ms:.1f} ms")
     elif choice.how == "no-router":
@@ -121,7 +124,10 @@ def _footer(loaded, choice, last, routed_prefill_tokens=None):
     err.print(f"Route: {what}")
     if last is not None:
         if routed_prefill_tokens:  # blocks 0..after ran once for routing and prefill (hidden-state router)
-            err.print(f"Prompt: {routed_prefill_tokens} tokens (routed prefill, router {choice.router_ms:.1f} ms)")
+            after = loaded.router.after
+            err.print(f"Prompt: {routed_prefill_tokens} tokens, routed prefill: blocks 0-{after} ran the prompt and "
+                      f"the router's head read their output in {choice.router_ms:.1f} ms, part of this prefill "
+                      f"(not an extra pass); the chosen set's other blocks then ran it")
         else:
             err.print(f"Prompt: {last.prompt_tokens} tokens, {last.prompt_tps:.3f} tokens-per-sec")
         err.print(f"Generation: {last.generation_tokens} tokens, {last.generation_tps:.3f} tokens-per-sec")

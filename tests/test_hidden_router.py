@@ -325,7 +325,16 @@ def test_bundle_generates_with_the_free_routed_prefill(probe_bundle):
     from pudding_mlx.train.router_data import load_router_data
 
     bundle = probe_bundle / "b-mean+last"
-    _hit_and_miss(bundle, load_router_data(probe_bundle / "d")["text"], dtype="float32")
+    picks = _hit_and_miss(bundle, load_router_data(probe_bundle / "d")["text"], dtype="float32")
+    # the footer says what the routed prefill's time is (issue: a 12-second "router" that was the prefill)
+    prompt, candidate = picks[True]
+    done = CliRunner().invoke(app, ["generate", str(bundle), "-p", prompt, "-m", "2", "--dtype", "float32"])
+    assert done.exit_code == 0, done.output
+    footer = " ".join(done.output.split())
+    assert f"Route: candidate {candidate}: omitted" in footer and "blocks), chosen inside the prefill" in footer
+    assert ("routed prefill: blocks 0-1 ran the prompt and the router's head read their output in" in footer
+            and "ms, part of this prefill (not an extra pass); the chosen set's other blocks then ran it" in footer)
+    assert ", router" not in footer.split("Route:")[1].split("Prompt:")[0]  # no "router N ms" for the prefill's time
     shown = CliRunner().invoke(app, ["info", str(bundle), "--json"])
     assert shown.exit_code == 0, shown.output
     router = json.loads(shown.stdout)["router"]
