@@ -419,7 +419,7 @@ def test_failure_while_writing_leaves_nothing(tiny_seqcls, outs, monkeypatch, wh
 
 
 def test_bad_dtype(tiny_seqcls, outs):
-    with pytest.raises(PuddingError):
+    with pytest.raises(PuddingError, match=r"dtype 'int8' is not supported; use one of float32"):
         convert_router(tiny_seqcls, outs / "router", dtype="int8")
     _nothing_left(outs)
 
@@ -488,10 +488,10 @@ def test_load_router_bad_folder(tiny_router, case):
 
 
 def test_load_router_missing_folder(tmp_path):
-    with pytest.raises(PuddingError):
+    with pytest.raises(PuddingError, match=r"nope: the router folder does not exist; convert one with"):
         load_router(tmp_path / "nope")
 
 
 def test_scores_rejects_a_bare_string(tiny_router):
-    with pytest.raises(PuddingError):
+    with pytest.raises(PuddingError, match=r"Router.scores takes a list of prompts, got one string"):
         load_router(tiny_router).scores("hello")
