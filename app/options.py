@@ -14,3 +14,5 @@ DRAFT = typer.Option(DRAFT_TOKENS, "--draft-tokens", min=1, help="Tokens drafted
 ROUTED = typer.Option(False, "--routed", help="Route with the bundle's router even where the bundle runs dense "
                       "by default (the qwen2.5-coder-1.5b preset: routing at k = 3 costs most of its HumanEval "
                       "pass@1; see results/qwen2.5-coder-1.5b/generation.md).")
+MODEL_OR_PRESET = typer.Argument(None, help="A pudding-mlx bundle, an mlx-lm model directory, or a hub id. Default: "
+                                "the --preset bundle, built once into the cache.")

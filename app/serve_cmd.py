@@ -5,7 +5,7 @@ from typing import Optional
 import typer
 from rich.console import Console
 
-from pudding_mlx.app.options import DRAFT, LOSSLESS, ROUTED
+from pudding_mlx.app.options import DRAFT, LOSSLESS, MODEL_OR_PRESET, ROUTED
 from pudding_mlx.errors import PuddingError
 
 
@@ -15,9 +15,7 @@ def register(app):
 
 
 def serve(
-    model: Optional[str] = typer.Argument(
-        None, help="A pudding-mlx bundle, an mlx-lm model directory, or a hub id. Default: the "
-        "--preset bundle, built once into the cache."),
+    model: Optional[str] = MODEL_OR_PRESET,
     preset: Optional[str] = typer.Option(None, "--preset", help="Without MODEL: qwen2.5-coder-1.5b (the default) "
                                          "or smollm2-135m (small and fast, weak answers)."),
     host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (0.0.0.0: every interface; "

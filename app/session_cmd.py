@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from pudding_mlx.app.options import DRAFT, LOSSLESS, ROUTED
+from pudding_mlx.app.options import DRAFT, LOSSLESS, MODEL_OR_PRESET, ROUTED
 from pudding_mlx.errors import PuddingError
 
 HELP = [
@@ -38,9 +38,7 @@ def register(app):
 
 
 def chat(
-    model: Optional[str] = typer.Argument(
-        None, help="A pudding-mlx bundle, an mlx-lm model directory, or a hub id. Default: the "
-        "--preset bundle, built once into the cache."),
+    model: Optional[str] = MODEL_OR_PRESET,
     preset: Optional[str] = typer.Option(None, "--preset", help="Without MODEL: qwen2.5-coder-1.5b (the default; "
                                          "1.1 GB download, hidden-state router, k=3 of 28 blocks) or smollm2-135m "
                                          "(190 MB, MiniLM router, k=7 of 30; fast but weak answers)."),

@@ -258,6 +258,18 @@ def finish_gguf(w, path):
     return path
 
 
+def _add_tensor(w, name, x, kind):
+    """Write float32 `x` to the GGUF writer `w` as GGML type `kind` (F32, F16 or a quantized type)."""
+    from gguf import GGMLQuantizationType as T, quants
+
+    if kind == "F32":
+        w.add_tensor(name, x)
+    elif kind == "F16":
+        w.add_tensor(name, x.astype(np.float16))
+    else:
+        w.add_tensor(name, quants.quantize(x, T[kind]), raw_dtype=T[kind])
+
+
 @pytest.fixture(scope="module")
 def tiny_gguf(smollm2_gguf, tmp_path_factory):
     """Written the way llama.cpp's converter writes a llama: Q/K rows permuted, a different GGML type per
@@ -294,12 +306,7 @@ def tiny_gguf(smollm2_gguf, tmp_path_factory):
         x = (offset + scale * rng.standard_normal(shape)).astype(np.float32)
         if permute_heads:  # llama.cpp convert_hf_to_gguf.py LlamaModel.permute
             x = x.reshape(permute_heads, 2, x.shape[0] // permute_heads // 2, *x.shape[1:]).swapaxes(1, 2).reshape(x.shape)
-        if kind == "F32":
-            w.add_tensor(name, x)
-        elif kind == "F16":
-            w.add_tensor(name, x.astype(np.float16))
-        else:
-            w.add_tensor(name, quants.quantize(x, T[kind]), raw_dtype=T[kind])
+        _add_tensor(w, name, x, kind)
 
     put("token_embd.weight", (V, H), "Q8_0", scale=0.5)
     put("output.weight", (V, H), "Q4_1", scale=0.1)
@@ -962,13 +969,7 @@ def tiny_gemma3_gguf(tmp_path_factory):
     w.add_chat_template(GEMMA_TEMPLATE)
 
     def put(name, shape, kind, scale=0.2, offset=0.0):
-        x = (offset + scale * rng.standard_normal(shape)).astype(np.float32)
-        if kind == "F32":
-            w.add_tensor(name, x)
-        elif kind == "F16":
-            w.add_tensor(name, x.astype(np.float16))
-        else:
-            w.add_tensor(name, quants.quantize(x, T[kind]), raw_dtype=T[kind])
+        _add_tensor(w, name, (offset + scale * rng.standard_normal(shape)).astype(np.float32), kind)
 
     put("token_embd.weight", (len(tokens), H), "Q8_0", scale=0.5)
     put("output_norm.weight", (H,), "F32", scale=0.1, offset=1.0)
