@@ -70,19 +70,16 @@ def cache_keys_for_kept(model):
             attn.layer_idx = idx
 
 
-class Reply(dict):
-    """{"token_ids", "text", "finished", "seconds", "batch"}"""
-
-
 def generate(model, tokenizer, messages: Sequence[str], omitted: Sequence[int] = (), max_new_tokens: int = 512,
-             batch_size: int = 64, progress: Optional[Callable[[int, int], None]] = None) -> List[Reply]:
-    """Greedy replies to `messages` (each one user message through the chat template)."""
+             batch_size: int = 64, progress: Optional[Callable[[int, int], None]] = None) -> List[dict]:
+    """Greedy replies to `messages` (each one user message through the chat template): {"token_ids", "text",
+    "finished", "seconds", "batch"} each."""
     device = next(model.parameters()).device
     stops = stop_ids(model, tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
     encoded = [prompt_ids(tokenizer, m, max_tokens=1 << 30) for m in messages]
     order = sorted(range(len(messages)), key=lambda i: -len(encoded[i]))  # similar lengths batch together
-    out: List[Optional[Reply]] = [None] * len(messages)
+    out: List[Optional[dict]] = [None] * len(messages)
     with torch.inference_mode(), skip_blocks(model, omitted), cache_keys_for_kept(model):
         for start in range(0, len(order), batch_size):
             rows = order[start:start + batch_size]
@@ -103,8 +100,8 @@ def generate(model, tokenizer, messages: Sequence[str], omitted: Sequence[int] =
                 new = gen[j, width:].tolist()
                 cut = next((n for n, t in enumerate(new) if t in stops), None)
                 toks = new if cut is None else new[:cut]
-                out[i] = Reply(token_ids=toks, text=tokenizer.decode(toks), finished=cut is not None,
-                               seconds=seconds, batch=len(rows))
+                out[i] = dict(token_ids=toks, text=tokenizer.decode(toks), finished=cut is not None,
+                              seconds=seconds, batch=len(rows))
             if progress:
                 progress(min(start + batch_size, len(order)), len(order))
     return out

@@ -136,7 +136,7 @@ def build(run_dir, gen_dir, model: str, mc_report: Optional[dict] = None, mlx_di
         for r in mc_report["rows"]:
             if r["method"] == "static":
                 mc_static[_name(r["set"])] = {"average": r["average"], "best": bool(r.get("best"))}
-    rows, deltas, picks = [], [], []
+    rows, picks = [], []
     hits = {n: passed(s, ids) for n, s in sets.items()}
 
     def row(method, k, name, hit, **extra):
@@ -192,7 +192,7 @@ def build(run_dir, gen_dir, model: str, mc_report: Optional[dict] = None, mlx_di
     not_run = sorted((n for n in wanted if n not in sets), key=lambda n: (wanted[n]["k"], n))
     mc_points = [{"k": len(r["set"]), "set": r["set"], "average": r["average"]}
                  for r in (mc_report or {"rows": []})["rows"] if r["method"] == "static"]
-    return {"model": model, "n_blocks": n_blocks, "n_problems": len(ids), "rows": rows, "deltas": deltas,
+    return {"model": model, "n_blocks": n_blocks, "n_problems": len(ids), "rows": rows,
             "router_picks": picks, "mlx": mlx, "sets_not_run": not_run, "mc_points": mc_points,
             "protocol": {"prompt": "pudding_mlx.humaneval.message, one user message through the chat template",
                          "decoding": "greedy", "max_new_tokens": d.get("max_new_tokens"),
@@ -246,10 +246,6 @@ def to_markdown(rep: dict) -> str:
     if rep.get("sets_not_run"):
         out += ["", f"Not run on the PyTorch side (the GPU run's time ran out): {len(rep['sets_not_run'])} of the sets "
                 f"`benchmarks/generation_gpu.sh torch` runs: {', '.join(rep['sets_not_run'])}."]
-    if rep["deltas"]:
-        out += ["", "Routed − best static (pass@1 points, paired bootstrap 95%):", ""]
-        out += [f"- k = {d['k']}, {d['router']} vs {d['versus']} {d['set']}: {d['delta']:+.1f} "
-                f"[{d['ci95'][0]:+.1f}, {d['ci95'][1]:+.1f}]" for d in rep["deltas"]]
     return "\n".join(out) + "\n"
 
 
