@@ -84,8 +84,12 @@ def test_run_generation_resumes_and_shards(tiny, tmp_path):
     assert any("dense: done before" in line for line in logs)
     four = json.loads((tmp_path / "sets" / "omit-4.json").read_text())
     assert four["humaneval"]["n"] == 2 and four["fidelity"]["n"] == 2
+    # a resumed run splits what is left, [omit-2, omit-1-3], over the shards again
     G.run_generation(model, tok, sets, tmp_path, limit=2, max_new_tokens=6, shard=(0, 2), fidelity_max_k=1,
                      log=logs.append)
+    assert sorted(p.stem for p in (tmp_path / "sets").glob("*.json")) == ["dense", "omit-2", "omit-4"]
+    G.run_generation(model, tok, sets, tmp_path, limit=2, max_new_tokens=6, shard=(0, 2), fidelity_max_k=1,
+                     log=logs.append)  # the one set left goes to shard 0
     one_three = json.loads((tmp_path / "sets" / "omit-1-3.json").read_text())
     assert "fidelity" not in one_three  # k = 2 > fidelity_max_k
     summary = json.loads((tmp_path / "summary.json").read_text())
@@ -120,6 +124,9 @@ def test_the_generation_report_of_the_committed_run():
         assert lo <= best["pass@1"] - rows[("dense", 0, "dense")]["pass@1"] <= hi
     mlx = {r["mode"]: r for r in rep["mlx"]["rows"] if r["mode"] in ("dense", "routed")}
     assert mlx["routed"]["usage"] == {"[15, 17, 18]": 164}
-    assert rep["mlx"]["parity"]["torch_dense"] == pytest.approx(rows[("dense", 0, "dense")]["pass@1"])
+    parity = {tuple(p["set"]): p for p in rep["mlx"]["parity"]}
+    assert set(parity) == {(), (5,), (9, 13, 19), (15, 17, 18)}  # every fixed MLX set the PyTorch side ran
+    assert parity[()]["torch"] == pytest.approx(rows[("dense", 0, "dense")]["pass@1"])
+    assert parity[(15, 17, 18)]["mlx"] == pytest.approx(mlx["routed"]["pass@1"])  # routed went there for all 164
     k3_task = next(p for p in rep["router_picks"] if p["k"] == 3 and p["router"] == "hidden, task")
     assert k3_task["usage"] == {"[15, 17, 18]": 164}  # the PyTorch features pick what the MLX preset picked

@@ -143,7 +143,8 @@ def run_generation(model, tokenizer, sets: Dict[str, dict], out_dir, tasks: Sequ
                    progress: Optional[Callable[[int, int], None]] = None, shard: Tuple[int, int] = (0, 1),
                    fidelity_max_k: Optional[int] = None) -> Path:
     """Generate and score every set (module doc); returns OUT/summary.json. `shard` (i, n): this process
-    runs every n-th set from the i-th (by k, then name; dense always, first), so n processes can share
+    runs every n-th of the sets not yet written from the i-th (by k, then name; dense always, first; so a
+    resumed run spreads what is left over all n), so n processes started together can share
     one GPU (generation here is bound by the host's per-step work, not by the GPU). Fidelity runs for the
     sets of at most `fidelity_max_k` blocks (all when None)."""
     out_dir = Path(out_dir)
@@ -161,6 +162,8 @@ def run_generation(model, tokenizer, sets: Dict[str, dict], out_dir, tasks: Sequ
                   **{k: v.astype(np.float16) for k, v in feats.items()})
         log(f"router features of {len(texts)} prompts -> {out_dir / 'features.npz'}")
     rest = sorted((n for n in sets if n != "dense"), key=lambda n: (sets[n]["k"], n))
+    # the shards split the sets not yet written (a resumed run spreads what is left over all of them)
+    rest = [n for n in rest if not (out_dir / "sets" / f"{n}.json").is_file()]
     order = ["dense"] + rest[shard[0]::shard[1]]  # dense first: fidelity compares with it
     dense_fid = None
     pending = []

@@ -89,9 +89,10 @@ def router_picks(run_dir, features_path, k: int, objective: str, ids: Sequence[s
     return predict(probe, feats)["chosen"], sets
 
 
-def _mlx_rows(mlx_dir, torch_dense: Optional[np.ndarray], ids: Sequence[str]) -> dict:
+def _mlx_rows(mlx_dir, torch_hits: Dict[str, np.ndarray], ids: Sequence[str]) -> dict:
     """The preset's own `pudding-mlx eval --tasks humaneval,fidelity` runs (MLX, its 4-bit weights): pass@1
-    per configuration against MLX dense, and MLX dense against PyTorch dense (parity)."""
+    per configuration against MLX dense, and, for every fixed set (dense included) that the PyTorch side ran
+    too (`torch_hits`: set name -> per-problem passes), MLX against PyTorch on that set (parity)."""
     runs = {}
     for p in sorted(Path(mlx_dir).glob("eval_*.json")):
         payload = json.loads(p.read_text())
@@ -115,11 +116,14 @@ def _mlx_rows(mlx_dir, torch_dense: Optional[np.ndarray], ids: Sequence[str]) ->
             row["minus_dense_ci95"] = bootstrap(r["hit"], dense["hit"])
             row["of_dense"] = float(r["hit"].mean() / max(dense["hit"].mean(), 1e-9))
         rows.append(row)
-    parity = None
-    if dense is not None and torch_dense is not None:
-        parity = {"mlx_dense": float(dense["hit"].mean() * 100), "torch_dense": float(torch_dense.mean() * 100),
-                  "mlx_minus_torch_ci95": bootstrap(dense["hit"], torch_dense),
-                  "same_verdict": float((dense["hit"] == torch_dense).mean() * 100)}
+    parity = []
+    for name, r in runs.items():
+        torch_hit = torch_hits.get(_name(r["omitted"] or [])) if r["mode"] in ("dense", "omit") else None
+        if torch_hit is not None:
+            parity.append({"run": name, "set": list(r["omitted"] or []), "mlx": float(r["hit"].mean() * 100),
+                           "torch": float(torch_hit.mean() * 100),
+                           "mlx_minus_torch_ci95": bootstrap(r["hit"], torch_hit),
+                           "same_verdict": float((r["hit"] == torch_hit).mean() * 100)})
     return {"rows": rows, "parity": parity}
 
 
@@ -185,7 +189,7 @@ def build(run_dir, gen_dir, model: str, mc_report: Optional[dict] = None, mlx_di
                 hit = np.array([hits[_name(pool_sets[c])][i] for i, c in enumerate(chosen_idx)])
                 entry.update({"pass@1": float(hit.mean() * 100), "minus_dense_ci95": bootstrap(hit, dense)})
             picks.append(entry)
-    mlx = _mlx_rows(mlx_dir, dense, ids) if mlx_dir and Path(mlx_dir).is_dir() else None
+    mlx = _mlx_rows(mlx_dir, hits, ids) if mlx_dir and Path(mlx_dir).is_dir() else None
     from .generation import sets_to_run
 
     wanted = sets_to_run(sorted(run.glob("cand-k*.json")), run / "cand.state.json", (1, 2))  # what the GPU script runs
@@ -238,11 +242,13 @@ def to_markdown(rep: dict) -> str:
             out.append(f"| {r['run']} | {r['mode']} | {r['usage']} | {r['pass@1']:.1f} | {delta} | {of} | {_f(r['fidelity'])} "
                        f"| {_f(r['identical'])} | {r['tokens_mean']:.0f} | {r['hit_limit']} |")
         if m.get("parity"):
-            p = m["parity"]
-            out += ["", f"Parity, dense: MLX (4-bit, CUDA) {p['mlx_dense']:.1f} vs PyTorch (bf16 dequantized GGUF) "
-                    f"{p['torch_dense']:.1f}: MLX − PyTorch {p['mlx_dense'] - p['torch_dense']:+.1f} "
-                    f"[{p['mlx_minus_torch_ci95'][0]:+.1f}, {p['mlx_minus_torch_ci95'][1]:+.1f}]; the same verdict on "
-                    f"{p['same_verdict']:.1f}% of problems."]
+            out += ["", "Parity, MLX (4-bit, CUDA) against PyTorch (bf16, the dequantized GGUF) on the same set "
+                    "(paired-bootstrap 95%):", "", "| set | MLX | PyTorch | MLX − PyTorch [95%] | same verdict |",
+                    "|---|---|---|---|---|"]
+            for p in m["parity"]:
+                lo, hi = p["mlx_minus_torch_ci95"]
+                out.append(f"| {p['set'] or 'dense'} | {p['mlx']:.1f} | {p['torch']:.1f} | {p['mlx'] - p['torch']:+.1f} "
+                           f"[{lo:+.1f}, {hi:+.1f}] | {p['same_verdict']:.1f}% |")
     if rep.get("sets_not_run"):
         out += ["", f"Not run on the PyTorch side (the GPU run's time ran out): {len(rep['sets_not_run'])} of the sets "
                 f"`benchmarks/generation_gpu.sh torch` runs: {', '.join(rep['sets_not_run'])}."]
