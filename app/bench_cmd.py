@@ -25,8 +25,9 @@ def bench(
                                     "random head, inside the routed prefill (its cost is the head alone), whose "
                                     "candidates are all the static set; 'hidden-miss' the same, but its fallback "
                                     "set is another one that it never picks (the prefill's guess always misses)."),
-    runs: int = typer.Option(10, min=1, help="Timed rounds per cell, after a warm-up; ratios are the "
-                             "median over rounds with a bootstrap 95% interval (claims need 5 or more)."),
+    runs: Optional[int] = typer.Option(None, min=1, help="Timed rounds per cell (default 10), after a warm-up; "
+                                       "ratios are the median over rounds with a bootstrap 95% interval (claims need "
+                                       "5 or more). With --answers: times the prompt set is answered (default 1)."),
     cells: Optional[str] = typer.Option(None, help="Override the protocol: PROMPT+GEN cells, e.g. 32+1,64+1,32+16."),
     memory: bool = typer.Option(True, help="Also measure weight bytes read and peak memory, routed vs dense."),
     dtype: Optional[str] = typer.Option(None, help="Default: float32 on CPU, bfloat16 (shapes) / stored elsewhere."),
@@ -36,6 +37,13 @@ def bench(
     speculate: bool = typer.Option(False, "--speculate/--no-speculate", help="A hidden-state router's "
                                    "routed prefill queues its fallback set before the decision is known: faster "
                                    "on a GPU when the router picks the fallback, slower when it does not."),
+    answers: bool = typer.Option(False, "--answers", help="Time to a complete answer instead of fixed-length "
+                                 "cells: the fixed chat and code prompts answered greedily one at a time by dense, each "
+                                 "set (--omit 'a,b;c'; default: the bundle's candidates) and routed, until each stops "
+                                 "or reaches --max-tokens; speedups over dense per prompt with 95% intervals."),
+    limit: Optional[int] = typer.Option(None, "--limit", min=1, help="With --answers: the first N prompts "
+                                        "(chat and code alternate)."),
+    max_tokens: int = typer.Option(256, "--max-tokens", "-m", min=1, help="With --answers: the most tokens an answer may have."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the results as JSON here."),
     plot_out: Optional[Path] = typer.Option(None, "--plot", help="Write a PNG plot here (needs matplotlib)."),
 ):
@@ -48,7 +56,9 @@ def bench(
     from pudding_mlx import bench as B
 
     B.check_outputs(json_out, plot_out)  # before any work: an output that cannot be written
-    result = B.measure(model, shape, k, omit, router_dir, cells, runs, memory, dtype,
+    if answers:
+        return _answers(model, shape, omit, runs or 1, limit, max_tokens, dtype, json_out, plot_out)
+    result = B.measure(model, shape, k, omit, router_dir, cells, runs or 10, memory, dtype,
                        draft_tokens if lossless else None,
                        progress=lambda line: console.print(line, markup=False, soft_wrap=True),
                        router_kind=router_kind, speculate=speculate)
@@ -61,6 +71,58 @@ def bench(
                       + (f" and written to {json_out}" if json_out else ""), style="yellow", markup=False)
         interrupted = result["failed"].get("interrupted", "")
         raise typer.Exit(143 if "SIGTERM" in interrupted else 130 if interrupted else 1)
+
+
+def _answers(model, shape, omit, rounds, limit, max_tokens, dtype, json_out, plot_out):
+    """`bench --answers`: time to a complete answer (pudding_mlx.answer_time)."""
+    from pudding_mlx import answer_time as A
+    from pudding_mlx import bench as B
+    from pudding_mlx.errors import PuddingError
+    from pudding_mlx.load import load
+    from pudding_mlx.omission import parse_omit_sets
+
+    if shape is not None or model is None:
+        raise PuddingError("--answers needs MODEL (a bundle or model directory): a random-weight --shape has no answers")
+    loaded = load(model, dtype=dtype)  # the routed row routes whatever the bundle's default (answer_time.answer)
+    configs = A.configurations(loaded, parse_omit_sets(omit) if omit is not None else None)
+    prompts = A.answer_prompts(limit)
+    console.print(f"{len(prompts)} prompts x {len(configs)} configurations ({', '.join(configs)}), "
+                  f"{rounds} round(s), {max_tokens} tokens at most", markup=False, soft_wrap=True)
+    result = A.measure_answers(loaded, configs, prompts, max_tokens, rounds,
+                               progress=lambda line: console.print(line, markup=False, soft_wrap=True))
+    _print_answers(result)
+    B.save(result, json_out, plot_out, plot_fn=A.plot)
+    for part, why in result["failed"].items():
+        console.print(f"{part}: {why}", style="yellow", markup=False, soft_wrap=True)
+    if result["failed"]:
+        interrupted = result["failed"].get("interrupted", "")
+        raise typer.Exit(143 if "SIGTERM" in interrupted else 130 if interrupted else 1)
+
+
+def _print_answers(result):
+    wide = Console(highlight=False, width=200)
+    table = Table(title=f"{result['model']}: time to a complete answer, {len(result['prompts'])} chat and code "
+                        f"prompts, {result['max_tokens']} tokens at most, {result['backend']}, {result['rounds']} "
+                        "round(s) [bootstrap 95% interval over prompts]")
+    for col in ("configuration", "median s", "answer speedup", "total speedup", "tok/s", "per-token speedup",
+                "tokens vs dense", "hit limit", "identical %", "sets"):
+        table.add_column(col, justify="right")
+
+    def ci(row, name):
+        lo, hi = row[f"{name}_ci95"]
+        return f"{row[name]:.3f} [{lo:.3f}, {hi:.3f}]"
+
+    for name, r in result["rows"].items():
+        sets = ", ".join(f"{s} x{n}" for s, n in r["sets"].items()) if name == "routed" else ""
+        table.add_row(name + (" (default)" if name == result["default"] else ""), f"{r['seconds_median']:.3f}",
+                      ci(r, "answer_speedup"), ci(r, "total_speedup"), f"{r['tokens_per_s']:.1f}",
+                      ci(r, "token_speedup"), f"{r['tokens_vs_dense']:.2f}", f"{r['hit_limit']}/{r['n']}",
+                      "" if r["identical"] is None else f"{r['identical']:.0f}", sets)
+    wide.print(table)
+    if result.get("default_reason"):
+        wide.print(f"The bundle runs dense by default: {result['default_reason']}", markup=False, soft_wrap=True)
+    for line in result["summary"]:
+        wide.print(f"Summary {line}", markup=False, soft_wrap=True)
 
 
 def _ratio(row, name) -> str:

@@ -308,7 +308,7 @@ def generate(
     """Greedy generation for many omission sets with the model loaded once: HumanEval pass@1 (code run in
     a sandbox) and agreement with dense on the fixed chat prompts. HumanEval is held out: report only."""
     _need_torch()
-    from pudding_mlx.omission import parse_omit
+    from pudding_mlx.omission import parse_omit_sets
     from pudding_mlx.train import generation as G
 
     if recheck:
@@ -321,8 +321,7 @@ def generate(
 
         raise PuddingError(f"--tasks: {bad[0] if bad else 'nothing given'}; choose humaneval and/or fidelity")
     sets = G.sets_to_run(_csv(candidates), state, [int(k) for k in _csv(prefix_k)])
-    for text in (t for t in omit.split(";") if t.strip()):
-        extra = parse_omit(text)
+    for extra in (parse_omit_sets(omit) if omit.strip() else []):
         sets.setdefault(G._set_name(extra), {"omitted": sorted(extra), "k": len(extra), "sources": ["--omit"]})
     from pudding_mlx.train.hf import load_hf
 

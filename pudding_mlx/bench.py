@@ -510,13 +510,14 @@ def check_outputs(json_out=None, plot_out=None) -> None:
                                "(or leave out --plot)") from None
 
 
-def save(result: dict, json_out=None, plot_out=None) -> None:
-    """The plot (a failure is recorded in result["failed"]), then the JSON, written atomically."""
+def save(result: dict, json_out=None, plot_out=None, plot_fn=None) -> None:
+    """The plot (`plot_fn`, default `plot`; a failure is recorded in result["failed"]), then the JSON,
+    written atomically."""
     from .atomic import write_json
 
     if plot_out is not None:
         try:
-            plot(result, plot_out)
+            (plot_fn or plot)(result, plot_out)
         except Exception as e:  # noqa: BLE001 -- the measurements still get written
             result["failed"]["plot"] = _one_line(e)
     if json_out is not None:

@@ -24,6 +24,14 @@ def parse_omit(text: str) -> List[int]:
         raise PuddingError(f"--omit {text!r}: {OMIT_HINT}") from None
 
 
+def parse_omit_sets(text: str) -> List[List[int]]:
+    """'3,5;9' -> [[3, 5], [9]]: several sets, separated by semicolons (each as `parse_omit`)."""
+    sets = [parse_omit(part) for part in text.split(";") if part.strip()]
+    if not sets:
+        raise PuddingError(f"--omit {text!r}: no set given; {OMIT_HINT} (several sets: 3,5;9)")
+    return sets
+
+
 def check_omitted(omitted: Iterable[int], n_blocks: int, what: str = "omission set") -> Tuple[int, ...]:
     """Validate a set of 0-based block indices against a model of `n_blocks` blocks; return it
     sorted. `what` names the set in the error (a flag, a file and field)."""
