@@ -94,18 +94,22 @@ answers)
         >"$out/answers_qwen_preset_cuda.log" 2>&1 || echo "answers FAILED" >&2 ;;
 session)
     staged=$2 seed=$3 g=/tmp/g
-    mkdir -p $g/qwen $g/smollm2 $g/mlx
+    mkdir -p $g/qwen $g/smollm2 $g/mlx $g/in
     cp -r "$seed"/qwen/. $g/qwen/
+    # the inputs are copied out of the working tree first: a later call of the device tool syncs the tree and
+    # removes ignored folders it does not carry (.gpu/), which once stopped the SmolLM2 shards
+    cp -r .gpu/qwen .gpu/smollm2 $g/in/
     "$0" setup "$staged" >$g/setup.log 2>&1
     "$0" answers $g/mlx "${LIMIT:-24}" >$g/answers.log 2>&1
-    SHARD_S=${SHARD_S:-800} "$0" torch "$staged/qwen2.5-coder-1.5b-instruct-q4_k_m.gguf" .gpu/qwen $g/qwen "${QWEN_N:-8}" 3 >$g/torch_qwen.log 2>&1 &
-    SHARD_S=${SHARD_S:-800} "$0" torch "$staged/SmolLM2-135M-Instruct.Q4_1.gguf" .gpu/smollm2 $g/smollm2 3 0 >$g/torch_smollm2.log 2>&1 &
+    SHARD_S=${SHARD_S:-800} "$0" torch "$staged/qwen2.5-coder-1.5b-instruct-q4_k_m.gguf" $g/in/qwen $g/qwen "${QWEN_N:-8}" 3 >$g/torch_qwen.log 2>&1 &
+    SHARD_S=${SHARD_S:-800} "$0" torch "$staged/SmolLM2-135M-Instruct.Q4_1.gguf" $g/in/smollm2 $g/smollm2 3 0 >$g/torch_smollm2.log 2>&1 &
     ("$0" mlx $g/mlx "5" && "$0" mlx-smollm2 $g/mlx) >$g/mlx.log 2>&1 &
     wait
     echo done >$g/DONE ;;
 collect)
     out=$2
-    (cd /tmp/g && tar cf - --exclude='*.gguf' .) | (cd "$out" && tar xf -)
+    # one archive: a call brings back only a few files
+    (cd /tmp/g && tar czf "$out/g.tgz" --exclude='*.gguf' .)
     ls -R /tmp/g | head -5; tail -3 /tmp/g/*.log /tmp/g/*/shard*.log 2>/dev/null | tail -60 ;;
 *)
     echo "usage: $0 setup STAGED | torch MODEL RUN OUT [N] [AFTER] | mlx OUT [MODES] | mlx-smollm2 OUT | answers OUT [LIMIT] | session STAGED SEED | collect OUT" >&2; exit 2 ;;
