@@ -1,7 +1,7 @@
 """`pudding-mlx train ...`: the PyTorch/CUDA side (needs the `train` extra: torch)."""
 
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional
 
 import typer
 from rich.console import Console
@@ -353,12 +353,22 @@ def generation_report(
     mlx: Optional[Path] = typer.Option(None, "--mlx", help="A folder of `pudding-mlx eval --tasks humaneval --json` "
                                        "outputs of the model's bundle (MLX rows and parity)."),
     model: str = typer.Option(..., help="Model name for the title."),
+    answers: Optional[List[Path]] = typer.Option(None, "--answers", help="A `pudding-mlx bench --answers --json` "
+                                                 "output (repeatable): the frontier on the time-to-answer axis."),
+    answers_drop: Optional[str] = typer.Option(None, "--answers-drop", help="Prompt ids to leave out of the --answers "
+                                               "figures (comma-separated), e.g. one whose time holds a one-off compile."),
 ):
     """Write RUN_DIR/generation.md/.json/.png: HumanEval pass@1 and fidelity to dense per set and k, best
-    static (chosen without HumanEval), the routers' picks, oracle, with paired-bootstrap intervals."""
+    static (chosen without HumanEval), the routers' picks, oracle, with paired-bootstrap intervals; with
+    --answers, each timed configuration's time to a complete answer beside its quality (table and plot)."""
     from pudding_mlx.train.generation_report import write
 
-    console.print(f"report -> {write(run_dir, gen, model, mlx)}")
+    for f in answers or []:
+        if not f.is_file():
+            from pudding_mlx.errors import PuddingError
+
+            raise PuddingError(f"--answers {f}: no such file; give a `pudding-mlx bench --answers --json` output")
+    console.print(f"report -> {write(run_dir, gen, model, mlx, answers or [], _csv(answers_drop or ''))}")
 
 
 @train_app.command()

@@ -107,7 +107,8 @@ def test_the_generation_report_of_the_committed_run():
     from pudding_mlx.train.generation_report import build, load_sets, passed
 
     mc = json.loads((RUN / "report.json").read_text())
-    rep = build(RUN, RUN / "generation", "Qwen", mc, RUN / "mlx" / "generation")
+    answers = RUN.parent / "bench" / "answers_qwen_preset_cuda.json"
+    rep = build(RUN, RUN / "generation", "Qwen", mc, RUN / "mlx" / "generation", [answers], ["chat-00"])
     sets = load_sets(RUN / "generation")
     ids = [r["task_id"] for r in sets["dense"]["humaneval"]["records"]]
     rows = {(r["method"], r["k"], r["name"]): r for r in rep["rows"]}
@@ -128,5 +129,10 @@ def test_the_generation_report_of_the_committed_run():
     assert set(parity) == {(), (5,), (9, 13, 19), (15, 17, 18)}  # every fixed MLX set the PyTorch side ran
     assert parity[()]["torch"] == pytest.approx(rows[("dense", 0, "dense")]["pass@1"])
     assert parity[(15, 17, 18)]["mlx"] == pytest.approx(mlx["routed"]["pass@1"])  # routed went there for all 164
+    # the time-to-answer frontier: each timed configuration beside the quality of the same configuration
+    timed = {a["configuration"]: a for a in rep["answers"]}
+    assert timed["routed"]["pass@1_mlx"] == pytest.approx(mlx["routed"]["pass@1"]) and timed["routed"]["n_prompts"] == 23
+    assert timed["omit 13,14,15"]["pass@1_torch"] == pytest.approx(rows[("static", 3, "omit-13-14-15")]["pass@1"])
+    assert timed["dense"]["answer_speedup"] == 1.0
     k3_task = next(p for p in rep["router_picks"] if p["k"] == 3 and p["router"] == "hidden, task")
     assert k3_task["usage"] == {"[15, 17, 18]": 164}  # the PyTorch features pick what the MLX preset picked

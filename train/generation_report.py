@@ -127,7 +127,39 @@ def _mlx_rows(mlx_dir, torch_hits: Dict[str, np.ndarray], ids: Sequence[str]) ->
     return {"rows": rows, "parity": parity}
 
 
-def build(run_dir, gen_dir, model: str, mc_report: Optional[dict] = None, mlx_dir=None) -> dict:
+def _answer_rows(answers_files: Sequence, hits: Dict[str, np.ndarray], rows: List[dict], mlx: Optional[dict],
+                 drop: Sequence[str] = ()) -> List[dict]:
+    """The frontier on the time-to-answer axis: each configuration of `pudding-mlx bench --answers` results
+    (speedups over dense in time to a complete answer, per token) beside its quality: HumanEval pass@1 on
+    PyTorch (a fixed set's row) and on MLX (the preset's eval of the same mode or set), and the MC average.
+    `drop`: prompt ids left out (`answer_time.rescore`), e.g. one whose time holds a one-off compile."""
+    from pudding_mlx.answer_time import rescore
+
+    mc = {_name(r.get("omitted") or []): r.get("mc_average") for r in rows if r["method"] in ("dense", "static")}
+    mlx_by = {}
+    for r in (mlx or {}).get("rows", []):
+        mlx_by["routed" if r["mode"] == "routed" else _name(r["omitted"] or [])] = r["pass@1"]
+    out = []
+    for f in answers_files:
+        result = json.loads(Path(f).read_text())
+        dropped = [d for d in drop if d in result["prompts"]]
+        for name, r in (rescore(result, dropped) if dropped else result["rows"]).items():
+            omitted = result["configs"][name]
+            key = "routed" if omitted is None else _name(omitted)
+            hit = hits.get(key)
+            out.append({"file": str(f), "backend": result["backend"], "configuration": name, "set": omitted,
+                        "dropped": dropped,
+                        "n_prompts": r["n"], "answer_speedup": r["answer_speedup"],
+                        "answer_speedup_ci95": r["answer_speedup_ci95"], "total_speedup": r["total_speedup"],
+                        "token_speedup": r["token_speedup"], "tokens_vs_dense": r["tokens_vs_dense"],
+                        "routed_sets": r["sets"] if omitted is None else None,
+                        "pass@1_torch": None if hit is None else float(hit.mean() * 100),
+                        "pass@1_mlx": mlx_by.get(key), "mc_average": mc.get(key)})
+    return out
+
+
+def build(run_dir, gen_dir, model: str, mc_report: Optional[dict] = None, mlx_dir=None,
+          answers: Sequence = (), answers_drop: Sequence[str] = ()) -> dict:
     """The report as a dict (module doc). Rows for every k that `train generate` ran; the k = 3, 5, 7 routers'
     picks on the HumanEval messages, scored where the picked sets were run; the MLX preset runs of MLX_DIR."""
     run, gen = Path(run_dir), Path(gen_dir)
@@ -198,6 +230,7 @@ def build(run_dir, gen_dir, model: str, mc_report: Optional[dict] = None, mlx_di
                  for r in (mc_report or {"rows": []})["rows"] if r["method"] == "static"]
     return {"model": model, "n_blocks": n_blocks, "n_problems": len(ids), "rows": rows,
             "router_picks": picks, "mlx": mlx, "sets_not_run": not_run, "mc_points": mc_points,
+            "answers": _answer_rows(answers, hits, rows, mlx, answers_drop),
             "protocol": {"prompt": "pudding_mlx.humaneval.message, one user message through the chat template",
                          "decoding": "greedy", "max_new_tokens": d.get("max_new_tokens"),
                          "held_out": "HumanEval chose nothing: best static sets on MC selection data or fidelity prompts"}}
@@ -249,6 +282,21 @@ def to_markdown(rep: dict) -> str:
                 lo, hi = p["mlx_minus_torch_ci95"]
                 out.append(f"| {p['set'] or 'dense'} | {p['mlx']:.1f} | {p['torch']:.1f} | {p['mlx'] - p['torch']:+.1f} "
                            f"[{lo:+.1f}, {hi:+.1f}] | {p['same_verdict']:.1f}% |")
+    if rep.get("answers"):
+        a = rep["answers"]
+        out += ["", "## Time to a complete answer beside quality (`pudding-mlx bench PRESET --answers`)", "",
+                f"Speedups over dense in time to a complete answer (median over {a[0]['n_prompts']} fixed chat and code "
+                f"prompts{' (without ' + ', '.join(a[0]['dropped']) + ', given with --answers-drop)' if a[0]['dropped'] else ''}, "
+                f"bootstrap 95%), in total time and per token, on {a[0]['backend']} ({a[0]['file']}); quality of "
+                "the same configuration: HumanEval pass@1 on PyTorch (bf16) and on MLX (the preset's 4-bit eval), MC average.", "",
+                "| configuration | answer speedup [95%] | total | per token | tokens vs dense | pass@1 PyTorch | pass@1 MLX | MC |",
+                "|---|---|---|---|---|---|---|---|"]
+        for r in a:
+            lo, hi = r["answer_speedup_ci95"]
+            what = r["configuration"] + (f" ({', '.join(f'{k} x{v}' for k, v in r['routed_sets'].items())})" if r["routed_sets"] else "")
+            out.append(f"| {what} | {r['answer_speedup']:.3f} [{lo:.3f}, {hi:.3f}] | {r['total_speedup']:.3f} | "
+                       f"{r['token_speedup']:.3f} | {r['tokens_vs_dense']:.2f} | {_f(r['pass@1_torch'])} | "
+                       f"{_f(r['pass@1_mlx'])} | {_f(r['mc_average'], 2)} |")
     if rep.get("sets_not_run"):
         out += ["", f"Not run on the PyTorch side (the GPU run's time ran out): {len(rep['sets_not_run'])} of the sets "
                 f"`benchmarks/generation_gpu.sh torch` runs: {', '.join(rep['sets_not_run'])}."]
@@ -263,7 +311,9 @@ def plot(rep: dict, path) -> None:
     import matplotlib.pyplot as plt
 
     L = rep["n_blocks"]
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    answers = rep.get("answers") or []
+    fig, axes = plt.subplots(1, 2 if answers else 1, figsize=(13 if answers else 7, 4.5), squeeze=False)
+    ax = axes[0][0]
     static = [r for r in rep["rows"] if r["method"] in ("dense", "static")]
     x = [(L - r["k"]) / L for r in static]
     ax.scatter(x, [r["pass@1"] for r in static], s=12, c="tab:blue", label="HumanEval pass@1, each set")
@@ -284,15 +334,40 @@ def plot(rep: dict, path) -> None:
     ax.set_title(f"{rep['model']}: quality against depth")
     ax.legend(fontsize=7, loc="upper left")
     ax.grid(alpha=0.3)
+    if answers:  # the same frontier with measured time to a complete answer as its speed axis
+        ax = axes[0][1]
+        for key, marker, color, label in (("pass@1_torch", "o", "tab:blue", "HumanEval pass@1, PyTorch"),
+                                          ("pass@1_mlx", "v", "tab:purple", "HumanEval pass@1, MLX preset"),
+                                          ("mc_average", "s", "tab:orange", "MC average")):
+            pts = [r for r in answers if r[key] is not None]
+            if pts:
+                xs = [r["answer_speedup"] for r in pts]
+                err = [[x - r["answer_speedup_ci95"][0] for x, r in zip(xs, pts)],
+                       [r["answer_speedup_ci95"][1] - x for x, r in zip(xs, pts)]]
+                ax.errorbar(xs, [r[key] for r in pts], xerr=err, fmt=marker, color=color, ms=5, capsize=2,
+                            elinewidth=0.7, label=label)
+        for r in answers:
+            if r["configuration"] in ("dense", "routed"):
+                y = r["pass@1_mlx"] if r["pass@1_mlx"] is not None else r["pass@1_torch"]
+                if y is not None:
+                    ax.annotate(r["configuration"], (r["answer_speedup"], y), fontsize=7, xytext=(4, 4),
+                                textcoords="offset points")
+        ax.axvline(1.0, color="grey", lw=0.8)
+        ax.set_xlabel(f"time to a complete answer: speedup over dense (median, 95% CI; {answers[0]['backend']})")
+        ax.set_ylabel("%")
+        ax.set_title("quality against time to answer")
+        ax.legend(fontsize=7, loc="best")
+        ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
 
-def write(run_dir, gen_dir, model: str, mlx_dir=None) -> Path:
-    """RUN_DIR/generation.{md,json,png} from GEN_DIR (a `train generate` output) and MLX_DIR (eval JSONs)."""
+def write(run_dir, gen_dir, model: str, mlx_dir=None, answers: Sequence = (), answers_drop: Sequence[str] = ()) -> Path:
+    """RUN_DIR/generation.{md,json,png} from GEN_DIR (a `train generate` output), MLX_DIR (eval JSONs) and
+    `answers` (`bench --answers` JSONs)."""
     run = Path(run_dir)
     mc = json.loads((run / "report.json").read_text()) if (run / "report.json").is_file() else None
-    rep = build(run, gen_dir, model, mc, mlx_dir)
+    rep = build(run, gen_dir, model, mc, mlx_dir, answers, answers_drop)
     write_json(run / "generation.json", rep)
     write_text(run / "generation.md", to_markdown(rep))
     try:
