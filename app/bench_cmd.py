@@ -74,7 +74,8 @@ def bench(
 
 
 def _answers(model, shape, omit, rounds, limit, max_tokens, dtype, json_out, plot_out):
-    """`bench --answers`: time to a complete answer (pudding_mlx.answer_time)."""
+    """`bench --answers`: time to a complete answer (pudding_mlx.answer_bench, answer_time)."""
+    from pudding_mlx import answer_bench as AB
     from pudding_mlx import answer_time as A
     from pudding_mlx import bench as B
     from pudding_mlx.errors import PuddingError
@@ -83,12 +84,12 @@ def _answers(model, shape, omit, rounds, limit, max_tokens, dtype, json_out, plo
 
     if shape is not None or model is None:
         raise PuddingError("--answers needs MODEL (a bundle or model directory): a random-weight --shape has no answers")
-    loaded = load(model, dtype=dtype)  # the routed row routes whatever the bundle's default (answer_time.answer)
-    configs = A.configurations(loaded, parse_omit_sets(omit) if omit is not None else None)
+    loaded = load(model, dtype=dtype)  # the routed row routes whatever the bundle's default (answer_bench.answer)
+    configs = AB.configurations(loaded, parse_omit_sets(omit) if omit is not None else None)
     prompts = A.answer_prompts(limit)
     console.print(f"{len(prompts)} prompts x {len(configs)} configurations ({', '.join(configs)}), "
                   f"{rounds} round(s), {max_tokens} tokens at most", markup=False, soft_wrap=True)
-    result = A.measure_answers(loaded, configs, prompts, max_tokens, rounds,
+    result = AB.measure_answers(loaded, configs, prompts, max_tokens, rounds,
                                progress=lambda line: console.print(line, markup=False, soft_wrap=True))
     _print_answers(result)
     B.save(result, json_out, plot_out, plot_fn=A.plot)

@@ -8,6 +8,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
+from pudding_mlx import answer_bench as AB
 from pudding_mlx import answer_time as A
 from pudding_mlx.generate import generate, prompt_tokens
 from pudding_mlx.load import load
@@ -59,10 +60,10 @@ def tiny(tiny_llm_dir):
 
 
 def test_answers_are_what_generate_gives(tiny):
-    configs = A.configurations(tiny)
+    configs = AB.configurations(tiny)
     assert configs == {"dense": (), "omit 1,3": (1, 3), "omit 2": (2,), "routed": None}
     prompts = A.answer_prompts(3)
-    result = A.measure_answers(tiny, configs, prompts, max_tokens=8, rounds=2, progress=lambda line: None)
+    result = AB.measure_answers(tiny, configs, prompts, max_tokens=8, rounds=2, progress=lambda line: None)
     assert tiny.dense_by_default == "measured: routing costs quality"  # lifted only inside the routed answers
     assert result["default"] == "dense" and result["rounds"] == 2 and result["prompts"] == [p["id"] for p in prompts]
     for p, rec in zip(prompts, result["answers"]["dense"]):
