@@ -345,6 +345,29 @@ def generate(
     console.print(f"summary -> {path}")
 
 
+@train_app.command("distill-prompts")
+def distill_prompts(
+    out: Path = typer.Option(..., "--out", help="The prompt file to write (JSON), e.g. results/distill/prompts.json."),
+    per_task: int = typer.Option(200, "--per-task", min=0, help="Train-split questions per benchmark task."),
+    seed: int = typer.Option(0, help="Seed of the task sample."),
+    data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="The benchmark files (default: "
+                                            "$PUDDING_MLX_DATA, else the hub)."),
+):
+    """Write the self-distillation prompt set (issue "Healed omission sets"): documented standard-library
+    functions as "write this function" messages (with their real source), and train-split questions of the
+    benchmark tasks. HumanEval is held out (its entry-point names and any 8-word run of its prompts)."""
+    from pudding_mlx.atomic import write_json
+    from pudding_mlx.bench import check_outputs
+    from pudding_mlx.train.distill_prompts import build
+
+    check_outputs(json_out=out)  # before any work: an output that cannot be written
+    data = build(per_task, seed, data_dir)
+    write_json(out, data, indent=None)
+    console.print(f"{data['counts']['code']} code and {data['counts']['task']} task prompts -> {out} "
+                  f"(HumanEval held out: {data['holdout']['dropped_name']} dropped by name, "
+                  f"{data['holdout']['dropped_text']} by shared text)")
+
+
 @train_app.command("generation-report")
 def generation_report(
     run_dir: Path = typer.Argument(..., help="A run folder (results/<model>): cand-k*.json, cand.state.json, "
