@@ -322,7 +322,7 @@ def generate(
         raise PuddingError(f"--tasks: {bad[0] if bad else 'nothing given'}; choose humaneval and/or fidelity")
     sets = G.sets_to_run(_csv(candidates), state, [int(k) for k in _csv(prefix_k)])
     for extra in (parse_omit_sets(omit) if omit.strip() else []):
-        sets.setdefault(G._set_name(extra), {"omitted": sorted(extra), "k": len(extra), "sources": ["--omit"]})
+        sets.setdefault(G.set_name(extra), {"omitted": sorted(extra), "k": len(extra), "sources": ["--omit"]})
     from pudding_mlx.train.hf import load_hf
 
     try:
@@ -379,7 +379,7 @@ def generation_report(
     answers: Optional[List[Path]] = typer.Option(None, "--answers", help="A `pudding-mlx bench --answers --json` "
                                                  "output (repeatable): the frontier on the time-to-answer axis."),
     answers_drop: Optional[str] = typer.Option(None, "--answers-drop", help="Prompt ids to leave out of the --answers "
-                                               "figures (comma-separated), e.g. one whose time holds a one-off compile."),
+                                               "figures (comma-separated), e.g. one whose time holds a one-off compile; STEM:ID for the file STEM.json only."),
 ):
     """Write RUN_DIR/generation.md/.json/.png: HumanEval pass@1 and fidelity to dense per set and k, best
     static (chosen without HumanEval), the routers' picks, oracle, with paired-bootstrap intervals; with

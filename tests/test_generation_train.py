@@ -66,7 +66,7 @@ def test_the_sets_of_the_committed_qwen_run():
     assert counts == {0: 1, 1: 7, 2: 12, 3: 12, 5: 12, 7: 11}
     assert sets["omit-14"]["sources"] == ["k1/arc_easy/likelihood", "k1/hellaswag/likelihood", "k1/mix/likelihood"]
     state = json.loads((RUN / "cand.state.json").read_text())
-    first_two = {G._set_name([p["removed"] for p in ph[:2]]) for ph in state["chains"].values()}
+    first_two = {G.set_name([p["removed"] for p in ph[:2]]) for ph in state["chains"].values()}
     assert first_two == {n for n, s in sets.items() if s["k"] == 2}
 
 
@@ -107,8 +107,8 @@ def test_the_generation_report_of_the_committed_run():
     from pudding_mlx.train.generation_report import build, load_sets, passed
 
     mc = json.loads((RUN / "report.json").read_text())
-    answers = RUN.parent / "bench" / "answers_qwen_preset_cuda.json"
-    rep = build(RUN, RUN / "generation", "Qwen", mc, RUN / "mlx" / "generation", [answers], ["chat-00"])
+    answers = [RUN.parent / "bench" / f"answers_qwen_preset_{b}.json" for b in ("cuda", "cpu")]
+    rep = build(RUN, RUN / "generation", "Qwen", mc, RUN / "mlx" / "generation", answers, ["answers_qwen_preset_cuda:chat-00"])
     sets = load_sets(RUN / "generation")
     ids = [r["task_id"] for r in sets["dense"]["humaneval"]["records"]]
     rows = {(r["method"], r["k"], r["name"]): r for r in rep["rows"]}
@@ -130,7 +130,11 @@ def test_the_generation_report_of_the_committed_run():
     assert parity[()]["torch"] == pytest.approx(rows[("dense", 0, "dense")]["pass@1"])
     assert parity[(15, 17, 18)]["mlx"] == pytest.approx(mlx["routed"]["pass@1"])  # routed went there for all 164
     # the time-to-answer frontier: each timed configuration beside the quality of the same configuration
-    timed = {a["configuration"]: a for a in rep["answers"]}
+    timed = {a["configuration"]: a for a in rep["answers"] if a["backend"] == "cuda"}
+    on_cpu = {a["configuration"]: a for a in rep["answers"] if a["backend"] == "cpu"}
+    assert on_cpu["routed"]["n_prompts"] == 8 and on_cpu["routed"]["dropped"] == []  # the drop named the CUDA file only
+    assert on_cpu["routed"]["answer_speedup"] == pytest.approx(
+        json.loads(answers[1].read_text())["rows"]["routed"]["answer_speedup"])
     assert timed["routed"]["pass@1_mlx"] == pytest.approx(mlx["routed"]["pass@1"]) and timed["routed"]["n_prompts"] == 23
     assert timed["omit 13,14,15"]["pass@1_torch"] == pytest.approx(rows[("static", 3, "omit-13-14-15")]["pass@1"])
     assert timed["dense"]["answer_speedup"] == 1.0

@@ -132,7 +132,8 @@ def _answer_rows(answers_files: Sequence, hits: Dict[str, np.ndarray], rows: Lis
     """The frontier on the time-to-answer axis: each configuration of `pudding-mlx bench --answers` results
     (speedups over dense in time to a complete answer, per token) beside its quality: HumanEval pass@1 on
     PyTorch (a fixed set's row) and on MLX (the preset's eval of the same mode or set), and the MC average.
-    `drop`: prompt ids left out (`answer_time.rescore`), e.g. one whose time holds a one-off compile."""
+    `drop`: prompt ids left out (`answer_time.rescore`), e.g. one whose time holds a one-off compile; `ID` for
+    every file, `STEM:ID` for the file named STEM.json only."""
     from pudding_mlx.answer_time import rescore
 
     mc = {_name(r.get("omitted") or []): r.get("mc_average") for r in rows if r["method"] in ("dense", "static")}
@@ -142,7 +143,8 @@ def _answer_rows(answers_files: Sequence, hits: Dict[str, np.ndarray], rows: Lis
     out = []
     for f in answers_files:
         result = json.loads(Path(f).read_text())
-        dropped = [d for d in drop if d in result["prompts"]]
+        dropped = [d.split(":")[-1] for d in drop if (":" not in d or d.split(":")[0] == Path(f).stem)
+                   and d.split(":")[-1] in result["prompts"]]
         for name, r in (rescore(result, dropped) if dropped else result["rows"]).items():
             omitted = result["configs"][name]
             key = "routed" if omitted is None else _name(omitted)
@@ -283,20 +285,21 @@ def to_markdown(rep: dict) -> str:
                 out.append(f"| {p['set'] or 'dense'} | {p['mlx']:.1f} | {p['torch']:.1f} | {p['mlx'] - p['torch']:+.1f} "
                            f"[{lo:+.1f}, {hi:+.1f}] | {p['same_verdict']:.1f}% |")
     if rep.get("answers"):
-        a = rep["answers"]
-        out += ["", "## Time to a complete answer beside quality (`pudding-mlx bench PRESET --answers`)", "",
-                f"Speedups over dense in time to a complete answer (median over {a[0]['n_prompts']} fixed chat and code "
-                f"prompts{' (without ' + ', '.join(a[0]['dropped']) + ', given with --answers-drop)' if a[0]['dropped'] else ''}, "
-                f"bootstrap 95%), in total time and per token, on {a[0]['backend']} ({a[0]['file']}); quality of "
-                "the same configuration: HumanEval pass@1 on PyTorch (bf16) and on MLX (the preset's 4-bit eval), MC average.", "",
-                "| configuration | answer speedup [95%] | total | per token | tokens vs dense | pass@1 PyTorch | pass@1 MLX | MC |",
-                "|---|---|---|---|---|---|---|---|"]
-        for r in a:
-            lo, hi = r["answer_speedup_ci95"]
-            what = r["configuration"] + (f" ({', '.join(f'{k} x{v}' for k, v in r['routed_sets'].items())})" if r["routed_sets"] else "")
-            out.append(f"| {what} | {r['answer_speedup']:.3f} [{lo:.3f}, {hi:.3f}] | {r['total_speedup']:.3f} | "
-                       f"{r['token_speedup']:.3f} | {r['tokens_vs_dense']:.2f} | {_f(r['pass@1_torch'])} | "
-                       f"{_f(r['pass@1_mlx'])} | {_f(r['mc_average'], 2)} |")
+        out += ["", "## Time to a complete answer beside quality (`pudding-mlx bench PRESET --answers`)"]
+        for f in dict.fromkeys(r["file"] for r in rep["answers"]):  # one table per timed run (device, prompts)
+            a = [r for r in rep["answers"] if r["file"] == f]
+            out += ["", f"Speedups over dense in time to a complete answer (median over {a[0]['n_prompts']} fixed chat and code "
+                    f"prompts{' (without ' + ', '.join(a[0]['dropped']) + ', given with --answers-drop)' if a[0]['dropped'] else ''}, "
+                    f"bootstrap 95%), in total time and per token, on {a[0]['backend']} ({f}); quality of "
+                    "the same configuration: HumanEval pass@1 on PyTorch (bf16) and on MLX (the preset's 4-bit eval), MC average.", "",
+                    "| configuration | answer speedup [95%] | total | per token | tokens vs dense | pass@1 PyTorch | pass@1 MLX | MC |",
+                    "|---|---|---|---|---|---|---|---|"]
+            for r in a:
+                lo, hi = r["answer_speedup_ci95"]
+                what = r["configuration"] + (f" ({', '.join(f'{k} x{v}' for k, v in r['routed_sets'].items())})" if r["routed_sets"] else "")
+                out.append(f"| {what} | {r['answer_speedup']:.3f} [{lo:.3f}, {hi:.3f}] | {r['total_speedup']:.3f} | "
+                           f"{r['token_speedup']:.3f} | {r['tokens_vs_dense']:.2f} | {_f(r['pass@1_torch'])} | "
+                           f"{_f(r['pass@1_mlx'])} | {_f(r['mc_average'], 2)} |")
     if rep.get("sets_not_run"):
         out += ["", f"Not run on the PyTorch side (the GPU run's time ran out): {len(rep['sets_not_run'])} of the sets "
                 f"`benchmarks/generation_gpu.sh torch` runs: {', '.join(rep['sets_not_run'])}."]
@@ -336,16 +339,20 @@ def plot(rep: dict, path) -> None:
     ax.grid(alpha=0.3)
     if answers:  # the same frontier with measured time to a complete answer as its speed axis
         ax = axes[0][1]
-        for key, marker, color, label in (("pass@1_torch", "o", "tab:blue", "HumanEval pass@1, PyTorch"),
-                                          ("pass@1_mlx", "v", "tab:purple", "HumanEval pass@1, MLX preset"),
-                                          ("mc_average", "s", "tab:orange", "MC average")):
-            pts = [r for r in answers if r[key] is not None]
-            if pts:
-                xs = [r["answer_speedup"] for r in pts]
-                err = [[x - r["answer_speedup_ci95"][0] for x, r in zip(xs, pts)],
-                       [r["answer_speedup_ci95"][1] - x for x, r in zip(xs, pts)]]
-                ax.errorbar(xs, [r[key] for r in pts], xerr=err, fmt=marker, color=color, ms=5, capsize=2,
-                            elinewidth=0.7, label=label)
+        files = list(dict.fromkeys(r["file"] for r in answers))
+        for n_file, f in enumerate(files):  # filled markers for the first timed run, hollow for the next
+            run_rows = [r for r in answers if r["file"] == f]
+            for key, marker, color, label in (("pass@1_torch", "o", "tab:blue", "HumanEval pass@1, PyTorch"),
+                                              ("pass@1_mlx", "v", "tab:purple", "HumanEval pass@1, MLX preset"),
+                                              ("mc_average", "s", "tab:orange", "MC average")):
+                pts = [r for r in run_rows if r[key] is not None]
+                if pts:
+                    xs = [r["answer_speedup"] for r in pts]
+                    err = [[x - r["answer_speedup_ci95"][0] for x, r in zip(xs, pts)],
+                           [r["answer_speedup_ci95"][1] - x for x, r in zip(xs, pts)]]
+                    ax.errorbar(xs, [r[key] for r in pts], xerr=err, fmt=marker, color=color, ms=5, capsize=2,
+                                elinewidth=0.7, mfc=color if n_file == 0 else "none",
+                                label=f"{label} ({run_rows[0]['backend']})" if len(files) > 1 else label)
         for r in answers:
             if r["configuration"] in ("dense", "routed"):
                 y = r["pass@1_mlx"] if r["pass@1_mlx"] is not None else r["pass@1_torch"]
@@ -353,7 +360,8 @@ def plot(rep: dict, path) -> None:
                     ax.annotate(r["configuration"], (r["answer_speedup"], y), fontsize=7, xytext=(4, 4),
                                 textcoords="offset points")
         ax.axvline(1.0, color="grey", lw=0.8)
-        ax.set_xlabel(f"time to a complete answer: speedup over dense (median, 95% CI; {answers[0]['backend']})")
+        backends = ", ".join(dict.fromkeys(r["backend"] for r in answers))
+        ax.set_xlabel(f"time to a complete answer: speedup over dense (median, 95% CI; {backends})")
         ax.set_ylabel("%")
         ax.set_title("quality against time to answer")
         ax.legend(fontsize=7, loc="best")
