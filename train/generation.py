@@ -73,7 +73,7 @@ def cache_keys_for_kept(model):
 def generate(model, tokenizer, messages: Sequence[str], omitted: Sequence[int] = (), max_new_tokens: int = 512,
              batch_size: int = 64, progress: Optional[Callable[[int, int], None]] = None) -> List[dict]:
     """Greedy replies to `messages` (each one user message through the chat template): {"token_ids", "text",
-    "finished", "seconds", "batch"} each."""
+    "finished", "stop" (the stop token, None at the limit), "seconds", "batch"} each."""
     device = next(model.parameters()).device
     stops = stop_ids(model, tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
@@ -101,13 +101,13 @@ def generate(model, tokenizer, messages: Sequence[str], omitted: Sequence[int] =
                 cut = next((n for n, t in enumerate(new) if t in stops), None)
                 toks = new if cut is None else new[:cut]
                 out[i] = dict(token_ids=toks, text=tokenizer.decode(toks), finished=cut is not None,
-                              seconds=seconds, batch=len(rows))
+                              stop=new[cut] if cut is not None else None, seconds=seconds, batch=len(rows))
             if progress:
                 progress(min(start + batch_size, len(order)), len(order))
     return out
 
 
-def _set_name(omitted: Sequence[int]) -> str:
+def set_name(omitted: Sequence[int]) -> str:
     return "dense" if not omitted else "omit-" + "-".join(str(b) for b in sorted(omitted))
 
 
@@ -121,7 +121,7 @@ def sets_to_run(candidate_files: Sequence, state_file=None, prefix_k: Sequence[i
     found: Dict[str, dict] = {"dense": {"omitted": [], "k": 0, "sources": ["dense"]}}
 
     def add(omitted, k, source):
-        name = _set_name(omitted)
+        name = set_name(omitted)
         found.setdefault(name, {"omitted": sorted(int(b) for b in omitted), "k": k, "sources": []})
         found[name]["sources"].append(f"k{k}/{source}")
 
