@@ -31,6 +31,19 @@ def write_json(path, data, indent: int = 1) -> None:
     write_text(path, json.dumps(data, indent=indent) + "\n")
 
 
+def write_jsonl_gz(path, rows) -> None:
+    """Write one JSON object per line, gzip-compressed, through a temporary file and an atomic rename."""
+    import gzip
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with gzip.open(tmp, "wt", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+
+
 def write_npz(path, **arrays) -> None:
     """Write a numpy .npz (no pickled objects) through a temporary file, fsync and an atomic rename."""
     import numpy as np

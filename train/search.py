@@ -5,6 +5,8 @@ block and keep the removal whose loss on the task's calibration examples is lowe
 
     likelihood       L(S) = - sum_x ell(gold | x; S)
     likelihood_diff  L(S) = - sum_x sum_{wrong k} (ell(gold | x; S) - ell(k | x; S))
+    response_nll     L(S) = the dense model's own replies' mean NLL per token under S (`train.distill`:
+                     the generation-aware search; its "tasks" are groups of distillation prompts)
 
 with ell the mean log-likelihood per continuation token (`train.scoring`). The first and last
 block are never removed (configurable). Greedy removal is nested, so one search to k_max also
@@ -28,6 +30,8 @@ from pudding_mlx.errors import PuddingError
 from pudding_mlx.jsonio import read_json
 
 LOSSES = ("likelihood", "likelihood_diff")
+# the generation-aware loss (`train.distill`): the dense model's own replies' mean NLL per token under S
+DISTILL_LOSS = "response_nll"
 
 
 class SearchState:
@@ -77,8 +81,8 @@ def greedy_search(
     called after each completed phase (logging, progress, tests that interrupt the search).
     """
     for loss in losses:
-        if loss not in LOSSES:
-            raise PuddingError(f"unknown loss {loss!r}; choose from {', '.join(LOSSES)}")
+        if loss not in LOSSES + (DISTILL_LOSS,):
+            raise PuddingError(f"unknown loss {loss!r}; choose from {', '.join(LOSSES + (DISTILL_LOSS,))}")
     removable = [b for b in range(n_blocks) if b not in set(protected)]
     if k > len(removable):
         raise PuddingError(f"k={k} but only {len(removable)} blocks may be removed")
@@ -89,7 +93,7 @@ def greedy_search(
         key = (task, tuple(sorted(omitted)))
         if key + (loss,) not in known:
             for name, v in score_set(task, key[1]).items():
-                if name in LOSSES:
+                if name in LOSSES + (DISTILL_LOSS,):
                     known[key + (name,)] = float(v)
         return known[key + (loss,)]
 

@@ -1,0 +1,168 @@
+"""Healing on the lent GPU (issue "Healed omission sets", items 1-3), the model loaded once, every phase resumable
+(a rerun skips what is on disk). Usage, from the repository root:
+
+    python3 benchmarks/heal_gpu.py MODEL WORK [PHASES]
+
+MODEL: Qwen2.5-Coder-1.5B-Instruct's GGUF. WORK is seeded from the repository: results/distill/prompts.json,
+results/qwen2.5-coder-1.5b/cand-k3.json (today's k = 3 candidates: the router's pool) and the committed dense
+HumanEval replies (results/qwen2.5-coder-1.5b/generation: dense is the original model, never adapted).
+PHASES, in this order (default all):
+
+  answers   the dense model's replies to the distillation prompts        -> WORK/distill/answers.jsonl.gz
+  search    the generation-aware search, k = 1, 2, 3, 5 (val split)       -> WORK/cand-distill-k*.json
+  pool      one LoRA adapter, the skipped set drawn per step from the k = 3 pool (today's candidates and the
+            generation-aware ones)                                          -> WORK/adapters/pool-k3/
+  nll       every pool set's val NLL of the dense replies, unhealed and healed -> WORK/heal/val_nll.json
+  he-pool   HumanEval with the pool adapter, on the EVAL_N pool sets of lowest healed val NLL, plus the sets
+            today's static choices and routers pick ([13,14,15], [12,13,14], [15,17,18])  -> WORK/gen-pool/
+  he-new    HumanEval, unhealed, of the generation-aware sets (k = 1, 2, 3)  -> WORK/gen-unhealed/
+  mc-pool   the six multiple-choice tasks (1,000 each, the splits and seeds of results/qwen2.5-coder-1.5b's
+            data-val / data-test) on the he-pool sets, pool adapter on         -> WORK/mc-pool-{val,test}/
+  mc-new    the same, unhealed, for the generation-aware k = 3 sets           -> WORK/mc-unhealed-{val,test}/
+  per-set   one adapter per set (the PER_SET sets of lowest healed val NLL), trained the same way and as long,
+            with HumanEval and multiple choice of each                        -> WORK/adapters/set-*/, gen-set-*/
+
+Sets are chosen on the val split of the distillation data and on nothing else; HumanEval is only reported.
+Env: STEPS (training steps per adapter, default 240), BATCH (16), LR (2e-4), RANK (16), EVAL_N (3), PER_SET (2);
+for a smoke run on a small model: LIMIT (the first N prompts), MAX_NEW (512), HE_LIMIT (HumanEval problems), MC_N
+(1000 per task), PROTECT (blocks never removed, default 0,1,2,3 and the last).
+"""
+
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+from pudding_mlx.atomic import write_json
+from pudding_mlx.candidates import read_candidates
+from pudding_mlx.train import distill as D
+from pudding_mlx.train import heal as H
+from pudding_mlx.train.generation import run_generation, set_name
+from pudding_mlx.train.hf import load_hf
+from pudding_mlx.train.router_data import build_router_data
+from pudding_mlx.train.scoring import num_blocks
+from pudding_mlx.train.search import model_identity
+
+PHASES = ("answers", "search", "pool", "nll", "he-pool", "he-new", "mc-pool", "mc-new", "per-set")
+REPO = Path(__file__).resolve().parents[1]
+RUN = REPO / "results" / "qwen2.5-coder-1.5b"
+STEPS, BATCH, LR, RANK = (int(os.environ.get("STEPS", 240)), int(os.environ.get("BATCH", 16)),
+                          float(os.environ.get("LR", 2e-4)), int(os.environ.get("RANK", 16)))
+EVAL_N, PER_SET = int(os.environ.get("EVAL_N", 3)), int(os.environ.get("PER_SET", 2))
+LIMIT, HE_LIMIT = int(os.environ.get("LIMIT", 0)) or None, int(os.environ.get("HE_LIMIT", 0)) or None
+MAX_NEW, MC_N = int(os.environ.get("MAX_NEW", D.MAX_NEW_TOKENS)), int(os.environ.get("MC_N", 1000))
+TODAY = ([13, 14, 15], [12, 13, 14], [15, 17, 18])  # MC-chosen static, fidelity-chosen static, the task router's pick
+MC = (("val", ["boolq", "hellaswag", "piqa", "winogrande"], "validation"), ("test", ["arc_challenge", "arc_easy"], "test"))
+T0 = time.time()
+
+
+def log(msg):
+    print(f"[{time.time() - T0:.0f} s] {msg}", flush=True)
+
+
+def seed_dense(out: Path):
+    """The committed dense HumanEval replies: run_generation then skips dense (the original model)."""
+    (out / "sets").mkdir(parents=True, exist_ok=True)
+    (out / "replies").mkdir(exist_ok=True)
+    for sub, name in (("sets", "dense.json"), ("replies", "dense.jsonl.gz")):
+        if not (out / sub / name).is_file():
+            shutil.copy(RUN / "generation" / sub / name, out / sub / name)
+
+
+def sets_dict(sets, source):
+    return {set_name(s): {"omitted": sorted(s), "k": len(s), "sources": [source]} for s in sets}
+
+
+def mc(model, tok, sets, prefix: Path, name):
+    for tag, tasks, split in MC:
+        build_router_data(model, tok, [sorted(s) for s in sets], tasks, f"{prefix}-{tag}", MC_N, 0, 128, split=split,
+                          model_name=name, progress=lambda d, t, c: log(f"{prefix.name}-{tag} {c} {d}/{t}"))
+
+
+def main():
+    model_path, work = sys.argv[1], Path(sys.argv[2])
+    phases = sys.argv[3].split(",") if len(sys.argv) > 3 else PHASES
+    work.mkdir(parents=True, exist_ok=True)
+    prompts = REPO / "results" / "distill" / "prompts.json"
+    lm, tok, name = load_hf(model_path)
+    ident = model_identity(model_path)
+    n_blocks = num_blocks(lm)
+    protect = [n_blocks - 1 if p == "last" else int(p) for p in os.environ.get("PROTECT", "0,1,2,3,last").split(",")]
+    log(f"loaded {name}")
+    answers = work / "distill" / "answers.jsonl.gz"
+    if "answers" in phases and not answers.is_file():
+        D.answer_prompts(lm, tok, prompts, answers, ident, MAX_NEW, limit=LIMIT, log=log)
+    log(f"answers: {D.read_answers(answers)[0]}")
+    examples = D.build_examples(tok, prompts, answers)
+    train = [e for e in examples if e.split == "train"]
+    val = [e for e in examples if e.split == "val"]
+    val_replies = [e for e in val if e.kind != "code-text"]
+    log(f"{len(train)} train and {len(val)} val examples")
+    cand = {k: work / f"cand-distill-k{k}.json" for k in (1, 2, 3, 5)}
+    if "search" in phases and not cand[5].is_file():
+        D.run_distill_search(lm, tok, val, [1, 2, 3, 5], work / "cand-distill.json", ident, protected=protect,
+                             log=log)
+    new = {k: [c["omitted"] for c in read_candidates(p)] for k, p in cand.items() if p.is_file()}
+    today = [c["omitted"] for c in read_candidates(RUN / "cand-k3.json")]
+    pool = [list(s) for s in dict.fromkeys(tuple(sorted(s)) for s in today + new.get(3, []))]
+    log(f"k=3 pool: {len(pool)} sets; generation-aware: {new}")
+
+    pm = H.add_lora(lm, rank=RANK, alpha=2 * RANK)
+    pool_dir = work / "adapters" / "pool-k3"
+    if "pool" in phases and not (pool_dir / "heal.json").is_file():
+        curve = H.train_adapter(pm, tok, train, pool, STEPS, BATCH, LR, log=log)
+        H.save_adapter(pm, pool_dir, pool, {"steps": STEPS, "batch": BATCH, "lr": LR, "rank": RANK, "kl_weight": 1.0,
+                                            "data": D.read_answers(answers)[0], "curve": curve})
+    if (pool_dir / "heal.json").is_file():
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        set_peft_model_state_dict(pm, load_file(str(pool_dir / "adapter_model.safetensors")), adapter_name="default")
+    base = pm.get_base_model()
+
+    nll_path = work / "heal" / "val_nll.json"
+    if "nll" in phases and not nll_path.is_file():
+        write_json(nll_path, {"examples": len(val_replies), "table": H.nll_table(pm, tok, val_replies, pool, ["default"])})
+        log(f"val NLL -> {nll_path}")
+    table = json.loads(nll_path.read_text())["table"] if nll_path.is_file() else {}
+    ranked = sorted(pool, key=lambda s: table.get(set_name(s), {}).get("default", 1e9))
+    chosen = [list(s) for s in dict.fromkeys(tuple(s) for s in ranked[:EVAL_N] + list(TODAY))]
+    log(f"evaluated with the pool adapter: {chosen}")
+
+    if "he-pool" in phases:
+        seed_dense(work / "gen-pool")
+        run_generation(base, tok, sets_dict(chosen, "pool-k3 adapter"), work / "gen-pool", tasks=("humaneval",), limit=HE_LIMIT,
+                       batch_size=164, workers=12, log=log)
+    if "he-new" in phases and new:
+        seed_dense(work / "gen-unhealed")
+        fresh = [s for k in (1, 2, 3) for s in new.get(k, [])]
+        with pm.disable_adapter():
+            run_generation(base, tok, sets_dict(fresh, "generation-aware search"), work / "gen-unhealed",
+                           tasks=("humaneval",), limit=HE_LIMIT, batch_size=164, workers=12, log=log)
+    if "mc-pool" in phases:
+        mc(base, tok, chosen, work / "mc-pool", f"{ident}+pool-k3")
+    if "mc-new" in phases and new.get(3):
+        with pm.disable_adapter():
+            mc(base, tok, new[3], work / "mc-unhealed", ident)
+    if "per-set" in phases:
+        for s in ranked[:PER_SET]:
+            tag = set_name(s)
+            out = work / "adapters" / f"set-{tag}"
+            pm = H.add_lora(pm, rank=RANK, alpha=2 * RANK, name=tag)
+            if not (out / "heal.json").is_file():
+                curve = H.train_adapter(pm, tok, train, [s], STEPS, BATCH, LR, log=log)
+                H.save_adapter(pm, out, [s], {"steps": STEPS, "batch": BATCH, "lr": LR, "rank": RANK, "kl_weight": 1.0,
+                                              "curve": curve})
+            table.setdefault(tag, {})[f"set-{tag}"] = D.mean_nll(D.target_nll(base, tok, val_replies, s))
+            write_json(work / "heal" / "val_nll_per_set.json", table)
+            seed_dense(work / f"gen-set-{tag}")
+            run_generation(base, tok, sets_dict([s], f"set-{tag} adapter"), work / f"gen-set-{tag}",
+                           tasks=("humaneval",), limit=HE_LIMIT, batch_size=164, workers=12, log=log)
+            mc(base, tok, [s], work / f"mc-set-{tag}", f"{ident}+set-{tag}")
+    log("done")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,152 @@
+"""Self-distillation and healing on the PyTorch side (`train.distill`, `train.heal`), on a tiny random Llama with
+SmolLM2's tokenizer and real distillation prompts: the answers file resumes to what one run writes; the reply
+NLL equals the full model's loss; the generation-aware search takes the lowest-loss block; an adapter leaves
+the dense model untouched, lowers the loss of the set it was trained for, and round-trips through its folder."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("peft")
+
+from pudding_mlx.candidates import read_candidates  # noqa: E402
+from pudding_mlx.errors import PuddingError  # noqa: E402
+from pudding_mlx.train import distill as D  # noqa: E402
+from pudding_mlx.train import heal as H  # noqa: E402
+from pudding_mlx.train.scoring import skip_blocks  # noqa: E402
+
+pytestmark = pytest.mark.torch
+PROMPTS = Path(__file__).resolve().parents[1] / "results" / "distill" / "prompts.json"
+
+
+def _model(tiny_hf_dir):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(tiny_hf_dir, dtype=torch.float32).eval()
+    with torch.no_grad():  # transformers' init is too weak for skipping a block to matter: scale the blocks up
+        for p in model.model.layers.parameters():
+            if p.ndim == 2:
+                p.mul_(4)
+    return model
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_hf_dir):
+    from transformers import AutoTokenizer
+
+    return _model(tiny_hf_dir), AutoTokenizer.from_pretrained(tiny_hf_dir)
+
+
+@pytest.fixture(scope="module")
+def distilled(tiny, tmp_path_factory):
+    """A prompts file of 30 code and 30 task prompts of the committed set, answered by the tiny model."""
+    model, tok = tiny
+    out = tmp_path_factory.mktemp("distill")
+    data = json.loads(PROMPTS.read_text())
+    data["prompts"] = ([p for p in data["prompts"] if p["kind"] == "code"][:30]
+                       + [p for p in data["prompts"] if p["kind"] == "task"][:30])
+    (out / "prompts.json").write_text(json.dumps(data))
+    answers = D.answer_prompts(model, tok, out / "prompts.json", out / "answers.jsonl.gz", "tiny", max_new_tokens=12,
+                               batch_size=64, log=lambda m: None)
+    return out / "prompts.json", answers
+
+
+def test_answers_resume_to_what_one_run_writes(tiny, distilled, tmp_path, monkeypatch):
+    model, tok = tiny
+    prompts, whole = distilled
+    monkeypatch.setattr(D, "CHUNK", 16)
+    calls = []
+    real = D.generate
+
+    def stop_after_two(*a, **k):  # the third chunk "crashes": two chunks stay on disk
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        calls.append(1)
+        return real(*a, **k)
+
+    monkeypatch.setattr(D, "generate", stop_after_two)
+    out = tmp_path / "answers.jsonl.gz"
+    with pytest.raises(KeyboardInterrupt):
+        D.answer_prompts(model, tok, prompts, out, "tiny", max_new_tokens=12, batch_size=64, log=lambda m: None)
+    assert not out.exists() and len(list((tmp_path / "answers.jsonl.gz.parts").glob("*.jsonl.gz"))) == 2
+    monkeypatch.setattr(D, "generate", real)
+    D.answer_prompts(model, tok, prompts, out, "tiny", max_new_tokens=12, batch_size=64, log=lambda m: None)
+    h1, r1 = D.read_answers(out)
+    h0, r0 = D.read_answers(whole)
+    assert r1 == r0 and h1["counts"] == h0["counts"] and not (tmp_path / "answers.jsonl.gz.parts").exists()
+    assert {r["split"] for r in r0} == {"train", "val"} and all(r["split"] == D.split_of(r["id"]) for r in r0)
+    with pytest.raises(PuddingError, match="other settings"):  # a resumed run must ask the same
+        (tmp_path / "answers.jsonl.gz.parts").mkdir()
+        (tmp_path / "answers.jsonl.gz.parts" / "settings.json").write_text(json.dumps({"n": 1}))
+        D.answer_prompts(model, tok, prompts, out, "tiny", max_new_tokens=12, log=lambda m: None)
+
+
+def test_examples_hold_the_replies_and_their_nll_is_the_models_loss(tiny, distilled):
+    model, tok = tiny
+    prompts, answers = distilled
+    examples = D.build_examples(tok, prompts, answers)
+    _, rows = D.read_answers(answers)
+    reply = next(e for e in examples if e.kind == "code")
+    row = next(r for r in rows if r["id"] == reply.id)
+    assert tok.decode(reply.ids[reply.start:]).startswith(row["text"][:10])
+    assert {e.kind for e in examples} == {"code", "task", "code-text"}
+    scores = D.target_nll(model, tok, examples[:9], batch_size=4)
+    for e, (total, n) in zip(examples[:9], scores):  # the full model's own shifted cross-entropy
+        with torch.no_grad():
+            logits = model(torch.tensor([e.ids])).logits[0, :-1]
+        want = torch.nn.functional.cross_entropy(logits[e.start - 1:], torch.tensor(e.ids[e.start:]), reduction="sum")
+        assert n == len(e.ids) - e.start and total == pytest.approx(float(want), rel=1e-4)
+    other = D.target_nll(model, tok, examples[:9], [2], batch_size=4)
+    assert not np.allclose(other[:, 0], scores[:, 0])  # skipping a block changes it
+
+
+def test_generation_aware_search_removes_the_block_of_lowest_loss(tiny, distilled, tmp_path):
+    model, tok = tiny
+    prompts, answers = distilled
+    val = D.build_examples(tok, prompts, answers)  # all of them: the tiny set has few val prompts
+    written = D.run_distill_search(model, tok, val, [1, 2], tmp_path / "cand.json", "tiny", protected=[0, 5],
+                                   per_kind=6, batch_size=8, log=lambda m: None)
+    groups = D.search_examples(val, 6)
+    for group in D.SEARCH_GROUPS:
+        chosen = [val[i] for i in groups[group]]
+        losses = {b: D.mean_nll(D.target_nll(model, tok, chosen, [b], 8)) for b in (1, 2, 3, 4)}
+        first = min(losses, key=lambda b: (losses[b], b))
+        chains = json.loads((tmp_path / "cand.state.json").read_text())["chains"]
+        assert chains[f"{group}/response_nll"][0]["removed"] == first
+    k2 = read_candidates(tmp_path / "cand-k2.json")
+    assert written[2]["k"] == 2 and all(len(c["omitted"]) == 2 and not {0, 5} & set(c["omitted"]) for c in k2)
+
+
+def test_an_adapter_heals_its_set_keeps_dense_and_round_trips(tiny_hf_dir, distilled, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_hf_dir)
+    model = _model(tiny_hf_dir)
+    prompts, answers = distilled
+    examples = [e for e in D.build_examples(tok, prompts, answers) if e.kind != "code-text"][:24]
+    ids = torch.tensor([examples[0].ids])
+    with torch.no_grad():
+        dense_before = model(ids).logits
+        unhealed = D.mean_nll(D.target_nll(model, tok, examples, [2, 3]))
+    pm = H.add_lora(model, rank=4, alpha=8)
+    curve = H.train_adapter(pm, tok, examples, [[2, 3]], steps=12, batch_size=8, lr=3e-3, every=4, log=lambda m: None)
+    base = pm.get_base_model()
+    healed = D.mean_nll(D.target_nll(base, tok, examples, [2, 3]))
+    assert healed < unhealed - 0.05 and len(curve) == 3
+    with torch.no_grad(), pm.disable_adapter():  # the teacher, and what --dense runs: the original model
+        assert torch.equal(base(ids).logits, dense_before)
+    out = H.save_adapter(pm, tmp_path / "adapter", [[3, 2]], {"steps": 12})
+    assert sorted(p.name for p in out.iterdir()) == ["adapter_config.json", "adapter_model.safetensors", "heal.json"]
+    assert json.loads((out / "heal.json").read_text())["sets"] == [[2, 3]]
+    again = PeftModel.from_pretrained(_model(tiny_hf_dir), str(out)).eval()
+    with torch.no_grad(), skip_blocks(base, [2, 3]), skip_blocks(again.get_base_model(), [2, 3]):
+        assert torch.allclose(again.get_base_model()(ids, use_cache=False).logits, base(ids, use_cache=False).logits,
+                              atol=1e-5)
+    table = H.nll_table(pm, tok, examples, [[2, 3]], ["default"])
+    assert table["omit-2-3"]["default"] == pytest.approx(healed, rel=1e-5)
+    assert table["omit-2-3"]["unhealed"] == pytest.approx(unhealed, rel=1e-5)

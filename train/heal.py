@@ -1,0 +1,146 @@
+"""Healing (issue "Healed omission sets", item 3): LoRA adapters (PEFT) that teach the model to run without
+the blocks an omission set skips, by distillation from the dense model on `train.distill` examples.
+
+One copy of the weights is both models: the student is the model with a set skipped and the adapter on,
+the teacher the same model dense with the adapter off (PEFT's `disable_adapter`), which is exactly the
+original model. Per step, on the targets of a batch of train examples:
+
+    loss = CE(student, the dense reply's tokens)  +  kl_weight * KL(teacher || student)
+
+(code-text examples, the standard library's own code, have the KL term only: the aim is the dense model's
+behaviour, not the text). The set skipped is drawn per step from a pool of sets (stochastic depth over the
+candidates: one adapter for every set) or is always one set (a per-set adapter). The runtime applies an
+adapter only while blocks are skipped, so the dense model stays the original one.
+
+An adapter folder is PEFT's own (adapter_config.json + adapter_model.safetensors) plus heal.json: the sets
+it was trained for, the settings, the data's digest and the loss curve.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence
+
+import torch
+
+from pudding_mlx.atomic import building, write_json
+from pudding_mlx.errors import PuddingError
+
+from .distill import Example, _pad_id, mean_nll, pad_batch, target_logits, target_nll
+from .generation import set_name
+from .scoring import skip_blocks
+
+HEAL_FORMAT = "pudding-mlx-heal"
+TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+Log = Callable[[str], None]
+
+
+def add_lora(model, rank: int = 16, alpha: int = 32, name: str = "default", targets: Sequence[str] = TARGETS):
+    """`model` wrapped as a PEFT model with a fresh LoRA adapter `name` on every block's linear layers (or,
+    when it is already a PEFT model, a further adapter `name`, made the active one)."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=list(targets), bias="none",
+                        task_type="CAUSAL_LM")
+    if isinstance(model, PeftModel):
+        model.add_adapter(name, config)
+        model.set_adapter(name)
+        return model
+    return get_peft_model(model, config, adapter_name=name)
+
+
+def _lr(step: int, steps: int, warmup: int) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
+    return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
+
+
+def train_adapter(peft_model, tokenizer, examples: Sequence[Example], sets: Sequence[Sequence[int]], steps: int,
+                  batch_size: int = 16, lr: float = 2e-4, kl_weight: float = 1.0, seed: int = 0, log: Log = print,
+                  every: int = 10) -> List[dict]:
+    """Train the active adapter (module doc); returns the loss curve, one record per `every` steps."""
+    if not examples or not sets or any(not s for s in sets):
+        raise PuddingError("healing needs train examples and non-empty omission sets")
+    base = peft_model.get_base_model()
+    device = next(base.parameters()).device
+    params = [p for p in peft_model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr(s, steps, max(1, steps // 20)))
+    rng = random.Random(seed)
+    order: List[int] = []
+    curve, window, t0 = [], [], time.perf_counter()
+    peft_model.eval()  # no dropout anywhere; gradients flow all the same
+    for step in range(steps):
+        if len(order) < batch_size:
+            more = list(range(len(examples)))
+            rng.shuffle(more)
+            order += more
+        batch = [examples[i] for i in order[:batch_size]]
+        del order[:batch_size]
+        omitted = list(rng.choice(list(sets)))
+        ids, mask, target = pad_batch(batch, _pad_id(tokenizer), device)
+        with torch.no_grad(), peft_model.disable_adapter():
+            teacher, labels, rows = target_logits(base, ids, mask, target)
+        with skip_blocks(base, omitted):
+            student, _, _ = target_logits(base, ids, mask, target)
+        s = torch.log_softmax(student.float(), -1)
+        t = torch.log_softmax(teacher.float(), -1)
+        kl = torch.nn.functional.kl_div(s, t, log_target=True, reduction="batchmean")
+        replies = torch.tensor([e.kind != "code-text" for e in batch], device=device)[rows]
+        ce = torch.nn.functional.nll_loss(s[replies], labels[replies]) if replies.any() else s.new_zeros(())
+        loss = ce + kl_weight * kl
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        window.append((float(ce.detach()), float(kl.detach())))
+        if (step + 1) % every == 0 or step + 1 == steps:
+            ce_m, kl_m = (sum(v) / len(window) for v in zip(*window))
+            curve.append({"step": step + 1, "ce": round(ce_m, 4), "kl": round(kl_m, 4),
+                          "seconds": round(time.perf_counter() - t0, 1)})
+            log(f"step {step + 1}/{steps}: CE {ce_m:.4f}, KL {kl_m:.4f} ({time.perf_counter() - t0:.0f} s)")
+            window = []
+    return curve
+
+
+def save_adapter(peft_model, out, sets: Sequence[Sequence[int]], info: dict, force: bool = False) -> Path:
+    """The active adapter as a folder (module doc), written atomically."""
+    name = peft_model.active_adapter
+    with building(out, force=force) as new:
+        peft_model.save_pretrained(str(new), selected_adapters=[name], safe_serialization=True)
+        made = new / name if name != "default" else new  # PEFT writes a named adapter into a subfolder
+        if made != new:
+            for f in made.iterdir():
+                f.rename(new / f.name)
+            made.rmdir()
+        (new / "README.md").unlink(missing_ok=True)  # PEFT's model card template: nothing of ours in it
+        if not (new / "adapter_model.safetensors").is_file():
+            raise PuddingError(f"PEFT wrote no adapter_model.safetensors for {out}")
+        write_json(new / "heal.json", {"format": HEAL_FORMAT, "schema_version": 1,
+                                       "sets": [sorted(int(b) for b in s) for s in sets], **info})
+    return Path(out)
+
+
+def nll_table(peft_model, tokenizer, examples: Sequence[Example], sets: Sequence[Sequence[int]],
+              adapters: Sequence[str] = (), batch_size: int = 32) -> Dict[str, dict]:
+    """{set name: {"unhealed": mean NLL, adapter: mean NLL, ...}} on `examples` (the val split), and "dense"."""
+    base = peft_model.get_base_model()
+    active = peft_model.active_adapter
+    table: Dict[str, dict] = {}
+    with peft_model.disable_adapter():
+        table["dense"] = {"unhealed": mean_nll(target_nll(base, tokenizer, examples, (), batch_size))}
+        for s in sets:
+            table[set_name(s)] = {"unhealed": mean_nll(target_nll(base, tokenizer, examples, s, batch_size))}
+    try:
+        for a in adapters:
+            peft_model.set_adapter(a)
+            for s in sets:
+                table[set_name(s)][a] = mean_nll(target_nll(base, tokenizer, examples, s, batch_size))
+    finally:
+        peft_model.set_adapter(active)
+    return table
