@@ -14,7 +14,7 @@ from rich.console import Console
 
 from pudding_mlx import __version__
 from pudding_mlx.errors import PuddingError
-from pudding_mlx.app.options import DRAFT, LOSSLESS, ROUTED
+from pudding_mlx.app.options import DRAFT, LOSSLESS, ROUTED, UNHEALED
 
 app = typer.Typer(
     name="pudding-mlx",
@@ -57,6 +57,7 @@ def generate(
     dense: bool = DENSE,
     omit: Optional[str] = OMIT,
     routed: bool = ROUTED,
+    unhealed: bool = UNHEALED,
     max_tokens: int = typer.Option(256, "--max-tokens", "-m", min=1, help="Most tokens to generate."),
     temp: float = typer.Option(0.0, "--temp", min=0.0, help="Sampling temperature; 0 is greedy."),
     top_p: float = typer.Option(1.0, "--top-p", min=0.0, max=1.0, help="Nucleus sampling mass."),
@@ -77,7 +78,7 @@ def generate(
 
     omit_list = None if omit is None else parse_omit(omit)
     check_override(dense, omit_list, routed)
-    loaded = load(model, dtype=dtype, routed=routed)
+    loaded = load(model, dtype=dtype, routed=routed, healed=not unhealed)
     ids = prompt_tokens(loaded.tokenizer, prompt, not ignore_chat_template, system)
     n_prompt = len(ids)
     choice, ids, cache = choose_and_prefill(loaded, prompt, ids, dense, omit_list, lossless)
@@ -89,6 +90,9 @@ def generate(
         payload = result.to_json()
         payload.update({k: v for k, v in choice.to_json().items() if k != "omitted"})
         payload["model"] = str(loaded.path)
+        from pudding_mlx.adapters import adapter_for
+
+        payload["adapter"] = adapter_for(loaded.model, choice.omitted)  # the healing adapter that ran, or null
         if cache is not None:  # the routed prefill ran all but the last prompt token before generation
             payload["prompt_tokens"], payload["prefill_tps"] = n_prompt, None
             payload["routed_prefill"] = True
@@ -120,6 +124,14 @@ def _footer(loaded, choice, last, routed_prefill_tokens=None):
         what = f"dense ({n}/{n} blocks), {default_note(loaded)}"
     else:
         what = f"omitted {list(choice.omitted)} ({n - len(choice.omitted)}/{n} blocks)"
+    if choice.omitted:  # a healing adapter goes with the set (pudding_mlx.adapters); say which, or that none
+        from pudding_mlx.adapters import adapter_for
+
+        healer = adapter_for(loaded.model, choice.omitted)
+        if healer is not None:
+            what += f", healed by adapter {healer!r}"
+        elif loaded.manifest is not None and loaded.manifest.adapters:
+            what += ", unhealed" + (" (--unhealed)" if not loaded.adapters else " (no adapter names this set)")
     err.print(f"[dim]{'=' * 10}[/dim]")
     err.print(f"Route: {what}")
     if last is not None:

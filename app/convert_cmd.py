@@ -13,7 +13,7 @@ without --force. Bad input is one line on stderr and exit status 2 (a `PuddingEr
 import contextlib
 import inspect
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional
 
 import typer
 from rich.console import Console
@@ -219,6 +219,10 @@ def bundle(
                                               "0-based block indices, e.g. [[4,9,17],[5,9,21]]. Required "
                                               "with --router. Sets found only by the 'mix' chains are left "
                                               "out (they are baselines, not router outputs)."),
+    adapter: Optional[List[Path]] = typer.Option(None, "--adapter", metavar="DIR",
+                                                 help="A healing adapter (repeatable): a LoRA folder from "
+                                                 "[bold]train heal[/bold] (converted here) or from [bold]convert "
+                                                 "adapter[/bold]. It runs only while one of its sets is skipped."),
     force: bool = FORCE,
 ):
     """Assemble a bundle from a converted LLM, candidate omission sets and (optionally) a router.
@@ -258,11 +262,51 @@ def bundle(
             _check_llm_loads(llm)
         with console.status(f"building the bundle (copying {llm}" + (", converting the router" if router else "")
                             + ")"):
-            build_bundle(llm, out, candidates=candidates, router=router, force=force)
+            build_bundle(llm, out, candidates=candidates, router=router, force=force,
+                         adapters=[a.expanduser() for a in adapter or []])
         manifest = read_manifest(out)
     left_out = len(entries) - len(manifest.candidates)
     print(f"{out.absolute()}: bundle, {manifest.num_blocks} blocks, {len(manifest.candidates)} candidate sets"
           + (f" ({left_out} mix-only left out)" if left_out > 0 else "")
-          + f", router: {'yes' if manifest.router is not None else 'no'}")
+          + f", router: {'yes' if manifest.router is not None else 'no'}"
+          + (f", adapters: {', '.join(a['name'] for a in manifest.adapters)}" if manifest.adapters else ""))
+
+
+# --------------------------------------------------------------------------------------------------- adapter
+
+
+@convert_app.command("adapter", no_args_is_help=True)
+@_paragraphs
+def adapter_cmd(
+    src: Path = typer.Argument(..., metavar="SRC", help="A PEFT LoRA folder (adapter_config.json + "
+                               "adapter_model.safetensors), as [bold]train heal[/bold] writes it."),
+    out: Path = typer.Argument(..., metavar="OUT", help="The output folder: the adapter as the runtime reads it."),
+    sets: Optional[str] = typer.Option(None, "--sets", metavar="SETS", help="The omission sets it heals, e.g. "
+                                       "'15,17,18;13,14,15'. Default: the sets in SRC/heal.json."),
+    force: bool = FORCE,
+):
+    """Convert a healing adapter (LoRA, trained with PEFT) to the runtime's format.
+
+    The runtime applies it only while one of its sets is skipped; dense stays the original model. Plain
+    LoRA on linear layers only (no DoRA, per-module ranks or trained biases). Usually not needed on its
+    own: [bold]convert bundle --adapter[/bold] converts the adapters it is given.
+
+    Example: [cyan]pudding-mlx convert adapter runs/heal/pool-k3 pool-k3-mlx[/cyan]
+    """
+    from pudding_mlx.adapters import SETTINGS_FILE
+    from pudding_mlx.convert.adapter import convert_adapter
+    from pudding_mlx.omission import parse_omit_sets
+
+    src, out = src.expanduser(), out.expanduser()
+    _refuse_existing(out, force)
+    with _user_errors():
+        parsed = [list(x) for x in parse_omit_sets(sets)] if sets is not None else None
+        if not src.is_dir():
+            raise PuddingError(f"{src}: no such folder (SRC: a PEFT LoRA folder from `pudding-mlx train heal`)")
+        with console.status(f"converting the adapter in {src}"):
+            path = convert_adapter(src, out, sets=parsed, force=force)
+    settings = read_json(path / SETTINGS_FILE, "the adapter's settings")
+    print(f"{path.absolute()}: adapter, rank {settings['rank']}, scale {settings['scale']:g}, blocks "
+          f"{settings['blocks'][0]}..{settings['blocks'][-1]}, heals {settings['sets']}")
 
 

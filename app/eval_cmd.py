@@ -21,7 +21,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from pudding_mlx.app.options import ROUTED
+from pudding_mlx.app.options import ROUTED, UNHEALED
 from pudding_mlx.errors import PuddingError
 
 err = Console(stderr=True, highlight=False)
@@ -46,6 +46,7 @@ def eval_command(
                                             "JSON object to FILE ('-': to stdout, instead of the table)."),
     dense: bool = typer.Option(False, "--dense", help="Run every block (no pruning), ignoring the router."),
     routed: bool = ROUTED,
+    unhealed: bool = UNHEALED,
     omit: Optional[str] = typer.Option(None, "--omit", help="Skip these 0-based blocks, e.g. 3,5 "
                                        "(overrides the router)."),
     data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="The benchmark folder "
@@ -99,7 +100,8 @@ def _run(model, tasks, limit, json_file, dense, omit, data_dir, batch_size, batc
     from pudding_mlx.evaluate import evaluate
     from pudding_mlx.load import load
 
-    loaded = load(model, dtype=dtype, with_router=not dense and omit_list is None, routed=routed)
+    loaded = load(model, dtype=dtype, with_router=not dense and omit_list is None, routed=routed,
+                  healed=not unhealed)
     choice = fixed_choice(loaded.n_blocks, loaded.router is not None, dense, omit_list, loaded.dense_by_default)
     omitted, mode = (None, "routed") if choice is None else (choice.omitted, choice.how)
     if mode == "no-router":

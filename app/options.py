@@ -16,3 +16,5 @@ ROUTED = typer.Option(False, "--routed", help="Route with the bundle's router ev
                       "pass@1; see results/qwen2.5-coder-1.5b/generation.md).")
 MODEL_OR_PRESET = typer.Argument(None, help="A pudding-mlx bundle, an mlx-lm model directory, or a hub id. Default: "
                                 "the --preset bundle, built once into the cache.")
+UNHEALED = typer.Option(False, "--unhealed", help="Leave the bundle's healing adapters off: a skipped set runs "
+                        "as the original weights give it (for comparisons; dense never uses an adapter).")

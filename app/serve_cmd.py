@@ -5,7 +5,7 @@ from typing import Optional
 import typer
 from rich.console import Console
 
-from pudding_mlx.app.options import DRAFT, LOSSLESS, MODEL_OR_PRESET, ROUTED
+from pudding_mlx.app.options import DRAFT, LOSSLESS, MODEL_OR_PRESET, ROUTED, UNHEALED
 from pudding_mlx.errors import PuddingError
 
 
@@ -23,6 +23,7 @@ def serve(
     port: int = typer.Option(8080, "--port", min=0, max=65535, help="Port to listen on (0: any free port)."),
     dense: bool = typer.Option(False, "--dense", help="Run every block for every request (no routing)."),
     routed: bool = ROUTED,
+    unhealed: bool = UNHEALED,
     omit: Optional[str] = typer.Option(None, "--omit", help="Skip these 0-based blocks for every request, "
                                        "e.g. 3,5,9 (overrides the router)."),
     max_tokens: int = typer.Option(512, "--max-tokens", "-m", min=1, help="Default most tokens per reply "
@@ -67,7 +68,7 @@ def serve(
     err.print(f"[dim]loading {path}[/dim]")  # (inside run_server, once the port is bound)
     counts = run_server(path, model_id=model_id, host=host, port=port, on_ready=ready, dtype=dtype, dense=dense,
                         omit=base_omit, queue_size=queue_size, max_tokens=max_tokens, temperature=temp,
-                        top_p=top_p, lossless=lossless, draft_tokens=draft_tokens, routed=routed,
+                        top_p=top_p, lossless=lossless, draft_tokens=draft_tokens, routed=routed, healed=not unhealed,
                         log=lambda line: err.print(line, markup=False))
     console.print("stopped · " + ", ".join(f"{k} {v}" for k, v in counts.items()))
 

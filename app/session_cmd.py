@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from pudding_mlx.app.options import DRAFT, LOSSLESS, MODEL_OR_PRESET, ROUTED
+from pudding_mlx.app.options import DRAFT, LOSSLESS, MODEL_OR_PRESET, ROUTED, UNHEALED
 from pudding_mlx.errors import PuddingError
 
 HELP = [
@@ -52,6 +52,7 @@ def chat(
     omit: Optional[str] = typer.Option(None, "--omit", help="Skip these 0-based blocks on every turn, "
                                        "e.g. 3,5,9 (overrides the router)."),
     routed: bool = ROUTED,
+    unhealed: bool = UNHEALED,
     dtype: Optional[str] = typer.Option(None, "--dtype", help="float32 | float16 | bfloat16 (default: "
                                         "float32 on the CPU backend, the stored dtype elsewhere)."),
     lossless: bool = LOSSLESS,
@@ -83,7 +84,7 @@ def chat(
             raise PuddingError("give either MODEL or --preset (a preset is a bundle built for you)")
         path = ensure_default_bundle(console=err, preset=preset) if model is None else resolve(model)
         with console.status("loading the model", spinner="dots"):
-            loaded = load(str(path), dtype=dtype, routed=routed)
+            loaded = load(str(path), dtype=dtype, routed=routed, healed=not unhealed)
             SkipView(loaded.model)  # an unsupported architecture fails here, in one line
     except KeyboardInterrupt:
         err.print("interrupted")
@@ -406,7 +407,7 @@ def info(
     model: str = typer.Argument(..., help="A pudding-mlx bundle, an mlx-lm model directory, or a hub id."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ):
-    """What a bundle or model directory holds: architecture, size, quantization, candidates, router.
+    """What a bundle or model directory holds: architecture, size, quantization, candidates, router, adapters.
     Read from config files and safetensors headers; no weights are loaded."""
     from pudding_mlx.info import model_info
     from pudding_mlx.load import resolve
@@ -443,6 +444,11 @@ def info(
                       f"{r['parameters'] / 1e6:.1f} M params), {r['outputs']} outputs, max {r['max_tokens']} tokens")
     elif data["kind"] == "bundle":
         table.add_row("router", "none (serves --dense and --omit)")
+    for a in data.get("adapters") or []:
+        sets = "; ".join(",".join(map(str, s)) for s in a["sets"] or [])
+        table.add_row("adapter", f"{a['name']}: heals {sets} (LoRA rank {a['rank']}, {a['modules']} linears of blocks "
+                      f"{a['blocks'][0]}..{a['blocks'][-1]}, {a['parameters'] / 1e6:.2f} M params); on only while its "
+                      "set is skipped")
     d = data["disk"]
     table.add_row("on disk", f"{_size(d['total'])}: LLM weights {_size(d['llm_weights'])}, router {_size(d['router'])}, "
                   f"tokenizer {_size(d['tokenizer'])}, other {_size(d['other'])}")

@@ -66,7 +66,9 @@ def _candidates(candidates, n_blocks: int):
 
 
 def build_bundle(llm_dir, out, candidates=None, router=None, provenance: Optional[dict] = None,
-                 force: bool = False, default_routing: Optional[dict] = None) -> Path:
+                 force: bool = False, default_routing: Optional[dict] = None, adapters=()) -> Path:
+    """`adapters`: healing adapter folders (PEFT LoRA from `train heal`, converted here, or already
+    converted), each kept as adapters/<its folder name>; checked against the LLM by loading the bundle."""
     llm_dir, out = Path(llm_dir), Path(out)
     if out.exists() and not force:
         raise PuddingError(f"{out}: already exists; pass --force to replace it")
@@ -86,12 +88,37 @@ def build_bundle(llm_dir, out, candidates=None, router=None, provenance: Optiona
         settings = None
         if router is not None:
             settings = _add_router(Path(router), tmp / "router", cands)
+        entries = _add_adapters([Path(a) for a in adapters], tmp / "adapters")
         manifest = Manifest(num_blocks=n_blocks, candidates=cands, router=settings, provenance=prov,
-                            default_routing=default_routing)
+                            default_routing=default_routing, adapters=entries)
         # the same checks a user's load runs, before anything is visible at OUT
         parse_manifest(manifest.to_json(), str(out / MANIFEST), n_blocks)
         write_manifest(tmp, manifest)
+        if entries:  # the adapters' tensors against the LLM's layers, and against the router's read point
+            from pudding_mlx.load import load
+
+            load(str(tmp), check_memory=False)
     return out
+
+
+def _add_adapters(sources, dest: Path) -> list:
+    """Copy (or convert, from PEFT) each adapter into dest/<name>; the manifest's entries."""
+    from pudding_mlx.convert.adapter import convert_adapter, is_runtime_adapter
+
+    entries = []
+    for src in sources:
+        if not src.is_dir():
+            raise PuddingError(f"{src}: no such folder (--adapter: a `train heal` output or a converted adapter)")
+        name = src.name
+        if any(e["name"] == name for e in entries):
+            raise PuddingError(f"{src}: another --adapter has the folder name {name!r}; rename one of them")
+        dest.mkdir(exist_ok=True)
+        if is_runtime_adapter(src):
+            shutil.copytree(src, dest / name)
+        else:
+            convert_adapter(src, dest / name)
+        entries.append({"name": name, "path": f"adapters/{name}"})
+    return entries
 
 
 def _add_hidden_router(src: Path, dest: Path, cands) -> RouterSettings:

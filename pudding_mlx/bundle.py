@@ -8,7 +8,9 @@
                             loads every top-level model*.safetensors as LLM weights)
 
 pudding.json, schema version 1 (version 2 adds "router": {..., "kind": "hidden"} for the hidden-state
-router, pudding_mlx.hidden_router; a BERT router's kind is "bert", the default):
+router, pudding_mlx.hidden_router; a BERT router's kind is "bert", the default; version 3 adds
+"adapters": [{"name": "pool-k3", "path": "adapters/pool-k3"}, ...], the healing adapters, each a folder
+of the bundle that says which sets it heals, pudding_mlx.adapters):
 
     {
       "format": "pudding-mlx-bundle",
@@ -40,7 +42,7 @@ MANIFEST = "pudding.json"
 ROUTER_KINDS = ("bert", "hidden")
 FORMAT = "pudding-mlx-bundle"
 SCHEMA_VERSION = 1  # what a bundle with a BERT router (or none) is written as
-SCHEMA_VERSIONS = (1, 2)  # 2: router.kind "hidden" (read: both)
+SCHEMA_VERSIONS = (1, 2, 3)  # 2: router.kind "hidden"; 3: healing adapters (read: all)
 
 
 @dataclass
@@ -76,16 +78,20 @@ class Manifest:
     schema_version: int = SCHEMA_VERSION
     # {"mode": "dense" | "routed", "reason": str}: what runs when the user names no set (routing.default_dense)
     default_routing: Optional[dict] = None
+    # [{"name": str, "path": str}]: the healing adapters' folders (schema version 3)
+    adapters: List[dict] = field(default_factory=list)
 
     def to_json(self) -> dict:
+        version = 3 if self.adapters else 2 if self.router is not None and self.router.kind != "bert" else self.schema_version
         return {
             "format": FORMAT,
-            "schema_version": 2 if self.router is not None and self.router.kind != "bert" else self.schema_version,
+            "schema_version": version,
             "num_blocks": self.num_blocks,
             "candidates": [c.to_json() for c in self.candidates],
             "router": None if self.router is None else vars(self.router),
             "provenance": self.provenance,
             **({"default_routing": self.default_routing} if self.default_routing else {}),
+            **({"adapters": self.adapters} if self.adapters else {}),
         }
 
 
@@ -156,7 +162,18 @@ def parse_manifest(data, where: str, llm_blocks: Optional[int] = None) -> Manife
             fail("default_routing", 'must be {"mode": "dense" | "routed", "reason": text} or absent')
         if default["mode"] == "dense" and router is None:
             fail("default_routing", "says dense by default, but the bundle has no router to fall back from")
-    return Manifest(n, candidates, router, provenance, version, default)
+    adapters = data.get("adapters", [])
+    if not isinstance(adapters, list):
+        fail("adapters", "must be a list")
+    for m, a in enumerate(adapters):
+        if not isinstance(a, dict) or not isinstance(a.get("name"), str) or not a["name"] \
+                or not isinstance(a.get("path"), str) or not a["path"]:
+            fail(f"adapters[{m}]", 'must be {"name": text, "path": a folder of the bundle}')
+    if adapters and version < 3:
+        fail("schema_version", f"is {version}, but 'adapters' needs schema version 3")
+    if len({a["name"] for a in adapters}) != len(adapters):
+        fail("adapters", "names an adapter twice; give each a name of its own")
+    return Manifest(n, candidates, router, provenance, version, default, adapters)
 
 
 def read_manifest(bundle_dir, llm_blocks: Optional[int] = None) -> Manifest:
@@ -193,6 +210,10 @@ def check_bundle_files(bundle_dir, manifest: Manifest, llm_blocks: Optional[int]
         rdir = bundle_dir / manifest.router.path
         if not rdir.is_dir():
             raise PuddingError(f"{where}: field 'router.path' names {rdir}, which does not exist")
+    for m, a in enumerate(manifest.adapters):
+        if not (bundle_dir / a["path"]).is_dir():
+            raise PuddingError(f"{where}: field 'adapters[{m}].path' names {bundle_dir / a['path']}, which does not "
+                               "exist; rebuild the bundle")
 
 
 def write_manifest(bundle_dir, manifest: Manifest) -> None:

@@ -25,7 +25,9 @@ cache holds ids C computed under S):
    they produce; it gives them *scratch* caches (fresh objects, dropped afterwards), so the reused
    caches are not extended twice. Then P[p:] is prefilled as in 2, through reused + fresh caches.
    Special case: when every kept block of S' lies before f (S' = S plus trailing omissions), nothing
-   is re-run at all.
+   is re-run at all. Healing adapters (`pudding_mlx.adapters`) go with the set: when S and S' run
+   under different adapters (or one healed and one not), f is also at most the first block either
+   adapter touches, since those blocks compute differently from there on.
    Cost: apart from that special case a set change costs a prefill of the whole prompt under S' (the
    leading blocks must still run over the prefix, since their output is not stored: keeping the
    residual stream at block boundaries would cost ~hidden / (2 kv_dim) times the KV memory). What
@@ -67,6 +69,7 @@ from mlx_lm.models.cache import can_trim_prompt_cache
 from mlx_lm.sample_utils import make_sampler
 
 from . import DRAFT_TOKENS
+from .adapters import adapter_for, first_block
 from .errors import PuddingError
 from .generate import context_length, no_length_warning
 from .omission import check_omitted, kept_blocks
@@ -298,6 +301,9 @@ class ChatSession:
             return Prepared(len(prompt), p, 0, None, view.kept, ())
 
         f = min(set(self.omitted) ^ set(omitted))
+        before = adapter_for(self.model, self.omitted)
+        if before != view.adapter:  # another healing adapter: every block it or the old one touches changed
+            f = min(f, first_block(self.model, before, view.adapter))
         old_index = {b: i for i, b in enumerate(kept_blocks(self.omitted, self.n_blocks))}
         lead = [b for b in view.kept if b < f]  # kept under both sets, same position in the stream
         reused = [self.cache[old_index[b]] for b in lead]

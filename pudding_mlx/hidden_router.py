@@ -172,7 +172,8 @@ def _continue(model, router: HiddenRouter, omitted: tuple, leading: list, h: mx.
             if between is not None:
                 between("prefill", lo, n)
             hi = n if step is None else min(n, lo + step)
-            run_blocks(model, view.layers[n_lead:], None, cache[n_lead:], input_embeddings=h[:, lo:hi])
+            with view.active():  # the set's healing adapter, if it has one (never on blocks 0..after)
+                run_blocks(model, view.layers[n_lead:], None, cache[n_lead:], input_embeddings=h[:, lo:hi])
             if step is not None:
                 mx.eval([c.state for c in cache[n_lead:]])
     return cache

@@ -1,6 +1,7 @@
 """What a bundle or an mlx-lm model directory holds, for `pudding-mlx info`: read from config files
 and safetensors headers only (no weights are loaded), checked as `load` checks it."""
 
+import math
 from pathlib import Path
 
 from .errors import PuddingError
@@ -28,8 +29,21 @@ def model_info(path: Path) -> dict:
         if manifest.router is not None:
             rdir = path / manifest.router.path
             out["router"] = router_info(rdir, manifest.router.max_tokens)
+        out["adapters"] = [adapter_info(path / a["path"], a["name"]) for a in manifest.adapters]
     out["disk"] = disk_use(path, weights["files"], rdir)
     return out
+
+
+def adapter_info(folder: Path, name: str) -> dict:
+    """A healing adapter: the sets it heals, its rank and blocks, its size (settings and header only)."""
+    from .adapters import SETTINGS_FILE, WEIGHTS_FILE
+    from .bundle import safetensors_header
+
+    s = read_json(folder / SETTINGS_FILE, "the adapter's settings", "rebuild the bundle")
+    header = {k: v for k, v in safetensors_header(folder / WEIGHTS_FILE).items() if k != "__metadata__"}
+    n = sum(math.prod(v["shape"]) for v in header.values())
+    return {"name": name, "sets": s.get("sets"), "rank": s.get("rank"), "blocks": s.get("blocks"),
+            "modules": len(header) // 2, "parameters": n}
 
 
 def llm_info(config: dict, weights: dict) -> dict:

@@ -17,6 +17,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from . import hub
+from .adapters import attach, check_routable, read_adapter
 from .bundle import (Manifest, check_bundle_files, check_weights_complete, config_blocks, is_bundle,
                      read_manifest)
 from .errors import PuddingError, first_line
@@ -35,6 +36,7 @@ class Loaded:
     # the bundle's reason to run dense when the user names no set (its manifest's default_routing), unless
     # load(routed=True); None: route by default (routing.fixed_choice)
     dense_by_default: Optional[str] = None
+    adapters: list = None  # the healing adapters attached (pudding_mlx.adapters.Adapter), [] when none
 
     @property
     def n_blocks(self) -> int:
@@ -89,10 +91,11 @@ def read_model_dir(path: Path) -> Optional[Manifest]:
 
 
 def load(model: str, dtype: Optional[str] = None, lazy: bool = True, with_router: bool = True,
-         check_memory: bool = True, routed: bool = False) -> Loaded:
-    """Load MODEL (bundle, mlx-lm directory or hub id) with its tokenizer, manifest and router.
-    check_memory: refuse, in one line, weights that alone exceed the device's memory. routed: route
-    even where the bundle's default is dense (the user's --routed)."""
+         check_memory: bool = True, routed: bool = False, healed: bool = True) -> Loaded:
+    """Load MODEL (bundle, mlx-lm directory or hub id) with its tokenizer, manifest, router and healing
+    adapters. check_memory: refuse, in one line, weights that alone exceed the device's memory. routed:
+    route even where the bundle's default is dense (the user's --routed). healed=False: leave the
+    bundle's adapters off (the user's --unhealed)."""
     from mlx_lm.utils import load as mlx_lm_load
 
     from .weights import check_fits
@@ -113,9 +116,11 @@ def load(model: str, dtype: Optional[str] = None, lazy: bool = True, with_router
         raise PuddingError(f"{path}: the model could not be loaded ({first_line(e)})")
     if target is not None:
         model_obj.set_dtype(target)  # lazy: a cast is only computed for blocks that run
-    loaded = Loaded(model_obj, tokenizer, path, manifest)
+    loaded = Loaded(model_obj, tokenizer, path, manifest, adapters=[])
     if manifest is not None:
         check_bundle_files(path, manifest, llm_blocks=loaded.n_blocks)
+        if healed and manifest.adapters:
+            loaded.adapters = attach_bundle_adapters(model_obj, path, manifest)
         if with_router and manifest.router is not None and manifest.router.kind == "hidden":
             from .hidden_router import load_hidden_router
 
@@ -124,6 +129,7 @@ def load(model: str, dtype: Optional[str] = None, lazy: bool = True, with_router
             if [tuple(sorted(s)) for s in loaded.router.sets] != [c.omitted for c in manifest.candidates]:
                 raise PuddingError(f"{path / manifest.router.path}/router.json: field 'sets' differs from the "
                                    "bundle's candidates; rebuild the bundle with the candidates the router was trained on")
+            check_routable(model_obj, loaded.router.after, str(path / "pudding.json"))
         elif with_router and manifest.router is not None:
             from .router import load_router
 
@@ -132,3 +138,17 @@ def load(model: str, dtype: Optional[str] = None, lazy: bool = True, with_router
         if loaded.router is not None and default.get("mode") == "dense" and not routed:
             loaded.dense_by_default = default.get("reason") or "the bundle runs dense by default"
     return loaded
+
+
+def attach_bundle_adapters(model, path: Path, manifest: Manifest) -> list:
+    """Read the bundle's adapters (each checked against the model, one line per fault) and attach them,
+    in the dtype the model computes in."""
+    from .skip import decoder
+
+    layers = decoder(model).layers
+    adapters = [read_adapter(path / a["path"], layers, a["name"]) for a in manifest.adapters]
+    embed = decoder(model).embed_tokens
+    dtype = getattr(embed, "scales", None)
+    dtype = (dtype if dtype is not None else embed.weight).dtype
+    attach(model, adapters, dtype=dtype)
+    return adapters

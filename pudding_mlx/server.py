@@ -279,11 +279,12 @@ class Engine:
                  omit: Optional[Sequence[int]] = None, queue_size: int = 8, max_tokens: int = 512,
                  temperature: float = 0.0, top_p: float = 1.0, lossless: bool = False,
                  draft_tokens: Optional[int] = None, log: Optional[Callable[[str], None]] = None,
-                 routed: bool = False):
+                 routed: bool = False, healed: bool = True):
         if queue_size < 0:
             raise PuddingError(f"--queue-size {queue_size}: must be 0 or more")
         self.model_path, self.model_id, self.dtype = Path(model_path), model_id, dtype
         self.dense, self.omit, self.routed = dense, None if omit is None else list(omit), routed
+        self.healed = healed  # False: the bundle's healing adapters stay off (--unhealed)
         self.queue_size, self.max_tokens = queue_size, max_tokens
         self.temperature, self.top_p = temperature, top_p
         self.lossless, self.draft_tokens = lossless, draft_tokens
@@ -359,7 +360,7 @@ class Engine:
         from .routing import default_note, fixed_choice
         from .skip import SkipView
 
-        loaded = load(str(self.model_path), dtype=self.dtype, routed=self.routed)
+        loaded = load(str(self.model_path), dtype=self.dtype, routed=self.routed, healed=self.healed)
         if default_note(loaded) and not self.dense and self.omit is None:
             self.log(default_note(loaded))
         SkipView(loaded.model)  # an unsupported architecture fails here, in one line

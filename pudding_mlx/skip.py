@@ -14,8 +14,12 @@ Most families need nothing more. Two need an adapter (see `_FAMILIES`):
     block's own `is_sliding` flag.
 
 The swap mutates the shared model object during a call, so calls are serialised by a lock.
+
+A set with a healing adapter (`pudding_mlx.adapters`) runs with it active during the view's calls;
+`healed=False` runs the set as it is. Dense never has an adapter.
 """
 
+import contextlib
 import threading
 from typing import Callable, Dict, List, Optional, Sequence
 
@@ -24,6 +28,7 @@ import mlx.nn as nn
 from mlx_lm.models.base import create_attention_mask
 from mlx_lm.models.cache import make_prompt_cache
 
+from .adapters import adapter_for, using
 from .omission import check_omitted, kept_blocks
 from .errors import PuddingError
 
@@ -121,7 +126,7 @@ class SkipView:
     shares them.
     """
 
-    def __init__(self, model: nn.Module, omitted: Sequence[int] = ()):
+    def __init__(self, model: nn.Module, omitted: Sequence[int] = (), healed: bool = True):
         self.model = model
         self._decoder = decoder(model)
         all_layers = self._decoder.layers
@@ -130,6 +135,8 @@ class SkipView:
         self.kept = kept_blocks(self.omitted, self.n_blocks)
         self._layers = [all_layers[i] for i in self.kept]
         self._forward = family_forward(model)
+        # the healing adapter of this set, active during each call (pudding_mlx.adapters); never for dense
+        self.adapter = adapter_for(model, self.omitted) if healed else None
 
     @property
     def layers(self) -> List[nn.Module]:
@@ -150,8 +157,15 @@ class SkipView:
             raise ValueError(
                 f"cache has {len(cache)} entries but this view runs {len(self.kept)} blocks"
             )
-        with _SWAP_LOCK:
+        with _SWAP_LOCK, using(self.model, self.adapter):
             return self._forward(self.model, self._decoder, self._layers, inputs, cache, **kwargs)
 
+    @contextlib.contextmanager
+    def active(self):
+        """This view's adapter active (and the lock held) for code that runs its blocks directly."""
+        with _SWAP_LOCK, using(self.model, self.adapter):
+            yield
+
     def __repr__(self):
-        return f"SkipView({type(self.model).__module__}, omitted={list(self.omitted)})"
+        healed = f", adapter={self.adapter!r}" if self.adapter else ""
+        return f"SkipView({type(self.model).__module__}, omitted={list(self.omitted)}{healed})"

@@ -39,13 +39,16 @@ TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 Log = Callable[[str], None]
 
 
-def add_lora(model, rank: int = 16, alpha: int = 32, name: str = "default", targets: Sequence[str] = TARGETS):
-    """`model` wrapped as a PEFT model with a fresh LoRA adapter `name` on every block's linear layers (or,
-    when it is already a PEFT model, a further adapter `name`, made the active one)."""
+def add_lora(model, rank: int = 16, alpha: int = 32, name: str = "default", targets: Sequence[str] = TARGETS,
+             layers: Optional[Sequence[int]] = None):
+    """`model` wrapped as a PEFT model with a fresh LoRA adapter `name` on the linear layers of the blocks
+    `layers` (default: every block), or, when it is already a PEFT model, a further adapter `name`, made the
+    active one. Leave out the blocks a hidden-state router reads (0..after): the runtime routes inside the
+    prefill, running those blocks before the set, and so its adapter, is known (`pudding_mlx.adapters`)."""
     from peft import LoraConfig, PeftModel, get_peft_model
 
     config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=list(targets), bias="none",
-                        task_type="CAUSAL_LM")
+                        task_type="CAUSAL_LM", layers_to_transform=None if layers is None else sorted(layers))
     if isinstance(model, PeftModel):
         model.add_adapter(name, config)
         model.set_adapter(name)

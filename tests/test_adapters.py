@@ -1,0 +1,229 @@
+"""Healing adapters in the runtime (issue "Healed omission sets", item 4): a PEFT LoRA adapter trained on
+PyTorch, converted, in a bundle, runs in MLX exactly as PEFT runs it (parity), only while its set is
+skipped (dense stays stock mlx-lm, token for token), follows the set through chat's cache rule, and bad
+adapter files fail in one line."""
+
+import json
+import shutil
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("peft")
+
+from helpers import run_cli  # noqa: E402
+
+HEALED = (2, 3)  # the adapter's set; (1,) runs unhealed
+MESSAGES = ["Write a haiku about rivers.", "Now one about mountains, please.", "Which one do you prefer?"]
+
+
+@pytest.fixture(scope="module")
+def healed_bundle(tiny_hf_dir, tmp_path_factory):
+    """(bundle dir, PEFT model, PEFT folder): a tiny llama with a LoRA adapter of random (nonzero) weights on
+    every linear of blocks 1..5, for the set [2, 3], converted to MLX (float32) with candidates [2, 3] and [1]."""
+    from transformers import AutoModelForCausalLM
+
+    from pudding_mlx.convert.bundle import build_bundle
+    from pudding_mlx.convert.llm import convert_llm
+    from pudding_mlx.train.heal import add_lora, save_adapter
+
+    tmp = tmp_path_factory.mktemp("healed")
+    model = AutoModelForCausalLM.from_pretrained(tiny_hf_dir, dtype=torch.float32).eval()
+    peft_model = add_lora(model, rank=4, alpha=8, layers=[1, 2, 3, 4, 5])
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn_like(p) * 0.2)  # PEFT starts B at zero: an adapter that does nothing
+    save_adapter(peft_model, tmp / "peft", [list(HEALED)], {"note": "random weights, for the tests"})
+    convert_llm(str(tiny_hf_dir), tmp / "llm", dtype="float32")
+    bundle = build_bundle(tmp / "llm", tmp / "bundle", candidates=[list(HEALED), [1]], adapters=[tmp / "peft"])
+    return bundle, peft_model, tmp / "peft"
+
+
+def _torch_logits(peft_model, ids, omitted, adapter_on):
+    from pudding_mlx.train.scoring import skip_blocks
+
+    base = peft_model.get_base_model()
+    with torch.no_grad(), skip_blocks(base, omitted):
+        if adapter_on:
+            return base(torch.tensor([ids]), use_cache=False).logits[0].numpy()
+        with peft_model.disable_adapter():
+            return base(torch.tensor([ids]), use_cache=False).logits[0].numpy()
+
+
+def test_mlx_runs_the_adapter_as_peft_does_and_only_on_its_set(healed_bundle):
+    from pudding_mlx.load import load
+    from pudding_mlx.skip import SkipView
+
+    bundle, peft_model, _ = healed_bundle
+    loaded = load(str(bundle))
+    assert [a.name for a in loaded.adapters] == ["peft"] and loaded.adapters[0].blocks == [1, 2, 3, 4, 5]
+    ids = loaded.tokenizer.encode("def add(a, b):\n    return a + b\n# and now multiply")
+    healed = SkipView(loaded.model, HEALED)
+    assert healed.adapter == "peft"
+    got = np.array(healed(mx.array([ids])))[0]
+    want = _torch_logits(peft_model, ids, HEALED, adapter_on=True)
+    unhealed = _torch_logits(peft_model, ids, HEALED, adapter_on=False)
+    assert np.abs(want - unhealed).max() > 0.05  # the adapter changes the outputs...
+    np.testing.assert_allclose(got, want, atol=2e-4, rtol=1e-4)  # ...and MLX changes them as PEFT does
+    off = np.array(SkipView(loaded.model, HEALED, healed=False)(mx.array([ids])))[0]
+    np.testing.assert_allclose(off, unhealed, atol=2e-4, rtol=1e-4)
+    other = SkipView(loaded.model, (1,))  # a set no adapter names runs as it is
+    assert other.adapter is None
+    np.testing.assert_allclose(np.array(other(mx.array([ids])))[0], _torch_logits(peft_model, ids, (1,), False),
+                               atol=2e-4, rtol=1e-4)
+    # --unhealed: nothing attached at all
+    assert load(str(bundle), healed=False).adapters == [] and SkipView(load(str(bundle), healed=False).model,
+                                                                       HEALED).adapter is None
+
+
+def test_dense_is_stock_mlx_lm_token_for_token(healed_bundle):
+    from mlx_lm import load as mlx_lm_load
+    from mlx_lm.generate import generate as mlx_lm_generate
+
+    from pudding_mlx.generate import generate
+    from pudding_mlx.load import load
+
+    bundle, _, _ = healed_bundle
+    loaded = load(str(bundle))
+    stock, tok = mlx_lm_load(str(bundle))
+    stock.set_dtype(mx.float32)
+    prompt = tok.apply_chat_template([{"role": "user", "content": MESSAGES[0]}], add_generation_prompt=True)
+    ours = generate(loaded.model, loaded.tokenizer, prompt, (), max_tokens=16)
+    theirs = mlx_lm_generate(stock, tok, prompt, max_tokens=16)
+    assert ours.text == theirs
+    ids = mx.array([prompt])
+    assert mx.array_equal(loaded.model(ids), stock(ids)).item()  # the same logits, bit for bit
+
+
+def test_chat_switches_adapters_with_the_set(healed_bundle):
+    """Turn by turn: healed set, unhealed set, healed again, dense: each reply is the from-scratch reply of
+    its set (fresh cache, whole conversation prefilled under the set and its adapter), and a change of
+    adapter re-runs the cache from the first block an adapter touches."""
+    from pudding_mlx.chat import ChatSession
+    from pudding_mlx.generate import generate
+    from pudding_mlx.load import load
+
+    bundle, _, _ = healed_bundle
+    loaded = load(str(bundle))
+    model, tok = loaded.model, loaded.tokenizer
+    session = ChatSession(model, tok)
+    history = []
+    for turn, (text, omitted) in enumerate(zip(MESSAGES + ["Thanks!"], [HEALED, (1,), HEALED, ()])):
+        result = session.reply(text, omitted, max_tokens=8)
+        history.append({"role": "user", "content": text})
+        prompt = tok.apply_chat_template(history, add_generation_prompt=True)
+        ref = generate(model, tok, prompt, omitted, max_tokens=8)
+        assert result.token_ids == ref.token_ids, f"turn {turn}"
+        history.append({"role": "assistant", "content": ref.text})
+        if turn == 1:  # [2, 3] healed -> [1] unhealed: the old adapter touched block 1 first
+            assert result.prepared.first_changed == 1
+        if turn == 3:  # [2, 3] healed -> dense: the set changes at 2, the adapter at block 1
+            assert result.prepared.first_changed == 1
+
+
+def test_bad_adapter_files_are_one_line(healed_bundle, tmp_path, tiny_llm_dir):
+    from safetensors.numpy import load_file, save_file
+
+    bundle, _, peft_dir = healed_bundle
+    broken = tmp_path / "broken"
+    shutil.copytree(bundle, broken)
+    weights_path = broken / "adapters" / "peft" / "adapter.safetensors"
+    w = load_file(str(weights_path))
+    key = "layers.2.self_attn.q_proj.lora_a"
+    w[key] = np.zeros((w[key].shape[0] + 1, w[key].shape[1]), np.float32)
+    save_file(w, str(weights_path))
+    done = run_cli("generate", str(broken), "--omit", "2,3", "-p", "hi", "-m", "2")
+    lines = [l for l in done.stderr.splitlines() if l.strip()]
+    assert done.returncode == 2 and "Traceback" not in done.stderr and len(lines) == 1, done.stderr
+    assert f"tensor '{key}' is [65, 4]" in lines[0] and "trained for another model" in lines[0]
+
+    dora = tmp_path / "dora"
+    shutil.copytree(peft_dir, dora)
+    config = json.loads((dora / "adapter_config.json").read_text())
+    (dora / "adapter_config.json").write_text(json.dumps({**config, "use_dora": True}))
+    done = run_cli("convert", "adapter", str(dora), str(tmp_path / "out"))
+    assert done.returncode == 2 and "Traceback" not in done.stderr and "DoRA is not supported" in done.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_convert_adapter_cli_and_info(healed_bundle, tmp_path):
+    from pudding_mlx.adapters import read_adapter
+    from pudding_mlx.load import load
+
+    bundle, _, peft_dir = healed_bundle
+    done = run_cli("convert", "adapter", str(peft_dir), str(tmp_path / "a"), "--sets", "2,3;4")
+    assert done.returncode == 0, done.stderr
+    loaded = load(str(bundle), healed=False)
+    adapter = read_adapter(tmp_path / "a", loaded.model.model.layers)
+    assert adapter.sets == [(2, 3), (4,)] and adapter.rank == 4 and adapter.scale == 2.0
+    assert {k: v.shape for k, v in adapter.weights.items()} == \
+        {k: v.shape for k, v in loaded_adapter_weights(bundle).items()}
+    info = run_cli("info", str(bundle), "--json")
+    assert info.returncode == 0, info.stderr
+    got = json.loads(info.stdout)["adapters"]
+    assert got == [{"name": "peft", "sets": [[2, 3]], "rank": 4, "blocks": [1, 2, 3, 4, 5], "modules": 35,
+                    "parameters": got[0]["parameters"]}] and got[0]["parameters"] > 0
+
+
+def loaded_adapter_weights(bundle):
+    return mx.load(str(bundle / "adapters" / "peft" / "adapter.safetensors"))
+
+
+def test_generate_says_which_adapter_ran(healed_bundle):
+    bundle, _, _ = healed_bundle
+    healed = run_cli("generate", str(bundle), "--omit", "2,3", "-p", "hi", "-m", "3")
+    assert healed.returncode == 0, healed.stderr
+    assert "omitted [2, 3] (4/6 blocks), healed by adapter 'peft'" in healed.stderr
+    off = run_cli("generate", str(bundle), "--omit", "2,3", "-p", "hi", "-m", "3", "--unhealed")
+    assert "omitted [2, 3] (4/6 blocks), unhealed (--unhealed)" in off.stderr
+    other = run_cli("generate", str(bundle), "--omit", "1", "-p", "hi", "-m", "3", "--json")
+    assert json.loads(other.stdout)["adapter"] is None
+    assert json.loads(run_cli("generate", str(bundle), "--omit", "2,3", "-p", "hi", "-m", "3", "--json")
+                      .stdout)["adapter"] == "peft"
+
+
+def test_a_routed_prefill_needs_adapters_off_the_blocks_the_router_reads(healed_bundle):
+    """The free routed prefill runs blocks 0..after before the set is known: an adapter there is refused."""
+    from pudding_mlx.adapters import check_routable
+    from pudding_mlx.errors import PuddingError
+    from pudding_mlx.load import load
+
+    loaded = load(str(healed_bundle[0]))
+    check_routable(loaded.model, 0, "b")  # the adapter starts at block 1
+    with pytest.raises(PuddingError, match="adapter 'peft' changes block 1, which the router reads after"):
+        check_routable(loaded.model, 1, "b")
+
+
+def test_the_routed_prefill_continues_under_the_chosen_sets_adapter(healed_bundle):
+    """A hidden-state router reading after block 0 picks [2, 3] inside the first turn's prefill: blocks 1..5
+    then run with the set's adapter, and the reply is the from-scratch healed reply (not the unhealed one)."""
+    from pudding_mlx.bundle import Candidate, Manifest
+    from pudding_mlx.chat import ChatSession
+    from pudding_mlx.generate import generate
+    from pudding_mlx.hidden_router import HiddenRouter
+    from pudding_mlx.load import Loaded, load
+
+    bundle, _, _ = healed_bundle
+    loaded = load(str(bundle))
+    model, tok = loaded.model, loaded.tokenizer
+    cands = [list(HEALED), [1]]
+    settings = {"after": 0, "pooling": "mean", "fallback": 1, "margin_is": "-inf (always the argmax)",
+                "max_tokens": 4096, "sets": cands}
+
+    class PicksTheHealedSet(HiddenRouter):
+        def decide(self, scores):
+            return 0
+
+    router = PicksTheHealedSet(model, tok, settings, mx.zeros((2, model.args.hidden_size)), mx.zeros((2,)), None)
+    session = ChatSession.from_loaded(Loaded(model, tok, bundle, Manifest(6, [Candidate(tuple(c)) for c in cands]),
+                                             router, adapters=loaded.adapters))
+    result = session.routed_reply(MESSAGES[0], max_tokens=8)
+    assert result.omitted == HEALED and result.prepared.held is not None  # routed inside the prefill
+    prompt = tok.apply_chat_template([{"role": "user", "content": MESSAGES[0]}], add_generation_prompt=True)
+    assert result.token_ids == generate(model, tok, prompt, HEALED, max_tokens=8).token_ids
+    plain = load(str(bundle), healed=False)
+    assert result.token_ids != generate(plain.model, tok, prompt, HEALED, max_tokens=8).token_ids  # it mattered
