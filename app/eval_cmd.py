@@ -67,14 +67,14 @@ def eval_command(
     --batch-size is the number of prompts generated together."""
     try:
         _run(model, tasks, limit, json_file, dense, omit, data_dir, batch_size, batch_tokens, dtype,
-             max_tokens, workers, routed)
+             max_tokens, workers, routed, unhealed)
     except PuddingError as e:
         err.print(f"[bold red]error:[/bold red] {e}", soft_wrap=True)
         raise typer.Exit(2)
 
 
 def _run(model, tasks, limit, json_file, dense, omit, data_dir, batch_size, batch_tokens, dtype, max_tokens=None,
-         workers=None, routed=False):
+         workers=None, routed=False, unhealed=False):
     from pudding_mlx.fidelity import chat_prompts
     from pudding_mlx.generation_eval import GENERATIVE_TASKS
     from pudding_mlx.humaneval import load_problems

@@ -7,6 +7,8 @@ mlx-lm's own generation loop, for
     mlx_lm   stock mlx-lm on the dense model (our dense path must be within 2% of it)
     dense    pudding-mlx with no block omitted
     static   a fixed omission set of k blocks
+    unhealed the static set without its healing adapter, when it has one (pudding_mlx.adapters):
+             healed_over_unhealed = unhealed / static time, the adapter's cost in speed
     routed   the set the router picks for the prompt; the router's own time is measured apart
              (router_s) and counted in the speedup: dense / (routed + router)
 
@@ -143,6 +145,8 @@ RATIOS = {
     "dense_over_mlx_lm": (("dense",), ("mlx_lm",)),
     "router_over_dense_prefill": (("router",), ("dense",)),
     "speedup_lossless": (("dense",), ("lossless", "router")),
+    # the healing adapter's cost: the static set unhealed / healed (1 = free; 0.98 = healed 2% slower)
+    "healed_over_unhealed": (("unhealed",), ("static",)),
 }
 # with an inline router the routed request already holds the routing
 RATIOS_INLINE = {**RATIOS, "speedup": (("dense",), ("routed",))}
@@ -161,8 +165,12 @@ def _runners(model, omitted_static, omitted_routed) -> Dict[str, tuple]:
     static = SkipView(model, omitted_static)
     routed = SkipView(model, omitted_static if omitted_routed is None else omitted_routed)
     dense = SkipView(model, ())
-    return {"mlx_lm": (model, lambda: make_prompt_cache(model)), "dense": (dense, dense.make_cache),
-            "static": (static, static.make_cache), "routed": (routed, routed.make_cache)}
+    runners = {"mlx_lm": (model, lambda: make_prompt_cache(model)), "dense": (dense, dense.make_cache),
+               "static": (static, static.make_cache), "routed": (routed, routed.make_cache)}
+    if static.adapter is not None:  # a healed static set: also time it unhealed, in the same rounds
+        unhealed = SkipView(model, omitted_static, healed=False)
+        runners["unhealed"] = (unhealed, unhealed.make_cache)
+    return runners
 
 
 def cell_prompt(n_prompt: int, vocab: int) -> mx.array:
@@ -247,7 +255,11 @@ def cell_line(row: dict) -> str:
     if "error" in row:
         return f"{head}: failed ({row['error']})"
     lo, hi = row["speedup_spread"]["ci95"]
-    return f"{head}: speedup {row['speedup']:.3f} [{lo:.3f}, {hi:.3f}] (ideal {row['ideal']:.3f})"
+    line = f"{head}: speedup {row['speedup']:.3f} [{lo:.3f}, {hi:.3f}] (ideal {row['ideal']:.3f})"
+    if "healed_over_unhealed_spread" in row:
+        a, b = row["healed_over_unhealed_spread"]["ci95"]
+        line += f"; healed/unhealed {row['healed_over_unhealed']:.3f} [{a:.3f}, {b:.3f}]"
+    return line
 
 
 def _one_line(e: BaseException) -> str:
@@ -269,6 +281,9 @@ def summary(result: dict) -> List[str]:
         parts.append(_versus(row, "speedup_static", row["ideal"], "static", f"the ideal {row['ideal']:.3f}"))
         if same:
             parts.append(_versus(row, "routed_over_static", 1.0, "routed/static (the same set)", "1"))
+        if "healed_over_unhealed_spread" in row:
+            parts.append(_versus(row, "healed_over_unhealed", 1.0, "static healed/unhealed speed (the adapter's cost)",
+                                 "1"))
         lines.append(f"{row['prompt_tokens']}+{row['gen_tokens']}: " + "; ".join(parts))
     return lines
 
@@ -398,7 +413,10 @@ def _model_target(model, k, omit, router, name, dtype) -> Target:
     if router is None and loaded.router is not None:  # the bundle's router picks the routed set
         router, name = loaded.router, "bundle"
         routed = sorted(route(loaded, ROUTER_TEXT).omitted)
-    return Target(loaded.model, static, routed, router, name, {"model": str(loaded.path)})
+    from .adapters import adapter_for
+
+    return Target(loaded.model, static, routed, router, name,
+                  {"model": str(loaded.path), "static_adapter": adapter_for(loaded.model, static)})
 
 
 def measure(model: Optional[str] = None, shape: Optional[str] = None, k: int = 7, omit: Optional[str] = None,

@@ -227,3 +227,31 @@ def test_the_routed_prefill_continues_under_the_chosen_sets_adapter(healed_bundl
     assert result.token_ids == generate(model, tok, prompt, HEALED, max_tokens=8).token_ids
     plain = load(str(bundle), healed=False)
     assert result.token_ids != generate(plain.model, tok, prompt, HEALED, max_tokens=8).token_ids  # it mattered
+
+
+def test_bench_times_the_adapter_against_the_same_set_unhealed(healed_bundle, tmp_path):
+    """bench on a bundle whose static set is healed: the unhealed set is timed in the same rounds and the
+    row gives healed_over_unhealed = unhealed / healed time, from the per-round times it keeps."""
+    bundle, _, _ = healed_bundle
+    out = tmp_path / "b.json"
+    done = run_cli("bench", str(bundle), "--omit", "2,3", "--runs", "5", "--cells", "16+4", "--no-memory",
+                   "--json", str(out))
+    assert done.returncode == 0, done.stderr
+    result = json.loads(out.read_text())
+    assert result["static_adapter"] == "peft"
+    row = result["rows"][0]
+    per_round = [u / s for u, s in zip(row["times"]["unhealed"], row["times"]["static"])]
+    assert row["healed_over_unhealed"] == pytest.approx(float(np.median(per_round)))
+    assert "healed/unhealed" in done.stdout + done.stderr
+    assert any("the adapter's cost" in line for line in result["summary"])
+
+
+@pytest.mark.parametrize("flag", [[], ["--unhealed"]])
+def test_eval_runs_healed_and_unhealed(healed_bundle, tmp_path, flag):
+    from pathlib import Path
+
+    bundle, _, _ = healed_bundle
+    data = Path(__file__).resolve().parents[2] / "shared" / "data" / "benchmarks"
+    done = run_cli("eval", str(bundle), "--omit", "2,3", "--tasks", "piqa", "--limit", "2", "--data-dir", str(data),
+                   "--json", str(tmp_path / "e.json"), *flag)
+    assert done.returncode == 0, done.stderr
