@@ -406,3 +406,214 @@ def evaluate(
 
     path = report_run_dir(run_dir, model)
     console.print(f"report -> {path}")
+
+
+# -- healing (issue "Healed omission sets"): self-distillation answers, generation-aware search, LoRA -------
+
+
+def _check_new(flag: str, path: Path, force: bool = False, folder: bool = False) -> Path:
+    """Refuse, before any work, an output that exists (without --force) or whose folder is missing or read-only."""
+    import os
+
+    from pudding_mlx.errors import PuddingError
+
+    path = Path(path).expanduser()
+    if path.exists() and not force:
+        raise PuddingError(f"{flag} {path}: already exists; pass --force to replace it")
+    if path.is_dir() and not folder:
+        raise PuddingError(f"{flag} {path}: is a folder; give a file name")
+    parent = path.resolve().parent
+    if not parent.is_dir():
+        raise PuddingError(f"{flag} {path}: the folder {parent} does not exist; create it first")
+    if not os.access(parent, os.W_OK):
+        raise PuddingError(f"{flag} {path}: the folder {parent} is not writable")
+    return path
+
+
+def _distill_inputs(prompts: Path, answers: Path) -> dict:
+    """The answers file's header, checked against the prompts file (before the model loads)."""
+    from pudding_mlx.errors import PuddingError
+    from pudding_mlx.train import distill as D
+
+    D.read_prompts(prompts)
+    header, _ = D.read_answers(answers)
+    if header.get("prompts_sha256") != D._sha256(prompts):
+        raise PuddingError(f"--answers {answers}: answers to another prompts file than {prompts}; give the prompts "
+                           "they were made from, or make them again with `pudding-mlx train distill-answers`")
+    return header
+
+
+def _protected(text: str, n_blocks: int) -> List[int]:
+    from pudding_mlx.errors import PuddingError
+
+    out = set()
+    for p in _csv(text):
+        if p in ("first", "last"):
+            out.add(0 if p == "first" else n_blocks - 1)
+        elif p.isdigit() and int(p) < n_blocks:
+            out.add(int(p))
+        else:
+            raise PuddingError(f"--protect {p!r}: give first, last or block indices 0..{n_blocks - 1}")
+    return sorted(out)
+
+
+def _ks(text: str) -> List[int]:
+    from pudding_mlx.errors import PuddingError
+
+    try:
+        ks = sorted({int(x) for x in _csv(text)})
+    except ValueError:
+        ks = []
+    if not ks or ks[0] < 1:
+        raise PuddingError(f"--k {text!r}: give positive block counts, comma-separated, e.g. 1,2,3,5")
+    return ks
+
+
+@train_app.command("distill-answers")
+def distill_answers(
+    model: str = typer.Argument(..., help="Hugging Face model directory, .gguf file, or hub id (the dense model)."),
+    prompts: Path = typer.Option(Path("results/distill/prompts.json"), help="The prompt set (`train distill-prompts`)."),
+    out: Path = typer.Option(..., "--out", help="The answers file to write (.jsonl.gz); an interrupted run resumes "
+                             "from OUT.parts/ when given the same settings."),
+    max_new_tokens: int = typer.Option(512, "--max-new-tokens", min=1, help="Most new tokens per reply."),
+    batch_size: int = typer.Option(256, min=1, help="Prompts per generate() call."),
+    limit: Optional[int] = typer.Option(None, "--limit", "-n", min=1, help="Only the first N prompts (smoke runs)."),
+    device: Optional[str] = typer.Option(None, help="cuda, cuda:1, cpu (default: cuda if present)."),
+    dtype: Optional[str] = typer.Option(None, help="float32 | bfloat16 | float16 (default: bf16 on GPU)."),
+    force: bool = typer.Option(False, help="Replace OUT if it exists."),
+):
+    """The dense model's greedy replies to the self-distillation prompts, each prompt's train/val split
+    fixed by a hash of its id: the data of the generation-aware search (val) and of healing (train)."""
+    _need_torch()
+    from pudding_mlx.train import distill as D
+    from pudding_mlx.train.hf import load_hf
+    from pudding_mlx.train.search import model_identity
+
+    _check_new("--out", out, force)
+    D.read_prompts(prompts)
+    lm, tokenizer, _ = load_hf(model, device, dtype)
+    path = D.answer_prompts(lm, tokenizer, prompts, out, model_identity(model), max_new_tokens, batch_size, limit,
+                            log=console.print)
+    header = D.read_answers(path)[0]
+    console.print(f"{header['n']} replies ({header['counts']['train']} train, {header['counts']['val']} val; "
+                  f"{header['hit_limit']} hit the token limit) -> {path}")
+
+
+@train_app.command("distill-search")
+def distill_search(
+    model: str = typer.Argument(..., help="Hugging Face model directory, .gguf file, or hub id (the dense model)."),
+    answers: Path = typer.Option(..., help="The dense model's replies (`train distill-answers`)."),
+    prompts: Path = typer.Option(Path("results/distill/prompts.json"), help="The prompts they answer."),
+    out: Path = typer.Option(Path("cand-distill.json"), "--out", help="Candidates file (with several k: "
+                             "NAME-k3.json, ...)."),
+    k: str = typer.Option("1,2,3,5", "--k", help="Blocks to omit, comma-separated (one search: greedy removal is nested)."),
+    per_kind: int = typer.Option(64, "--per-kind", min=1, help="Val code and task replies scored (each)."),
+    protect: str = typer.Option("0,1,2,3,last", help="Blocks never removed: first, last, or indices."),
+    batch_size: int = typer.Option(32, min=1, help="Examples per forward pass."),
+    state: Optional[Path] = typer.Option(None, help="Resume file (default: OUT's stem + .state.json)."),
+    device: Optional[str] = typer.Option(None, help="cuda, cuda:1, cpu (default: cuda if present)."),
+    dtype: Optional[str] = typer.Option(None, help="float32 | bfloat16 | float16 (default: bf16 on GPU)."),
+    force: bool = typer.Option(False, help="Replace candidates files that exist."),
+):
+    """Generation-aware search: greedy removal with the loss "the dense replies' mean NLL per token" on the
+    val split of the distillation answers (one chain each for code, task and both). Resumable: rerun the
+    same command after an interruption and it continues from the last completed phase."""
+    _need_torch()
+    from pudding_mlx.train import distill as D
+    from pudding_mlx.train.hf import load_hf
+    from pudding_mlx.train.scoring import num_blocks
+    from pudding_mlx.train.search import candidates_path, model_identity
+
+    ks = _ks(k)
+    for kk in ks:
+        _check_new("--out", candidates_path(out, kk, ks), force)
+    _distill_inputs(prompts, answers)
+    lm, tokenizer, _ = load_hf(model, device, dtype)
+    val = D.build_examples(tokenizer, prompts, answers, split="val", kinds=("code", "task"))
+    written = D.run_distill_search(lm, tokenizer, val, ks, out, model_identity(model),
+                                   _protected(protect, num_blocks(lm)), per_kind, batch_size, state,
+                                   log=console.print)
+    for kk, data in written.items():
+        sets = "; ".join(",".join(map(str, c["omitted"])) for c in data["candidates"])
+        console.print(f"k = {kk}: {len(data['candidates'])} sets ({sets}) -> {candidates_path(out, kk, ks)}")
+
+
+@train_app.command()
+def heal(
+    model: str = typer.Argument(..., help="Hugging Face model directory, .gguf file, or hub id (the dense model)."),
+    answers: Path = typer.Option(..., help="The dense model's replies (`train distill-answers`): train split."),
+    prompts: Path = typer.Option(Path("results/distill/prompts.json"), help="The prompts they answer."),
+    sets: str = typer.Option("", "--sets", help="Omission sets to heal, ';'-separated, e.g. '15,17,18;13,14,15'."),
+    candidates: Optional[Path] = typer.Option(None, help="Or a candidates file: all of its sets."),
+    out: Path = typer.Option(..., "--out", help="Adapter folder to write (PEFT's files + heal.json)."),
+    steps: int = typer.Option(240, min=1, help="Training steps."),
+    batch: int = typer.Option(16, min=1, help="Examples per step."),
+    lr: float = typer.Option(2e-4, help="Peak learning rate (AdamW, warm-up then cosine)."),
+    rank: int = typer.Option(16, min=1, help="LoRA rank (alpha = 2 x rank)."),
+    lora_from: str = typer.Option("auto", "--lora-from", help="LoRA only on blocks B..; auto: the first block any "
+                                  "set omits (a hidden-state router reads blocks before it, and a bundle refuses "
+                                  "adapters there); 0: every block."),
+    kl_weight: float = typer.Option(1.0, help="Weight of KL(dense || pruned) beside the replies' CE."),
+    seed: int = typer.Option(0, help="Seed of the batch order and the set drawn per step."),
+    device: Optional[str] = typer.Option(None, help="cuda, cuda:1, cpu (default: cuda if present)."),
+    dtype: Optional[str] = typer.Option(None, help="float32 | bfloat16 | float16 (default: bf16 on GPU)."),
+    force: bool = typer.Option(False, help="Replace OUT if it exists."),
+):
+    """Train one LoRA adapter that heals the given omission sets (the set skipped drawn per step from them),
+    by distillation from the dense model (the same weights, adapter off) on the train split of the answers;
+    then print each set's val NLL of the dense replies, unhealed and healed (also in OUT/heal.json)."""
+    _need_torch()
+    from pudding_mlx.errors import PuddingError
+    from pudding_mlx.omission import check_omitted, parse_omit_sets
+
+    if bool(sets.strip()) == (candidates is not None):
+        raise PuddingError("give the sets to heal with --sets '15,17,18;13,14,15' or --candidates FILE (one of them)")
+    if candidates is not None:
+        from pudding_mlx.candidates import read_candidates
+
+        chosen = [list(c["omitted"]) for c in read_candidates(candidates)]
+    else:
+        chosen = parse_omit_sets(sets)
+    chosen = [list(s) for s in dict.fromkeys(tuple(sorted(s)) for s in chosen)]
+    if lora_from != "auto" and not lora_from.isdigit():
+        raise PuddingError(f"--lora-from {lora_from}: give auto or a block index")
+    _check_new("--out", out, force, folder=True)
+    header = _distill_inputs(prompts, answers)
+    from pudding_mlx.train import distill as D
+    from pudding_mlx.train import heal as H
+    from pudding_mlx.train.generation import set_name
+    from pudding_mlx.train.hf import load_hf
+    from pudding_mlx.train.scoring import num_blocks
+
+    lm, tokenizer, _ = load_hf(model, device, dtype)
+    n_blocks = num_blocks(lm)
+    what = f"--candidates {candidates}" if candidates is not None else "--sets"
+    chosen = [list(check_omitted(s, n_blocks, what)) for s in chosen]
+    first = min(min(s) for s in chosen) if lora_from == "auto" else int(lora_from) if lora_from.isdigit() else -1
+    if not 0 <= first < n_blocks:
+        raise PuddingError(f"--lora-from {lora_from}: give auto or a block index 0..{n_blocks - 1}")
+    layers = list(range(first, n_blocks))
+    train = D.build_examples(tokenizer, prompts, answers, split="train")
+    val = D.build_examples(tokenizer, prompts, answers, split="val", kinds=("code", "task"))
+    if not train:
+        raise PuddingError(f"--answers {answers}: no train examples; answer more prompts (without --limit)")
+    console.print(f"{len(chosen)} sets, {len(train)} train examples, {len(val)} val replies; {steps} steps, "
+                  f"LoRA on blocks {first}..{n_blocks - 1}")
+    import torch
+
+    torch.manual_seed(seed)  # LoRA's A matrices: the same adapter from the same command
+    pm = H.add_lora(lm, rank=rank, alpha=2 * rank, layers=layers)
+    curve = H.train_adapter(pm, tokenizer, train, chosen, steps, batch, lr, kl_weight, seed, log=console.print)
+    table = H.nll_table(pm, tokenizer, val, chosen, ["default"]) if val else {}
+    H.save_adapter(pm, out, chosen, {"steps": steps, "batch": batch, "lr": lr, "rank": rank, "alpha": 2 * rank,
+                                     "kl_weight": kl_weight, "seed": seed, "layers": layers, "data": header,
+                                     "val_nll": {"examples": len(val), "table": table}, "curve": curve},
+                   force=force)
+    if not table:
+        console.print("no val replies: no NLL to report")
+    else:
+        console.print(f"val NLL per token of the dense replies ({len(val)}): dense {table['dense']['unhealed']:.4f}")
+        for s in chosen:
+            row = table[set_name(s)]
+            console.print(f"  {set_name(s)}: unhealed {row['unhealed']:.4f} -> healed {row['default']:.4f}")
+    console.print(f"adapter -> {out}")

@@ -1,9 +1,13 @@
 """Self-distillation and healing on the PyTorch side (`train.distill`, `train.heal`), on a tiny random Llama with
 SmolLM2's tokenizer and real distillation prompts: the answers file resumes to what one run writes; the reply
 NLL equals the full model's loss; the generation-aware search takes the lowest-loss block; an adapter leaves
-the dense model untouched, lowers the loss of the set it was trained for, and round-trips through its folder."""
+the dense model untouched, lowers the loss of the set it was trained for, and round-trips through its folder.
+Through the CLI (`train distill-answers`, `distill-search`, `heal`): the answers file and its resume, candidates
+files the runtime reads, an adapter folder whose printed healed val NLL is below the unhealed one; and a bad
+input of each command is one line, exit 2."""
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +16,8 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("peft")
 
+from helpers import run_cli  # noqa: E402
+from pudding_mlx.atomic import write_jsonl_gz  # noqa: E402
 from pudding_mlx.candidates import read_candidates  # noqa: E402
 from pudding_mlx.errors import PuddingError  # noqa: E402
 from pudding_mlx.train import distill as D  # noqa: E402
@@ -150,3 +156,110 @@ def test_an_adapter_heals_its_set_keeps_dense_and_round_trips(tiny_hf_dir, disti
     table = H.nll_table(pm, tok, examples, [[2, 3]], ["default"])
     assert table["omit-2-3"]["default"] == pytest.approx(healed, rel=1e-5)
     assert table["omit-2-3"]["unhealed"] == pytest.approx(unhealed, rel=1e-5)
+
+
+# -- the CLI: `pudding-mlx train distill-answers | distill-search | heal` ----------------------------------------
+# The work runs in this process (CliRunner: no second start of torch); a bad input in a fresh one, as a user
+# meets it (one line, exit 2).
+
+
+def _cli(*args):
+    from typer.testing import CliRunner
+
+    from pudding_mlx.app.cli import app
+
+    done = CliRunner().invoke(app, ["train", *map(str, args), "--device", "cpu"])
+    assert done.exit_code == 0, (done.output, done.exception)
+    return " ".join(done.output.split())
+
+
+def _one_line_error(done, *words):
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert done.returncode == 2 and len(lines) == 1 and "Traceback" not in done.stderr, done.stderr
+    assert all(w in " ".join(done.stderr.split()) for w in words), done.stderr
+
+
+@pytest.fixture(scope="module")
+def cli_inputs(tiny_hf_dir, tmp_path_factory):
+    """The scaled tiny model as a folder, a prompts file of 3 val and 6 train prompts of each kind (short ones of
+    the committed set: the vocabulary-wide KL of a step costs by the target), and its answers written by
+    `train distill-answers`."""
+    from transformers import AutoTokenizer
+
+    out = tmp_path_factory.mktemp("heal-cli")
+    model_dir = out / "tiny-scaled"
+    _model(tiny_hf_dir).save_pretrained(model_dir)
+    AutoTokenizer.from_pretrained(tiny_hf_dir).save_pretrained(model_dir)
+    data = json.loads(PROMPTS.read_text())
+    short = [p for p in data["prompts"] if len(p["text"]) < 300 and len(p.get("code") or "") < 300]
+    data["prompts"] = [p for kind in ("code", "task") for split, n in (("val", 3), ("train", 6))
+                       for p in [p for p in short if p["kind"] == kind and D.split_of(p["id"]) == split][:n]]
+    (out / "prompts.json").write_text(json.dumps(data))
+    answers = out / "answers.jsonl.gz"
+    log = _cli("distill-answers", model_dir, "--prompts", out / "prompts.json", "--out", answers,
+               "--max-new-tokens", 12, "--batch-size", 32)
+    return model_dir, out / "prompts.json", answers, log
+
+
+def test_cli_distill_answers_writes_the_replies_and_resumes(cli_inputs, tmp_path):
+    model_dir, prompts, answers, log = cli_inputs
+    header, rows = D.read_answers(answers)
+    assert [r["id"] for r in rows] == [p["id"] for p in json.loads(prompts.read_text())["prompts"]]
+    assert header["n"] == 18 and header["max_new_tokens"] == 12 and header["model"] == model_dir.name
+    assert header["counts"] == {"train": 12, "val": 6} and all(r["split"] == D.split_of(r["id"]) for r in rows)
+    assert all(0 < r["tokens"] <= 12 for r in rows) and "18 replies (12 train, 6 val" in log
+    # an interrupted run's chunk on disk is taken as it is, not generated again
+    again = tmp_path / "again.jsonl.gz"
+    parts = tmp_path / "again.jsonl.gz.parts"
+    parts.mkdir()
+    (parts / "settings.json").write_text(json.dumps({k: header[k] for k in ("prompts_sha256", "n", "max_new_tokens",
+                                                                            "chunk", "model")}))
+    marked = [dict(r, text="from the part on disk") if i == 0 else r for i, r in enumerate(rows)]
+    write_jsonl_gz(parts / "0000.jsonl.gz", marked)
+    _cli("distill-answers", model_dir, "--prompts", prompts, "--out", again, "--max-new-tokens", 12)
+    assert D.read_answers(again) == (header, marked) and not parts.exists()
+    # an answers file that exists is not overwritten without --force: one line, before the model loads
+    _one_line_error(run_cli("train", "distill-answers", model_dir, "--prompts", prompts, "--out", again),
+                    "already exists", "--force")
+
+
+def test_cli_distill_search_writes_candidates_the_runtime_reads(cli_inputs, tmp_path):
+    model_dir, prompts, answers, _ = cli_inputs
+    out = tmp_path / "cand-distill.json"
+    log = _cli("distill-search", model_dir, "--answers", answers, "--prompts", prompts, "--out", out, "--k", "1,2",
+               "--per-kind", 2, "--protect", "0,last", "--batch-size", 8)
+    for k in (1, 2):
+        cands = read_candidates(tmp_path / f"cand-distill-k{k}.json", n_blocks=6)
+        assert cands and all(len(c["omitted"]) == k and not {0, 5} & set(c["omitted"]) for c in cands)
+        assert f"k = {k}: {len(cands)} sets" in log
+    data = json.loads((tmp_path / "cand-distill-k2.json").read_text())
+    assert data["calibration"]["split"] == "val" and len(data["calibration"]["ids"]["all"]) == 4
+    assert all(D.split_of(i) == "val" for i in data["calibration"]["ids"]["all"])
+    state = json.loads((tmp_path / "cand-distill.state.json").read_text())
+    assert sorted(state["chains"]) == ["all/response_nll", "code/response_nll", "task/response_nll"]
+    # answers that are not an answers file: one line, before the model loads
+    _one_line_error(run_cli("train", "distill-search", model_dir, "--answers", prompts, "--prompts", prompts,
+                            "--out", tmp_path / "other.json"), "not a gzip JSONL answers file")
+
+
+def test_cli_heal_writes_an_adapter_that_lowers_the_sets_val_nll(cli_inputs, tmp_path):
+    model_dir, prompts, answers, _ = cli_inputs
+    out = tmp_path / "adapter"
+    log = _cli("heal", model_dir, "--answers", answers, "--prompts", prompts, "--sets", "2,3", "--out", out,
+               "--steps", 4, "--batch", 4, "--lr", 5e-3, "--rank", 4)
+    assert sorted(p.name for p in out.iterdir()) == ["adapter_config.json", "adapter_model.safetensors", "heal.json"]
+    info = json.loads((out / "heal.json").read_text())
+    assert info["sets"] == [[2, 3]] and info["steps"] == 4 and info["rank"] == 4 and info["data"]["n"] == 18
+    assert info["layers"] == [2, 3, 4, 5]  # --lora-from auto: none before the set (what a hidden-state router reads)
+    from safetensors import safe_open
+
+    with safe_open(str(out / "adapter_model.safetensors"), "pt") as f:
+        assert {int(re.search(r"layers\.(\d+)\.", k)[1]) for k in f.keys()} == {2, 3, 4, 5}
+    row = info["val_nll"]["table"]["omit-2-3"]
+    assert row["default"] < row["unhealed"] - 0.05 and info["val_nll"]["examples"] == 6
+    printed = re.search(r"omit-2-3: unhealed ([\d.]+) -> healed ([\d.]+)", log)
+    assert printed and float(printed[1]) == pytest.approx(row["unhealed"], abs=1e-4)
+    assert float(printed[2]) == pytest.approx(row["default"], abs=1e-4)
+    # an adapter folder that exists is not replaced without --force: one line, before the model loads
+    _one_line_error(run_cli("train", "heal", model_dir, "--answers", answers, "--prompts", prompts, "--sets", "2,3",
+                            "--out", out), "already exists", "--force")
