@@ -263,3 +263,19 @@ def test_cli_heal_writes_an_adapter_that_lowers_the_sets_val_nll(cli_inputs, tmp
     # an adapter folder that exists is not replaced without --force: one line, before the model loads
     _one_line_error(run_cli("train", "heal", model_dir, "--answers", answers, "--prompts", prompts, "--sets", "2,3",
                             "--out", out), "already exists", "--force")
+
+
+def test_answer_shards_write_what_one_run_writes(tiny, distilled, tmp_path, monkeypatch):
+    """Two processes sharing a GPU split the chunks (i % n); the one that finds every chunk writes the file."""
+    model, tok = tiny
+    prompts, whole = distilled
+    monkeypatch.setattr(D, "CHUNK", 16)
+    out = tmp_path / "answers.jsonl.gz"
+    kw = dict(max_new_tokens=12, batch_size=64, log=lambda m: None)
+    assert D.answer_prompts(model, tok, prompts, out, "tiny", shard=(1, 2), **kw) is None and not out.exists()
+    assert sorted(p.name for p in (tmp_path / "answers.jsonl.gz.parts").glob("*.jsonl.gz")) == ["0001.jsonl.gz",
+                                                                                               "0003.jsonl.gz"]
+    assert D.answer_prompts(model, tok, prompts, out, "tiny", shard=(0, 2), **kw) == out
+    assert D.read_answers(out)[1] == D.read_answers(whole)[1]
+    with pytest.raises(PuddingError, match="shard 2/2"):
+        D.answer_prompts(model, tok, prompts, tmp_path / "x.jsonl.gz", "tiny", shard=(2, 2), **kw)

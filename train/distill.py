@@ -72,8 +72,15 @@ def _sha256(path: Path) -> str:
 
 
 def answer_prompts(model, tokenizer, prompts_path, out, model_name: str = "", max_new_tokens: int = MAX_NEW_TOKENS,
-                   batch_size: int = 256, limit: Optional[int] = None, log: Log = print) -> Path:
-    """The dense model's greedy replies to the prompts (module doc), written to `out` (.jsonl.gz); resumable."""
+                   batch_size: int = 256, limit: Optional[int] = None, log: Log = print,
+                   shard: tuple = (0, 1)) -> Optional[Path]:
+    """The dense model's greedy replies to the prompts (module doc), written to `out` (.jsonl.gz); resumable.
+    `shard` (i, n): this process answers chunks i, i + n, ... only (n processes can share one GPU: generation
+    is bound by the host's work per step); the one that finds every chunk on disk writes `out`, the others
+    return None."""
+    index, count = shard
+    if not 0 <= index < count:
+        raise PuddingError(f"shard {index}/{count}: the index must be in 0..{count - 1}")
     out = Path(out)
     prompts = read_prompts(prompts_path)["prompts"]
     prompts = prompts[:limit] if limit else prompts
@@ -87,15 +94,20 @@ def answer_prompts(model, tokenizer, prompts_path, out, model_name: str = "", ma
     else:
         write_json(parts / "settings.json", settings)
     rows: List[dict] = []
-    for i, start in enumerate(range(0, len(prompts), CHUNK)):
+    starts = list(range(0, len(prompts), CHUNK))
+    for i, start in enumerate(starts):
         part = parts / f"{i:04d}.jsonl.gz"
         chunk = prompts[start:start + CHUNK]
-        if not part.is_file():
+        if not part.is_file() and i % count == index:
             replies = generate(model, tokenizer, [p["text"] for p in chunk], (), max_new_tokens, batch_size)
             write_jsonl_gz(part, [{"id": p["id"], "kind": p["kind"], "split": split_of(p["id"]), "text": r["text"],
                                    "tokens": len(r["token_ids"]), "finished": r["finished"], "stop": r["stop"]}
                                   for p, r in zip(chunk, replies)])
-            log(f"answers {start + len(chunk)}/{len(prompts)}")
+            log(f"answers: chunk {i + 1}/{len(starts)} written")
+    if not all((parts / f"{i:04d}.jsonl.gz").is_file() for i in range(len(starts))):
+        return None  # the other shards' chunks are still to come; the last shard to finish writes `out`
+    for i in range(len(starts)):
+        part = parts / f"{i:04d}.jsonl.gz"
         with gzip.open(part, "rt", encoding="utf-8") as f:
             rows.extend(map(json.loads, f))
     header = {"format": ANSWERS_FORMAT, "schema_version": 1, "prompts": Path(prompts_path).name, **settings,
@@ -103,7 +115,7 @@ def answer_prompts(model, tokenizer, prompts_path, out, model_name: str = "", ma
               "counts": {s: sum(r["split"] == s for r in rows) for s in ("train", "val")},
               "hit_limit": sum(not r["finished"] for r in rows)}
     write_jsonl_gz(out, [header] + rows)
-    shutil.rmtree(parts)
+    shutil.rmtree(parts, ignore_errors=True)  # (two shards finishing together both write the same `out`)
     return out
 
 
