@@ -279,3 +279,14 @@ def test_answer_shards_write_what_one_run_writes(tiny, distilled, tmp_path, monk
     assert D.read_answers(out)[1] == D.read_answers(whole)[1]
     with pytest.raises(PuddingError, match="shard 2/2"):
         D.answer_prompts(model, tok, prompts, tmp_path / "x.jsonl.gz", "tiny", shard=(2, 2), **kw)
+
+
+def test_nll_matrix_is_each_sets_nll_per_example(tiny, distilled):
+    model, tok = tiny
+    prompts, answers = distilled
+    examples = [e for e in D.build_examples(tok, prompts, answers) if e.kind != "code-text"][:12]
+    m = D.nll_matrix(model, tok, examples, [(), (2,), (1, 4)])
+    assert m.shape == (12, 3, 2)
+    np.testing.assert_allclose(m[:, 1], D.target_nll(model, tok, examples, (2,)), rtol=1e-6)
+    assert (m[:, :, 1] == m[:, :1, 1]).all()  # the same targets under every set
+    assert D.mean_nll(m[:, 0]) < D.mean_nll(m[:, 2])  # the dense model's own greedy replies: likeliest dense

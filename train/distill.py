@@ -217,6 +217,18 @@ def target_nll(model, tokenizer, examples: Sequence[Example], omitted: Sequence[
     return out
 
 
+def nll_matrix(model, tokenizer, examples: Sequence[Example], sets: Sequence[Sequence[int]],
+               batch_size: int = 32, progress: Optional[Callable[[int, int], None]] = None) -> np.ndarray:
+    """[n examples, n sets, 2]: `target_nll` of every example under every set (dense is the set ()): the
+    per-prompt quality of each candidate, e.g. for a router that predicts each one's loss against dense."""
+    out = np.zeros((len(examples), len(sets), 2))
+    for j, s in enumerate(sets):
+        out[:, j] = target_nll(model, tokenizer, examples, s, batch_size)
+        if progress is not None:
+            progress(j + 1, len(sets))
+    return out
+
+
 def mean_nll(scores: np.ndarray) -> float:
     """Mean NLL per target token of `target_nll` rows."""
     return float(scores[:, 0].sum() / max(1.0, scores[:, 1].sum()))
