@@ -19,6 +19,10 @@ PHASES, in this order (default all):
   mc-pool   the six multiple-choice tasks (1,000 each, the splits and seeds of results/qwen2.5-coder-1.5b's
             data-val / data-test) on the he-pool sets, pool adapter on         -> WORK/mc-pool-{val,test}/
   mc-new    the same, unhealed, for the generation-aware k = 3 sets           -> WORK/mc-unhealed-{val,test}/
+  adaptive-data  for issue "Adaptive depth": the reply NLL of ADAPTIVE_N train and val examples under dense and
+            every candidate set of k = 1, 2, 3, 5, 7 (today's searches and the generation-aware one; unhealed,
+            and the k = 3 pool healed), and the router's features (the dense hidden state after block 3,
+            mean and last)                                                   -> WORK/adaptive/
   per-set   one adapter per set (the PER_SET sets of lowest healed val NLL), trained the same way and as long,
             with HumanEval and multiple choice of each                        -> WORK/adapters/set-*/, gen-set-*/
 
@@ -27,7 +31,10 @@ Env: STEPS (training steps per adapter, default 240), BATCH (16), LR (2e-4), RAN
 for a smoke run on a small model: LIMIT (the first N prompts), MAX_NEW (512), HE_LIMIT (HumanEval problems), MC_N
 (1000 per task), SEARCH_PER_KIND (val code and task replies the search scores, 64 each), PROTECT (blocks never
 removed, default 0,1,2,3 and the last), LORA_FROM (the first block given LoRA, default 4: blocks 0..3 run before a
-hidden-state router's choice, and the runtime refuses adapters there).
+hidden-state router's choice, and the runtime refuses adapters there), ADAPTIVE_N (800).
+SHARD=i/n: n processes share the GPU (HF generation is bound by the host's work per step): `answers` answers every
+n-th chunk (the shard that finds all chunks on disk writes the file; the others stop there), `he-pool` and `he-new`
+run every n-th set. Start the n processes together with the same PHASES (benchmarks/heal_gpu.sh start-shards).
 """
 
 import json
@@ -47,7 +54,7 @@ from pudding_mlx.train.router_data import build_router_data
 from pudding_mlx.train.scoring import num_blocks
 from pudding_mlx.train.search import model_identity
 
-PHASES = ("answers", "search", "pool", "nll", "he-pool", "he-new", "mc-pool", "mc-new", "per-set")
+PHASES = ("answers", "search", "pool", "nll", "he-pool", "he-new", "mc-pool", "mc-new", "adaptive-data", "per-set")
 REPO = Path(__file__).resolve().parents[1]
 RUN = REPO / "results" / "qwen2.5-coder-1.5b"
 STEPS, BATCH, LR, RANK = (int(os.environ.get("STEPS", 240)), int(os.environ.get("BATCH", 16)),
@@ -56,6 +63,8 @@ EVAL_N, PER_SET = int(os.environ.get("EVAL_N", 3)), int(os.environ.get("PER_SET"
 LIMIT, HE_LIMIT = int(os.environ.get("LIMIT", 0)) or None, int(os.environ.get("HE_LIMIT", 0)) or None
 MAX_NEW, MC_N = int(os.environ.get("MAX_NEW", D.MAX_NEW_TOKENS)), int(os.environ.get("MC_N", 1000))
 SEARCH_PER_KIND = int(os.environ.get("SEARCH_PER_KIND", 64))
+SHARD = tuple(int(x) for x in os.environ.get("SHARD", "0/1").split("/"))
+ADAPTIVE_N = int(os.environ.get("ADAPTIVE_N", 800))
 # LoRA only on blocks LORA_FROM..: the preset's hidden-state router reads after block 3, and the runtime refuses an
 # adapter on the blocks the routed prefill runs before the set is known (pudding_mlx.adapters.check_routable)
 LORA_FROM = int(os.environ.get("LORA_FROM", 4))
@@ -87,6 +96,37 @@ def mc(model, tok, sets, prefix: Path, name):
                           model_name=name, progress=lambda d, t, c: log(f"{prefix.name}-{tag} {c} {d}/{t}"))
 
 
+def adaptive_data(pm, tok, examples, new, pool, out: Path):
+    """The per-prompt quality of every candidate (module doc, adaptive-data) and the router's features."""
+    import hashlib
+
+    import numpy as np
+
+    from pudding_mlx.atomic import write_npz
+    from pudding_mlx.train.features import hidden_features
+    from pudding_mlx.train.generation import sets_to_run
+
+    base = pm.get_base_model()
+    replies = [e for e in examples if e.kind != "code-text"]
+    replies = sorted(replies, key=lambda e: hashlib.sha256(e.id.encode()).hexdigest())[:ADAPTIVE_N]  # a fixed draw
+    today = sets_to_run(sorted(RUN.glob("cand-k*.json")), RUN / "cand.state.json", (1, 2))
+    sets = [tuple(v["omitted"]) for v in today.values()] + [tuple(s) for k in sorted(new) for s in new[k]]
+    sets = list(dict.fromkeys(sets))  # dense first (sets_to_run puts it there)
+    with pm.disable_adapter():
+        unhealed = D.nll_matrix(base, tok, replies, sets, progress=lambda d, t: log(f"adaptive-data unhealed {d}/{t}"))
+    healed = D.nll_matrix(base, tok, replies, [tuple(s) for s in pool],
+                          progress=lambda d, t: log(f"adaptive-data healed {d}/{t}"))
+    prompts = {p["id"]: p["text"] for p in D.read_prompts(REPO / "results" / "distill" / "prompts.json")["prompts"]}
+    with pm.disable_adapter():
+        feats = hidden_features(base, tok, [prompts[e.id] for e in replies], [3], batch_size=32)
+    write_npz(out / "nll.npz", id=np.array([e.id for e in replies]), kind=np.array([e.kind for e in replies]),
+              split=np.array([e.split for e in replies]),
+              sets=np.array([",".join(map(str, s)) for s in sets]), unhealed=unhealed.astype(np.float32),
+              pool=np.array([",".join(map(str, s)) for s in pool]), healed=healed.astype(np.float32),
+              **{k: v.astype(np.float16) for k, v in feats.items()})
+    log(f"adaptive-data: {len(replies)} examples x {len(sets)} sets (+{len(pool)} healed) -> {out / 'nll.npz'}")
+
+
 def main():
     model_path, work = sys.argv[1], Path(sys.argv[2])
     phases = sys.argv[3].split(",") if len(sys.argv) > 3 else PHASES
@@ -99,7 +139,10 @@ def main():
     log(f"loaded {name}")
     answers = work / "distill" / "answers.jsonl.gz"
     if "answers" in phases and not answers.is_file():
-        D.answer_prompts(lm, tok, prompts, answers, ident, MAX_NEW, limit=LIMIT, log=log)
+        D.answer_prompts(lm, tok, prompts, answers, ident, MAX_NEW, limit=LIMIT, log=log, shard=SHARD)
+        if not answers.is_file():
+            log(f"answers: shard {SHARD[0]}/{SHARD[1]}'s chunks written; the last shard to finish writes the file")
+            return
     log(f"answers: {D.read_answers(answers)[0]}")
     examples = D.build_examples(tok, prompts, answers)
     train = [e for e in examples if e.split == "train"]
@@ -142,18 +185,20 @@ def main():
     if "he-pool" in phases:
         seed_dense(work / "gen-pool")
         run_generation(base, tok, sets_dict(chosen, "pool-k3 adapter"), work / "gen-pool", tasks=("humaneval",), limit=HE_LIMIT,
-                       batch_size=164, workers=12, log=log)
+                       batch_size=164, workers=12, log=log, shard=SHARD)
     if "he-new" in phases and new:
         seed_dense(work / "gen-unhealed")
         fresh = [s for k in (1, 2, 3) for s in new.get(k, [])]
         with pm.disable_adapter():
             run_generation(base, tok, sets_dict(fresh, "generation-aware search"), work / "gen-unhealed",
-                           tasks=("humaneval",), limit=HE_LIMIT, batch_size=164, workers=12, log=log)
+                           tasks=("humaneval",), limit=HE_LIMIT, batch_size=164, workers=12, log=log, shard=SHARD)
     if "mc-pool" in phases:
         mc(base, tok, chosen, work / "mc-pool", f"{ident}+pool-k3")
     if "mc-new" in phases and new.get(3):
         with pm.disable_adapter():
             mc(base, tok, new[3], work / "mc-unhealed", ident)
+    if "adaptive-data" in phases and not (work / "adaptive" / "nll.npz").is_file():
+        adaptive_data(pm, tok, examples, new, pool, work / "adaptive")
     if "per-set" in phases:
         for s in ranked[:PER_SET]:
             tag = set_name(s)

@@ -7,6 +7,10 @@
 #        # caches it, the benchmark files (STAGED/bench.tar, if staged) in /tmp/data; prints the versions
 #   benchmarks/heal_gpu.sh start GGUF WORK [PHASES]  # the driver, detached (setsid nohup): it outlasts a call of
 #        # the lent machine (10 minutes); WORK/run.log, WORK/run.pid. Resumable: a rerun skips what is on disk
+#   benchmarks/heal_gpu.sh start-shards GGUF WORK N   # the whole run, detached, N processes sharing the GPU where
+#        # generation dominates (HF generation is bound by the host's work per step): N answer shards; search, pool
+#        # and nll in one; N HumanEval shards beside one process for multiple choice and the adaptive data; then
+#        # the per-set adapters. Logs: WORK/run.log (the steps), WORK/<step>-<i>.log
 #   benchmarks/heal_gpu.sh status WORK           # running or not, the log's tail, the GPU's use
 #   benchmarks/heal_gpu.sh collect WORK OUT      # WORK as OUT/heal.tgz, without adapter weights over 5 MB (their
 #        # heal.json and adapter_config.json stay) and without the answers' unfinished parts
@@ -39,10 +43,23 @@ start)
     setsid nohup python3 benchmarks/heal_gpu.py "$model" "$work" ${4:-} >"$work/run.log" 2>&1 &
     echo $! >"$work/run.pid"
     echo "started $(cat "$work/run.pid"): $work/run.log" ;;
+start-shards)
+    model=$2 work=$3 n=$4
+    mkdir -p "$work"
+    D="python3 benchmarks/heal_gpu.py $model $work"
+    setsid nohup sh -c "
+        set -u; i=0; while [ \$i -lt $n ]; do SHARD=\$i/$n $D answers >$work/answers-\$i.log 2>&1 & i=\$((i+1)); done; wait
+        echo answers done; $D search,pool,nll >$work/core-0.log 2>&1; echo core done
+        i=0; while [ \$i -lt $n ]; do SHARD=\$i/$n $D he-pool,he-new >$work/he-\$i.log 2>&1 & i=\$((i+1)); done
+        $D mc-pool,mc-new,adaptive-data >$work/mc-0.log 2>&1; wait; echo humaneval, mc, adaptive-data done
+        $D per-set >$work/per-set-0.log 2>&1; echo per-set done" >"$work/run.log" 2>&1 &
+    echo $! >"$work/run.pid"
+    echo "started $(cat "$work/run.pid"): $work/run.log" ;;
 status)
     work=$2
     if [ -f "$work/run.pid" ] && kill -0 "$(cat "$work/run.pid")" 2>/dev/null; then echo running; else echo "not running"; fi
     tail -c 3000 "$work/run.log" | tr '\r' '\n' | tail -25
+    for f in "$work"/*-[0-9]*.log; do [ -f "$f" ] && echo "== $f" && tail -c 400 "$f" | tr '\r' '\n' | tail -3; done
     nvidia-smi --query-gpu=name,utilization.gpu,memory.used,memory.total --format=csv,noheader || true ;;
 collect)
     work=$2 out=$3
@@ -53,5 +70,5 @@ collect)
     echo "left out:"; cat /tmp/heal-big.txt
     ls -l "$out/heal.tgz" ;;
 *)
-    echo "usage: $0 setup STAGED | start GGUF WORK [PHASES] | status WORK | collect WORK OUT" >&2; exit 2 ;;
+    echo "usage: $0 setup STAGED | start GGUF WORK [PHASES] | start-shards GGUF WORK N | status WORK | collect WORK OUT" >&2; exit 2 ;;
 esac
