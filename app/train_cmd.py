@@ -413,21 +413,9 @@ def evaluate(
 
 def _check_new(flag: str, path: Path, force: bool = False, folder: bool = False) -> Path:
     """Refuse, before any work, an output that exists (without --force) or whose folder is missing or read-only."""
-    import os
+    from pudding_mlx.atomic import check_output
 
-    from pudding_mlx.errors import PuddingError
-
-    path = Path(path).expanduser()
-    if path.exists() and not force:
-        raise PuddingError(f"{flag} {path}: already exists; pass --force to replace it")
-    if path.is_dir() and not folder:
-        raise PuddingError(f"{flag} {path}: is a folder; give a file name")
-    parent = path.resolve().parent
-    if not parent.is_dir():
-        raise PuddingError(f"{flag} {path}: the folder {parent} does not exist; create it first")
-    if not os.access(parent, os.W_OK):
-        raise PuddingError(f"{flag} {path}: the folder {parent} is not writable")
-    return path
+    return check_output(path, flag, replace=force, folder=folder)
 
 
 def _distill_inputs(prompts: Path, answers: Path) -> dict:

@@ -17,6 +17,23 @@ from typing import Callable, Iterator, Optional
 from .errors import PuddingError
 
 
+def check_output(path, flag: str, replace: bool = True, folder: bool = False) -> Path:
+    """Refuse, before any work, an output that cannot be written: one whose folder is missing or read-only, a
+    folder given where a file is wanted (`folder` False), or one that exists when `replace` is False (the
+    user's --force). Returns the path, `~` expanded. `flag` names the option in the one-line error."""
+    path = Path(path).expanduser()
+    if path.exists() and not replace:
+        raise PuddingError(f"{flag} {path}: already exists; pass --force to replace it")
+    if path.is_dir() and not folder:
+        raise PuddingError(f"{flag} {path}: is a folder; give a file name")
+    parent = path.resolve().parent
+    if not parent.is_dir():
+        raise PuddingError(f"{flag} {path}: the folder {parent} does not exist; create it first")
+    if not os.access(parent, os.W_OK):
+        raise PuddingError(f"{flag} {path}: the folder {parent} is not writable")
+    return path
+
+
 def write_text(path, text: str) -> None:
     """Write a text file through a temporary file beside it and an atomic rename."""
     path = Path(path)

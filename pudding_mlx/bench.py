@@ -506,20 +506,11 @@ def _memory(target: Target, shape: Optional[str]) -> dict:
 def check_outputs(json_out=None, plot_out=None) -> None:
     """Refuse, before any work, an output that could not be written: a missing or read-only folder,
     a folder given as the file, --plot without matplotlib."""
-    import os
-    from pathlib import Path
+    from .atomic import check_output
 
     for flag, path in (("--json", json_out), ("--plot", plot_out)):
-        if path is None:
-            continue
-        path = Path(path).expanduser()
-        if path.is_dir():
-            raise PuddingError(f"{flag} {path}: is a folder; give a file name")
-        parent = path.resolve().parent
-        if not parent.is_dir():
-            raise PuddingError(f"{flag} {path}: the folder {parent} does not exist; create it first")
-        if not os.access(parent, os.W_OK):
-            raise PuddingError(f"{flag} {path}: the folder {parent} is not writable")
+        if path is not None:
+            check_output(path, flag)
     if plot_out is not None:
         try:
             import matplotlib  # noqa: F401
