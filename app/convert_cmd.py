@@ -3,9 +3,10 @@
     pudding-mlx convert llm SmolLM2-135M-Instruct.Q4_1.gguf smol-mlx
     pudding-mlx convert router my-router/ router-mlx --expect-outputs 10
     pudding-mlx convert bundle --llm smol-mlx --router my-router/ --candidates cand-k7.json my-bundle
+    pudding-mlx convert adapter runs/heal/pool-k3 pool-k3-mlx     (or convert bundle ... --adapter runs/heal/pool-k3)
 
 Each command wraps one library function (`pudding_mlx.convert.llm.convert_llm`, `.router.convert_router`,
-`.bundle.build_bundle`); those build OUT in a temporary folder beside it and move it into place only when it
+`.bundle.build_bundle`, `.adapter.convert_adapter`); those build OUT in a temporary folder beside it and move it into place only when it
 is complete and loads back, so OUT is either the finished result or untouched. An existing OUT is refused
 without --force. Bad input is one line on stderr and exit status 2 (a `PuddingError`, printed by `cli.main`).
 """
