@@ -356,11 +356,10 @@ def distill_prompts(
     """Write the self-distillation prompt set (issue "Healed omission sets"): documented standard-library
     functions as "write this function" messages (with their real source), and train-split questions of the
     benchmark tasks. HumanEval is held out (its entry-point names and any 8-word run of its prompts)."""
-    from pudding_mlx.atomic import write_json
-    from pudding_mlx.bench import check_outputs
+    from pudding_mlx.atomic import check_output, write_json
     from pudding_mlx.train.distill_prompts import build
 
-    check_outputs(json_out=out)  # before any work: an output that cannot be written
+    check_output(out, "--out")  # before any work: an output that cannot be written
     data = build(per_task, seed, data_dir)
     write_json(out, data, indent=None)
     console.print(f"{data['counts']['code']} code and {data['counts']['task']} task prompts -> {out} "
@@ -409,13 +408,6 @@ def evaluate(
 
 
 # -- healing (issue "Healed omission sets"): self-distillation answers, generation-aware search, LoRA -------
-
-
-def _check_new(flag: str, path: Path, force: bool = False, folder: bool = False) -> Path:
-    """Refuse, before any work, an output that exists (without --force) or whose folder is missing or read-only."""
-    from pudding_mlx.atomic import check_output
-
-    return check_output(path, flag, replace=force, folder=folder)
 
 
 def _distill_inputs(prompts: Path, answers: Path) -> dict:
@@ -473,11 +465,12 @@ def distill_answers(
     """The dense model's greedy replies to the self-distillation prompts, each prompt's train/val split
     fixed by a hash of its id: the data of the generation-aware search (val) and of healing (train)."""
     _need_torch()
+    from pudding_mlx.atomic import check_output
     from pudding_mlx.train import distill as D
     from pudding_mlx.train.hf import load_hf
     from pudding_mlx.train.search import model_identity
 
-    _check_new("--out", out, force)
+    check_output(out, "--out", replace=force)
     D.read_prompts(prompts)
     lm, tokenizer, _ = load_hf(model, device, dtype)
     path = D.answer_prompts(lm, tokenizer, prompts, out, model_identity(model), max_new_tokens, batch_size, limit,
@@ -507,6 +500,7 @@ def distill_search(
     val split of the distillation answers (one chain each for code, task and both). Resumable: rerun the
     same command after an interruption and it continues from the last completed phase."""
     _need_torch()
+    from pudding_mlx.atomic import check_output
     from pudding_mlx.train import distill as D
     from pudding_mlx.train.hf import load_hf
     from pudding_mlx.train.scoring import num_blocks
@@ -514,7 +508,7 @@ def distill_search(
 
     ks = _ks(k)
     for kk in ks:
-        _check_new("--out", candidates_path(out, kk, ks), force)
+        check_output(candidates_path(out, kk, ks), "--out", replace=force)
     _distill_inputs(prompts, answers)
     lm, tokenizer, _ = load_hf(model, device, dtype)
     val = D.build_examples(tokenizer, prompts, answers, split="val", kinds=("code", "task"))
@@ -551,6 +545,7 @@ def heal(
     by distillation from the dense model (the same weights, adapter off) on the train split of the answers;
     then print each set's val NLL of the dense replies, unhealed and healed (also in OUT/heal.json)."""
     _need_torch()
+    from pudding_mlx.atomic import check_output
     from pudding_mlx.errors import PuddingError
     from pudding_mlx.omission import check_omitted, parse_omit_sets
 
@@ -565,7 +560,7 @@ def heal(
     chosen = [list(s) for s in dict.fromkeys(tuple(sorted(s)) for s in chosen)]
     if lora_from != "auto" and not lora_from.isdigit():
         raise PuddingError(f"--lora-from {lora_from}: give auto or a block index")
-    _check_new("--out", out, force, folder=True)
+    check_output(out, "--out", replace=force, folder=True)
     header = _distill_inputs(prompts, answers)
     from pudding_mlx.train import distill as D
     from pudding_mlx.train import heal as H

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import mlx.core as mx
 
-from pudding_mlx.adapters import _linear_dims, write_adapter
+from pudding_mlx.adapters import linear_dims, submodule, write_adapter
 from pudding_mlx.convert.bundle import build_bundle
 from pudding_mlx.errors import PuddingError
 from pudding_mlx.load import load
@@ -40,10 +40,7 @@ def main():
     weights = {}
     for i in range(args.first, len(layers)):
         for path in TARGETS:
-            m = layers[i]
-            for part in path.split("."):
-                m = getattr(m, part)
-            d_in, d_out = _linear_dims(m)
+            d_in, d_out = linear_dims(submodule(layers[i], path))
             key = mx.random.key(len(weights))
             weights[f"layers.{i}.{path}.lora_a"] = mx.random.normal((d_in, args.rank), key=key) * d_in ** -0.5
             weights[f"layers.{i}.{path}.lora_b"] = mx.zeros((args.rank, d_out)) + 1e-3

@@ -64,7 +64,7 @@ class Adapter:
         return sorted({(int(k.split(".")[1]), k.split(".", 2)[2].rsplit(".", 1)[0]) for k in self.weights})
 
 
-def _linear_dims(linear) -> Tuple[int, int]:
+def linear_dims(linear) -> Tuple[int, int]:
     """(in, out) of an nn.Linear or nn.QuantizedLinear."""
     out_dims, in_dims = linear.weight.shape
     if isinstance(linear, nn.QuantizedLinear):
@@ -72,10 +72,11 @@ def _linear_dims(linear) -> Tuple[int, int]:
     return in_dims, out_dims
 
 
-def _get(block, path: str):
+def submodule(block, path: str):
+    """`block`'s module at the dotted `path` (e.g. "self_attn.q_proj"), or None."""
     m = block
     for part in path.split("."):
-        m = getattr(m, part, None) if not isinstance(m, dict) or part not in m else m[part]
+        m = getattr(m, part, None)
         if m is None:
             return None
     return m
@@ -116,11 +117,11 @@ def read_adapter(folder, layers: Sequence[nn.Module], name: Optional[str] = None
         if block >= len(layers):
             raise PuddingError(f"{wpath}: tensor {key!r} is for block {block}, but the model has {len(layers)} blocks; "
                                "the adapter was trained for another model")
-        linear = _get(layers[block], path)
+        linear = submodule(layers[block], path)
         if not isinstance(linear, (nn.Linear, nn.QuantizedLinear)):
             raise PuddingError(f"{wpath}: tensor {key!r} names {path}, which block {block} of this model does not "
                                "have as a linear layer; the adapter was trained for another model")
-        in_dims, out_dims = _linear_dims(linear)
+        in_dims, out_dims = linear_dims(linear)
         want = (in_dims, rank) if parts[-1] == "lora_a" else (rank, out_dims)
         if tuple(w.shape) != want:
             raise PuddingError(f"{wpath}: tensor {key!r} is {list(w.shape)}, but block {block}'s {path} takes "
@@ -213,7 +214,7 @@ def attach(model, adapters: Sequence[Adapter], dtype=None) -> Registry:
                                    "give each omission set at most one adapter")
         for block, path in adapter.modules():
             parent_path, _, leaf = path.rpartition(".")
-            parent = _get(inner.layers[block], parent_path) if parent_path else inner.layers[block]
+            parent = submodule(inner.layers[block], parent_path) if parent_path else inner.layers[block]
             module = getattr(parent, leaf)
             if not isinstance(module, LoRASwitch):
                 module = LoRASwitch(module, reg.active)

@@ -9,7 +9,7 @@ on Metal and CUDA the stored dtype is kept. `dtype=` overrides both.
 """
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
@@ -36,7 +36,7 @@ class Loaded:
     # the bundle's reason to run dense when the user names no set (its manifest's default_routing), unless
     # load(routed=True); None: route by default (routing.fixed_choice)
     dense_by_default: Optional[str] = None
-    adapters: list = None  # the healing adapters attached (pudding_mlx.adapters.Adapter), [] when none
+    adapters: list = field(default_factory=list)  # the healing adapters attached (pudding_mlx.adapters.Adapter)
 
     @property
     def n_blocks(self) -> int:
@@ -116,7 +116,7 @@ def load(model: str, dtype: Optional[str] = None, lazy: bool = True, with_router
         raise PuddingError(f"{path}: the model could not be loaded ({first_line(e)})")
     if target is not None:
         model_obj.set_dtype(target)  # lazy: a cast is only computed for blocks that run
-    loaded = Loaded(model_obj, tokenizer, path, manifest, adapters=[])
+    loaded = Loaded(model_obj, tokenizer, path, manifest)
     if manifest is not None:
         check_bundle_files(path, manifest, llm_blocks=loaded.n_blocks)
         if healed and manifest.adapters:

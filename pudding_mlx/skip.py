@@ -157,7 +157,7 @@ class SkipView:
             raise ValueError(
                 f"cache has {len(cache)} entries but this view runs {len(self.kept)} blocks"
             )
-        with _SWAP_LOCK, using(self.model, self.adapter):
+        with self.active():
             return self._forward(self.model, self._decoder, self._layers, inputs, cache, **kwargs)
 
     @contextlib.contextmanager
