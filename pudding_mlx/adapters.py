@@ -179,7 +179,8 @@ class LoRASwitch(nn.Module):
         if lora is None:
             return y
         a, b, scale = lora
-        return y + scale * ((x @ a.astype(x.dtype)) @ b.astype(x.dtype))
+        # one fused op for y + scale * (x A) B: at decode every op beside the base matmul is overhead
+        return mx.addmm(y, x @ a.astype(x.dtype), b.astype(x.dtype), alpha=scale)
 
 
 @dataclass
