@@ -410,6 +410,24 @@ def evaluate(
 # -- healing (issue "Healed omission sets"): self-distillation answers, generation-aware search, LoRA -------
 
 
+@train_app.command("heal-report")
+def heal_report(
+    work: Path = typer.Argument(..., help="A heal run's folder (benchmarks/heal_gpu.py's WORK, or its lean copy "
+                                "under results/<model>/heal): adapters/pool-k3/heal.json, gen-pool/, mc-pool-*/, "
+                                "heal/val_nll.json, mlx-out/."),
+    run_dir: Path = typer.Option(..., "--run", help="The model's run folder (results/<model>): the unhealed "
+                                 "generation run and multiple-choice data."),
+    out: Path = typer.Option(..., "--out", help="Where heal_report.md/.json go."),
+    model: str = typer.Option(..., help="Model name for the title."),
+):
+    """Write OUT/heal_report.md/.json: HumanEval pass@1 and the six-task multiple-choice average of every set
+    healed by the pool adapter against the same set unhealed and dense (paired-bootstrap intervals), routed
+    healed, the val NLL the adapter was chosen on, and the runtime's (MLX) healed runs where present."""
+    from pudding_mlx.train.heal_report import write
+
+    console.print(f"report -> {write(work, run_dir, out, model)}")
+
+
 def _distill_inputs(prompts: Path, answers: Path) -> dict:
     """The answers file's header, checked against the prompts file (before the model loads)."""
     from pudding_mlx.errors import PuddingError

@@ -11,7 +11,8 @@
 #        # generation dominates (HF generation is bound by the host's work per step): N answer shards; search, pool
 #        # and nll in one; then N HumanEval shards, one process for multiple choice and the adaptive data and one
 #        # for the per-set adapters, all at once (the GPU has room: generation leaves it mostly idle).
-#        # Logs: WORK/run.log (the steps), WORK/<step>-<i>.log
+#        # Logs: WORK/run.log (the steps), WORK/<step>-<i>.log. CORE_PHASES, HE_PHASES, MC_PHASES (and PER_SET=0)
+#        # narrow the run: a lent machine can go back mid-run, taking /tmp with it
 #   benchmarks/heal_gpu.sh mlx STAGED WORK OUT   # MLX (CUDA; STAGED also holds the mlx, mlx-cuda-13 and mlx-lm
 #        # wheels): the qwen2.5-coder-1.5b preset, and once WORK's pool adapter exists, the preset with it
 #        # (WORK/mlx/healed-preset), its adapter cost and lossless drafting (bench) and HumanEval healed (eval)
@@ -51,12 +52,13 @@ start-shards)
     model=$2 work=$3 n=$4
     mkdir -p "$work"
     D="python3 benchmarks/heal_gpu.py $model $work"
+    core=${CORE_PHASES:-search,pool,nll} he=${HE_PHASES:-he-pool,he-new} mc=${MC_PHASES:-mc-pool,mc-new,adaptive-data}
     setsid nohup sh -c "
         set -u; i=0; while [ \$i -lt $n ]; do SHARD=\$i/$n $D answers >$work/answers-\$i.log 2>&1 & i=\$((i+1)); done; wait
-        echo answers done; $D search,pool,nll >$work/core-0.log 2>&1; echo core done
-        i=0; while [ \$i -lt $n ]; do SHARD=\$i/$n $D he-pool,he-new >$work/he-\$i.log 2>&1 & i=\$((i+1)); done
-        $D per-set >$work/per-set-0.log 2>&1 &
-        $D mc-pool,mc-new,adaptive-data >$work/mc-0.log 2>&1; wait; echo humaneval, mc, adaptive-data, per-set done" >"$work/run.log" 2>&1 &
+        echo answers done; $D $core >$work/core-0.log 2>&1; echo core done
+        i=0; while [ \$i -lt $n ]; do SHARD=\$i/$n $D $he >$work/he-\$i.log 2>&1 & i=\$((i+1)); done
+        [ ${PER_SET:-2} -gt 0 ] && $D per-set >$work/per-set-0.log 2>&1 &
+        $D $mc >$work/mc-0.log 2>&1; wait; echo humaneval, mc, adaptive-data, per-set done" >"$work/run.log" 2>&1 &
     echo $! >"$work/run.pid"
     echo "started $(cat "$work/run.pid"): $work/run.log" ;;
 mlx)
@@ -104,8 +106,11 @@ collect)
     mkdir -p "$out"
     # adapter weights are tens of MB (a call brings back 16 MB a file): their heal.json and config stay
     (cd "$work" && find . -name '*.safetensors' -size +5M >/tmp/heal-big.txt &&
-        tar czf "$out/heal.tgz" -X /tmp/heal-big.txt --exclude='*.jsonl.gz.parts' .)
+        tar czf "$out/heal.tgz" -X /tmp/heal-big.txt --exclude='*.jsonl.gz.parts' --exclude=./mlx/healed-preset .)
     echo "left out:"; cat /tmp/heal-big.txt
+    # the pool adapter itself, in parts a call can bring back (cat OUT/pool-k3.safetensors.part* > the file)
+    a=$work/adapters/pool-k3/adapter_model.safetensors
+    if [ "${WITH_ADAPTER:-1}" = 1 ] && [ -f "$a" ]; then split -b 12M -d "$a" "$out/pool-k3.safetensors.part"; fi
     ls -l "$out/heal.tgz" ;;
 *)
     echo "usage: $0 setup STAGED | start GGUF WORK [PHASES] | start-shards GGUF WORK N | mlx STAGED WORK OUT | status WORK | collect WORK OUT" >&2; exit 2 ;;

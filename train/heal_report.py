@@ -1,0 +1,211 @@
+"""The healing report (issue "Healed omission sets"): what a LoRA adapter trained by self-distillation
+(`train heal`, benchmarks/heal_gpu.py) gives back, set by set, against the same sets unhealed.
+
+Reads a heal run's folder (WORK of benchmarks/heal_gpu.py, or the lean copy committed under
+results/<model>/heal/) beside the model's run folder (results/<model>/: the unhealed generation run and
+multiple-choice data, both made with the same model, prompts and settings):
+
+- HumanEval pass@1 (PyTorch bf16, greedy, 164 problems) of every set run with the pool adapter
+  (WORK/gen-pool), against the same set unhealed (RUN/generation) and dense, paired bootstrap 95% intervals.
+- Routed: the k = 3 hidden-state routers of RUN (retrained from its committed data, as the generation
+  report does) pick a set per problem; healed routed is that set's healed result, where every set picked
+  was run healed.
+- The six-task multiple-choice average (WORK/mc-pool-{val,test}) against unhealed (RUN/data-{val,test}),
+  paired per example. Dense comes from RUN's data: the heal run scores its "dense" column with the adapter
+  loaded, which is not what the runtime runs (the adapter is on only while blocks are skipped).
+- The val NLL of the dense replies, unhealed -> healed (WORK/heal/val_nll.json): what the adapter was chosen on.
+- MLX (the runtime, 4-bit, CUDA) runs of the healed preset, where present (WORK/mlx-out): `eval` HumanEval,
+  the adapter's cost (`bench`) and lossless drafting (benchmarks/lossless.py).
+
+HumanEval is held out: nothing here is chosen on it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import numpy as np
+
+from pudding_mlx.atomic import write_json, write_text
+from pudding_mlx.errors import PuddingError
+
+from .generation_report import OBJECTIVES, bootstrap, load_sets, passed, router_picks
+from .report import average, bootstrap_delta, load_eval, per_task
+
+
+def _k(name: str) -> int:
+    return 0 if name == "dense" else len(name.removeprefix("omit-").split("-"))
+
+
+def humaneval(work: Path, run: Path) -> dict:
+    healed, unhealed = load_sets(work / "gen-pool"), load_sets(run / "generation")
+    ids = [r["task_id"] for r in unhealed["dense"]["humaneval"]["records"]]
+    dense = passed(unhealed["dense"], ids)
+    hits = {name: passed(res, ids) for name, res in healed.items() if name != "dense"}
+    rows = []
+    for name, h in sorted(hits.items(), key=lambda kv: -kv[1].mean()):
+        row = {"set": name, "k": _k(name), "healed": 100 * float(h.mean()),
+               "healed_minus_dense_ci95": bootstrap(h, dense)}
+        if name in unhealed:
+            u = passed(unhealed[name], ids)
+            row.update(unhealed=100 * float(u.mean()), healed_minus_unhealed_ci95=bootstrap(h, u))
+        rows.append(row)
+    routed = []
+    for objective in OBJECTIVES:
+        got = router_picks(run, run / "generation" / "features.npz", 3, objective, ids)
+        if got is None:
+            continue
+        chosen, sets = got
+        names = [("omit-" + "-".join(map(str, sets[c]))) for c in chosen]
+        usage = {n: names.count(n) for n in sorted(set(names))}
+        row = {"router": f"hidden-{objective}-k3", "usage": usage}
+        if all(n in unhealed for n in usage):
+            u = np.array([passed(unhealed[n], [i])[0] for n, i in zip(names, ids)])
+            row["unhealed"] = 100 * float(u.mean())
+        if all(n in hits for n in usage):
+            pos = {i: j for j, i in enumerate(ids)}
+            h = np.array([hits[n][pos[i]] for n, i in zip(names, ids)])
+            row.update(healed=100 * float(h.mean()), healed_minus_dense_ci95=bootstrap(h, dense))
+            if "unhealed" in row:
+                row["healed_minus_unhealed_ci95"] = bootstrap(h, u)
+        else:
+            row["missing"] = sorted(n for n in usage if n not in hits)
+        routed.append(row)
+    return {"dense": 100 * float(dense.mean()), "n": len(ids), "sets": rows, "routed": routed}
+
+
+def _aligned(data: dict, keys: List[tuple]) -> np.ndarray:
+    pos = {(t, i): j for j, (t, i) in enumerate(zip(data["task"], data["id"]))}
+    missing = [k for k in keys if k not in pos]
+    if missing:
+        raise PuddingError(f"the healed and unhealed multiple-choice data differ (e.g. {missing[0]}); "
+                           "score both with the same splits, seeds and sizes")
+    return np.array([pos[k] for k in keys])
+
+
+def multiple_choice(work: Path, run: Path) -> Optional[dict]:
+    parts = [work / f"mc-pool-{tag}" for tag in ("val", "test")]
+    if not all((p / "router_data.npz").is_file() for p in parts):
+        return None
+    healed = load_eval(parts)
+    unhealed = load_eval([run / "data-val.npz", run / "data-test.npz"])
+    keys = list(zip(healed["task"], healed["id"]))
+    rows_u = _aligned(unhealed, keys)
+    ref = {"task": healed["task"]}
+    dense = unhealed["dense_hit"][rows_u]
+    u_col = {tuple(sorted(s)): i for i, s in enumerate(unhealed["sets"])}
+    rows = []
+    for c, s in enumerate(healed["sets"]):
+        h = healed["hit"][:, c]
+        name = "omit-" + "-".join(map(str, sorted(s)))
+        row = {"set": name, "k": len(s), "healed": average(per_task(ref, h)),
+               "healed_minus_dense_ci95": bootstrap_delta(ref, h, dense)}
+        if tuple(sorted(s)) in u_col:
+            u = unhealed["hit"][rows_u, u_col[tuple(sorted(s))]]
+            row.update(unhealed=average(per_task(ref, u)), healed_minus_unhealed_ci95=bootstrap_delta(ref, h, u))
+        rows.append(row)
+    return {"dense": average(per_task(ref, dense)), "n": len(keys), "tasks": sorted(set(healed["task"])), "sets": rows}
+
+
+def val_nll(work: Path) -> Optional[dict]:
+    p = work / "heal" / "val_nll.json"
+    if not p.is_file():
+        return None
+    got = json.loads(p.read_text())
+    rows = [{"set": name, "k": _k(name), "unhealed": v["unhealed"], "healed": v.get("default")}
+            for name, v in got["table"].items()]
+    return {"examples": got["examples"], "sets": sorted(rows, key=lambda r: (r["healed"] is None, r["healed"] or 0))}
+
+
+def mlx_runs(work: Path) -> Optional[dict]:
+    out = work / "mlx-out"
+    if not out.is_dir():
+        return None
+    runs = {}
+    for p in sorted(out.glob("mlx_eval_healed_*.json")):
+        payload = json.loads(p.read_text())
+        he = payload["tasks"]["humaneval"]
+        usage: Dict[str, int] = {}
+        for r in he["records"]:
+            usage[str(r.get("omitted"))] = usage.get(str(r.get("omitted")), 0) + 1
+        runs[p.stem.removeprefix("mlx_eval_healed_")] = {"pass@1": he["pass@1"], "n": he["n"], "usage": usage,
+                                                         "tokens_mean": he["tokens_mean"], "hit_limit": he["hit_limit"]}
+    cost = None
+    if (out / "mlx_adapter_cost_cuda.json").is_file():
+        cost = json.loads((out / "mlx_adapter_cost_cuda.json").read_text()).get("summary")
+    lossless = {p.stem.removeprefix("mlx_lossless_"): json.loads(p.read_text()).get("summary")
+                for p in sorted(out.glob("mlx_lossless_*.json"))}
+    return {"eval": runs, "adapter_cost": cost, "lossless": lossless}
+
+
+def build(work, run_dir, model: str) -> dict:
+    work, run = Path(work), Path(run_dir)
+    heal = work / "adapters" / "pool-k3" / "heal.json"
+    if not heal.is_file():
+        raise PuddingError(f"{work}: no adapters/pool-k3/heal.json; run benchmarks/heal_gpu.py first")
+    info = json.loads(heal.read_text())
+    settings = {k: info.get(k) for k in ("steps", "batch", "lr", "rank", "alpha", "kl_weight", "layers", "sets", "data")}
+    return {"model": model, "adapter": settings, "humaneval": humaneval(work, run), "mc": multiple_choice(work, run),
+            "val_nll": val_nll(work), "mlx": mlx_runs(work)}
+
+
+def _ci(ci) -> str:
+    return f"[{ci[0]:+.1f}, {ci[1]:+.1f}]" if ci else ""
+
+
+def _f(x, nd=1) -> str:
+    return "" if x is None else f"{x:.{nd}f}"
+
+
+def to_markdown(rep: dict) -> str:
+    he, mc, nll = rep["humaneval"], rep["mc"], rep["val_nll"]
+    a = rep["adapter"]
+    out = [f"# Healing: {rep['model']}", "",
+           f"One LoRA adapter (rank {a['rank']}, blocks {a['layers'][0]}-{a['layers'][-1]}, {a['steps']} steps of "
+           f"{a['batch']}) for the k = 3 pool ({len(a['sets'] or [])} sets), trained on the dense model's own replies; "
+           "the skipped set drawn per step. HumanEval is held out (reported, never used to choose).", "",
+           f"## HumanEval pass@1 (PyTorch bf16, greedy, {he['n']} problems; dense {he['dense']:.1f})", "",
+           "| set | k | unhealed | healed | healed - unhealed [95%] | healed - dense [95%] |", "|---|---|---|---|---|---|"]
+    for r in he["sets"]:
+        out.append(f"| {r['set']} | {r['k']} | {_f(r.get('unhealed'))} | {r['healed']:.1f} | "
+                   f"{_ci(r.get('healed_minus_unhealed_ci95'))} | {_ci(r['healed_minus_dense_ci95'])} |")
+    for r in he["routed"]:
+        usage = ", ".join(f"{n} x{c}" for n, c in r["usage"].items())
+        if "healed" in r:
+            out.append(f"| routed ({r['router']}: {usage}) | 3 | {_f(r.get('unhealed'))} | {r['healed']:.1f} | "
+                       f"{_ci(r.get('healed_minus_unhealed_ci95'))} | {_ci(r['healed_minus_dense_ci95'])} |")
+        else:
+            out.append(f"| routed ({r['router']}: {usage}) | 3 | {_f(r.get('unhealed'))} | not run healed: "
+                       f"{', '.join(r['missing'])} | | |")
+    if mc:
+        out += ["", f"## Multiple choice, six-task average ({mc['n']} examples; dense {mc['dense']:.1f})", "",
+                "| set | unhealed | healed | healed - unhealed [95%] | healed - dense [95%] |", "|---|---|---|---|---|"]
+        for r in mc["sets"]:
+            out.append(f"| {r['set']} | {_f(r.get('unhealed'))} | {r['healed']:.1f} | "
+                       f"{_ci(r.get('healed_minus_unhealed_ci95'))} | {_ci(r['healed_minus_dense_ci95'])} |")
+    if nll:
+        out += ["", f"## Val NLL of the dense replies ({nll['examples']} replies; what the adapter is chosen on)", "",
+                "| set | unhealed | healed |", "|---|---|---|"]
+        out += [f"| {r['set']} | {r['unhealed']:.3f} | {_f(r['healed'], 3)} |" for r in nll["sets"]]
+    mlx = rep.get("mlx")
+    if mlx:
+        out += ["", "## The runtime (MLX 4-bit, CUDA): the preset with the adapter", "",
+                "| run | pass@1 | sets used | tokens | hit limit |", "|---|---|---|---|---|"]
+        for name, r in mlx["eval"].items():
+            usage = ", ".join(f"{n} x{c}" for n, c in r["usage"].items())
+            out.append(f"| {name} | {r['pass@1']:.1f} | {usage} | {r['tokens_mean']:.0f} | {r['hit_limit']} |")
+        if mlx["adapter_cost"]:
+            out += ["", f"Adapter cost: `{json.dumps(mlx['adapter_cost'])[:600]}`"]
+        for name, s in mlx["lossless"].items():
+            out += ["", f"Lossless ({name}): `{json.dumps(s)[:600]}`"]
+    return "\n".join(out) + "\n"
+
+
+def write(work, run_dir, out_dir, model: str) -> Path:
+    rep = build(work, run_dir, model)
+    out = Path(out_dir)
+    write_json(out / "heal_report.json", rep)
+    write_text(out / "heal_report.md", to_markdown(rep))
+    return out / "heal_report.md"
