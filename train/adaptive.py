@@ -301,6 +301,9 @@ def build(run_dir, gen_dir, model: str, nll_path=None, bench_file=None, seed: in
                                       "adaptive": ah["humaneval"]["pass@1"], "static": b_row["pass@1"],
                                       "adaptive_minus_static": ah["humaneval"]["pass@1"] - b_row["pass@1"],
                                       "ci95": G.bootstrap(ah["_he_hit"], he_hit[:, col])}})
+    # what the predictor says per prompt set: the mean over prompts of the lowest predicted loss of each k
+    predicted = {t: _lowest_by_k(ev_pred[ev_data["task"] == t], sizes) for t in dict.fromkeys(ev_data["task"].tolist())}
+    predicted["humaneval"] = _lowest_by_k(he_pred, sizes)
     at_default = adaptive_at(default)
     he_target = [r for r in frontier if r["humaneval"]["pass@1"] >= 0.95 * dense_he and r["humaneval"]["speedup_ideal"] >= 1.10]
     for r in frontier + [at_default]:
@@ -320,7 +323,7 @@ def build(run_dir, gen_dir, model: str, nll_path=None, bench_file=None, seed: in
                          "default_max_loss": default},
            "dense": {"mc": dense_mc, "humaneval": {"pass@1": dense_he}},
            "frontier": frontier, "default": at_default, "statics": statics, "best_static": best,
-           "routers": routers, "matched": matched,
+           "routers": routers, "matched": matched, "predicted_lowest_loss": predicted,
            "targets": {"humaneval_95_speed_1.10_ideal": [r["budget"] for r in he_target]},
            "speed": {"model": "ideal L / (L - mean k), equal reply lengths", "measured": measured_k3(bench_file) if bench_file else None},
            "n": {"mc_eval": int(len(ev_data["task"])), "humaneval": len(ids)},
@@ -331,6 +334,10 @@ def build(run_dir, gen_dir, model: str, nll_path=None, bench_file=None, seed: in
 def _menu_hits(data: dict, menu: Sequence[tuple]) -> np.ndarray:
     cols = R.columns(data, [s for s in menu[1:]])
     return np.concatenate([data["dense_hit"][:, None], data["hit"][:, cols]], 1)
+
+
+def _lowest_by_k(pred: np.ndarray, sizes: np.ndarray) -> Dict[str, float]:
+    return {str(k): float(pred[:, sizes == k].min(1).mean()) for k in sorted(set(sizes.tolist())) if k}
 
 
 def _usage(chosen: np.ndarray, menu: Sequence[tuple]) -> Dict[str, int]:
@@ -429,7 +436,7 @@ def to_markdown(rep: dict) -> str:
            f"hidden state after block {AFTER} ({rep['predictor']['pooling']}, ridge {rep['predictor']['ridge']}), "
            f"trained on {', '.join(rep['predictor']['sources'])}; predicts the increase in NLL per token of a "
            "reference continuation against dense (nats). Pooling, ridge, the budget grid and the default budget "
-           f"were chosen on {sel['rows']} held-out training questions; MC evaluation ({rep['n']['mc_eval']} rows: "
+           f"were chosen on {sel['rows']} held-out rows of the training split (whole questions held out); MC evaluation ({rep['n']['mc_eval']} rows: "
            f"the tasks' validation and test splits) and HumanEval ({rep['n']['humaneval']} problems, held out) chose nothing.", "",
            f"**Speed is ideal**, not measured: L / (L − mean k), equal reply lengths assumed."]
     m = rep["speed"].get("measured")
@@ -438,7 +445,7 @@ def to_markdown(rep: dict) -> str:
                    f"{m['cell']} tokens on {m['backend']}, {m['static_speedup']:.3f} [{m['ci95'][0]:.3f}, {m['ci95'][1]:.3f}] "
                    f"against the ideal {m['ideal']:.3f} (`{m['file']}`).")
     out += ["", f"Default budget (`--max-loss`): **{_f(sel['default_max_loss'], 4)}**, the largest budget whose MC average on "
-            f"the held-out training questions keeps ≥ {sel['keep']:.0%} of dense's ({sel['dense_average']:.2f}).", "",
+            f"those held-out training rows keeps ≥ {sel['keep']:.0%} of dense's ({sel['dense_average']:.2f}, the average over their tasks).", "",
             "## Frontier", "",
             "Per budget: mean blocks skipped and ideal speedup on each prompt set (the predictor routes each prompt), "
             "six-task MC average (%), HumanEval pass@1 (%).", "",
@@ -471,6 +478,12 @@ def to_markdown(rep: dict) -> str:
                    f"{mc['static']:.2f} | {mc['adaptive_minus_static']:+.2f} [{mc['ci95'][0]:+.2f}, {mc['ci95'][1]:+.2f}] | "
                    f"{he['adaptive_mean_k']:.2f} | {he['adaptive']:.1f} | {he['static']:.1f} | "
                    f"{he['adaptive_minus_static']:+.1f} [{he['ci95'][0]:+.1f}, {he['ci95'][1]:+.1f}] |")
+    ks = sorted(set(rep["sizes"]) - {0})
+    out += ["", "## What the predictor predicts per prompt set", "",
+            "Mean over the prompts of the lowest predicted loss among the candidates of each k (nats per token).", "",
+            "| prompts | " + " | ".join(f"k = {k}" for k in ks) + " |", "|---|" + "---|" * len(ks)]
+    for name, by_k in rep["predicted_lowest_loss"].items():
+        out.append(f"| {name} | " + " | ".join(f"{by_k[str(k)]:+.3f}" for k in ks) + " |")
     t = rep["targets"]["humaneval_95_speed_1.10_ideal"]
     out += ["", "## The issue's targets", "",
             "- At equal mean k, adaptive ≥ the best static set with an interval excluding a loss (lower bound ≥ 0): "
