@@ -37,7 +37,7 @@ import numpy as np
 
 from pudding_mlx.adaptive import LossPredictor, choose_many, write_predictor
 from pudding_mlx.atomic import write_json, write_text
-from pudding_mlx.errors import PuddingError
+from pudding_mlx.errors import PuddingError, first_line
 
 from . import generation_report as G
 from . import probe as P
@@ -97,7 +97,7 @@ def nll_source(path, basis: Dict[str, np.ndarray]) -> dict:
         with np.load(path, allow_pickle=False) as z:
             d = {k: z[k] for k in z.files}
     except Exception as e:
-        raise PuddingError(f"{path}: not a readable .npz ({type(e).__name__}); {e}"[:300]) from None
+        raise PuddingError(f"{path}: not a readable .npz ({first_line(e)}); rerun the GPU phase adaptive-data") from None
     missing = [k for k in NLL_KEYS if k not in d]
     if missing:
         raise PuddingError(f"{path}: array {missing[0]!r} is missing; expected {', '.join(NLL_KEYS)}")
@@ -308,7 +308,9 @@ def build(run_dir, gen_dir, model: str, nll_path=None, bench_file=None, seed: in
     he_target = [r for r in frontier if r["humaneval"]["pass@1"] >= 0.95 * dense_he and r["humaneval"]["speedup_ideal"] >= 1.10]
     for r in frontier + [at_default]:
         r.pop("_mc_hit"), r.pop("_he_hit")
-    predictor = LossPredictor([list(s) for s in menu], AFTER, pooling, int(np.load(run / "features-train.npz")["max_tokens"]),
+    with np.load(run / "features-train.npz", allow_pickle=False) as z:
+        max_tokens = int(z["max_tokens"])  # the router's prompt length: the predictor reads the same prompt
+    predictor = LossPredictor([list(s) for s in menu], AFTER, pooling, max_tokens,
                               *_folded(fitted["head"], pooling, basis_of(run)), float(default),
                               {"loss": "increase in NLL per token of a reference continuation against dense (nats): "
                                        "MC gold answers (dense - y)" + (", dense replies (nll.npz)" if nll_path else ""),
