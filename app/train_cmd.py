@@ -618,3 +618,26 @@ def heal(
             row = table[set_name(s)]
             console.print(f"  {set_name(s)}: unhealed {row['unhealed']:.4f} -> healed {row['default']:.4f}")
     console.print(f"adapter -> {out}")
+
+
+@train_app.command("adaptive-report")
+def adaptive_report(
+    run_dir: Path = typer.Argument(..., help="A run folder (results/<model>): data-{train,val,test}.npz + .json, "
+                                   "features-*.npz, cand-k*.json, cand.state.json, routers/preds."),
+    gen: Path = typer.Option(..., "--gen", help="A `train generate` output folder (sets/, features.npz)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Output folder (default: RUN_DIR/adaptive)."),
+    nll: Optional[Path] = typer.Option(None, "--nll", help="A second training source: nll.npz of the GPU run "
+                                       "(benchmarks/heal_gpu.py, phase adaptive-data)."),
+    bench: Optional[Path] = typer.Option(None, "--bench", help="A `pudding-mlx bench --json` of this model: its "
+                                         "measured k = 3 decode speedup is quoted beside the ideal."),
+    model: str = typer.Option(..., help="Model name for the title."),
+):
+    """Adaptive depth (issue #23): fit the loss predictor (OUT/predictor/) and write OUT/adaptive.md/.json/.png,
+    the frontier of budgets against static sets and fixed-k routing. HumanEval is held out: report only."""
+    from pudding_mlx.errors import PuddingError
+    from pudding_mlx.train.adaptive import write
+
+    for flag, f in (("--nll", nll), ("--bench", bench)):
+        if f is not None and not f.is_file():
+            raise PuddingError(f"{flag} {f}: no such file")
+    console.print(f"report -> {write(run_dir, gen, out or run_dir / 'adaptive', model, nll, bench)}")

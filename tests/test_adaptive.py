@@ -1,0 +1,382 @@
+"""Adaptive depth (issue #23): the decision rule, the loss predictor's folder, the generation source's
+loader (on a synthetic nll.npz in the GPU run's layout), and the frontier report on the committed
+Qwen2.5-Coder-1.5B data, checked against the npz and the HumanEval records directly."""
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pudding_mlx.adaptive import (LossPredictor, choose, choose_many, read_predictor, reason,
+                                  write_predictor)
+from pudding_mlx.atomic import write_npz
+from pudding_mlx.errors import PuddingError
+from pudding_mlx.tasks import eval_metric
+
+RUN = Path(__file__).resolve().parents[1] / "results" / "qwen2.5-coder-1.5b"
+SIZES = [0, 3, 3, 5, 5]
+
+
+# -- the decision rule ---------------------------------------------------------------------------------
+
+
+def test_budget_edges_equal_is_allowed_just_below_is_not():
+    pred = [0.0, 0.2, 0.3, 0.5, 0.6]
+    assert choose(pred, SIZES, 0.5) == 3  # k = 5 at exactly the budget
+    assert choose(pred, SIZES, np.nextafter(0.5, 0)) == 1  # just below: the best k = 3
+    assert choose(pred, SIZES, 0.2) == 1
+    assert choose(pred, SIZES, np.nextafter(0.2, 0)) == 0  # nothing fits: dense
+
+
+def test_zero_and_negative_budgets_run_dense_unless_a_candidate_predicts_that_low():
+    assert choose([0.0, 0.1, 0.2, 0.3, 0.4], SIZES, 0.0) == 0
+    assert choose([0.0, 0.1, 0.2, 0.3, 0.4], SIZES, -1.0) == 0
+    assert choose([0.0, 0.1, -0.2, 0.3, 0.4], SIZES, 0.0) == 2  # a set predicted to help fits a zero budget
+    assert choose([0.0, 0.1, -0.2, 0.3, -1.5], SIZES, -1.5) == 4
+    assert choose([0.0, 0.1, 0.2, 0.3, 0.4], SIZES, -math.inf) == 0
+
+
+def test_dense_is_always_allowed_whatever_its_prediction():
+    for dense_pred in (5.0, math.inf, math.nan, -3.0):
+        assert choose([dense_pred, 1.0, 1.0, 2.0, 2.0], SIZES, 0.5) == 0
+    # and its loss counts as 0: a dense entry never wins a tie it should not
+    assert choose([7.0, 0.0, 0.0, 0.0, 0.0], [0, 0, 3, 3, 3], -0.1) == 0
+
+
+def test_ties_largest_k_then_lower_loss_then_lower_index():
+    assert choose([0, 0.1, 0.05, 0.4, 0.3], SIZES, 1.0) == 4  # both k = 5 fit: the lower loss
+    assert choose([0, 0.1, 0.05, 0.3, 0.3], SIZES, 1.0) == 3  # equal loss: the lower index
+    assert choose([0, 0.1, 0.05, 0.3, 0.9], SIZES, 0.5) == 3  # only one k = 5 fits
+    assert choose([0, 0.1, 0.1, 0.9, 0.9], SIZES, 0.5) == 1
+
+
+def test_infinite_budget_picks_the_largest_k_and_nan_never_fits():
+    assert choose([0, 9, 9, 9, 8], SIZES, math.inf) == 4
+    assert choose([0, 0.1, 0.1, math.nan, 0.2], SIZES, math.inf) == 4
+    assert choose([0, 0.1, math.nan, math.nan, math.nan], SIZES, math.inf) == 1
+
+
+def test_vectorised_form_matches_one_prompt_at_a_time():
+    rng = np.random.default_rng(0)
+    pred = rng.normal(0.2, 0.3, size=(200, 5)).round(1)  # rounding makes ties
+    pred[rng.random(pred.shape) < 0.05] = np.nan
+    budgets = rng.normal(0.2, 0.3, size=200).round(1)
+    got = choose_many(pred, SIZES, budgets)
+    assert got.tolist() == [choose(p, SIZES, b) for p, b in zip(pred, budgets)]
+    assert (choose_many(pred, SIZES, 0.2) == [choose(p, SIZES, 0.2) for p in pred]).all()
+
+
+def test_bad_inputs_are_one_line_errors():
+    for call in (lambda: choose([0.1, 0.2], [3, 5], 1.0),  # no dense
+                 lambda: choose([0.1, 0.2], [0, 3, 5], 1.0),  # sizes do not match
+                 lambda: choose([0.1, 0.2], [0, -3], 1.0),
+                 lambda: choose([0.0, 0.2], [0, 3], math.nan),
+                 lambda: choose_many([0.0, 0.2], [0, 3], 1.0)):
+        with pytest.raises(PuddingError) as e:
+            call()
+        assert "\n" not in str(e.value)
+
+
+def test_reason_says_why():
+    assert reason([0, 0.1, 0.05, 0.3, 0.4], SIZES, 0.1, 2) == "k = 3, predicted loss 0.05 <= budget 0.1; k = 5 predicted 0.3 > 0.1"
+    assert reason([0, 0.2, 0.3, 0.4, 0.5], SIZES, 0.1, 0) == "dense; k = 3 predicted 0.2 > 0.1"
+    assert reason([0, 0.1, 0.05, 0.3, 0.4], SIZES, 1.0, 3) == "k = 5, predicted loss 0.3 <= budget 1 (the largest k)"
+
+
+# -- the predictor's folder -----------------------------------------------------------------------------
+
+
+def _predictor(width=8, sets=([], [4, 5, 6], [4, 6, 9], [4, 5, 6, 7, 9])):
+    rng = np.random.default_rng(1)
+    return LossPredictor([list(s) for s in sets], 3, "mean+last", 512,
+                         rng.normal(size=(len(sets), 2 * width)).astype(np.float32),
+                         rng.normal(size=len(sets)).astype(np.float32), 0.25, {"ridge": 0.1, "loss": "nats"})
+
+
+def test_predictor_round_trip(tmp_path):
+    p = _predictor()
+    write_predictor(tmp_path / "pred", p)
+    q = read_predictor(tmp_path / "pred", hidden_size=8)
+    assert q.sets == p.sets and (q.after, q.pooling, q.max_tokens, q.default_max_loss) == (3, "mean+last", 512, 0.25)
+    assert np.array_equal(q.weight, p.weight) and np.array_equal(q.bias, p.bias)
+    assert q.settings["ridge"] == 0.1 and q.sizes.tolist() == [0, 3, 3, 5]
+    x = np.random.default_rng(2).normal(size=(30, 16))
+    pred = q.predict(x)
+    assert (pred[:, 0] == 0).all()  # dense predicts no loss
+    assert np.allclose(pred[:, 1:], (x @ p.weight.T.astype(np.float64) + p.bias)[:, 1:])
+    assert q.choose(x).tolist() == choose_many(pred, q.sizes, 0.25).tolist()
+    with pytest.raises(PuddingError, match="already exists"):
+        write_predictor(tmp_path / "pred", p)
+    write_predictor(tmp_path / "pred", p, force=True)
+
+
+def _one_line(call, match):
+    with pytest.raises(PuddingError, match=match) as e:
+        call()
+    assert "\n" not in str(e.value)
+
+
+def test_bad_predictor_files_are_one_line_errors(tmp_path):
+    _one_line(lambda: read_predictor(tmp_path / "nowhere"), "missing")
+    good = write_predictor(tmp_path / "good", _predictor())
+    _one_line(lambda: read_predictor(good, hidden_size=16), "weight")  # another model's width
+
+    def broken(name, edit=None, tensors=None):
+        folder = tmp_path / name
+        write_predictor(folder, _predictor())
+        if edit is not None:
+            s = json.loads((folder / "predictor.json").read_text())
+            edit(s)
+            (folder / "predictor.json").write_text(json.dumps(s))
+        if tensors is not None:
+            from safetensors.numpy import save_file
+
+            save_file(tensors, str(folder / "predictor.safetensors"))
+        return folder
+
+    _one_line(lambda: read_predictor(broken("fmt", lambda s: s.update(format="pudding-mlx-router"))), "'format'")
+    _one_line(lambda: read_predictor(broken("ver", lambda s: s.update(schema_version=2))), "'schema_version'")
+    _one_line(lambda: read_predictor(broken("pool", lambda s: s.update(pooling="max"))), "'pooling'")
+    _one_line(lambda: read_predictor(broken("nodense", lambda s: s.update(sets=[[4], [5], [6], [7]]))), "'sets'")
+    _one_line(lambda: read_predictor(broken("low", lambda s: s.update(sets=[[], [2], [5], [6]]))), "'sets'")  # reads block 3
+    _one_line(lambda: read_predictor(broken("budget", lambda s: s.pop("default_max_loss"))), "'default_max_loss'")
+    _one_line(lambda: read_predictor(broken("shape", tensors={"weight": np.zeros((3, 16), np.float32),
+                                                                "bias": np.zeros(3, np.float32)})), "'weight'")
+    _one_line(lambda: read_predictor(broken("nobias", tensors={"weight": np.zeros((4, 16), np.float32)})), "'bias'")
+    _one_line(lambda: read_predictor(broken("nan", tensors={"weight": np.full((4, 16), np.nan, np.float32),
+                                                             "bias": np.zeros(4, np.float32)})), "NaN")
+    junk = broken("junk")
+    (junk / "predictor.safetensors").write_bytes(b"not safetensors")
+    _one_line(lambda: read_predictor(junk), "not a readable safetensors file")
+    (junk / "predictor.json").write_text("{")
+    _one_line(lambda: read_predictor(junk), "not valid JSON")
+
+
+# -- the generation source (nll.npz of the GPU run, benchmarks/heal_gpu.py adaptive-data) -------------
+
+
+def _basis(width=12, dim=4, seed=0):
+    rng = np.random.default_rng(seed)
+    out = {}
+    for k in ("mean_3", "last_3"):
+        q, _ = np.linalg.qr(rng.normal(size=(width, dim)))
+        out[f"basis_{k}"], out[f"center_{k}"] = q.T, rng.normal(size=width)
+    return out
+
+
+def _write_nll(path, n=6, width=12, sets=("", "5,9", "5,9,13"), **change):
+    rng = np.random.default_rng(3)
+    tokens = rng.integers(5, 40, size=n).astype(np.float32)
+    per_token = np.stack([np.full(n, 1.0), np.full(n, 1.5), np.linspace(2.0, 3.0, n)], 1)[:, :len(sets)]
+    arrays = dict(id=np.array([f"code-{i}" for i in range(n)]), kind=np.array(["code", "task"] * (n // 2)),
+                  split=np.array(["train", "train", "val"] * (n // 3)), sets=np.array(list(sets)),
+                  unhealed=np.stack([per_token * tokens[:, None], np.repeat(tokens[:, None], len(sets), 1)], -1).astype(np.float32),
+                  pool=np.array(["5,9,13"]), healed=np.zeros((n, 1, 2), np.float32),
+                  mean_3=rng.normal(size=(n, width)).astype(np.float16), last_3=rng.normal(size=(n, width)).astype(np.float16))
+    arrays.update(change)
+    arrays = {k: v for k, v in arrays.items() if v is not None}
+    write_npz(path, **arrays)
+    return arrays
+
+
+def test_nll_source_reads_the_gpu_runs_layout(tmp_path):
+    from pudding_mlx.train.adaptive import nll_source, targets_on
+
+    arrays = _write_nll(tmp_path / "nll.npz")
+    basis = _basis()
+    s = nll_source(tmp_path / "nll.npz", basis)
+    assert s["sets"] == [(), (5, 9), (5, 9, 13)]
+    assert np.allclose(s["loss"][:, 0], 0) and np.allclose(s["loss"][:, 1], 0.5, atol=1e-5)
+    assert np.allclose(s["loss"][:, 2], np.linspace(1.0, 2.0, 6), atol=1e-5)
+    want = (arrays["mean_3"].astype(np.float64) - basis["center_mean_3"]) @ basis["basis_mean_3"].T
+    assert s["feats"]["mean_3"].shape == (6, 4) and np.allclose(s["feats"]["mean_3"], want)
+    assert s["split"].tolist() == ["train", "train", "val"] * 2
+    t = targets_on(s, [(), (5, 9, 13), (7, 8, 9)])  # a menu set the source lacks: NaN
+    assert np.allclose(t[:, :2], s["loss"][:, [0, 2]]) and np.isnan(t[:, 2]).all()
+
+
+def test_nll_source_bad_files(tmp_path):
+    from pudding_mlx.train.adaptive import nll_source
+
+    _write_nll(tmp_path / "a.npz", last_3=None)
+    _one_line(lambda: nll_source(tmp_path / "a.npz", _basis()), "'last_3' is missing")
+    _write_nll(tmp_path / "b.npz", unhealed=np.zeros((6, 2, 2), np.float32))  # 3 sets
+    _one_line(lambda: nll_source(tmp_path / "b.npz", _basis()), "unhealed")
+    _write_nll(tmp_path / "c.npz", sets=np.array(["5", "5,9", "5,9,13"]))
+    _one_line(lambda: nll_source(tmp_path / "c.npz", _basis()), "no dense")
+    (tmp_path / "d.npz").write_bytes(b"junk")
+    _one_line(lambda: nll_source(tmp_path / "d.npz", _basis()), "not a readable")
+
+
+def test_masked_fit_is_probe_fit_on_full_columns_and_ignores_missing_rows():
+    from pudding_mlx.train.adaptive import fit_masked
+    from pudding_mlx.train.probe import fit
+
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=(80, 5))
+    t = x @ rng.normal(size=(5, 3)) + rng.normal(scale=0.1, size=(80, 3))
+    a, b = fit_masked(x, t, 0.1), fit(x, t, 0.1)
+    assert all(np.allclose(a[k], b[k]) for k in ("mu", "sd", "w", "b"))
+    t2 = t.copy()
+    t2[:30, 2] = np.nan  # column 2 known on rows 30.. only
+    c = fit_masked(x, t2, 0.1)
+    assert np.allclose(c["w"][:, :2], b["w"][:, :2]) and np.allclose(c["b"][:2], b["b"][:2])
+    z = (x[30:] - c["mu"]) / c["sd"]
+    zc = z - z.mean(0)
+    w = np.linalg.solve(zc.T @ zc + 0.1 * 50 * np.eye(5), zc.T @ (t[30:, 2] - t[30:, 2].mean()))
+    assert np.allclose(c["w"][:, 2], w)
+
+
+def test_a_second_source_joins_the_fit(tmp_path):
+    """The generation source adds rows where the menu's sets are in it; other columns keep MC's fit."""
+    from pudding_mlx.train.adaptive import fit_and_select, mc_source, nll_source
+
+    train = mc_source(RUN, "train")
+    menu = [(), (13, 14, 15), (11, 12, 13, 14, 15)]
+    with np.load(RUN / "features-train.npz") as z:
+        basis = {k: z[k].astype(np.float64) for k in z.files if k.startswith(("basis_", "center_"))}
+    n, width = 9, basis["center_mean_3"].shape[0]
+    _write_nll(tmp_path / "nll.npz", n=n, width=width, sets=("", "13,14,15", "4,5,6"))
+    nll = nll_source(tmp_path / "nll.npz", basis)
+    held = [np.arange(len(train["loss"])) % 5 == 0, nll["split"] != "train"]
+    one = fit_and_select([train], menu, held[:1])
+    two = fit_and_select([train, nll], menu, held)
+    assert (two["pooling"], two["ridge"]) in {(t["pooling"], t["ridge"]) for t in two["tried"]}
+    if (one["pooling"], one["ridge"]) == (two["pooling"], two["ridge"]):
+        assert not np.allclose(one["head"]["w"][:, 1], two["head"]["w"][:, 1])  # (13, 14, 15): in both sources
+
+
+# -- the report on the committed data ---------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def built():
+    from pudding_mlx.train.adaptive import build
+
+    return build(RUN, RUN / "generation", "qwen2.5-coder-1.5b", bench_file=RUN.parents[1] / "results" / "bench" / "bench_qwen_preset_cuda.json")
+
+
+def _eval_hits():
+    """From the npz directly: per evaluation row its task, the dense hit and the hits per set column."""
+    tasks, dense, hit, sets = [], [], [], None
+    for split in ("val", "test"):
+        with np.load(RUN / f"data-{split}.npz", allow_pickle=False) as z:
+            norm = np.array([eval_metric(str(t)) == "acc_norm" for t in z["task"]])
+            tasks.append(z["task"])
+            dense.append(np.where(norm, z["dense_correct_norm"], z["dense_correct"]))
+            hit.append(np.where(norm[:, None], z["correct_norm"], z["correct"]))
+        sets = [tuple(s) for s in json.loads((RUN / f"data-{split}.json").read_text())["sets"]]
+    return np.concatenate(tasks), np.concatenate(dense), np.concatenate(hit), sets
+
+
+def _six_task_average(tasks, got):
+    main = ("arc_challenge", "arc_easy", "boolq", "hellaswag", "piqa", "winogrande")
+    return float(np.mean([100 * got[tasks == t].mean() for t in main]))
+
+
+def _he_passes(name):
+    d = json.loads((RUN / "generation" / "sets" / f"{name}.json").read_text())
+    return {r["task_id"]: bool(r["passed"]) for r in d["humaneval"]["records"]}
+
+
+def test_the_menu_is_dense_and_the_sets_with_both_measures(built):
+    rep, _ = built
+    assert rep["menu"][0] == [] and sorted(set(rep["sizes"])) == [0, 3, 5]
+    run = {p.stem for p in (RUN / "generation" / "sets").glob("*.json")}
+    mc = {tuple(s) for s in json.loads((RUN / "data-train.json").read_text())["sets"]}
+    for s in rep["menu"][1:]:
+        assert "omit-" + "-".join(map(str, s)) in run and tuple(s) in mc
+
+
+def test_no_budget_skips_nothing(built):
+    rep, _ = built
+    row = next(r for r in rep["frontier"] if r["budget"] == -math.inf)
+    tasks, dense, _, _ = _eval_hits()
+    assert row["mc"]["mean_k"] == 0 and row["mc"]["average"] == pytest.approx(_six_task_average(tasks, dense), abs=1e-9)
+    assert row["mc"]["average"] == pytest.approx(63.05, abs=0.005)  # report.md's dense row
+    passes = _he_passes("dense")
+    assert row["humaneval"]["mean_k"] == 0
+    assert row["humaneval"]["pass@1"] == pytest.approx(100 * np.mean(list(passes.values())))
+    assert row["mc"]["speedup_ideal"] == 1.0
+
+
+def test_an_infinite_budget_runs_the_largest_k_everywhere_as_the_npz_says(built):
+    """The saved predictor (folded onto the raw hidden state) applied to the PCA features mapped back
+    chooses the same sets as the report's PCA head; the accuracies are then recomputed from the npz."""
+    rep, predictor = built
+    row = next(r for r in rep["frontier"] if r["budget"] == math.inf)
+    assert row["mc"]["mean_k"] == 5 and row["humaneval"]["mean_k"] == 5
+    assert row["mc"]["speedup_ideal"] == pytest.approx(28 / 23)
+    with np.load(RUN / "features-train.npz") as z:
+        basis = {k: z[k].astype(np.float64) for k in z.files if k.startswith(("basis_", "center_"))}
+    raw = []
+    for split in ("val", "test"):
+        with np.load(RUN / f"features-{split}.npz") as z:  # PCA rows -> the raw state they stand for
+            raw.append(np.concatenate([basis[f"center_{p}_3"] + z[f"{p}_3"].astype(np.float64) @ basis[f"basis_{p}_3"]
+                                       for p in predictor.pooling.split("+")], 1))
+    chosen = predictor.choose(np.concatenate(raw), math.inf)
+    tasks, _, hit, sets = _eval_hits()
+    cols = [sets.index(tuple(predictor.sets[c])) for c in chosen]
+    assert all(len(predictor.sets[c]) == 5 for c in chosen)
+    assert row["mc"]["average"] == pytest.approx(_six_task_average(tasks, hit[np.arange(len(cols)), cols]), abs=1e-9)
+    assert sum(row["mc"]["usage"].values()) == len(tasks)
+    with np.load(RUN / "generation" / "features.npz") as z:
+        ids = [str(i) for i in z["id"]]
+        he_raw = np.concatenate([z[f"{p}_3"].astype(np.float64) for p in predictor.pooling.split("+")], 1)
+    he_ids = list(_he_passes("dense"))
+    he_chosen = predictor.choose(he_raw[[ids.index(i) for i in he_ids]], math.inf)
+    passed = [_he_passes("omit-" + "-".join(map(str, predictor.sets[c])))[i] for i, c in zip(he_ids, he_chosen)]
+    assert row["humaneval"]["pass@1"] == pytest.approx(100 * np.mean(passed))
+
+
+def test_budgets_trade_blocks_for_quality_monotonically(built):
+    rep, _ = built
+    ks = [r["mc"]["mean_k"] for r in rep["frontier"]]
+    assert ks == sorted(ks) and [r["budget"] for r in rep["frontier"]] == sorted(r["budget"] for r in rep["frontier"])
+    assert [r["humaneval"]["mean_k"] for r in rep["frontier"]] == sorted(r["humaneval"]["mean_k"] for r in rep["frontier"])
+
+
+def test_the_default_budget_was_chosen_on_held_out_training_rows(built):
+    rep, predictor = built
+    sel = rep["selection"]
+    assert predictor.default_max_loss == sel["default_max_loss"] == rep["default"]["budget"]
+    ok = [r for r in sel["grid"] if r["average"] >= 0.95 * sel["dense_average"]]
+    assert next(r for r in sel["grid"] if r["budget"] == sel["default_max_loss"]) in ok
+    assert max(r["mean_k"] for r in ok) == next(r["mean_k"] for r in ok if r["budget"] == sel["default_max_loss"])
+
+
+def test_best_static_sets_and_routers_agree_with_the_other_reports(built):
+    rep, _ = built
+    main = json.loads((RUN / "report.json").read_text())
+    for k in (3, 5, 7):
+        best = next(r for r in main["rows"] if r["method"] == "static" and r["k"] == k and r.get("best"))
+        assert rep["best_static"][k]["set"] == best["set"] and rep["best_static"][k]["mc_average"] == pytest.approx(best["average"])
+        routed = next(r for r in main["rows"] if r["method"] == "routed" and r["k"] == k and r["router"] == "hidden-task") if k < 7 else None
+        if routed:
+            mine = next(r for r in rep["routers"] if r["k"] == k and r["router"] == "hidden, task")
+            assert mine["mc_average"] == pytest.approx(routed["average"])
+    gen = json.loads((RUN / "generation.json").read_text())
+    for r in rep["routers"]:
+        other = next(p for p in gen["router_picks"] if p["k"] == r["k"] and p["router"] == r["router"])
+        assert r["pass@1"] == pytest.approx(other["pass@1"])
+    for m in rep["matched"]:
+        for part in ("mc", "humaneval"):
+            lo, hi = m[part]["ci95"]
+            assert lo <= m[part]["adaptive_minus_static"] <= hi and m[part]["adaptive_mean_k"] >= m["k"]
+
+
+def test_the_report_command_writes_its_files(tmp_path):
+    from typer.testing import CliRunner
+
+    from pudding_mlx.app.cli import app
+
+    args = ["train", "adaptive-report", str(RUN), "--gen", str(RUN / "generation"), "--model", "q", "--out", str(tmp_path / "a")]
+    got = CliRunner().invoke(app, [*args, "--nll", str(tmp_path / "none.npz")])
+    assert got.exit_code != 0 and isinstance(got.exception, PuddingError) and "--nll" in str(got.exception)
+    got = CliRunner().invoke(app, args)
+    assert got.exit_code == 0, got.output
+    for name in ("adaptive.md", "adaptive.json", "predictor/predictor.json", "predictor/predictor.safetensors"):
+        assert (tmp_path / "a" / name).is_file()
+    assert read_predictor(tmp_path / "a" / "predictor", hidden_size=1536).sets[0] == []

@@ -1,0 +1,551 @@
+"""Adaptive depth, the offline part (issue #23): fit the loss predictor, and the frontier report
+(`pudding-mlx train adaptive-report`). numpy only; the decision rule is `pudding_mlx.adaptive`'s.
+
+The loss. For a prompt and a candidate set, the increase in the per-token NLL of a reference
+continuation when the set is skipped, in nats per token:
+  multiple choice (the router data, `train data`): the gold answer's mean log-likelihood under dense
+      minus under the set (`dense - y`), the MC margin form;
+  generation (`nll.npz`, a later GPU run: `benchmarks/heal_gpu.py`, phase adaptive-data; optional):
+      the set's NLL per token of the dense model's own reply minus dense's.
+Both are the same quantity on different continuations, so one head predicts it from either.
+
+The predictor: ridge heads (`train.probe.fit`) on the hidden-state router's features (PCA-64 of the
+mean- and last-token residual stream after block 3; `train.features`), one output per candidate.
+Fitted on the router data's training split; the ridge strength and the pooling are chosen by the
+mean squared error on a by-question held-out part of it (`router_data.split_by_question`; the
+generation source's own val split), then refitted on all of it. The budget grid and the default
+budget come from the same held-out rows: the default is the largest budget whose MC average there
+keeps at least 95% of dense's (the issue's 95% rule, applied to data we may choose on).
+
+Never chosen on: the MC evaluation data (data-val and data-test: the tasks' own validation and test
+splits, the main report's evaluation rows) and HumanEval (held out: report only).
+
+The menu: dense and the omission sets that have both MC scores and HumanEval results (`train
+generate`'s sets/). Speed: the ideal L / (L - mean k) (the blocks run; equal reply lengths assumed),
+labelled "ideal"; the one measured decode figure for this model (k = 3, results/bench) is quoted
+beside it. Intervals: paired bootstrap, 95% (MC: within tasks, `train.report.bootstrap_delta`;
+HumanEval: over problems, `train.generation_report.bootstrap`).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+
+from pudding_mlx.adaptive import LossPredictor, choose_many, write_predictor
+from pudding_mlx.atomic import write_json, write_text
+from pudding_mlx.errors import PuddingError, first_line
+
+from . import generation_report as G
+from . import probe as P
+from . import report as R
+
+AFTER = 3
+POOLINGS = ("mean", "last", "mean+last")
+KEEP = 0.95  # the default budget keeps this share of dense's MC average on the held-out training rows
+SELECT_FRACTION = 0.2
+RIDGE = (0.001, 0.01, 0.1, 1.0, 10.0, 100.0)  # x rows, on standardised features (train.probe.fit)
+OBJECTIVES = ("task", "accuracy")  # the fixed-k hidden routers shown beside (train router --variant probe)
+
+
+def _key(s) -> tuple:
+    return tuple(sorted(int(b) for b in s))
+
+
+# -- training sources: x (PCA features), loss [n, sets] on the source's own sets ----------------------
+
+
+def basis_of(run_dir) -> Dict[str, np.ndarray]:
+    """The PCA basis the router data's features were projected with (features-train.npz)."""
+    with np.load(Path(run_dir) / "features-train.npz", allow_pickle=False) as z:
+        return {k: z[k].astype(np.float64) for k in z.files if k.startswith(("basis_", "center_"))}
+
+
+def project(raw: Dict[str, np.ndarray], basis: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
+    """Full-width pooled states ({"mean_3": [n, hidden], ...}) on the training PCA basis."""
+    return {k: (raw[k].astype(np.float64) - basis[f"center_{k}"]) @ basis[f"basis_{k}"].T
+            for k in raw if f"basis_{k}" in basis}
+
+
+def mc_source(run_dir, split: str) -> dict:
+    """The router data of one split: loss = dense - y, the hits by each task's metric, PCA features."""
+    from .features import load_features
+
+    run = Path(run_dir)
+    data = R.load_eval([run / f"data-{split}.npz"])
+    feats = load_features(run / f"features-{split}.npz")
+    if list(feats["id"]) != list(data["id"]) or list(feats["task"]) != list(data["task"]):
+        raise PuddingError(f"{run}/features-{split}.npz: other rows than data-{split}.npz; recompute them")
+    with np.load(run / f"data-{split}.npz", allow_pickle=False) as z:
+        loss = z["dense"].astype(np.float64)[:, None] - z["y"].astype(np.float64)
+    return {"name": f"mc-{split}", "data": data, "sets": [_key(s) for s in data["sets"]], "loss": loss,
+            "feats": {k: feats[k] for k in feats if k.startswith(("mean_", "last_"))}}
+
+
+NLL_KEYS = ("id", "kind", "split", "sets", "unhealed", "mean_3", "last_3")
+
+
+def nll_source(path, basis: Dict[str, np.ndarray]) -> dict:
+    """The generation source (module doc): nll.npz with id, kind, split [n], sets [S] (comma strings,
+    dense ""), unhealed [n, S, 2] (summed NLL, token count), mean_3 / last_3 [n, hidden] (full width,
+    projected here on the router data's basis). loss = NLL per token under the set minus dense's."""
+    path = Path(path)
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            d = {k: z[k] for k in z.files}
+    except Exception as e:
+        raise PuddingError(f"{path}: not a readable .npz ({first_line(e)}); rerun the GPU phase adaptive-data") from None
+    missing = [k for k in NLL_KEYS if k not in d]
+    if missing:
+        raise PuddingError(f"{path}: array {missing[0]!r} is missing; expected {', '.join(NLL_KEYS)}")
+    n, sets = len(d["id"]), [_key(s.split(",")) if s else () for s in map(str, d["sets"])]
+    if d["unhealed"].shape != (n, len(sets), 2):
+        raise PuddingError(f"{path}: 'unhealed' is {list(d['unhealed'].shape)}, expected [{n}, {len(sets)}, 2]")
+    if () not in sets:
+        raise PuddingError(f"{path}: 'sets' has no dense entry (\"\"); the loss is against dense")
+    per_token = d["unhealed"][..., 0].astype(np.float64) / np.maximum(d["unhealed"][..., 1], 1)
+    loss = per_token - per_token[:, [sets.index(())]]
+    feats = project({k: d[k] for k in ("mean_3", "last_3")}, basis)
+    return {"name": "nll", "sets": sets, "loss": loss, "feats": feats, "split": d["split"].astype(str),
+            "kind": d["kind"].astype(str), "id": d["id"].astype(str)}
+
+
+# -- the predictor ------------------------------------------------------------------------------------
+
+
+def targets_on(source: dict, menu: Sequence[tuple]) -> np.ndarray:
+    """[n, M] the source's loss on the menu's columns; NaN where the source has no such set."""
+    where = {s: i for i, s in enumerate(source["sets"])}
+    out = np.full((len(source["loss"]), len(menu)), np.nan)
+    for m, s in enumerate(menu):
+        if s in where:
+            out[:, m] = source["loss"][:, where[s]]
+    return out
+
+
+def fit_masked(x: np.ndarray, t: np.ndarray, ridge: float) -> dict:
+    """`train.probe.fit` where targets may be missing (NaN): one standardisation over all rows, each
+    column fitted on its own rows (all-NaN columns predict 0). The same {mu, sd, w, b}."""
+    mu, sd = x.mean(0), x.std(0) + 1e-8
+    z = (x - mu) / sd
+    w, b = np.zeros((x.shape[1], t.shape[1])), np.zeros(t.shape[1])
+    known = ~np.isnan(t)
+    for mask in {tuple(c) for c in known.T}:  # columns with the same rows share one solve
+        cols = [m for m in range(t.shape[1]) if tuple(known[:, m]) == mask]
+        rows = np.asarray(mask)
+        if not rows.any():
+            continue
+        zr, tr = z[rows], t[rows][:, cols]
+        zc = zr - zr.mean(0)
+        w[:, cols] = np.linalg.solve(zc.T @ zc + ridge * len(zr) * np.eye(z.shape[1]), zc.T @ (tr - tr.mean(0)))
+        b[cols] = tr.mean(0) - zr.mean(0) @ w[:, cols]
+    return {"mu": mu, "sd": sd, "w": w, "b": b}
+
+
+def fit_and_select(sources: List[dict], menu: Sequence[tuple], held: List[np.ndarray]) -> dict:
+    """Pooling and ridge by held-out MSE (module doc); `held[i]`: source i's held-out rows (bool).
+    Returns {"pooling", "ridge", "tried", "head_fit" (fitted without the held-out rows), "head"
+    (refitted on all rows)}."""
+    tried, best = [], None
+    for pooling in POOLINGS:
+        x = [P.features(s["feats"], AFTER, pooling) for s in sources]
+        t = [targets_on(s, menu) for s in sources]
+        xf = np.concatenate([xi[~h] for xi, h in zip(x, held)])
+        tf = np.concatenate([ti[~h] for ti, h in zip(t, held)])
+        xh = np.concatenate([xi[h] for xi, h in zip(x, held)])
+        th = np.concatenate([ti[h] for ti, h in zip(t, held)])
+        for ridge in RIDGE:
+            head = fit_masked(xf, tf, ridge)
+            err = (P.scores(head, xh) - th)[:, 1:] ** 2  # dense (column 0) is 0 by definition
+            mse = float(np.nanmean(err))
+            tried.append({"pooling": pooling, "ridge": ridge, "held_out_mse": mse})
+            if best is None or (mse, -ridge) < best[0]:  # ties: the larger ridge
+                best = ((mse, -ridge), pooling, ridge, head)
+    _, pooling, ridge, head_fit = best
+    x = np.concatenate([P.features(s["feats"], AFTER, pooling) for s in sources])
+    t = np.concatenate([targets_on(s, menu) for s in sources])
+    return {"pooling": pooling, "ridge": ridge, "tried": tried, "head_fit": head_fit, "head": fit_masked(x, t, ridge)}
+
+
+def predict(head: dict, feats: dict, pooling: str) -> np.ndarray:
+    out = P.scores(head, P.features(feats, AFTER, pooling))
+    out[:, 0] = 0.0  # the menu's first candidate is dense
+    return out
+
+
+# -- measures on the menu -----------------------------------------------------------------------------
+
+
+def mc_measure(data: dict, hit: np.ndarray) -> dict:
+    tasks = R.per_task(data, hit)
+    return {"tasks": tasks, "average": R.average(tasks)}
+
+
+def ideal_speedup(mean_k: float, n_blocks: int) -> float:
+    return n_blocks / (n_blocks - mean_k)
+
+
+def budget_for_mean_k(pred: np.ndarray, sizes: np.ndarray, k: float) -> float:
+    """The smallest budget whose mean k over these prompts reaches `k` (mean k rises with the budget:
+    the chosen size is the largest allowed). Uses no labels, only the predictions."""
+    values = np.unique(pred[:, sizes > 0])
+    lo, hi = 0, len(values) - 1
+    if sizes[choose_many(pred, sizes, values[hi])].mean() < k:
+        return float("inf")
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if sizes[choose_many(pred, sizes, values[mid])].mean() >= k:
+            hi = mid
+        else:
+            lo = mid + 1
+    return float(values[lo])
+
+
+def measured_k3(bench_file) -> Optional[dict]:
+    """The measured decode speedup of the k = 3 static set of this model (128 + 128 tokens), if benched."""
+    p = Path(bench_file)
+    if not p.is_file():
+        return None
+    b = json.loads(p.read_text())
+    cell = next((r for r in b["rows"] if r.get("prompt_tokens") == 128 and r.get("gen_tokens") == 128), None)
+    if cell is None:
+        return None
+    return {"file": str(p), "backend": b["backend"], "set": b["static"], "k": b["k"], "cell": "128+128",
+            "static_speedup": cell["speedup_static"], "ci95": cell["speedup_static_spread"]["ci95"], "ideal": cell["ideal"]}
+
+
+def build(run_dir, gen_dir, model: str, nll_path=None, bench_file=None, seed: int = 0) -> dict:
+    """The report as a dict, and the fitted predictor (module doc)."""
+    from .router_data import split_by_question
+
+    run, gen = Path(run_dir), Path(gen_dir)
+    n_blocks = json.loads((run / "cand.state.json").read_text())["settings"]["num_blocks"]
+    train = mc_source(run, "train")
+    gen_sets = G.load_sets(gen)
+    he_by_key = {_key(s["omitted"]): name for name, s in gen_sets.items()}
+    menu = [()] + sorted((s for s in train["sets"] if s in he_by_key), key=lambda s: (len(s), train["sets"].index(s)))
+    if len(menu) < 2:
+        raise PuddingError(f"{gen}: no set with both MC scores and HumanEval results; nothing to adapt over")
+    sizes = np.array([len(s) for s in menu])
+
+    # fit on the training split, choose on its held-out questions
+    _, held_rows = split_by_question(train["data"], SELECT_FRACTION, seed)
+    held = np.zeros(len(train["loss"]), bool)
+    held[held_rows] = True
+    sources, helds = [train], [held]
+    if nll_path is not None:
+        nll = nll_source(nll_path, basis_of(run))
+        sources.append(nll)
+        helds.append(nll["split"] != "train")
+    fitted = fit_and_select(sources, menu, helds)
+    pooling = fitted["pooling"]
+
+    # the budget grid and the default, on the held-out training rows (head fitted without them)
+    sel = {k: v[held] for k, v in train["feats"].items()}
+    sel_data = {k: (v[held] if isinstance(v, np.ndarray) and len(v) == len(held) else v) for k, v in train["data"].items()}
+    sel_pred = predict(fitted["head_fit"], sel, pooling)
+    sel_hit = _menu_hits(sel_data, menu)
+    grid = sorted({-np.inf, 0.0, np.inf, *np.quantile(sel_pred[:, 1:], np.linspace(0, 1, 41)).round(6).tolist()})
+    dense_sel = R.average(R.per_task(sel_data, sel_data["dense_hit"]))
+    selection = []
+    for b in grid:
+        c = choose_many(sel_pred, sizes, b)
+        selection.append({"budget": b, "mean_k": float(sizes[c].mean()),
+                          "average": R.average(R.per_task(sel_data, sel_hit[np.arange(len(c)), c]))})
+    fits = [r for r in selection if r["average"] >= KEEP * dense_sel]
+    default = max(fits, key=lambda r: (r["mean_k"], -r["budget"]))["budget"]  # the fastest that keeps 95%
+
+    # evaluation: MC (the tasks' validation + test splits), HumanEval (held out)
+    ev = [mc_source(run, s) for s in ("val", "test")]
+    ev_data = R.load_eval([run / "data-val.npz", run / "data-test.npz"])
+    ev_pred = predict(fitted["head"], {k: np.concatenate([e["feats"][k] for e in ev]) for k in ev[0]["feats"]}, pooling)
+    ev_hit = _menu_hits(ev_data, menu)
+    ids = [r["task_id"] for r in gen_sets["dense"]["humaneval"]["records"]]
+    he_pred = predict(fitted["head"], _he_features(run, gen, ids), pooling)
+    he_hit = np.stack([G.passed(gen_sets[he_by_key[s]], ids) for s in menu], 1)
+    dense_mc = mc_measure(ev_data, ev_data["dense_hit"])
+    dense_he = float(he_hit[:, 0].mean() * 100)
+
+    def adaptive_at(b) -> dict:
+        cm, ch = choose_many(ev_pred, sizes, b), choose_many(he_pred, sizes, b)
+        mk, hk = float(sizes[cm].mean()), float(sizes[ch].mean())
+        return {"budget": b, "mc": {**mc_measure(ev_data, ev_hit[np.arange(len(cm)), cm]), "mean_k": mk,
+                                    "speedup_ideal": ideal_speedup(mk, n_blocks), "usage": _usage(cm, menu)},
+                "humaneval": {"pass@1": float(he_hit[np.arange(len(ch)), ch].mean() * 100), "mean_k": hk,
+                              "speedup_ideal": ideal_speedup(hk, n_blocks), "usage": _usage(ch, menu)},
+                "_mc_hit": ev_hit[np.arange(len(cm)), cm], "_he_hit": he_hit[np.arange(len(ch)), ch]}
+
+    frontier = [adaptive_at(b) for b in grid]
+    statics, best = _statics(run, train, ev_data, gen_sets, ids, n_blocks)
+    routers = _routers(run, gen, ev_data, gen_sets, ids, n_blocks)
+
+    # adaptive against the best static set at the same mean k (budgets matched on each prompt set's own
+    # predictions, no labels), with paired intervals
+    matched = []
+    for k, b_row in sorted(best.items()):
+        name = b_row["name"]
+        if _key(b_row["set"]) not in menu:
+            continue
+        col = menu.index(_key(b_row["set"]))
+        bm, bh = budget_for_mean_k(ev_pred, sizes, k), budget_for_mean_k(he_pred, sizes, k)
+        am, ah = adaptive_at(bm), adaptive_at(bh)
+        matched.append({"k": k, "best_static": name, "set": b_row["set"], "chosen_on": b_row["chosen_on"],
+                        "mc": {"budget": bm, "adaptive_mean_k": am["mc"]["mean_k"], "adaptive": am["mc"]["average"],
+                               "static": b_row["mc_average"],
+                               "adaptive_minus_static": am["mc"]["average"] - b_row["mc_average"],
+                               "ci95": R.bootstrap_delta(ev_data, am["_mc_hit"], ev_hit[:, col], seed=seed)},
+                        "humaneval": {"budget": bh, "adaptive_mean_k": ah["humaneval"]["mean_k"],
+                                      "adaptive": ah["humaneval"]["pass@1"], "static": b_row["pass@1"],
+                                      "adaptive_minus_static": ah["humaneval"]["pass@1"] - b_row["pass@1"],
+                                      "ci95": G.bootstrap(ah["_he_hit"], he_hit[:, col])}})
+    # what the predictor says per prompt set: the mean over prompts of the lowest predicted loss of each k
+    predicted = {t: _lowest_by_k(ev_pred[ev_data["task"] == t], sizes) for t in dict.fromkeys(ev_data["task"].tolist())}
+    predicted["humaneval"] = _lowest_by_k(he_pred, sizes)
+    at_default = adaptive_at(default)
+    he_target = [r for r in frontier if r["humaneval"]["pass@1"] >= 0.95 * dense_he and r["humaneval"]["speedup_ideal"] >= 1.10]
+    for r in frontier + [at_default]:
+        r.pop("_mc_hit"), r.pop("_he_hit")
+    with np.load(run / "features-train.npz", allow_pickle=False) as z:
+        max_tokens = int(z["max_tokens"])  # the router's prompt length: the predictor reads the same prompt
+    predictor = LossPredictor([list(s) for s in menu], AFTER, pooling, max_tokens,
+                              *_folded(fitted["head"], pooling, basis_of(run)), float(default),
+                              {"loss": "increase in NLL per token of a reference continuation against dense (nats): "
+                                       "MC gold answers (dense - y)" + (", dense replies (nll.npz)" if nll_path else ""),
+                               "ridge": fitted["ridge"], "trained_on": [s["name"] for s in sources],
+                               "default_max_loss_rule": f"largest budget keeping {KEEP:.0%} of dense's MC average "
+                                                        "on held-out training questions"})
+    rep = {"model": model, "n_blocks": n_blocks, "menu": [list(s) for s in menu], "sizes": sizes.tolist(),
+           "predictor": {"pooling": pooling, "ridge": fitted["ridge"], "tried": fitted["tried"],
+                         "sources": [s["name"] for s in sources],
+                         "held_out_rows": int(sum(h.sum() for h in helds)), "fit_rows": int(sum((~h).sum() for h in helds))},
+           "selection": {"rows": int(held.sum()), "dense_average": dense_sel, "keep": KEEP, "grid": selection,
+                         "default_max_loss": default},
+           "dense": {"mc": dense_mc, "humaneval": {"pass@1": dense_he}},
+           "frontier": frontier, "default": at_default, "statics": statics, "best_static": best,
+           "routers": routers, "matched": matched, "predicted_lowest_loss": predicted,
+           "targets": {"humaneval_95_speed_1.10_ideal": [r["budget"] for r in he_target]},
+           "speed": {"model": "ideal L / (L - mean k), equal reply lengths", "measured": measured_k3(bench_file) if bench_file else None},
+           "n": {"mc_eval": int(len(ev_data["task"])), "humaneval": len(ids)},
+           "held_out": "HumanEval chose nothing; MC evaluation rows (data-val, data-test) chose nothing"}
+    return rep, predictor
+
+
+def _menu_hits(data: dict, menu: Sequence[tuple]) -> np.ndarray:
+    cols = R.columns(data, [s for s in menu[1:]])
+    return np.concatenate([data["dense_hit"][:, None], data["hit"][:, cols]], 1)
+
+
+def _lowest_by_k(pred: np.ndarray, sizes: np.ndarray) -> Dict[str, float]:
+    return {str(k): float(pred[:, sizes == k].min(1).mean()) for k in sorted(set(sizes.tolist())) if k}
+
+
+def _usage(chosen: np.ndarray, menu: Sequence[tuple]) -> Dict[str, int]:
+    return {G._name(menu[m]): int(c) for m, c in enumerate(np.bincount(chosen, minlength=len(menu))) if c}
+
+
+def _he_features(run: Path, gen: Path, ids: Sequence[str]) -> dict:
+    """The HumanEval messages' pooled states (`train generate --features-after 3`) on the training basis."""
+    with np.load(gen / "features.npz", allow_pickle=False) as z:
+        rows = {str(i): n for n, i in enumerate(z["id"])}
+        missing = [i for i in ids if i not in rows]
+        if missing:
+            raise PuddingError(f"{gen}/features.npz: no features for {missing[0]}; rerun `train generate --features-after 3`")
+        order = [rows[i] for i in ids]
+        return project({k: z[k][order] for k in z.files if k.startswith(("mean_", "last_"))}, basis_of(run))
+
+
+def _folded(head: dict, pooling: str, basis: dict):
+    f = P.export({"head": head, "after": AFTER, "pooling": pooling}, basis)
+    return f["weight"], f["bias"]
+
+
+def _statics(run, train, ev_data, gen_sets, ids, n_blocks):
+    """Every static set with MC and/or HumanEval results; the best per k chosen without evaluation data
+    (MC: the training split, as the main report; k without MC: the fidelity prompts, as the generation report)."""
+    he = {_key(s["omitted"]): (name, s) for name, s in gen_sets.items() if s["omitted"]}
+    ev_sets = [_key(s) for s in ev_data["sets"]]
+    keys = sorted(set(ev_sets) | set(he), key=lambda s: (len(s), s))
+    rows = []
+    for s in keys:
+        mc = mc_measure(ev_data, ev_data["hit"][:, ev_sets.index(s)])["average"] if s in ev_sets else None
+        hit = G.passed(he[s][1], ids) if s in he else None
+        rows.append({"k": len(s), "set": list(s), "name": G._name(s), "mc_average": mc,
+                     "pass@1": None if hit is None else float(hit.mean() * 100),
+                     "fidelity": he[s][1].get("fidelity", {}).get("prefix_kept") if s in he else None,
+                     "speedup_ideal": ideal_speedup(len(s), n_blocks)})
+    best = {}
+    tr_hit, tr_sets = train["data"]["hit"], train["sets"]
+    for k in sorted({r["k"] for r in rows}):
+        pool = [s for s in tr_sets if len(s) == k]
+        if pool:
+            cols = [tr_sets.index(s) for s in pool]
+            s, how = pool[P.best_static(tr_hit[:, cols], np.asarray(train["data"]["task"]))], "MC training split"
+        else:
+            fid = {r["name"]: r for r in rows if r["k"] == k and r["fidelity"] is not None}
+            if not fid:
+                continue
+            s, how = _key(max(sorted(fid), key=lambda n: fid[n]["fidelity"]).removeprefix("omit-").split("-")), "fidelity prompts"
+        row = next(r for r in rows if _key(r["set"]) == s)
+        best[k] = {**row, "chosen_on": how}
+    return rows, best
+
+
+def _routers(run, gen, ev_data, gen_sets, ids, n_blocks):
+    """Fixed-k routing: the committed hidden-state routers' choices on the MC evaluation rows
+    (routers/preds) and on the HumanEval messages (retrained from the committed data, as the generation
+    report does); HumanEval pass@1 only where every chosen set was run."""
+    from .search import split_pool
+
+    rows = []
+    hits = {_key(s["omitted"]): G.passed(s, ids) for s in gen_sets.values()}
+    for k in (3, 5):
+        cand = run / f"cand-k{k}.json"
+        if not cand.is_file():
+            continue
+        pool_sets = [_key(c["omitted"]) for c in split_pool(str(cand))[0]]
+        cols = R.columns(ev_data, pool_sets)
+        for obj in OBJECTIVES:
+            files = [run / "routers" / "preds" / f"hidden-{obj}-k{k}-{s}.npz" for s in ("val", "test")]
+            if not all(f.is_file() for f in files):
+                continue
+            chosen = np.concatenate([R._scores(f, ev_data, i)[1] for i, f in enumerate(files)])
+            mc = mc_measure(ev_data, ev_data["hit"][:, cols][np.arange(len(chosen)), chosen])["average"]
+            got = G.router_picks(run, gen / "features.npz", k, obj, ids)
+            he = None
+            if got is not None and all(_key(got[1][c]) in hits for c in set(got[0].tolist())):
+                he = float(np.mean([hits[_key(got[1][c])][i] for i, c in enumerate(got[0])]) * 100)
+            rows.append({"k": k, "router": f"hidden, {obj}", "mc_average": mc, "pass@1": he,
+                         "speedup_ideal": ideal_speedup(k, n_blocks)})
+    return rows
+
+
+# -- output -------------------------------------------------------------------------------------------
+
+
+def _f(x, nd=2):
+    return "–" if x is None else "inf" if x == np.inf else "-inf" if x == -np.inf else f"{x:.{nd}f}"
+
+
+def to_markdown(rep: dict) -> str:
+    d = rep["dense"]
+    sel = rep["selection"]
+    out = [f"# Adaptive depth: {rep['model']} ({rep['n_blocks']} blocks)", "",
+           f"Menu: dense and the {len(rep['menu']) - 1} sets with both MC scores and HumanEval results "
+           f"(k = {', '.join(str(k) for k in sorted(set(rep['sizes'])) if k)}). Loss predictor: ridge heads on the "
+           f"hidden state after block {AFTER} ({rep['predictor']['pooling']}, ridge {rep['predictor']['ridge']}), "
+           f"trained on {', '.join(rep['predictor']['sources'])}; predicts the increase in NLL per token of a "
+           "reference continuation against dense (nats). Pooling, ridge, the budget grid and the default budget "
+           f"were chosen on {sel['rows']} held-out rows of the training split (whole questions held out); MC evaluation ({rep['n']['mc_eval']} rows: "
+           f"the tasks' validation and test splits) and HumanEval ({rep['n']['humaneval']} problems, held out) chose nothing.", "",
+           f"**Speed is ideal**, not measured: L / (L − mean k), equal reply lengths assumed."]
+    m = rep["speed"].get("measured")
+    if m:
+        out.append(f"The one measured decode figure for this model: the k = {m['k']} static set {m['set']} at "
+                   f"{m['cell']} tokens on {m['backend']}, {m['static_speedup']:.3f} [{m['ci95'][0]:.3f}, {m['ci95'][1]:.3f}] "
+                   f"against the ideal {m['ideal']:.3f} (`{m['file']}`).")
+    out += ["", f"Default budget (`--max-loss`): **{_f(sel['default_max_loss'], 4)}**, the largest budget whose MC average on "
+            f"those held-out training rows keeps ≥ {sel['keep']:.0%} of dense's ({sel['dense_average']:.2f}, the average over their tasks).", "",
+            "## Frontier", "",
+            "Per budget: mean blocks skipped and ideal speedup on each prompt set (the predictor routes each prompt), "
+            "six-task MC average (%), HumanEval pass@1 (%).", "",
+            "| budget | MC mean k | MC ideal speedup | MC avg | HumanEval mean k | HE ideal speedup | HumanEval pass@1 |",
+            "|---|---|---|---|---|---|---|",
+            f"| dense | 0 | 1.000 | {d['mc']['average']:.2f} | 0 | 1.000 | {d['humaneval']['pass@1']:.1f} |"]
+    seen = set()
+    for r in rep["frontier"]:
+        key = (round(r["mc"]["mean_k"], 3), round(r["humaneval"]["mean_k"], 3))
+        if key in seen:
+            continue  # budgets that route every prompt alike: one row
+        seen.add(key)
+        star = " (default)" if r["budget"] == sel["default_max_loss"] else ""
+        out.append(f"| {_f(r['budget'], 4)}{star} | {r['mc']['mean_k']:.2f} | {r['mc']['speedup_ideal']:.3f} | "
+                   f"{r['mc']['average']:.2f} | {r['humaneval']['mean_k']:.2f} | {r['humaneval']['speedup_ideal']:.3f} | "
+                   f"{r['humaneval']['pass@1']:.1f} |")
+    a = rep["default"]
+    out += ["", f"At the default budget: MC {a['mc']['average']:.2f} at mean k {a['mc']['mean_k']:.2f} "
+            f"({a['mc']['speedup_ideal']:.3f}x ideal); HumanEval {a['humaneval']['pass@1']:.1f} at mean k "
+            f"{a['humaneval']['mean_k']:.2f} ({a['humaneval']['speedup_ideal']:.3f}x ideal). HumanEval usage: "
+            + ", ".join(f"{n} {c}" for n, c in a["humaneval"]["usage"].items()) + ".", "",
+            "## Adaptive against the best static set at the same mean k", "",
+            "The budget is the smallest whose mean k on that prompt set reaches the static set's k (matched on the "
+            "predictions, no labels). Paired bootstrap 95% intervals of adaptive − static (points).", "",
+            "| k | best static (chosen on) | MC: adaptive mean k | adaptive | static | Δ [95%] | HE: adaptive mean k | adaptive | static | Δ [95%] |",
+            "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rep["matched"]:
+        mc, he = r["mc"], r["humaneval"]
+        out.append(f"| {r['k']} | {r['set']} ({r['chosen_on']}) | {mc['adaptive_mean_k']:.2f} | {mc['adaptive']:.2f} | "
+                   f"{mc['static']:.2f} | {mc['adaptive_minus_static']:+.2f} [{mc['ci95'][0]:+.2f}, {mc['ci95'][1]:+.2f}] | "
+                   f"{he['adaptive_mean_k']:.2f} | {he['adaptive']:.1f} | {he['static']:.1f} | "
+                   f"{he['adaptive_minus_static']:+.1f} [{he['ci95'][0]:+.1f}, {he['ci95'][1]:+.1f}] |")
+    ks = sorted(set(rep["sizes"]) - {0})
+    out += ["", "## What the predictor predicts per prompt set", "",
+            "Mean over the prompts of the lowest predicted loss among the candidates of each k (nats per token).", "",
+            "| prompts | " + " | ".join(f"k = {k}" for k in ks) + " |", "|---|" + "---|" * len(ks)]
+    for name, by_k in rep["predicted_lowest_loss"].items():
+        out.append(f"| {name} | " + " | ".join(f"{by_k[str(k)]:+.3f}" for k in ks) + " |")
+    t = rep["targets"]["humaneval_95_speed_1.10_ideal"]
+    out += ["", "## The issue's targets", "",
+            "- At equal mean k, adaptive ≥ the best static set with an interval excluding a loss (lower bound ≥ 0): "
+            + "; ".join(f"k = {r['k']}: MC {'met' if r['mc']['ci95'][0] >= 0 else 'not met'}, HumanEval "
+                        f"{'met' if r['humaneval']['ci95'][0] >= 0 else 'not met'}" for r in rep["matched"]) + ".",
+            "- A budget with HumanEval pass@1 ≥ 95% of dense and ideal speedup ≥ 1.10: "
+            + (f"met at budgets {', '.join(_f(b, 4) for b in t)} (ideal speed, not measured)." if t else "**not met** at any budget."),
+            "", "## Static sets and fixed-k routing", "",
+            "| row | k | set | ideal speedup | MC avg | HumanEval pass@1 |", "|---|---|---|---|---|---|"]
+    for k, b in sorted(rep["best_static"].items()):
+        out.append(f"| best static ({b['chosen_on']}) | {k} | {b['set']} | {b['speedup_ideal']:.3f} | {_f(b['mc_average'])} | {_f(b['pass@1'], 1)} |")
+    for r in rep["routers"]:
+        out.append(f"| routed ({r['router']}) | {r['k']} | – | {r['speedup_ideal']:.3f} | {_f(r['mc_average'])} | {_f(r['pass@1'], 1)} |")
+    for r in rep["statics"]:
+        out.append(f"| static | {r['k']} | {r['set']} | {r['speedup_ideal']:.3f} | {_f(r['mc_average'])} | {_f(r['pass@1'], 1)} |")
+    return "\n".join(out) + "\n"
+
+
+def plot(rep: dict, path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
+    for ax, key, y, label in ((axes[0], "mc", "average", "MC average, 6 tasks (%)"),
+                              (axes[1], "humaneval", "pass@1", "HumanEval pass@1 (%)")):
+        st = "mc_average" if key == "mc" else "pass@1"
+        pts = [(r["speedup_ideal"], r[st]) for r in rep["statics"] if r[st] is not None]
+        ax.scatter(*zip(*pts), s=12, color="0.7", label="static sets")
+        best = sorted((b["speedup_ideal"], b[st]) for b in rep["best_static"].values() if b[st] is not None)
+        dense = rep["dense"][key][y]
+        ax.plot([1.0] + [p[0] for p in best], [dense] + [p[1] for p in best], "s--", color="tab:gray", label="best static per k")
+        fr = sorted({(r[key]["speedup_ideal"], r[key][y]) for r in rep["frontier"]})
+        ax.plot(*zip(*fr), "o-", ms=3, color="tab:blue", label="adaptive (budgets)")
+        for r in rep["routers"]:
+            if r[st] is not None:
+                ax.scatter(r["speedup_ideal"], r[st], marker="^", s=40, label=f"fixed k = {r['k']}, {r['router']}")
+        a = rep["default"][key]
+        ax.scatter(a["speedup_ideal"], a[y], marker="*", s=180, color="tab:red", zorder=5, label="default budget")
+        ax.axhline(dense, color="black", linestyle=":", lw=1)
+        ax.set_xlabel("ideal decode speedup L / (L − mean k)")
+        ax.set_ylabel(label)
+    axes[1].axhline(0.95 * rep["dense"]["humaneval"]["pass@1"], color="tab:red", linestyle=":", lw=1, label="95% of dense")
+    axes[0].legend(fontsize=7)
+    fig.suptitle(f"Adaptive depth on {rep['model']} (speed: ideal, not measured)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def write(run_dir, gen_dir, out_dir, model: str, nll_path=None, bench_file=None) -> Path:
+    """Build the report, write OUT_DIR/adaptive.{json,md,png} and the predictor (OUT_DIR/predictor/); a
+    rerun replaces them."""
+    rep, predictor = build(run_dir, gen_dir, model, nll_path, bench_file)
+    out = Path(out_dir)
+    write_json(out / "adaptive.json", rep)
+    write_text(out / "adaptive.md", to_markdown(rep))
+    write_predictor(out / "predictor", predictor, force=True)
+    try:
+        plot(rep, out / "adaptive.png")
+    except ImportError:
+        pass  # matplotlib is the optional `plot` extra
+    return out / "adaptive.md"
