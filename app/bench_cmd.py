@@ -7,7 +7,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from pudding_mlx.app.options import DRAFT
+from pudding_mlx.app.options import DRAFT, MAX_LOSS
 
 console = Console(stderr=True, highlight=False)
 
@@ -44,6 +44,7 @@ def bench(
     limit: Optional[int] = typer.Option(None, "--limit", min=1, help="With --answers: the first N prompts "
                                         "(chat and code alternate)."),
     max_tokens: int = typer.Option(256, "--max-tokens", "-m", min=1, help="With --answers: the most tokens an answer may have."),
+    max_loss: Optional[float] = MAX_LOSS,
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the results as JSON here."),
     plot_out: Optional[Path] = typer.Option(None, "--plot", help="Write a PNG plot here (needs matplotlib)."),
 ):
@@ -57,11 +58,11 @@ def bench(
 
     B.check_outputs(json_out, plot_out)  # before any work: an output that cannot be written
     if answers:
-        return _answers(model, shape, omit, runs or 1, limit, max_tokens, dtype, json_out, plot_out)
+        return _answers(model, shape, omit, runs or 1, limit, max_tokens, dtype, json_out, plot_out, max_loss)
     result = B.measure(model, shape, k, omit, router_dir, cells, runs or 10, memory, dtype,
                        draft_tokens if lossless else None,
                        progress=lambda line: console.print(line, markup=False, soft_wrap=True),
-                       router_kind=router_kind, speculate=speculate)
+                       router_kind=router_kind, speculate=speculate, max_loss=max_loss)
     _print(result)
     B.save(result, json_out, plot_out)
     for part, why in result["failed"].items():
@@ -73,7 +74,7 @@ def bench(
         raise typer.Exit(143 if "SIGTERM" in interrupted else 130 if interrupted else 1)
 
 
-def _answers(model, shape, omit, rounds, limit, max_tokens, dtype, json_out, plot_out):
+def _answers(model, shape, omit, rounds, limit, max_tokens, dtype, json_out, plot_out, max_loss=None):
     """`bench --answers`: time to a complete answer (pudding_mlx.answer_bench, answer_time)."""
     from pudding_mlx import answer_bench as AB
     from pudding_mlx import answer_time as A
@@ -84,13 +85,18 @@ def _answers(model, shape, omit, rounds, limit, max_tokens, dtype, json_out, plo
 
     if shape is not None or model is None:
         raise PuddingError("--answers needs MODEL (a bundle or model directory): a random-weight --shape has no answers")
-    loaded = load(model, dtype=dtype)  # the routed row routes whatever the bundle's default (answer_bench.answer)
+    # the routed row routes whatever the bundle's default (answer_bench.answer); --max-loss: adaptive depth
+    loaded = load(model, dtype=dtype, max_loss=max_loss)
     configs = AB.configurations(loaded, parse_omit_sets(omit) if omit is not None else None)
     prompts = A.answer_prompts(limit)
     console.print(f"{len(prompts)} prompts x {len(configs)} configurations ({', '.join(configs)}), "
                   f"{rounds} round(s), {max_tokens} tokens at most", markup=False, soft_wrap=True)
     result = AB.measure_answers(loaded, configs, prompts, max_tokens, rounds,
                                progress=lambda line: console.print(line, markup=False, soft_wrap=True))
+    if max_loss is not None:  # the routed row ran adaptive depth: each answer's "omitted" is the set chosen
+        from pudding_mlx.routing import json_number
+
+        result["max_loss"] = json_number(max_loss)
     _print_answers(result)
     B.save(result, json_out, plot_out, plot_fn=A.plot)
     for part, why in result["failed"].items():
@@ -151,9 +157,12 @@ def _print(result):
         wide.print("The hidden-state router runs inside the routed request (routed s includes it); "
                    "router ms is its head alone, not added again"
                    + (" (the fallback set was queued before the decision: --speculate)." if result.get("speculate") else "."))
+        if result.get("max_loss") is not None:
+            wide.print(f"Adaptive depth under --max-loss {result['max_loss']}: the loss predictor chose the routed "
+                       f"set of each request (k = {result['routed_k']} for the router text, ideal as that set's).")
         for r in rows:
             wide.print(f"{r['prompt_tokens']}+{r['gen_tokens']}: sets chosen in the timed requests: "
-                       + ", ".join(f"{s} x{n}" for s, n in r.get("routed_sets", [])))
+                       + ", ".join(f"{s} (k = {len(s)}) x{n}" for s, n in r.get("routed_sets", [])))
     lossless = [r for r in rows if "lossless_s" in r]
     if lossless:
         table = Table(title=f"lossless: the routed set drafts {lossless[0]['draft_tokens']} tokens, the dense "

@@ -14,7 +14,7 @@ from rich.console import Console
 
 from pudding_mlx import __version__
 from pudding_mlx.errors import PuddingError
-from pudding_mlx.app.options import DRAFT, LOSSLESS, ROUTED, UNHEALED
+from pudding_mlx.app.options import DRAFT, LOSSLESS, MAX_LOSS, ROUTED, UNHEALED
 
 app = typer.Typer(
     name="pudding-mlx",
@@ -57,6 +57,7 @@ def generate(
     dense: bool = DENSE,
     omit: Optional[str] = OMIT,
     routed: bool = ROUTED,
+    max_loss: Optional[float] = MAX_LOSS,
     unhealed: bool = UNHEALED,
     max_tokens: int = typer.Option(256, "--max-tokens", "-m", min=1, help="Most tokens to generate."),
     temp: float = typer.Option(0.0, "--temp", min=0.0, help="Sampling temperature; 0 is greedy."),
@@ -77,8 +78,8 @@ def generate(
     from pudding_mlx.routing import check_override, choose_and_prefill
 
     omit_list = None if omit is None else parse_omit(omit)
-    check_override(dense, omit_list, routed)
-    loaded = load(model, dtype=dtype, routed=routed, healed=not unhealed)
+    check_override(dense, omit_list, routed, max_loss)
+    loaded = load(model, dtype=dtype, routed=routed, healed=not unhealed, max_loss=max_loss)
     ids = prompt_tokens(loaded.tokenizer, prompt, not ignore_chat_template, system)
     n_prompt = len(ids)
     choice, ids, cache = choose_and_prefill(loaded, prompt, ids, dense, omit_list, lossless)
@@ -110,7 +111,12 @@ def generate(
 
 def _footer(loaded, choice, last, routed_prefill_tokens=None):
     n = loaded.n_blocks
-    if choice.how == "routed" and routed_prefill_tokens:  # the decision was part of the prompt's prefill
+    if choice.how == "adaptive":
+        from pudding_mlx.routing import depth_line
+
+        what = depth_line(choice, n) + (", chosen inside the prefill" if routed_prefill_tokens
+                                        else f", predictor {choice.router_ms:.1f} ms")
+    elif choice.how == "routed" and routed_prefill_tokens:  # the decision was part of the prompt's prefill
         what = (f"candidate {choice.candidate}: omitted {list(choice.omitted)} "
                 f"({n - len(choice.omitted)}/{n} blocks), chosen inside the prefill")
     elif choice.how == "routed":
@@ -137,8 +143,9 @@ def _footer(loaded, choice, last, routed_prefill_tokens=None):
     if last is not None:
         if routed_prefill_tokens:  # blocks 0..after ran once for routing and prefill (hidden-state router)
             after = loaded.router.after
+            head = "loss predictor" if choice.how == "adaptive" else "router's head"
             err.print(f"Prompt: {routed_prefill_tokens} tokens, routed prefill: blocks 0-{after} ran the prompt and "
-                      f"the router's head read their output in {choice.router_ms:.1f} ms, part of this prefill "
+                      f"the {head} read their output in {choice.router_ms:.1f} ms, part of this prefill "
                       f"(not an extra pass); the chosen set's other blocks then ran it")
         else:
             err.print(f"Prompt: {last.prompt_tokens} tokens, {last.prompt_tps:.3f} tokens-per-sec")

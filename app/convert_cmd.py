@@ -224,6 +224,11 @@ def bundle(
                                                  help="A healing adapter (repeatable): a LoRA folder from "
                                                  "[bold]train heal[/bold] (converted here) or from [bold]convert "
                                                  "adapter[/bold]. It runs only while one of its sets is skipped."),
+    predictor: Optional[Path] = typer.Option(None, "--predictor", metavar="DIR",
+                                             help="A loss predictor for adaptive depth (`--max-loss`): a folder "
+                                             "from [bold]train adaptive-report[/bold] (predictor.json + "
+                                             "predictor.safetensors). Its sets must be dense or among the "
+                                             "candidates (which may then be of several sizes)."),
     force: bool = FORCE,
 ):
     """Assemble a bundle from a converted LLM, candidate omission sets and (optionally) a router.
@@ -264,13 +269,15 @@ def bundle(
         with console.status(f"building the bundle (copying {llm}" + (", converting the router" if router else "")
                             + ")"):
             build_bundle(llm, out, candidates=candidates, router=router, force=force,
-                         adapters=[a.expanduser() for a in adapter or []])
+                         adapters=[a.expanduser() for a in adapter or []],
+                         predictor=predictor.expanduser() if predictor is not None else None)
         manifest = read_manifest(out)
     left_out = len(entries) - len(manifest.candidates)
     print(f"{out.absolute()}: bundle, {manifest.num_blocks} blocks, {len(manifest.candidates)} candidate sets"
           + (f" ({left_out} mix-only left out)" if left_out > 0 else "")
           + f", router: {'yes' if manifest.router is not None else 'no'}"
-          + (f", adapters: {', '.join(a['name'] for a in manifest.adapters)}" if manifest.adapters else ""))
+          + (f", adapters: {', '.join(a['name'] for a in manifest.adapters)}" if manifest.adapters else "")
+          + (", loss predictor: yes (adaptive depth with --max-loss)" if manifest.adaptive else ""))
 
 
 # --------------------------------------------------------------------------------------------------- adapter

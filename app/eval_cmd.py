@@ -21,7 +21,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from pudding_mlx.app.options import ROUTED, UNHEALED
+from pudding_mlx.app.options import MAX_LOSS, ROUTED, UNHEALED
 from pudding_mlx.errors import PuddingError
 
 err = Console(stderr=True, highlight=False)
@@ -46,6 +46,7 @@ def eval_command(
                                             "JSON object to FILE ('-': to stdout, instead of the table)."),
     dense: bool = typer.Option(False, "--dense", help="Run every block (no pruning), ignoring the router."),
     routed: bool = ROUTED,
+    max_loss: Optional[float] = MAX_LOSS,
     unhealed: bool = UNHEALED,
     omit: Optional[str] = typer.Option(None, "--omit", help="Skip these 0-based blocks, e.g. 3,5 "
                                        "(overrides the router)."),
@@ -67,14 +68,14 @@ def eval_command(
     --batch-size is the number of prompts generated together."""
     try:
         _run(model, tasks, limit, json_file, dense, omit, data_dir, batch_size, batch_tokens, dtype,
-             max_tokens, workers, routed, unhealed)
+             max_tokens, workers, routed, unhealed, max_loss)
     except PuddingError as e:
         err.print(f"[bold red]error:[/bold red] {e}", soft_wrap=True)
         raise typer.Exit(2)
 
 
 def _run(model, tasks, limit, json_file, dense, omit, data_dir, batch_size, batch_tokens, dtype, max_tokens=None,
-         workers=None, routed=False, unhealed=False):
+         workers=None, routed=False, unhealed=False, max_loss=None):
     from pudding_mlx.fidelity import chat_prompts
     from pudding_mlx.generation_eval import GENERATIVE_TASKS
     from pudding_mlx.humaneval import load_problems
@@ -83,7 +84,7 @@ def _run(model, tasks, limit, json_file, dense, omit, data_dir, batch_size, batc
     from pudding_mlx.tasks import load_task
 
     omit_list = None if omit is None else parse_omit(omit)
-    check_override(dense, omit_list, routed)
+    check_override(dense, omit_list, routed, max_loss)
     names = _parse_tasks(tasks)
     # the data first: a wrong task name or data folder fails before the model is loaded
     examples = {t: load_task(t, None, data_dir, limit=limit) for t in names if t not in GENERATIVE_TASKS}
@@ -101,9 +102,9 @@ def _run(model, tasks, limit, json_file, dense, omit, data_dir, batch_size, batc
     from pudding_mlx.load import load
 
     loaded = load(model, dtype=dtype, with_router=not dense and omit_list is None, routed=routed,
-                  healed=not unhealed)
+                  healed=not unhealed, max_loss=max_loss)
     choice = fixed_choice(loaded.n_blocks, loaded.router is not None, dense, omit_list, loaded.dense_by_default)
-    omitted, mode = (None, "routed") if choice is None else (choice.omitted, choice.how)
+    omitted, mode = (None, "routed" if max_loss is None else "adaptive") if choice is None else (choice.omitted, choice.how)
     if mode == "no-router":
         err.print(f"{loaded.path}: this model has no router; evaluating dense", soft_wrap=True)
     elif mode == "dense-default":
@@ -129,6 +130,14 @@ def _run(model, tasks, limit, json_file, dense, omit, data_dir, batch_size, batc
     seconds = time.perf_counter() - start
     payload = {"model": str(loaded.path), "mode": mode, "limit": limit, "n_blocks": loaded.n_blocks}
     payload.update(result)
+    if mode == "adaptive":  # the budget, and the depth it chose on average (multiple choice and generation)
+        from pudding_mlx.routing import json_number
+
+        payload["max_loss"] = json_number(max_loss)
+        ks = [len(c) for c, u in zip(result["routing"]["candidates"], result["routing"]["usage"]) for _ in range(u)] \
+            if "routing" in result else []
+        ks += [len(rec["omitted"]) for r in result["tasks"].values() for rec in r.get("records", [])]
+        payload["mean_k"] = sum(ks) / len(ks) if ks else None
     payload["seconds"] = round(seconds, 3)
 
     if json_file == "-":
@@ -159,7 +168,7 @@ def _generative(loaded, data: dict, omitted, max_tokens, batch_size, workers, pr
 
 def _table(payload: dict):
     out = Console(highlight=False, file=sys.stdout)
-    routed = payload["mode"] == "routed"
+    routed = payload["mode"] in ("routed", "adaptive")
     table = Table(show_edge=False)
     for col in ("task", "metric", "acc %", "acc_norm %", "n") + (("usage",) if routed else ()):
         table.add_column(col, justify="left" if col in ("task", "metric", "usage") else "right")
@@ -184,7 +193,14 @@ def _table(payload: dict):
         out.print(f"{task}: {what}; n {r['n']}; {r['tokens_mean']:.1f} tokens per reply, {r['hit_limit']} hit "
                   f"the {r['max_tokens']}-token limit; sets {usage}")
     n = payload["n_blocks"]
-    if routed and "routing" in payload:
+    if payload["mode"] == "adaptive":
+        mean_k = payload["mean_k"]
+        err.print(f"Route: adaptive depth under --max-loss {payload['max_loss']}: per example the set with the most "
+                  "blocks skipped whose predicted loss fits; mean k "
+                  + (f"{mean_k:.2f} ({n - mean_k:.2f}/{n} blocks)" if mean_k is not None else "-")
+                  + (f"; usage {payload['routing']['usage']} over sets {payload['routing']['candidates']}"
+                     if "routing" in payload else ""), markup=False)
+    elif routed and "routing" in payload:
         rt = payload["routing"]
         kept = sum(u * (n - len(c)) for u, c in zip(rt["usage"], rt["candidates"])) / max(1, sum(rt["usage"]))
         err.print(f"Route: per example by the router ({len(rt['candidates'])} candidates; usage "

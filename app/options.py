@@ -18,3 +18,8 @@ MODEL_OR_PRESET = typer.Argument(None, help="A pudding-mlx bundle, an mlx-lm mod
                                 "the --preset bundle, built once into the cache.")
 UNHEALED = typer.Option(False, "--unhealed", help="Leave the bundle's healing adapters off: a skipped set runs "
                         "as the original weights give it (for comparisons; dense never uses an adapter).")
+MAX_LOSS = typer.Option(None, "--max-loss", metavar="FLOAT", help="Adaptive depth: the bundle's loss predictor "
+                        "picks, per prompt, the set with the most blocks skipped whose predicted loss against dense "
+                        "is at most FLOAT (dense when none fits; inf: the most blocks always). Default: off (the "
+                        "bundle's router or default runs). Needs a bundle with a predictor (`convert bundle "
+                        "--predictor`); the unit is the predictor's (`info`; docs/adaptive.md).")

@@ -5,7 +5,7 @@ from typing import Optional
 import typer
 from rich.console import Console
 
-from pudding_mlx.app.options import DRAFT, LOSSLESS, MODEL_OR_PRESET, ROUTED, UNHEALED
+from pudding_mlx.app.options import DRAFT, LOSSLESS, MAX_LOSS, MODEL_OR_PRESET, ROUTED, UNHEALED
 from pudding_mlx.errors import PuddingError
 
 
@@ -23,6 +23,7 @@ def serve(
     port: int = typer.Option(8080, "--port", min=0, max=65535, help="Port to listen on (0: any free port)."),
     dense: bool = typer.Option(False, "--dense", help="Run every block for every request (no routing)."),
     routed: bool = ROUTED,
+    max_loss: Optional[float] = MAX_LOSS,
     unhealed: bool = UNHEALED,
     omit: Optional[str] = typer.Option(None, "--omit", help="Skip these 0-based blocks for every request, "
                                        "e.g. 3,5,9 (overrides the router)."),
@@ -49,7 +50,7 @@ def serve(
     console = Console(highlight=False, soft_wrap=True)
     err = Console(stderr=True, highlight=False, soft_wrap=True)
     base_omit = None if omit is None else parse_omit(omit)
-    check_override(dense, base_omit, routed)
+    check_override(dense, base_omit, routed, max_loss)
     if dtype is not None and dtype not in DTYPES:
         raise PuddingError(f"--dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
     if model is not None and preset is not None:
@@ -68,7 +69,7 @@ def serve(
     err.print(f"[dim]loading {path}[/dim]")  # (inside run_server, once the port is bound)
     counts = run_server(path, model_id=model_id, host=host, port=port, on_ready=ready, dtype=dtype, dense=dense,
                         omit=base_omit, queue_size=queue_size, max_tokens=max_tokens, temperature=temp,
-                        top_p=top_p, lossless=lossless, draft_tokens=draft_tokens, routed=routed, healed=not unhealed,
+                        top_p=top_p, lossless=lossless, draft_tokens=draft_tokens, routed=routed, healed=not unhealed, max_loss=max_loss,
                         log=lambda line: err.print(line, markup=False))
     console.print("stopped · " + ", ".join(f"{k} {v}" for k, v in counts.items()))
 

@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from pudding_mlx.app.options import DRAFT, LOSSLESS, MODEL_OR_PRESET, ROUTED, UNHEALED
+from pudding_mlx.app.options import DRAFT, LOSSLESS, MAX_LOSS, MODEL_OR_PRESET, ROUTED, UNHEALED
 from pudding_mlx.errors import PuddingError
 
 HELP = [
@@ -52,6 +52,7 @@ def chat(
     omit: Optional[str] = typer.Option(None, "--omit", help="Skip these 0-based blocks on every turn, "
                                        "e.g. 3,5,9 (overrides the router)."),
     routed: bool = ROUTED,
+    max_loss: Optional[float] = MAX_LOSS,
     unhealed: bool = UNHEALED,
     dtype: Optional[str] = typer.Option(None, "--dtype", help="float32 | float16 | bfloat16 (default: "
                                         "float32 on the CPU backend, the stored dtype elsewhere)."),
@@ -75,7 +76,7 @@ def chat(
     console = Console(highlight=False, soft_wrap=True)
     err = Console(stderr=True, highlight=False)
     base_omit = None if omit is None else parse_omit(omit)
-    check_override(dense, base_omit, routed)
+    check_override(dense, base_omit, routed, max_loss)
     if dtype is not None and dtype not in DTYPES:
         raise PuddingError(f"--dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
 
@@ -84,7 +85,7 @@ def chat(
             raise PuddingError("give either MODEL or --preset (a preset is a bundle built for you)")
         path = ensure_default_bundle(console=err, preset=preset) if model is None else resolve(model)
         with console.status("loading the model", spinner="dots"):
-            loaded = load(str(path), dtype=dtype, routed=routed, healed=not unhealed)
+            loaded = load(str(path), dtype=dtype, routed=routed, healed=not unhealed, max_loss=max_loss)
             SkipView(loaded.model)  # an unsupported architecture fails here, in one line
     except KeyboardInterrupt:
         err.print("interrupted")
@@ -99,7 +100,9 @@ def chat(
     state = _ChatState(loaded, session,
                        make_sampler(temp=temp, top_p=top_p), max_tokens, dense, base_omit, note, err)
 
-    router = "no router" if loaded.router is None else f"router with {len(loaded.manifest.candidates)} candidate sets"
+    router = ("no router" if loaded.router is None else
+              f"adaptive depth under --max-loss {max_loss:g}: loss predictor over {len(loaded.router.sets)} sets"
+              if loaded.router.kind == "adaptive" else f"router with {len(loaded.manifest.candidates)} candidate sets")
     mode = f" · lossless: the routed set drafts {draft_tokens} tokens, the dense model verifies" if lossless else ""
     console.print(f"[bold]pudding-mlx chat[/bold] · {path} · {n} blocks · {router}"
                   + (f" · {note}" if note else "") + mode)
@@ -208,7 +211,7 @@ class _ChatState:
                 on_token=show, on_prefill=progress.update,
             )
         choice = result.choice  # None: stopped while routing inside the prefill (the message is dropped)
-        if choice is not None and choice.how == "routed":
+        if choice is not None and choice.how in ("routed", "adaptive"):
             self.last_route = (text, choice.candidate, choice.scores, choice.router_ms)
         console.print()
         if result.finish_reason == "interrupted":
@@ -224,14 +227,20 @@ class _ChatState:
                           f"({limit}); it may be unfinished][/yellow]")
         if choice is None:  # no set ran: nothing to count or show
             return
-        key = choice.candidate if choice.how == "routed" else choice.how
+        key = choice.candidate if choice.how == "routed" else f"k={choice.k}" if choice.how == "adaptive" else choice.how
         self.used[key] = self.used.get(key, 0) + 1
         console.print(self.status(choice, result), style="dim", markup=False)
 
     def status(self, choice, result) -> str:
         n = self.loaded.n_blocks
         k = len(choice.omitted)
-        if choice.how == "routed":
+        if choice.how == "adaptive":
+            from pudding_mlx.routing import depth_line
+
+            where = (f"inside the prefill (blocks 0-{self.loaded.router.after}, {choice.router_ms:.1f} ms)"
+                     if result.prepared.held is not None else f"predictor {choice.router_ms:.1f} ms")
+            what = f"{depth_line(choice, n)} · {where}"
+        elif choice.how == "routed":
             if result.prepared.held is not None:  # routed inside the prefill: no pass of its own
                 routed = f"routed inside the prefill (blocks 0-{self.loaded.router.after}, {choice.router_ms:.1f} ms)"
             else:
@@ -308,6 +317,10 @@ class _ChatState:
             index, scores, ms = loaded.router.best(text)
         ran = self.session.turns[-1].omitted if self.session.turns else None
         preview = text if len(text) <= 60 else text[:57] + "..."
+        if loaded.router.kind == "adaptive":
+            console.print(adaptive_table(loaded.router, index, scores, loaded.n_blocks,
+                                         title=f"predicted losses for {preview!r} ({ms:.1f} ms)"))
+            return
         console.print(route_table(loaded.manifest, index, scores, ran,
                                   title=f"router scores for {preview!r} ({ms:.1f} ms)"))
 
@@ -351,15 +364,31 @@ def route_table(manifest, index, scores, ran=None, title=None) -> Table:
     return table
 
 
+def adaptive_table(router, index, losses, n_blocks, title=None) -> Table:
+    """Every set of the loss predictor: its depth, its predicted loss against the budget, the chosen one."""
+    table = Table(title=title, title_justify="left")
+    for col, justify in (("#", "right"), ("k", "right"), ("blocks", "right"), ("predicted loss", "right"),
+                         ("omitted blocks", "left"), ("", "left")):
+        table.add_column(col, justify=justify)
+    for m, (s, loss) in enumerate(zip(router.sets, losses)):
+        fits = "dense: always allowed" if not s else ("fits" if loss <= router.max_loss else "over the budget")
+        table.add_row(str(m), str(len(s)), f"{n_blocks - len(s)}/{n_blocks}", f"{loss:.4f}",
+                      ",".join(map(str, s)) or "- (dense)", fits + ("  ◀ chosen" if m == index else ""),
+                      style="bold" if m == index else None)
+    return table
+
+
 # -- route -----------------------------------------------------------------------------------------
 
 
 def route(
     model: str = typer.Argument(..., help="A pudding-mlx bundle with a router (a directory or hub id)."),
     prompt: str = typer.Option(..., "--prompt", "-p", help="The user message to route."),
+    max_loss: Optional[float] = MAX_LOSS,
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ):
-    """Which candidate set the bundle's router picks for a prompt, with every score."""
+    """Which candidate set the bundle's router picks for a prompt, with every score; with --max-loss, every
+    set's predicted loss, the budget and the depth chosen."""
     from pudding_mlx.bundle import check_bundle_files, is_bundle, read_manifest
     from pudding_mlx.load import resolve
     from pudding_mlx.router import load_router
@@ -370,6 +399,8 @@ def route(
                            "build a bundle with `pudding-mlx convert bundle`")
     manifest = read_manifest(path)
     check_bundle_files(path, manifest)
+    if max_loss is not None:
+        return _route_adaptive(path, prompt, max_loss, as_json)
     if manifest.router is None:
         raise PuddingError(f"{path}: this bundle has no router (pudding.json: \"router\": null); "
                            "it serves --dense and --omit only")
@@ -391,6 +422,23 @@ def route(
     console.print(route_table(manifest, index, scores))
     console.print(f"candidate {index}: omitted {omitted} "
                   f"({manifest.num_blocks - len(omitted)}/{manifest.num_blocks} blocks) · router {ms:.1f} ms")
+
+
+def _route_adaptive(path, prompt: str, max_loss: float, as_json: bool):
+    from pudding_mlx.load import load
+    from pudding_mlx.routing import depth_line, route as route_prompt
+
+    loaded = load(str(path), max_loss=max_loss)
+    choice = route_prompt(loaded, prompt)
+    n = loaded.n_blocks
+    if as_json:
+        print(json.dumps(dict(choice.to_json(), num_blocks=n, model=str(path))))
+        return
+    console = Console(highlight=False, soft_wrap=True)
+    console.print(adaptive_table(loaded.router, choice.candidate, choice.scores, n,
+                                 title=f"predicted loss against dense per set (unit: "
+                                       f"{loaded.router.predictor.settings.get('loss', 'the predictor says none')})"))
+    console.print(f"{depth_line(choice, n)} · predictor {choice.router_ms:.1f} ms", markup=False)
 
 
 # -- info ------------------------------------------------------------------------------------------
@@ -444,6 +492,13 @@ def info(
                       f"{r['parameters'] / 1e6:.1f} M params), {r['outputs']} outputs, max {r['max_tokens']} tokens")
     elif data["kind"] == "bundle":
         table.add_row("router", "none (serves --dense and --omit)")
+    p = data.get("predictor")
+    if p is not None:
+        sets = "; ".join(",".join(map(str, s)) or "dense" for s in p["sets"])
+        table.add_row("loss predictor", f"{len(p['sets'])} sets (k = {', '.join(map(str, p['ks']))}): {sets}; reads "
+                      f"the hidden state after block {p['after']} ({p['pooling']}, at most {p['max_tokens']} tokens); "
+                      f"loss: {p['loss'] or 'unit not recorded'}; trained default budget {p['default_max_loss']:g}; "
+                      "runtime default: off (adaptive only with --max-loss)")
     for a in data.get("adapters") or []:
         sets = "; ".join(",".join(map(str, s)) for s in a["sets"] or [])
         table.add_row("adapter", f"{a['name']}: heals {sets} (LoRA rank {a['rank']}, {a['modules']} linears of blocks "

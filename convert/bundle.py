@@ -66,9 +66,12 @@ def _candidates(candidates, n_blocks: int):
 
 
 def build_bundle(llm_dir, out, candidates=None, router=None, provenance: Optional[dict] = None,
-                 force: bool = False, default_routing: Optional[dict] = None, adapters=()) -> Path:
+                 force: bool = False, default_routing: Optional[dict] = None, adapters=(), predictor=None) -> Path:
     """`adapters`: healing adapter folders (PEFT LoRA from `train heal`, converted here, or already
-    converted), each kept as adapters/<its folder name>; checked against the LLM by loading the bundle."""
+    converted), each kept as adapters/<its folder name>; checked against the LLM by loading the bundle.
+    `predictor`: a loss predictor folder (`train adaptive-report`, pudding_mlx.adaptive), kept as
+    predictor/ (manifest "adaptive", schema 4): its sets must be dense or among the candidates, its
+    hidden size the LLM's, its `after` a block the routed prefill can stop at."""
     llm_dir, out = Path(llm_dir), Path(out)
     if out.exists() and not force:
         raise PuddingError(f"{out}: already exists; pass --force to replace it")
@@ -79,6 +82,8 @@ def build_bundle(llm_dir, out, candidates=None, router=None, provenance: Optiona
     prov.update(provenance or {})
     if router is not None and not cands:
         raise PuddingError("a router needs candidate sets: pass --candidates")
+    if predictor is not None:
+        _check_predictor(Path(predictor), llm_dir, cands, n_blocks)
 
     with building(out, force) as tmp:
         for f in llm_dir.iterdir():
@@ -89,16 +94,41 @@ def build_bundle(llm_dir, out, candidates=None, router=None, provenance: Optiona
         if router is not None:
             settings = _add_router(Path(router), tmp / "router", cands)
         entries = _add_adapters([Path(a) for a in adapters], tmp / "adapters")
+        adaptive = None
+        if predictor is not None:
+            from pudding_mlx.adaptive import SETTINGS_FILE, WEIGHTS_FILE
+
+            (tmp / "predictor").mkdir()
+            for name in (SETTINGS_FILE, WEIGHTS_FILE):
+                shutil.copy2(Path(predictor) / name, tmp / "predictor" / name)
+            adaptive = {"path": "predictor"}
         manifest = Manifest(num_blocks=n_blocks, candidates=cands, router=settings, provenance=prov,
-                            default_routing=default_routing, adapters=entries)
+                            default_routing=default_routing, adapters=entries, adaptive=adaptive)
         # the same checks a user's load runs, before anything is visible at OUT
         parse_manifest(manifest.to_json(), str(out / MANIFEST), n_blocks)
         write_manifest(tmp, manifest)
-        if entries:  # the adapters' tensors against the LLM's layers, and against the router's read point
+        if entries:  # the adapters' tensors against the LLM's layers, and against the routers' read points
             from pudding_mlx.load import load
 
             load(str(tmp), check_memory=False)
+            if predictor is not None:
+                load(str(tmp), check_memory=False, max_loss=float("inf"))
     return out
+
+
+def _check_predictor(src: Path, llm_dir: Path, cands, n_blocks: int) -> None:
+    """The loss predictor folder read as the runtime reads it (one line per fault), against the LLM's
+    width and blocks and the bundle's candidate sets."""
+    from pudding_mlx.adaptive import read_predictor
+    from pudding_mlx.adaptive_router import check_predictor
+
+    if not src.is_dir():
+        raise PuddingError(f"{src}: no such folder (--predictor: a loss predictor from `pudding-mlx train "
+                           "adaptive-report --predictor-out`)")
+    config = read_json(llm_dir / "config.json", "the LLM's config")
+    hidden = config.get("text_config", config).get("hidden_size")
+    predictor = read_predictor(src, hidden_size=hidden)
+    check_predictor(predictor, src / "predictor.json", [c.omitted for c in cands], n_blocks)
 
 
 def _add_adapters(sources, dest: Path) -> list:

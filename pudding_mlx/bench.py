@@ -133,8 +133,10 @@ def time_hidden_head(router, h: mx.array) -> float:
 
 
 def is_inline(router) -> bool:
-    """A router whose cost is inside the routed request (the hidden-state router)."""
-    return getattr(router, "kind", None) == "hidden"
+    """A router whose cost is inside the routed request (the hidden-state router, the loss predictor)."""
+    from .routing import reads_hidden_state
+
+    return reads_hidden_state(router)
 
 
 # every ratio, computed per round (paired): name -> (runners summed above, runners summed below)
@@ -328,7 +330,8 @@ SHAPE_CANDIDATES = 10  # a shape's hidden-state router scores this many sets (th
 
 
 def bench_target(model: Optional[str], shape: Optional[str], k: int, omit: Optional[str] = None,
-                 router_dir=None, dtype: Optional[str] = None, router_kind: str = "bert") -> Target:
+                 router_dir=None, dtype: Optional[str] = None, router_kind: str = "bert",
+                 max_loss: Optional[float] = None) -> Target:
     """MODEL (a bundle: its candidate 0 or --omit is static, its router's pick is routed) or a random
     SHAPE (the spread set is both). The router: --router, else the bundle's, else (shapes) the
     smollm2-135m preset's BERT router when it is built, or with router_kind "hidden" a hidden-state
@@ -339,13 +342,16 @@ def bench_target(model: Optional[str], shape: Optional[str], k: int, omit: Optio
         raise PuddingError(f"--router-kind {router_kind!r}: choose one of {', '.join(ROUTER_KINDS)}")
     if router_kind.startswith("hidden") and (model is not None or router_dir is not None):
         raise PuddingError(f"--router-kind {router_kind} is for --shape (a bundle times its own router); leave out --router")
+    if max_loss is not None and (shape is not None or router_dir is not None):
+        raise PuddingError("--max-loss times a bundle's loss predictor: give MODEL (a bundle with one), not "
+                           + ("--shape" if shape is not None else "--router"))
     from .router import load_router
 
     router = load_router(router_dir) if router_dir is not None else None
     name = str(router_dir) if router_dir is not None else None
     if shape:
         return _shape_target(shape, k, router, name, dtype, router_kind)
-    return _model_target(model, k, omit, router, name, dtype)
+    return _model_target(model, k, omit, router, name, dtype, max_loss)
 
 
 def shape_hidden_router(model, static: Sequence[int], n_candidates: int = SHAPE_CANDIDATES, seed: int = 0,
@@ -395,12 +401,13 @@ def _shape_target(shape, k, router, name, dtype, router_kind="bert") -> Target:
     return Target(lm, static, static, router, name, {"shape": shape})
 
 
-def _model_target(model, k, omit, router, name, dtype) -> Target:
+def _model_target(model, k, omit, router, name, dtype, max_loss=None) -> Target:
+    """`max_loss`: the routed requests run adaptive depth (the bundle's loss predictor under this budget)."""
     from .load import load
     from .omission import check_omitted, parse_omit
     from .routing import route
 
-    loaded = load(model, dtype=dtype)
+    loaded = load(model, dtype=dtype, max_loss=max_loss)
     n_blocks = loaded.n_blocks
     cands = loaded.manifest.candidates if loaded.manifest else []
     if omit is not None:
@@ -411,7 +418,7 @@ def _model_target(model, k, omit, router, name, dtype) -> Target:
         static = spread(n_blocks, k)
     routed = static
     if router is None and loaded.router is not None:  # the bundle's router picks the routed set
-        router, name = loaded.router, "bundle"
+        router, name = loaded.router, "bundle" if max_loss is None else "bundle's loss predictor"
         routed = sorted(route(loaded, ROUTER_TEXT).omitted)
     from .adapters import adapter_for
 
@@ -423,14 +430,14 @@ def measure(model: Optional[str] = None, shape: Optional[str] = None, k: int = 7
             router_dir=None, cells: Optional[str] = None, runs: int = 10, memory: bool = True,
             dtype: Optional[str] = None, draft_tokens: Optional[int] = None,
             progress: Callable[[str], None] = print, router_kind: str = "bert",
-            speculate: bool = False) -> dict:
+            speculate: bool = False, max_loss: Optional[float] = None) -> dict:
     """The whole `pudding-mlx bench` run (`speculate`: a hidden-state router's routed prefill, as in
     `hidden_router.routed_prefill`). Failures of a part (a cell, the memory probe, Ctrl-C) are
     recorded in `result["failed"]` (part -> one line) and everything measured is kept."""
     from .load import backend
 
     grid = parse_cells(cells)
-    target = bench_target(model, shape, k, omit, router_dir, dtype, router_kind)
+    target = bench_target(model, shape, k, omit, router_dir, dtype, router_kind, max_loss)
     if target.router is None:
         progress("no router to time: router_s is 0 (pass --router, or build the smollm2-135m preset: pudding-mlx chat --preset smollm2-135m)")
     result = {"backend": backend(), **target.source, "k": len(target.static), "blocks": len(target.model.layers),
@@ -438,6 +445,10 @@ def measure(model: Optional[str] = None, shape: Optional[str] = None, k: int = 7
               "router_kind": getattr(target.router, "kind", "bert") if target.router is not None else None,
               "speculate": bool(speculate) if is_inline(target.router) else None,
               "rows": [], "failed": {}}
+    if max_loss is not None:  # adaptive depth: the budget; each cell's "routed_sets" gives the depths chosen
+        from .routing import json_number
+
+        result.update(max_loss=json_number(max_loss), routed_k=len(target.routed))
     previous_sigterm = _on_sigterm(_raise_terminated)
     try:
         for row in time_cells(target.model, target.static, target.routed, target.router, grid, runs,

@@ -10,7 +10,9 @@
 pudding.json, schema version 1 (version 2 adds "router": {..., "kind": "hidden"} for the hidden-state
 router, pudding_mlx.hidden_router; a BERT router's kind is "bert", the default; version 3 adds
 "adapters": [{"name": "pool-k3", "path": "adapters/pool-k3"}, ...], the healing adapters, each a folder
-of the bundle that says which sets it heals, pudding_mlx.adapters):
+of the bundle that says which sets it heals, pudding_mlx.adapters; version 4 adds "adaptive": {"path":
+"predictor"}, the loss predictor of adaptive depth, a folder of the bundle as pudding_mlx.adaptive
+defines it, read by pudding_mlx.adaptive_router):
 
     {
       "format": "pudding-mlx-bundle",
@@ -42,7 +44,7 @@ MANIFEST = "pudding.json"
 ROUTER_KINDS = ("bert", "hidden")
 FORMAT = "pudding-mlx-bundle"
 SCHEMA_VERSION = 1  # what a bundle with a BERT router (or none) is written as
-SCHEMA_VERSIONS = (1, 2, 3)  # 2: router.kind "hidden"; 3: healing adapters (read: all)
+SCHEMA_VERSIONS = (1, 2, 3, 4)  # 2: router.kind "hidden"; 3: healing adapters; 4: a loss predictor (read: all)
 
 
 @dataclass
@@ -80,9 +82,12 @@ class Manifest:
     default_routing: Optional[dict] = None
     # [{"name": str, "path": str}]: the healing adapters' folders (schema version 3)
     adapters: List[dict] = field(default_factory=list)
+    # {"path": str}: the loss predictor's folder (adaptive depth, schema version 4); used only under --max-loss
+    adaptive: Optional[dict] = None
 
     def to_json(self) -> dict:
-        version = 3 if self.adapters else 2 if self.router is not None and self.router.kind != "bert" else self.schema_version
+        version = (4 if self.adaptive else 3 if self.adapters
+                   else 2 if self.router is not None and self.router.kind != "bert" else self.schema_version)
         return {
             "format": FORMAT,
             "schema_version": version,
@@ -92,6 +97,7 @@ class Manifest:
             "provenance": self.provenance,
             **({"default_routing": self.default_routing} if self.default_routing else {}),
             **({"adapters": self.adapters} if self.adapters else {}),
+            **({"adaptive": self.adaptive} if self.adaptive else {}),
         }
 
 
@@ -173,7 +179,13 @@ def parse_manifest(data, where: str, llm_blocks: Optional[int] = None) -> Manife
         fail("schema_version", f"is {version}, but 'adapters' needs schema version 3")
     if len({a["name"] for a in adapters}) != len(adapters):
         fail("adapters", "names an adapter twice; give each a name of its own")
-    return Manifest(n, candidates, router, provenance, version, default, adapters)
+    adaptive = data.get("adaptive")
+    if adaptive is not None:
+        if not isinstance(adaptive, dict) or not isinstance(adaptive.get("path"), str) or not adaptive["path"]:
+            fail("adaptive", 'must be {"path": the loss predictor\'s folder in the bundle} or absent')
+        if version < 4:
+            fail("schema_version", f"is {version}, but 'adaptive' needs schema version 4")
+    return Manifest(n, candidates, router, provenance, version, default, adapters, adaptive)
 
 
 def read_manifest(bundle_dir, llm_blocks: Optional[int] = None) -> Manifest:
@@ -214,6 +226,9 @@ def check_bundle_files(bundle_dir, manifest: Manifest, llm_blocks: Optional[int]
         if not (bundle_dir / a["path"]).is_dir():
             raise PuddingError(f"{where}: field 'adapters[{m}].path' names {bundle_dir / a['path']}, which does not "
                                "exist; rebuild the bundle")
+    if manifest.adaptive is not None and not (bundle_dir / manifest.adaptive["path"]).is_dir():
+        raise PuddingError(f"{where}: field 'adaptive.path' names {bundle_dir / manifest.adaptive['path']}, which does "
+                           "not exist; rebuild the bundle (`pudding-mlx convert bundle --predictor DIR`)")
 
 
 def write_manifest(bundle_dir, manifest: Manifest) -> None:

@@ -346,10 +346,11 @@ class ChatSession:
         in context, which is not what it was trained on (the message alone, the template's system
         prompt included), and a pick that differs from the message-alone one costs a re-prefill of
         the whole history."""
-        from .hidden_router import CONTINUABLE, HiddenRouter
+        from .hidden_router import CONTINUABLE
+        from .routing import reads_hidden_state
 
         router = getattr(self.loaded, "router", None)
-        return (isinstance(router, HiddenRouter) and not dense and omit is None and not self.lossless
+        return (reads_hidden_state(router) and not dense and omit is None and not self.lossless
                 and not getattr(self.loaded, "dense_by_default", None)
                 and not self.messages and self.system is None
                 and getattr(self.model, "model_type", None) in CONTINUABLE and len(self.prompt_for(user_text)) >= 2)
@@ -360,7 +361,7 @@ class ChatSession:
         from there. The cache starts empty (a dropped turn's prefix is not reused: the router pools
         every prompt token). Returns (Prepared, routing.Choice); the cache then holds P[:-1]."""
         from .hidden_router import routed_prefill
-        from .routing import Choice
+        from .routing import candidate_sets, routed_choice
 
         def between(phase, done, total):
             if phase == "prefill" and on_prefill is not None:
@@ -370,8 +371,8 @@ class ChatSession:
 
         self.cache, self.cached_ids, self.omitted = None, [], ()
         start = time.perf_counter()
-        sets = [tuple(c.omitted) for c in self.loaded.manifest.candidates]
-        candidate, values, ms, omitted, cache = routed_prefill(self.model, self.loaded.router, prompt, sets,
+        candidate, values, ms, omitted, cache = routed_prefill(self.model, self.loaded.router, prompt,
+                                                               candidate_sets(self.loaded),
                                                                step=self.prefill_step_size, between=between)
         if on_prefill is not None:
             on_prefill("prefill", len(prompt) - 1, len(prompt) - 1)
@@ -379,7 +380,7 @@ class ChatSession:
         self.cache, self.omitted, self.cached_ids = cache, omitted, list(prompt[:-1])
         prepared = Prepared(len(prompt), 0, 0, None, (), tuple(kept_blocks(omitted, self.n_blocks)),
                             prefill_s=time.perf_counter() - start, held=len(prompt) - 1)
-        return prepared, Choice(omitted, "routed", candidate, [float(x) for x in values], ms)
+        return prepared, routed_choice(self.loaded, candidate, values, ms)
 
     @staticmethod
     def _trim(caches, n: int) -> bool:

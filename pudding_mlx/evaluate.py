@@ -246,7 +246,9 @@ def evaluate(
     else:
         if loaded.router is None:
             raise PuddingError(f"{loaded.path}: this model has no router; use --dense or --omit")
-        cands = [tuple(c.omitted) for c in loaded.manifest.candidates]
+        from .routing import candidate_sets
+
+        cands = candidate_sets(loaded)  # the loss predictor's sets under --max-loss
         all_ex = [(t, j) for t in tasks for j in range(len(examples[t]))]
         choice, ms = {}, []
         for n, (t, j) in enumerate(all_ex, 1):

@@ -55,6 +55,17 @@ def is_hidden_router(folder) -> bool:
         return False
 
 
+def pool(h: mx.array, pooling: str) -> mx.array:
+    """[1, T, H] block output -> [H x pools] float32: mean over the tokens and/or the last token, in
+    the order `pooling` names them ("mean", "last", "mean+last"). The one pooling of the LLM's hidden
+    state at runtime: the hidden-state router and the loss predictor (`adaptive_router`) read it."""
+    def one(p):  # only what a pooling reads is cast (last: one row)
+        return mx.mean(h[0].astype(mx.float32), axis=0) if p == "mean" else h[0, -1].astype(mx.float32)
+
+    pools = pooling.split("+")
+    return one(pools[0]) if len(pools) == 1 else mx.concatenate([one(p) for p in pools])
+
+
 class _StopAfter:
     """Stands in for block `after` in the layer list: runs it, keeps its output, stops the forward
     (the blocks after it, the final norm and the LM head are never built)."""
@@ -124,11 +135,7 @@ class HiddenRouter:
 
     def pool(self, h: mx.array) -> mx.array:
         """[1, T, H] block output -> [H x pools] float32."""
-        def one(p):  # only what a pooling reads is cast (last: one row)
-            return mx.mean(h[0].astype(mx.float32), axis=0) if p == "mean" else h[0, -1].astype(mx.float32)
-
-        pools = self.pooling.split("+")
-        return one(pools[0]) if len(pools) == 1 else mx.concatenate([one(p) for p in pools])
+        return pool(h, self.pooling)
 
     def scores_of(self, h: mx.array) -> mx.array:
         # one fused kernel for weight @ pooled + bias: on a GPU every kernel of the head adds to the
@@ -245,7 +252,7 @@ def _routed_prefill(model, router, prompt, sets, speculate, step, between):
     h = parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=1)
     scores = router.scores_of(h[:, -router.max_tokens:])
     guess = guess_cache = None
-    if len(parts) == 1:
+    if len(parts) == 1 and router.fallback is not None:  # (the loss predictor has no fallback to guess)
         mx.async_eval(scores)  # the GPU starts on blocks 0..after and the head...
         # ...while the host builds the fallback set's remaining blocks as a lazy graph: if the router
         # picks the fallback, that graph is the prefill, and building it (Python, about as long as

@@ -30,6 +30,8 @@ def model_info(path: Path) -> dict:
             rdir = path / manifest.router.path
             out["router"] = router_info(rdir, manifest.router.max_tokens)
         out["adapters"] = [adapter_info(path / a["path"], a["name"]) for a in manifest.adapters]
+        if manifest.adaptive is not None:
+            out["predictor"] = predictor_info(path / manifest.adaptive["path"], config)
     out["disk"] = disk_use(path, weights["files"], rdir)
     return out
 
@@ -44,6 +46,18 @@ def adapter_info(folder: Path, name: str) -> dict:
     n = sum(math.prod(v["shape"]) for v in header.values())
     return {"name": name, "sets": s.get("sets"), "rank": s.get("rank"), "blocks": s.get("blocks"),
             "modules": len(header) // 2, "parameters": n}
+
+
+def predictor_info(folder: Path, config: dict) -> dict:
+    """The loss predictor (adaptive depth): its sets and depths, where it reads, its loss unit, its
+    trained default budget (the runtime's default is off: only --max-loss runs it), checked as `load`
+    reads it (a small file)."""
+    from .adaptive import read_predictor
+
+    p = read_predictor(folder, hidden_size=config.get("text_config", config).get("hidden_size"))
+    return {"path": str(folder), "sets": [sorted(s) for s in p.sets], "ks": sorted({len(s) for s in p.sets}),
+            "after": p.after, "pooling": p.pooling, "max_tokens": p.max_tokens, "loss": p.settings.get("loss"),
+            "default_max_loss": p.default_max_loss, "runtime_default": None}
 
 
 def llm_info(config: dict, weights: dict) -> dict:

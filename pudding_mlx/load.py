@@ -91,17 +91,28 @@ def read_model_dir(path: Path) -> Optional[Manifest]:
 
 
 def load(model: str, dtype: Optional[str] = None, lazy: bool = True, with_router: bool = True,
-         check_memory: bool = True, routed: bool = False, healed: bool = True) -> Loaded:
+         check_memory: bool = True, routed: bool = False, healed: bool = True,
+         max_loss: Optional[float] = None) -> Loaded:
     """Load MODEL (bundle, mlx-lm directory or hub id) with its tokenizer, manifest, router and healing
     adapters. check_memory: refuse, in one line, weights that alone exceed the device's memory. routed:
     route even where the bundle's default is dense (the user's --routed). healed=False: leave the
-    bundle's adapters off (the user's --unhealed)."""
+    bundle's adapters off (the user's --unhealed). max_loss: adaptive depth (the user's --max-loss): the
+    bundle's loss predictor is the router, choosing under this budget (`adaptive_router`); it routes
+    even where the bundle's default is dense, and a bundle without a predictor is refused in one line."""
     from mlx_lm.utils import load as mlx_lm_load
 
     from .weights import check_fits
 
     path = resolve(str(model))
     manifest = read_model_dir(path)
+    if max_loss is not None:
+        from .adaptive_router import check_max_loss
+
+        check_max_loss(max_loss)
+        if manifest is None or manifest.adaptive is None:
+            raise PuddingError(f"{path}: --max-loss needs a bundle with a loss predictor (pudding.json has no "
+                               "'adaptive' entry); add one with `pudding-mlx convert bundle --predictor DIR`")
+        routed = True
     if dtype is not None and dtype not in DTYPES:
         raise PuddingError(f"--dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
     target = DTYPES[dtype] if dtype else default_dtype()
@@ -121,7 +132,13 @@ def load(model: str, dtype: Optional[str] = None, lazy: bool = True, with_router
         check_bundle_files(path, manifest, llm_blocks=loaded.n_blocks)
         if healed and manifest.adapters:
             loaded.adapters = attach_bundle_adapters(model_obj, path, manifest)
-        if with_router and manifest.router is not None and manifest.router.kind == "hidden":
+        if max_loss is not None and with_router:  # the loss predictor stands where the router stands
+            from .adaptive_router import load_adaptive_router
+
+            loaded.router = load_adaptive_router(path / manifest.adaptive["path"], model_obj, tokenizer,
+                                                 [c.omitted for c in manifest.candidates], max_loss)
+            check_routable(model_obj, loaded.router.after, str(path / "pudding.json"))
+        elif with_router and manifest.router is not None and manifest.router.kind == "hidden":
             from .hidden_router import load_hidden_router
 
             loaded.router = load_hidden_router(path / manifest.router.path, model_obj, tokenizer,

@@ -2,7 +2,9 @@
 
     POST /v1/chat/completions   messages, max_tokens (max_completion_tokens), temperature, top_p, seed,
                                 stop, stream (server-sent events ending in `data: [DONE]`),
-                                stream_options.include_usage; usage counts; an extra field `pudding`
+                                stream_options.include_usage, max_loss (a pudding-mlx extension:
+                                this request's adaptive-depth budget, on a server started with
+                                --max-loss); usage counts; an extra field `pudding`
     GET  /v1/models             the one model served
     GET  /health                status, queue, counters and the last requests
 
@@ -34,6 +36,7 @@ the server itself.
 """
 
 import asyncio
+import contextlib
 import json
 import socket
 import sys
@@ -88,6 +91,7 @@ class ChatRequest:
     stream: bool = False
     include_usage: bool = False
     model: Optional[str] = None
+    max_loss: Optional[float] = None  # this request's adaptive-depth budget (the server's --max-loss otherwise)
 
     def conversation(self):
         """(system message or None, earlier turns, the last user message's text)."""
@@ -184,8 +188,14 @@ def parse_request(body: bytes, max_tokens: int, temperature: float, top_p: float
     model = data.get("model")
     if model is not None and not isinstance(model, str):
         raise bad_request(f"'model' must be a string, got {model!r}", "model")
+    max_loss = data.get("max_loss")  # a number; JSON has no infinity: "inf" / "-inf" as strings
+    if isinstance(max_loss, str) and max_loss in ("inf", "+inf", "-inf"):
+        max_loss = float(max_loss)
+    if max_loss is not None and (not _is_number(max_loss) or max_loss != max_loss):
+        raise bad_request(f"'max_loss' must be a number (or \"inf\" / \"-inf\"), got {max_loss!r}", "max_loss")
     return ChatRequest(checked, int(limit), number("temperature", temperature, 0, 2), number("top_p", top_p, 0, 1),
-                       seed, list(stop), stream, bool(options.get("include_usage", False)), model)
+                       seed, list(stop), stream, bool(options.get("include_usage", False)), model,
+                       None if max_loss is None else float(max_loss))
 
 
 class StopText:
@@ -279,12 +289,13 @@ class Engine:
                  omit: Optional[Sequence[int]] = None, queue_size: int = 8, max_tokens: int = 512,
                  temperature: float = 0.0, top_p: float = 1.0, lossless: bool = False,
                  draft_tokens: Optional[int] = None, log: Optional[Callable[[str], None]] = None,
-                 routed: bool = False, healed: bool = True):
+                 routed: bool = False, healed: bool = True, max_loss: Optional[float] = None):
         if queue_size < 0:
             raise PuddingError(f"--queue-size {queue_size}: must be 0 or more")
         self.model_path, self.model_id, self.dtype = Path(model_path), model_id, dtype
         self.dense, self.omit, self.routed = dense, None if omit is None else list(omit), routed
         self.healed = healed  # False: the bundle's healing adapters stay off (--unhealed)
+        self.max_loss = max_loss  # adaptive depth: the loss predictor routes under this budget (--max-loss)
         self.queue_size, self.max_tokens = queue_size, max_tokens
         self.temperature, self.top_p = temperature, top_p
         self.lossless, self.draft_tokens = lossless, draft_tokens
@@ -360,7 +371,8 @@ class Engine:
         from .routing import default_note, fixed_choice
         from .skip import SkipView
 
-        loaded = load(str(self.model_path), dtype=self.dtype, routed=self.routed, healed=self.healed)
+        loaded = load(str(self.model_path), dtype=self.dtype, routed=self.routed, healed=self.healed,
+                      max_loss=self.max_loss)
         if default_note(loaded) and not self.dense and self.omit is None:
             self.log(default_note(loaded))
         SkipView(loaded.model)  # an unsupported architecture fails here, in one line
@@ -403,6 +415,13 @@ class Engine:
         system, history, user = req.conversation()
         try:
             session.set_history(history, system)
+            router = getattr(session.loaded, "router", None)
+            if req.max_loss is not None and getattr(router, "kind", None) != "adaptive":
+                raise bad_request("'max_loss' sets this request's adaptive-depth budget, but this server does not run "
+                                  "adaptive depth; start it with --max-loss on a bundle with a loss predictor",
+                                  "max_loss")
+            if req.max_loss is not None and (self.dense or self.omit is not None):
+                raise bad_request("'max_loss' contradicts the server's --dense / --omit", "max_loss")
             prompt = session.prompt_for(user)
             if self.context and len(prompt) >= self.context:
                 raise bad_request(f"the prompt is {len(prompt)} tokens (chat template included) but the model's "
@@ -427,11 +446,13 @@ class Engine:
         if req.seed is not None:
             mx.random.seed(req.seed)
         started = time.monotonic()
+        budget = router.budget(req.max_loss) if req.max_loss is not None else contextlib.nullcontext()
         try:
-            result = session.routed_reply(user, dense=self.dense, omit=None if self.dense else self.omit,
-                                          max_tokens=req.max_tokens, sampler=make_sampler(temp=req.temperature,
-                                                                                          top_p=req.top_p),
-                                          should_stop=should_stop, on_token=on_token)
+            with budget:  # one worker thread: the request's budget holds for its routing alone
+                result = session.routed_reply(user, dense=self.dense, omit=None if self.dense else self.omit,
+                                              max_tokens=req.max_tokens,
+                                              sampler=make_sampler(temp=req.temperature, top_p=req.top_p),
+                                              should_stop=should_stop, on_token=on_token)
         except Exception as e:  # a failure of the server itself: one line to the client, the traceback to the log
             session.reset()  # whatever the cache holds now is not trusted
             self.log(f"{job.id} 500 {type(e).__name__}: {first_line(e)}\n{traceback.format_exc()}")
@@ -489,6 +510,12 @@ class Engine:
                           "cached": p.cached, "new": p.new_tokens},
                "prompt_tps": round(result.prompt_tps, 2), "generation_tps": round(result.generation_tps, 2),
                "peak_memory_gb": round(result.peak_memory_gb, 4), "queue_s": round(waited, 3)}
+        out["k"] = len(result.omitted)
+        if getattr(choice, "how", None) == "adaptive":  # the depth chosen under the budget, and why
+            from .routing import json_number
+
+            out.update(max_loss=json_number(choice.max_loss), predicted_losses=choice.scores,
+                       sets=[list(x) for x in choice.sets], reason=choice.reason)
         if result.drafted is not None:
             out["lossless"] = {"drafted": result.drafted}
         return out
