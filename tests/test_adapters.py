@@ -255,3 +255,33 @@ def test_eval_runs_healed_and_unhealed(healed_bundle, tmp_path, flag):
     done = run_cli("eval", str(bundle), "--omit", "2,3", "--tasks", "piqa", "--limit", "2", "--data-dir", str(data),
                    "--json", str(tmp_path / "e.json"), *flag)
     assert done.returncode == 0, done.stderr
+
+
+def test_adaptive_depth_runs_the_chosen_sets_adapter(healed_bundle):
+    """--max-loss (issue "Adaptive depth") picks [2, 3] inside the routed prefill (the predictor reads after
+    block 0, the adapter starts at block 1): the set's adapter runs, token for token as --omit 2,3 healed."""
+    import numpy as np
+
+    from pudding_mlx.adaptive import LossPredictor, write_predictor
+    from pudding_mlx.convert.bundle import build_bundle
+
+    _, _, peft = healed_bundle
+    tmp = peft.parent
+    hidden = json.loads((tmp / "llm" / "config.json").read_text())["hidden_size"]
+    sets = [[], list(HEALED), [1]]
+    write_predictor(tmp / "pred", LossPredictor(sets, 0, "mean", 64, np.zeros((3, hidden), np.float32),
+                                                np.array([0.0, 0.125, 0.5], np.float32), 0.0, {"loss": "test"}))
+    bundle = build_bundle(tmp / "llm", tmp / "adaptive-bundle", candidates=[list(HEALED), [1]],
+                          adapters=[peft], predictor=tmp / "pred")
+
+    def gen(*flags):
+        done = run_cli("generate", str(bundle), "-p", "hi", "-m", "6", "--json", *flags)
+        assert done.returncode == 0, done.stderr
+        return json.loads(done.stdout)
+
+    got, fixed = gen("--max-loss", "0.2"), gen("--omit", "2,3")
+    assert got["omitted"] == list(HEALED) and got["adapter"] == "peft" and got["token_ids"] == fixed["token_ids"]
+    unhealed = gen("--max-loss", "0.2", "--unhealed")
+    assert unhealed["token_ids"] == gen("--omit", "2,3", "--unhealed")["token_ids"]
+    assert unhealed["token_ids"] != got["token_ids"]  # the adapter mattered
+    assert gen("--max-loss", "0.1")["omitted"] == []  # nothing fits: dense, no adapter
