@@ -35,7 +35,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .errors import PuddingError, first_line
-from .jsonio import read_json
+from .jsonio import field_checker, read_json
 from .omission import check_omitted
 
 FORMAT = "pudding-mlx-adapter"
@@ -89,10 +89,7 @@ def read_adapter(folder, layers: Sequence[nn.Module], name: Optional[str] = None
     where = folder / SETTINGS_FILE
     s = read_json(where, "the adapter's settings", REDO)
 
-    def need(key, ok, what):
-        if key not in s or not ok(s[key]):
-            raise PuddingError(f"{where}: field '{key}' must be {what}, got {s.get(key)!r}")
-        return s[key]
+    need = field_checker(s, where)
 
     need("format", lambda v: v == FORMAT, repr(FORMAT))
     need("schema_version", lambda v: v == SCHEMA_VERSION,

@@ -39,7 +39,7 @@ from typing import List, Optional, Sequence
 import numpy as np
 
 from .errors import PuddingError, first_line
-from .jsonio import read_json
+from .jsonio import field_checker, read_json
 
 FORMAT = "pudding-mlx-loss-predictor"
 SETTINGS_FILE = "predictor.json"
@@ -158,10 +158,7 @@ def read_predictor(folder, hidden_size: Optional[int] = None) -> LossPredictor:
     where = folder / SETTINGS_FILE
     s = read_json(where, "the loss predictor's settings", FIX)
 
-    def need(key, ok, what):
-        if key not in s or not ok(s[key]):
-            raise PuddingError(f"{where}: field '{key}' must be {what}, got {s.get(key)!r}; {FIX}")
-        return s[key]
+    need = field_checker(s, where, FIX)
 
     def number(v):
         return isinstance(v, (int, float)) and not isinstance(v, bool)

@@ -21,3 +21,16 @@ def read_json(path, what: str, fix: str = "re-create or re-download it", want: O
     if want is not None and not isinstance(data, want):
         raise PuddingError(f"{path}: {what} must be a JSON {'object' if want is dict else want.__name__}; {fix}")
     return data
+
+
+def field_checker(settings: dict, where, fix: str = ""):
+    """`need(key, ok, what)` for one parsed settings file: the value of `key` if `ok(value)`, else the one
+    line every reader gives (the file, the field, what it must be, what it is; then `fix`)."""
+    tail = f"; {fix}" if fix else ""
+
+    def need(key, ok, what):
+        if key not in settings or not ok(settings[key]):
+            raise PuddingError(f"{where}: field '{key}' must be {what}, got {settings.get(key)!r}{tail}")
+        return settings[key]
+
+    return need

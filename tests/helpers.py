@@ -79,3 +79,11 @@ def run_cli(*args, env: Optional[dict] = None, timeout: float = 600) -> subproce
     """Run `pudding-mlx ARGS` (env: variables added to this process's environment)."""
     return subprocess.run([*CLI, *map(str, args)], capture_output=True, text=True, timeout=timeout,
                           env=dict(os.environ, **(env or {})))
+
+
+def assert_one_line(done, *needles):
+    """A CLI run that failed as bad input should: exit 2, one line on stderr, no traceback, naming `needles`."""
+    assert done.returncode == 2, (done.stdout, done.stderr)
+    assert "Traceback" not in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.stderr
+    for needle in needles:
+        assert needle in done.stderr, done.stderr
