@@ -102,7 +102,7 @@ def chat(
 
     router = ("no router" if loaded.router is None else
               f"adaptive depth under --max-loss {max_loss:g}: loss predictor over {len(loaded.router.sets)} sets"
-              if loaded.router.kind == "adaptive" else f"router with {len(loaded.manifest.candidates)} candidate sets")
+              if getattr(loaded.router, "kind", None) == "adaptive" else f"router with {len(loaded.manifest.candidates)} candidate sets")
     mode = f" · lossless: the routed set drafts {draft_tokens} tokens, the dense model verifies" if lossless else ""
     console.print(f"[bold]pudding-mlx chat[/bold] · {path} · {n} blocks · {router}"
                   + (f" · {note}" if note else "") + mode)
@@ -317,7 +317,7 @@ class _ChatState:
             index, scores, ms = loaded.router.best(text)
         ran = self.session.turns[-1].omitted if self.session.turns else None
         preview = text if len(text) <= 60 else text[:57] + "..."
-        if loaded.router.kind == "adaptive":
+        if getattr(loaded.router, "kind", None) == "adaptive":
             console.print(adaptive_table(loaded.router, index, scores, loaded.n_blocks,
                                          title=f"predicted losses for {preview!r} ({ms:.1f} ms)"))
             return
