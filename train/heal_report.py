@@ -31,6 +31,7 @@ import numpy as np
 from pudding_mlx.atomic import write_json, write_text
 from pudding_mlx.errors import PuddingError
 
+from .generation import set_name
 from .generation_report import OBJECTIVES, bootstrap, load_sets, passed, router_picks
 from .report import average, bootstrap_delta, load_eval, per_task
 
@@ -58,7 +59,7 @@ def humaneval(work: Path, run: Path) -> dict:
         if got is None:
             continue
         chosen, sets = got
-        names = [("omit-" + "-".join(map(str, sets[c]))) for c in chosen]
+        names = [set_name(sets[c]) for c in chosen]
         usage = {n: names.count(n) for n in sorted(set(names))}
         row = {"router": f"hidden-{objective}-k3", "usage": usage}
         if all(n in unhealed for n in usage):
@@ -99,7 +100,7 @@ def multiple_choice(work: Path, run: Path) -> Optional[dict]:
     rows = []
     for c, s in enumerate(healed["sets"]):
         h = healed["hit"][:, c]
-        name = "omit-" + "-".join(map(str, sorted(s)))
+        name = set_name(s)
         row = {"set": name, "k": len(s), "healed": average(per_task(ref, h)),
                "healed_minus_dense_ci95": bootstrap_delta(ref, h, dense)}
         if tuple(sorted(s)) in u_col:
