@@ -58,6 +58,30 @@ def test_generate_with_skipped_blocks_equals_a_cache_free_decode(tiny):
     assert [l.self_attn.layer_idx for l in find_decoder(model).layers] == idx  # restored
 
 
+def test_generate_splits_a_batch_the_gpu_cannot_hold(tiny, monkeypatch):
+    """A batch that runs out of GPU memory is answered in halves (down to one prompt): the same replies as
+    one batch, and an out-of-memory on a single prompt still raises."""
+    model, tok = tiny
+    msgs = ["Write a function", "Why is the sky blue? Explain in detail please.", "hi"]
+    want = G.generate(model, tok, msgs, [2], max_new_tokens=8, batch_size=3)
+    real, sizes = model.generate, []
+
+    def small_gpu(input_ids, **kw):
+        sizes.append(len(input_ids))
+        if len(input_ids) > 1:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(input_ids=input_ids, **kw)
+
+    monkeypatch.setattr(model, "generate", small_gpu)
+    got = G.generate(model, tok, msgs, [2], max_new_tokens=8, batch_size=3)
+    assert [r["token_ids"] for r in got] == [r["token_ids"] for r in want]
+    assert [r["finished"] for r in got] == [r["finished"] for r in want]
+    assert sizes == [3, 1, 2, 1, 1]
+    monkeypatch.setattr(model, "generate", lambda **kw: (_ for _ in ()).throw(torch.cuda.OutOfMemoryError("x")))
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        G.generate(model, tok, ["hi"], [], max_new_tokens=4, batch_size=1)
+
+
 def test_the_sets_of_the_committed_qwen_run():
     sets = G.sets_to_run([RUN / f"cand-k{k}.json" for k in (3, 5, 7)], RUN / "cand.state.json", [1, 2])
     counts = {}
@@ -84,12 +108,11 @@ def test_run_generation_resumes_and_shards(tiny, tmp_path):
     assert any("dense: done before" in line for line in logs)
     four = json.loads((tmp_path / "sets" / "omit-4.json").read_text())
     assert four["humaneval"]["n"] == 2 and four["fidelity"]["n"] == 2
-    # a resumed run splits what is left, [omit-2, omit-1-3], over the shards again
+    # shard 0 starting after shard 1 has written its set still gets its whole share, [omit-2, omit-1-3] (a
+    # split of what is left would give it [omit-2] only, and omit-1-3 to no one)
     G.run_generation(model, tok, sets, tmp_path, limit=2, max_new_tokens=6, shard=(0, 2), fidelity_max_k=1,
                      log=logs.append)
-    assert sorted(p.stem for p in (tmp_path / "sets").glob("*.json")) == ["dense", "omit-2", "omit-4"]
-    G.run_generation(model, tok, sets, tmp_path, limit=2, max_new_tokens=6, shard=(0, 2), fidelity_max_k=1,
-                     log=logs.append)  # the one set left goes to shard 0
+    assert sorted(p.stem for p in (tmp_path / "sets").glob("*.json")) == ["dense", "omit-1-3", "omit-2", "omit-4"]
     one_three = json.loads((tmp_path / "sets" / "omit-1-3.json").read_text())
     assert "fidelity" not in one_three  # k = 2 > fidelity_max_k
     summary = json.loads((tmp_path / "summary.json").read_text())

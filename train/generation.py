@@ -90,9 +90,9 @@ def generate(model, tokenizer, messages: Sequence[str], omitted: Sequence[int] =
                 ids[j, width - len(encoded[i]):] = torch.tensor(encoded[i])
                 mask[j, width - len(encoded[i]):] = 1
             t0 = time.perf_counter()
-            gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=False,
-                                 max_new_tokens=max_new_tokens, eos_token_id=stops, pad_token_id=pad,
-                                 temperature=None, top_p=None, top_k=None, use_cache=True)
+            gen = _generate_fitting(model, ids.to(device), mask.to(device), dict(
+                do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=stops, pad_token_id=pad,
+                temperature=None, top_p=None, top_k=None, use_cache=True))
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             seconds = time.perf_counter() - t0
@@ -105,6 +105,25 @@ def generate(model, tokenizer, messages: Sequence[str], omitted: Sequence[int] =
             if progress:
                 progress(min(start + batch_size, len(order)), len(order))
     return out
+
+
+def _generate_fitting(model, ids, mask, settings: dict):
+    """model.generate on the batch, or on its halves when the GPU runs out of memory (several processes share
+    one GPU: a batch of long prompts can meet a neighbour's peak). The halves' outputs are padded to one width
+    with the pad token, which the caller cuts at the first stop anyway."""
+    try:
+        return model.generate(input_ids=ids, attention_mask=mask, **settings)
+    except torch.cuda.OutOfMemoryError:
+        if len(ids) == 1:
+            raise
+        if ids.is_cuda:
+            torch.cuda.empty_cache()
+        half = len(ids) // 2
+        parts = [_generate_fitting(model, ids[:half], mask[:half], settings),
+                 _generate_fitting(model, ids[half:], mask[half:], settings)]
+        width = max(p.shape[1] for p in parts)
+        return torch.cat([torch.nn.functional.pad(p, (0, width - p.shape[1]), value=settings["pad_token_id"])
+                          for p in parts])
 
 
 def set_name(omitted: Sequence[int]) -> str:
@@ -143,9 +162,9 @@ def run_generation(model, tokenizer, sets: Dict[str, dict], out_dir, tasks: Sequ
                    progress: Optional[Callable[[int, int], None]] = None, shard: Tuple[int, int] = (0, 1),
                    fidelity_max_k: Optional[int] = None) -> Path:
     """Generate and score every set (module doc); returns OUT/summary.json. `shard` (i, n): this process
-    runs every n-th of the sets not yet written from the i-th (by k, then name; dense always, first; so a
-    resumed run spreads what is left over all n), so n processes started together can share
-    one GPU (generation here is bound by the host's per-step work, not by the GPU). Fidelity runs for the
+    runs every n-th of the sets from the i-th (by k, then name; dense always, first), skipping those already
+    written, so n processes can share one GPU (generation here is bound by the host's per-step work, not by
+    the GPU) whenever each of them starts; a rerun with n = 1 finishes what any shard left. Fidelity runs for the
     sets of at most `fidelity_max_k` blocks (all when None)."""
     out_dir = Path(out_dir)
     (out_dir / "sets").mkdir(parents=True, exist_ok=True)
@@ -162,8 +181,8 @@ def run_generation(model, tokenizer, sets: Dict[str, dict], out_dir, tasks: Sequ
                   **{k: v.astype(np.float16) for k, v in feats.items()})
         log(f"router features of {len(texts)} prompts -> {out_dir / 'features.npz'}")
     rest = sorted((n for n in sets if n != "dense"), key=lambda n: (sets[n]["k"], n))
-    # the shards split the sets not yet written (a resumed run spreads what is left over all of them)
-    rest = [n for n in rest if not (out_dir / "sets" / f"{n}.json").is_file()]
+    # the shards split the whole list, written sets included (skipped below): a split of only what is left
+    # depends on when each shard starts, and shards that start a phase at different times then miss sets
     order = ["dense"] + rest[shard[0]::shard[1]]  # dense first: fidelity compares with it
     dense_fid = None
     pending = []
