@@ -13,7 +13,7 @@ import typer
 from rich.console import Console
 
 from pudding_mlx import __version__
-from pudding_mlx.errors import PuddingError
+from pudding_mlx.errors import PuddingError, out_of_memory
 from pudding_mlx.app.options import DRAFT, LOSSLESS, MAX_LOSS, ROUTED, UNHEALED
 
 app = typer.Typer(
@@ -176,6 +176,12 @@ def main():
     except PuddingError as e:
         err.print(f"[bold red]error:[/bold red] {e}", soft_wrap=True)
         sys.exit(2)
+    except (RuntimeError, MemoryError) as e:
+        line = out_of_memory(e)
+        if line is None:
+            raise
+        err.print(f"[bold red]error:[/bold red] {line}", soft_wrap=True)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -211,3 +211,27 @@ def test_install_dir_force_keep_and_refuse(tmp_path):
     install_dir(tmp_path / "b", out, force=True, keep=lambda p: False)
     assert (out / "f").read_text() == "b" and not (tmp_path / "b").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # nothing set aside is left
+
+
+def test_running_out_of_device_memory_is_one_line_not_a_traceback(monkeypatch, capsys):
+    """MLX raises RuntimeError when the device runs out of memory (seen on CUDA: eval on a GPU another process
+    filled): one line naming the cause and what to lower, exit 1; any other RuntimeError is still a bug and
+    keeps its traceback."""
+    from pudding_mlx.app import cli
+
+    def oom():
+        raise RuntimeError("cudaMallocAsync(&data, size, stream) failed: out of memory")
+
+    monkeypatch.setattr(cli, "app", oom)
+    with pytest.raises(SystemExit) as exit_:
+        cli.main()
+    assert exit_.value.code == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "out of memory" in err and "--batch-size" in err
+
+    def bug():
+        raise RuntimeError("shapes (3,4) and (5,6) cannot be broadcast")
+
+    monkeypatch.setattr(cli, "app", bug)
+    with pytest.raises(RuntimeError, match="broadcast"):
+        cli.main()

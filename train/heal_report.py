@@ -6,7 +6,10 @@ results/<model>/heal/) beside the model's run folder (results/<model>/: the unhe
 multiple-choice data, both made with the same model, prompts and settings):
 
 - HumanEval pass@1 (PyTorch bf16, greedy, 164 problems) of every set run with the pool adapter
-  (WORK/gen-pool), against the same set unhealed (RUN/generation) and dense, paired bootstrap 95% intervals.
+  (WORK/gen-pool), against the same set unhealed (RUN/generation, or WORK/gen-unhealed for the sets of the
+  generation-aware search) and dense, paired bootstrap 95% intervals.
+- The generation-aware search's sets, unhealed (WORK/gen-unhealed, WORK/mc-unhealed-{val,test}): HumanEval
+  and the multiple-choice average at each k, beside dense.
 - Routed: the k = 3 hidden-state routers of RUN (retrained from its committed data, as the generation
   report does) pick a set per problem; healed routed is that set's healed result, where every set picked
   was run healed.
@@ -40,8 +43,15 @@ def _k(name: str) -> int:
     return 0 if name == "dense" else len(name.removeprefix("omit-").split("-"))
 
 
+def _unhealed_sets(work: Path, run: Path) -> Dict[str, dict]:
+    sets = load_sets(run / "generation")
+    if (work / "gen-unhealed" / "sets").is_dir():
+        sets.update({n: r for n, r in load_sets(work / "gen-unhealed").items() if n != "dense"})
+    return sets
+
+
 def humaneval(work: Path, run: Path) -> dict:
-    healed, unhealed = load_sets(work / "gen-pool"), load_sets(run / "generation")
+    healed, unhealed = load_sets(work / "gen-pool"), _unhealed_sets(work, run)
     ids = [r["task_id"] for r in unhealed["dense"]["humaneval"]["records"]]
     dense = passed(unhealed["dense"], ids)
     hits = {name: passed(res, ids) for name, res in healed.items() if name != "dense"}
@@ -86,28 +96,98 @@ def _aligned(data: dict, keys: List[tuple]) -> np.ndarray:
     return np.array([pos[k] for k in keys])
 
 
+def _mc_parts(folder: Path, prefix: str) -> Optional[List[Path]]:
+    parts = [folder / f"{prefix}-{tag}" for tag in ("val", "test")]
+    return parts if all((p / "router_data.npz").is_file() for p in parts) else None
+
+
+def _unhealed_columns(work: Path, run: Path, keys: List[tuple]) -> Dict[tuple, np.ndarray]:
+    """{set: its per-example hits, unhealed, in the order of `keys`}: RUN's data, then WORK/mc-unhealed."""
+    cols: Dict[tuple, np.ndarray] = {}
+    sources = [load_eval([run / "data-val.npz", run / "data-test.npz"])]
+    extra = _mc_parts(work, "mc-unhealed")
+    if extra:
+        sources.append(load_eval(extra))
+    for data in sources:
+        rows = _aligned(data, keys)
+        for i, s in enumerate(data["sets"]):
+            cols.setdefault(tuple(sorted(s)), data["hit"][rows, i])
+    return cols
+
+
 def multiple_choice(work: Path, run: Path) -> Optional[dict]:
-    parts = [work / f"mc-pool-{tag}" for tag in ("val", "test")]
-    if not all((p / "router_data.npz").is_file() for p in parts):
+    parts = _mc_parts(work, "mc-pool")
+    if not parts:
         return None
     healed = load_eval(parts)
-    unhealed = load_eval([run / "data-val.npz", run / "data-test.npz"])
     keys = list(zip(healed["task"], healed["id"]))
-    rows_u = _aligned(unhealed, keys)
+    unhealed = load_eval([run / "data-val.npz", run / "data-test.npz"])
     ref = {"task": healed["task"]}
-    dense = unhealed["dense_hit"][rows_u]
-    u_col = {tuple(sorted(s)): i for i, s in enumerate(unhealed["sets"])}
+    dense = unhealed["dense_hit"][_aligned(unhealed, keys)]
+    u_cols = _unhealed_columns(work, run, keys)
     rows = []
     for c, s in enumerate(healed["sets"]):
         h = healed["hit"][:, c]
         name = set_name(s)
         row = {"set": name, "k": len(s), "healed": average(per_task(ref, h)),
                "healed_minus_dense_ci95": bootstrap_delta(ref, h, dense)}
-        if tuple(sorted(s)) in u_col:
-            u = unhealed["hit"][rows_u, u_col[tuple(sorted(s))]]
+        u = u_cols.get(tuple(sorted(s)))
+        if u is not None:
             row.update(unhealed=average(per_task(ref, u)), healed_minus_unhealed_ci95=bootstrap_delta(ref, h, u))
         rows.append(row)
     return {"dense": average(per_task(ref, dense)), "n": len(keys), "tasks": sorted(set(healed["task"])), "sets": rows}
+
+
+def generation_aware(work: Path, run: Path) -> Optional[dict]:
+    """The generation-aware search's sets (WORK/cand-distill-k*.json), unhealed: HumanEval where run, the
+    multiple-choice average where scored, each against dense (paired 95% intervals)."""
+    from pudding_mlx.candidates import read_candidates
+
+    files = sorted(work.glob("cand-distill-k*.json"), key=lambda p: int(p.stem.rsplit("k", 1)[1]))
+    if not files:
+        return None
+    gen = load_sets(work / "gen-unhealed") if (work / "gen-unhealed" / "sets").is_dir() else {}
+    ids = [r["task_id"] for r in load_sets(run / "generation")["dense"]["humaneval"]["records"]]
+    he_dense = passed(load_sets(run / "generation")["dense"], ids)
+    mc_parts = _mc_parts(work, "mc-unhealed")
+    mc = load_eval(mc_parts) if mc_parts else None
+    if mc is not None:
+        unhealed = load_eval([run / "data-val.npz", run / "data-test.npz"])
+        keys = list(zip(mc["task"], mc["id"]))
+        ref, mc_dense = {"task": mc["task"]}, unhealed["dense_hit"][_aligned(unhealed, keys)]
+        mc_col = {tuple(sorted(s)): i for i, s in enumerate(mc["sets"])}
+    rows = []
+    for f in files:
+        for c in read_candidates(f):
+            s = tuple(sorted(c["omitted"]))
+            row = {"set": set_name(s), "k": len(s), "chain": c.get("task")}
+            if set_name(s) in gen:
+                h = passed(gen[set_name(s)], ids)
+                row.update(humaneval=100 * float(h.mean()), humaneval_minus_dense_ci95=bootstrap(h, he_dense))
+            if mc is not None and s in mc_col:
+                h = mc["hit"][:, mc_col[s]]
+                row.update(mc=average(per_task(ref, h)), mc_minus_dense_ci95=bootstrap_delta(ref, h, mc_dense))
+            rows.append(row)
+    # against today's best static set of the same k (chosen on the fidelity prompts: RUN/generation.json), the
+    # generation-aware set a user would take without looking at code: the chain on all val replies
+    against = []
+    today = json.loads((run / "generation.json").read_text())["rows"] if (run / "generation.json").is_file() else []
+    unhealed = load_sets(run / "generation")
+    for f in files:
+        for c in read_candidates(f):
+            if ["all", "response_nll"] not in [list(x) for x in c.get("sources", [])] or set_name(c["omitted"]) not in gen:
+                continue
+            base = next((r for r in today if r["method"] == "best static" and r["k"] == len(c["omitted"])
+                         and "fidelity" in r["name"]), None)
+            if base is None or set_name(base["set"]) not in unhealed:
+                continue
+            h, b = passed(gen[set_name(c["omitted"])], ids), passed(unhealed[set_name(base["set"])], ids)
+            against.append({"k": len(c["omitted"]), "set": set_name(c["omitted"]), "humaneval": 100 * float(h.mean()),
+                            "best_static": set_name(base["set"]), "best_static_humaneval": 100 * float(b.mean()),
+                            "minus_best_static_ci95": bootstrap(h, b)})
+    return {"he_dense": 100 * float(he_dense.mean()),
+            "mc_dense": average(per_task(ref, mc_dense)) if mc is not None else None, "sets": rows,
+            "against_best_static": against}
 
 
 def val_nll(work: Path) -> Optional[dict]:
@@ -149,7 +229,7 @@ def build(work, run_dir, model: str) -> dict:
     info = json.loads(heal.read_text())
     settings = {k: info.get(k) for k in ("steps", "batch", "lr", "rank", "alpha", "kl_weight", "layers", "sets", "data")}
     return {"model": model, "adapter": settings, "humaneval": humaneval(work, run), "mc": multiple_choice(work, run),
-            "val_nll": val_nll(work), "mlx": mlx_runs(work)}
+            "generation_aware": generation_aware(work, run), "val_nll": val_nll(work), "mlx": mlx_runs(work)}
 
 
 def _ci(ci) -> str:
@@ -186,6 +266,22 @@ def to_markdown(rep: dict) -> str:
         for r in mc["sets"]:
             out.append(f"| {r['set']} | {_f(r.get('unhealed'))} | {r['healed']:.1f} | "
                        f"{_ci(r.get('healed_minus_unhealed_ci95'))} | {_ci(r['healed_minus_dense_ci95'])} |")
+    ga = rep.get("generation_aware")
+    if ga:
+        mc_dense = f"; MC dense {ga['mc_dense']:.1f}" if ga["mc_dense"] is not None else ""
+        out += ["", f"## The generation-aware search's sets, unhealed (HumanEval dense {ga['he_dense']:.1f}{mc_dense})", "",
+                "Chosen on the val split of the distillation replies (their NLL), never on HumanEval or the tasks' scores.", "",
+                "| set | k | HumanEval | - dense [95%] | MC average | - dense [95%] |", "|---|---|---|---|---|---|"]
+        for r in ga["sets"]:
+            out.append(f"| {r['set']} | {r['k']} | {_f(r.get('humaneval'))} | {_ci(r.get('humaneval_minus_dense_ci95'))} | "
+                       f"{_f(r.get('mc'))} | {_ci(r.get('mc_minus_dense_ci95'))} |")
+        if ga.get("against_best_static"):
+            out += ["", "Against today's best static set of the same k (chosen on the fidelity prompts), the "
+                    "generation-aware chain on all val replies, HumanEval pass@1:", "",
+                    "| k | generation-aware | HumanEval | best static | HumanEval | difference [95%] |",
+                    "|---|---|---|---|---|---|"]
+            out += [f"| {r['k']} | {r['set']} | {r['humaneval']:.1f} | {r['best_static']} | {r['best_static_humaneval']:.1f} | "
+                    f"{_ci(r['minus_best_static_ci95'])} |" for r in ga["against_best_static"]]
     if nll:
         out += ["", f"## Val NLL of the dense replies ({nll['examples']} replies; what the adapter is chosen on)", "",
                 "| set | unhealed | healed |", "|---|---|---|"]

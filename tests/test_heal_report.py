@@ -1,0 +1,88 @@
+"""The healing report (`train heal-report`) on the committed Qwen heal run (results/qwen2.5-coder-1.5b/heal): its
+figures are the committed per-problem and per-example records, recomputed here by hand (HumanEval healed and
+unhealed, from the model run or the heal run's own unhealed folder; the multiple-choice average; the
+generation-aware sets against today's best static set); a heal folder without an adapter is one line, exit 2."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("torch")
+
+from helpers import assert_one_line, run_cli  # noqa: E402
+from pudding_mlx.train import heal_report as R  # noqa: E402
+from pudding_mlx.train.report import average, load_eval, per_task  # noqa: E402
+
+pytestmark = pytest.mark.torch
+RUN = Path(__file__).resolve().parents[1] / "results" / "qwen2.5-coder-1.5b"
+HEAL = RUN / "heal"
+
+
+def _pass_rate(folder: Path, name: str) -> float:
+    records = json.loads((folder / "sets" / f"{name}.json").read_text())["humaneval"]["records"]
+    assert len(records) == 164
+    return 100 * float(np.mean([r["passed"] for r in records]))
+
+
+@pytest.fixture(scope="module")
+def report():
+    return R.build(HEAL, RUN, "Qwen2.5-Coder-1.5B-Instruct")
+
+
+def test_humaneval_rows_are_the_committed_records(report):
+    he = report["humaneval"]
+    assert he["n"] == 164 and he["dense"] == pytest.approx(_pass_rate(RUN / "generation", "dense"))
+    rows = {r["set"]: r for r in he["sets"]}
+    assert set(rows) == {p.stem for p in (HEAL / "gen-pool" / "sets").glob("omit-*.json")}
+    for name, row in rows.items():
+        assert row["healed"] == pytest.approx(_pass_rate(HEAL / "gen-pool", name))
+        lo, hi = row["healed_minus_dense_ci95"]
+        assert lo <= row["healed"] - he["dense"] <= hi
+    # unhealed from the model's generation run, or (a generation-aware set) from the heal run's own folder
+    assert rows["omit-13-14-15"]["unhealed"] == pytest.approx(_pass_rate(RUN / "generation", "omit-13-14-15"))
+    assert not (RUN / "generation" / "sets" / "omit-6-13-14.json").exists()
+    assert rows["omit-6-13-14"]["unhealed"] == pytest.approx(_pass_rate(HEAL / "gen-unhealed", "omit-6-13-14"))
+
+
+def test_multiple_choice_rows_are_the_committed_scores(report):
+    mc = report["mc"]
+    healed = load_eval([HEAL / "mc-pool-val", HEAL / "mc-pool-test"])
+    assert mc["n"] == len(healed["task"]) == 6000 and len(mc["tasks"]) == 6
+    ref = {"task": healed["task"]}
+    for c, s in enumerate(healed["sets"]):
+        row = next(r for r in mc["sets"] if r["set"] == "omit-" + "-".join(map(str, sorted(s))))
+        assert row["healed"] == pytest.approx(average(per_task(ref, healed["hit"][:, c])))
+        assert "unhealed" in row  # every healed set was also scored unhealed (model run or mc-unhealed)
+    dense = next(r for r in json.loads((RUN / "report.json").read_text())["rows"] if r["method"] == "dense")
+    assert mc["dense"] == pytest.approx(dense["average"], abs=0.01)
+
+
+def test_generation_aware_sets_against_todays_best_static(report):
+    ga = report["generation_aware"]
+    ks = sorted({r["k"] for r in ga["sets"]})
+    assert ks == [1, 2, 3, 5]
+    today = {r["k"]: r for r in json.loads((RUN / "generation.json").read_text())["rows"]
+             if r["method"] == "best static" and "fidelity" in r["name"]}
+    assert [r["k"] for r in ga["against_best_static"]] == [1, 2, 3]
+    for r in ga["against_best_static"]:
+        assert r["best_static"] == "omit-" + "-".join(map(str, today[r["k"]]["set"]))
+        assert r["best_static_humaneval"] == pytest.approx(today[r["k"]]["pass@1"])
+        assert r["humaneval"] == pytest.approx(_pass_rate(HEAL / "gen-unhealed", r["set"]))
+        lo, hi = r["minus_best_static_ci95"]
+        assert lo <= r["humaneval"] - r["best_static_humaneval"] <= hi
+    md = R.to_markdown(report)
+    assert all(f"| {r['set']} |" in md for r in ga["sets"])
+
+
+def test_the_committed_report_is_what_the_command_writes(tmp_path):
+    done = run_cli("train", "heal-report", HEAL, "--run", RUN, "--out", tmp_path, "--model", "Qwen2.5-Coder-1.5B-Instruct")
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "heal_report.md").read_text() == (HEAL / "heal_report.md").read_text()
+
+
+def test_a_heal_folder_without_its_adapter_is_one_line(tmp_path):
+    done = run_cli("train", "heal-report", tmp_path, "--run", RUN, "--out", tmp_path / "o", "--model", "m")
+    assert_one_line(done, "adapters/pool-k3/heal.json")
+    assert not (tmp_path / "o").exists()
