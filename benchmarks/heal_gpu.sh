@@ -9,13 +9,15 @@
 #        # the lent machine (10 minutes); WORK/run.log, WORK/run.pid. Resumable: a rerun skips what is on disk
 #   benchmarks/heal_gpu.sh start-shards GGUF WORK N   # the whole run, detached, N processes sharing the GPU where
 #        # generation dominates (HF generation is bound by the host's work per step): N answer shards; search, pool
-#        # and nll in one; then N HumanEval shards, one process for multiple choice and the adaptive data and one
-#        # for the per-set adapters, all at once (the GPU has room: generation leaves it mostly idle).
+#        # and nll in one; N HumanEval shards; then multiple choice and the adaptive data; then the per-set
+#        # adapters. One step at a time after the shards: on an 80 GB H100, 4 generation shards hold ~70 GB, and
+#        # multiple choice or training beside them ran out of memory (2026-12-06).
 #        # Logs: WORK/run.log (the steps), WORK/<step>-<i>.log. CORE_PHASES, HE_PHASES, MC_PHASES (and PER_SET=0)
 #        # narrow the run: a lent machine can go back mid-run, taking /tmp with it
 #   benchmarks/heal_gpu.sh mlx STAGED WORK OUT   # MLX (CUDA; STAGED also holds the mlx, mlx-cuda-13 and mlx-lm
 #        # wheels): the qwen2.5-coder-1.5b preset, and once WORK's pool adapter exists, the preset with it
-#        # (WORK/mlx/healed-preset), its adapter cost and lossless drafting (bench) and HumanEval healed (eval)
+#        # (WORK/mlx/healed-preset), its adapter cost and lossless drafting (bench) and HumanEval healed (eval).
+#        # Start it with start-shards: it waits for the HumanEval shards, then shares the GPU with multiple choice
 #   benchmarks/heal_gpu.sh status WORK           # running or not, the log's tail, the GPU's use
 #   benchmarks/heal_gpu.sh collect WORK OUT      # WORK as OUT/heal.tgz (unfinished answers too: a lost machine
 #        # loses less), without adapter weights over 5 MB (their heal.json and adapter_config.json stay; the pool
@@ -57,9 +59,10 @@ start-shards)
     setsid nohup sh -c "
         set -u; i=0; while [ \$i -lt $n ]; do SHARD=\$i/$n $D answers >$work/answers-\$i.log 2>&1 & i=\$((i+1)); done; wait
         echo answers done; $D $core >$work/core-0.log 2>&1; echo core done
-        i=0; while [ \$i -lt $n ]; do SHARD=\$i/$n $D $he >$work/he-\$i.log 2>&1 & i=\$((i+1)); done
-        [ ${PER_SET:-2} -gt 0 ] && $D per-set >$work/per-set-0.log 2>&1 &
-        $D $mc >$work/mc-0.log 2>&1; wait; echo humaneval, mc, adaptive-data, per-set done" >"$work/run.log" 2>&1 &
+        i=0; while [ \$i -lt $n ]; do SHARD=\$i/$n $D $he >$work/he-\$i.log 2>&1 & i=\$((i+1)); done; wait
+        echo humaneval done; touch $work/he.done
+        $D $mc >$work/mc-0.log 2>&1; echo mc, adaptive-data done
+        [ ${PER_SET:-2} -gt 0 ] && $D per-set >$work/per-set-0.log 2>&1; echo per-set done" >"$work/run.log" 2>&1 &
     echo $! >"$work/run.pid"
     echo "started $(cat "$work/run.pid"): $work/run.log" ;;
 mlx)
@@ -71,7 +74,8 @@ mlx)
     ln -sf "$staged/qwen2.5-coder-1.5b-instruct-q4_k_m.gguf" "$C/files/"
     [ -d "$PUDDING_MLX_DATA" ] || tar xf "$staged/bench.tar" -C /tmp/data  # lossless.py's prompts
     python3 -c "from pudding_mlx.convert.default_bundle import ensure_default_bundle; print(ensure_default_bundle(preset='qwen2.5-coder-1.5b'))"
-    while [ ! -f "$work/adapters/pool-k3/heal.json" ]; do sleep 10; done
+    # after the HumanEval shards (WORK/he.done): MLX beside them ran out of GPU memory
+    while [ ! -f "$work/adapters/pool-k3/heal.json" ] || [ ! -f "$work/he.done" ]; do sleep 10; done
     python3 -c "import json; m = json.load(open('$P/pudding.json')); json.dump([c['omitted'] for c in m['candidates']], open('$work/mlx/cands.json', 'w'))"
     [ -d "$H" ] || $PM convert bundle --llm "$P" --router "$P/router" --candidates "$work/mlx/cands.json" \
         --adapter "$work/adapters/pool-k3" "$H"
@@ -81,20 +85,20 @@ mlx)
         case $mode in routed) flag="--routed" ;; *) flag="--omit $mode" ;; esac
         tag=$(echo "$mode" | tr ',' '-')
         $PM eval "$H" --tasks humaneval $flag --batch-size 41 --json "$out/mlx_eval_healed_$tag.json" \
-            >"$out/mlx_eval_healed_$tag.log" 2>&1
+            >"$out/mlx_eval_healed_$tag.log" 2>&1 || echo "failed: $out/mlx_eval_healed_$tag.log"
     done
     # the adapter's cost on this GPU: healed vs unhealed with the same set, in the same interleaved rounds
     $PM bench "$H" --omit 15,17,18 --cells 16+64 --runs 6 --no-memory --json "$out/mlx_adapter_cost_cuda.json" \
-        >"$out/mlx_adapter_cost_cuda.log" 2>&1
+        >"$out/mlx_adapter_cost_cuda.log" 2>&1 || echo "failed: $out/mlx_adapter_cost_cuda.log"
     # lossless: the healed and the unhealed k = 3 drafts (same sets), and an aggressive unhealed k = 7 draft
     # (cand-k7's first set; no adapter heals it)
     L="python3 benchmarks/lossless.py --per-task 2 --max-tokens 64 --draft-tokens 2,3,5,8 --no-strict"
     $L "$H" --static 15,17,18 --json "$out/mlx_lossless_healed.json" --md "$out/mlx_lossless_healed.md" \
-        >"$out/mlx_lossless_healed.log" 2>&1
+        >"$out/mlx_lossless_healed.log" 2>&1 || echo "failed: $out/mlx_lossless_healed.log"
     $L "$P" --static 15,17,18 --json "$out/mlx_lossless_unhealed.json" --md "$out/mlx_lossless_unhealed.md" \
-        >"$out/mlx_lossless_unhealed.log" 2>&1
+        >"$out/mlx_lossless_unhealed.log" 2>&1 || echo "failed: $out/mlx_lossless_unhealed.log"
     $L "$P" --static "${AGGRESSIVE:-4,9,13,16,17,19,26}" --json "$out/mlx_lossless_k7.json" \
-        --md "$out/mlx_lossless_k7.md" >"$out/mlx_lossless_k7.log" 2>&1
+        --md "$out/mlx_lossless_k7.md" >"$out/mlx_lossless_k7.log" 2>&1 || echo "failed: $out/mlx_lossless_k7.log"
     echo "mlx done" ;;
 status)
     work=$2
