@@ -16,6 +16,7 @@ from pudding_mlx.errors import PuddingError
 from pudding_mlx.tasks import eval_metric
 
 RUN = Path(__file__).resolve().parents[1] / "results" / "qwen2.5-coder-1.5b"
+NLL = RUN / "heal" / "adaptive" / "nll.npz"
 SIZES = [0, 3, 3, 5, 5]
 
 
@@ -255,7 +256,22 @@ def test_a_second_source_joins_the_fit(tmp_path):
 def built():
     from pudding_mlx.train.adaptive import build
 
-    return build(RUN, RUN / "generation", "qwen2.5-coder-1.5b", bench_file=RUN.parents[1] / "results" / "bench" / "bench_qwen_preset_cuda.json")
+    # as the committed report is made: the MC router data and the GPU run's reply NLL (heal/adaptive/nll.npz)
+    return build(RUN, RUN / "generation", "qwen2.5-coder-1.5b", nll_path=NLL,
+                 bench_file=RUN.parents[1] / "results" / "bench" / "bench_qwen_preset_cuda.json")
+
+
+def test_the_gpu_runs_reply_nll_is_a_training_source(built):
+    """The committed nll.npz (400 distillation replies, train and val splits, never HumanEval or an
+    evaluation split): every menu set is in it, dense's loss is 0 by definition, the fit used it."""
+    from pudding_mlx.train.adaptive import basis_of, nll_source
+
+    rep, predictor = built
+    src = nll_source(NLL, basis_of(RUN))
+    assert set(src["split"]) == {"train", "val"} and not any(i.startswith("HumanEval") for i in src["id"])
+    assert {tuple(s) for s in rep["menu"]} <= set(src["sets"])
+    assert np.all(src["loss"][:, src["sets"].index(())] == 0)
+    assert rep["predictor"]["sources"] == ["mc-train", "nll"] and "nll" in predictor.settings["trained_on"]
 
 
 def _eval_hits():
@@ -379,4 +395,7 @@ def test_the_report_command_writes_its_files(tmp_path):
     assert got.exit_code == 0, got.output
     for name in ("adaptive.md", "adaptive.json", "predictor/predictor.json", "predictor/predictor.safetensors"):
         assert (tmp_path / "a" / name).is_file()
+    # strict JSON: the open budgets are the strings "-inf" / "inf", not Infinity (other parsers refuse it)
+    rep = json.loads((tmp_path / "a" / "adaptive.json").read_text(), parse_constant=lambda c: pytest.fail(c))
+    assert rep["frontier"][0]["budget"] == "-inf" and rep["frontier"][-1]["budget"] == "inf"
     assert read_predictor(tmp_path / "a" / "predictor", hidden_size=1536).sets[0] == []

@@ -536,12 +536,24 @@ def plot(rep: dict, path) -> None:
     fig.savefig(path, dpi=120)
 
 
+def _strict(value):
+    """The report as strict JSON: the open budgets (-inf: dense only; inf: no limit) as the strings "-inf" and
+    "inf" (json.dumps would write Infinity, which JSON parsers other than Python's refuse), NaN as null."""
+    if isinstance(value, dict):
+        return {k: _strict(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_strict(v) for v in value]
+    if isinstance(value, float) and not np.isfinite(value):
+        return None if np.isnan(value) else ("inf" if value > 0 else "-inf")
+    return value
+
+
 def write(run_dir, gen_dir, out_dir, model: str, nll_path=None, bench_file=None) -> Path:
     """Build the report, write OUT_DIR/adaptive.{json,md,png} and the predictor (OUT_DIR/predictor/); a
     rerun replaces them."""
     rep, predictor = build(run_dir, gen_dir, model, nll_path, bench_file)
     out = Path(out_dir)
-    write_json(out / "adaptive.json", rep)
+    write_json(out / "adaptive.json", _strict(rep))
     write_text(out / "adaptive.md", to_markdown(rep))
     write_predictor(out / "predictor", predictor, force=True)
     try:
