@@ -7,7 +7,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from pudding_mlx.app.options import DRAFT, MAX_LOSS
+from pudding_mlx.app.options import DRAFT, LORA_TERMS, MAX_LOSS
 
 console = Console(stderr=True, highlight=False)
 
@@ -45,6 +45,7 @@ def bench(
                                         "(chat and code alternate)."),
     max_tokens: int = typer.Option(256, "--max-tokens", "-m", min=1, help="With --answers: the most tokens an answer may have."),
     max_loss: Optional[float] = MAX_LOSS,
+    lora_terms: bool = LORA_TERMS,
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the results as JSON here."),
     plot_out: Optional[Path] = typer.Option(None, "--plot", help="Write a PNG plot here (needs matplotlib)."),
 ):
@@ -58,11 +59,11 @@ def bench(
 
     B.check_outputs(json_out, plot_out)  # before any work: an output that cannot be written
     if answers:
-        return _answers(model, shape, omit, runs or 1, limit, max_tokens, dtype, json_out, plot_out, max_loss)
+        return _answers(model, shape, omit, runs or 1, limit, max_tokens, dtype, json_out, plot_out, max_loss, lora_terms)
     result = B.measure(model, shape, k, omit, router_dir, cells, runs or 10, memory, dtype,
                        draft_tokens if lossless else None,
                        progress=lambda line: console.print(line, markup=False, soft_wrap=True),
-                       router_kind=router_kind, speculate=speculate, max_loss=max_loss)
+                       router_kind=router_kind, speculate=speculate, max_loss=max_loss, lora_terms=lora_terms)
     _print(result)
     B.save(result, json_out, plot_out)
     for part, why in result["failed"].items():
@@ -74,7 +75,7 @@ def bench(
         raise typer.Exit(143 if "SIGTERM" in interrupted else 130 if interrupted else 1)
 
 
-def _answers(model, shape, omit, rounds, limit, max_tokens, dtype, json_out, plot_out, max_loss=None):
+def _answers(model, shape, omit, rounds, limit, max_tokens, dtype, json_out, plot_out, max_loss=None, lora_terms=False):
     """`bench --answers`: time to a complete answer (pudding_mlx.answer_bench, answer_time)."""
     from pudding_mlx import answer_bench as AB
     from pudding_mlx import answer_time as A
@@ -86,7 +87,7 @@ def _answers(model, shape, omit, rounds, limit, max_tokens, dtype, json_out, plo
     if shape is not None or model is None:
         raise PuddingError("--answers needs MODEL (a bundle or model directory): a random-weight --shape has no answers")
     # the routed row routes whatever the bundle's default (answer_bench.answer); --max-loss: adaptive depth
-    loaded = load(model, dtype=dtype, max_loss=max_loss)
+    loaded = load(model, dtype=dtype, max_loss=max_loss, lora_terms=lora_terms)
     configs = AB.configurations(loaded, parse_omit_sets(omit) if omit is not None else None)
     prompts = A.answer_prompts(limit)
     console.print(f"{len(prompts)} prompts x {len(configs)} configurations ({', '.join(configs)}), "

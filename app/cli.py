@@ -14,7 +14,7 @@ from rich.console import Console
 
 from pudding_mlx import __version__
 from pudding_mlx.errors import PuddingError, out_of_memory
-from pudding_mlx.app.options import DRAFT, LOSSLESS, MAX_LOSS, ROUTED, UNHEALED
+from pudding_mlx.app.options import DRAFT, LORA_TERMS, LOSSLESS, MAX_LOSS, ROUTED, UNHEALED
 
 app = typer.Typer(
     name="pudding-mlx",
@@ -59,6 +59,7 @@ def generate(
     routed: bool = ROUTED,
     max_loss: Optional[float] = MAX_LOSS,
     unhealed: bool = UNHEALED,
+    lora_terms: bool = LORA_TERMS,
     max_tokens: int = typer.Option(256, "--max-tokens", "-m", min=1, help="Most tokens to generate."),
     temp: float = typer.Option(0.0, "--temp", min=0.0, help="Sampling temperature; 0 is greedy."),
     top_p: float = typer.Option(1.0, "--top-p", min=0.0, max=1.0, help="Nucleus sampling mass."),
@@ -79,7 +80,7 @@ def generate(
 
     omit_list = None if omit is None else parse_omit(omit)
     check_override(dense, omit_list, routed, max_loss)
-    loaded = load(model, dtype=dtype, routed=routed, healed=not unhealed, max_loss=max_loss)
+    loaded = load(model, dtype=dtype, routed=routed, healed=not unhealed, max_loss=max_loss, lora_terms=lora_terms)
     ids = prompt_tokens(loaded.tokenizer, prompt, not ignore_chat_template, system)
     n_prompt = len(ids)
     choice, ids, cache = choose_and_prefill(loaded, prompt, ids, dense, omit_list, lossless)

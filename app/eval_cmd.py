@@ -21,7 +21,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from pudding_mlx.app.options import MAX_LOSS, ROUTED, UNHEALED
+from pudding_mlx.app.options import LORA_TERMS, MAX_LOSS, ROUTED, UNHEALED
 from pudding_mlx.errors import PuddingError
 
 err = Console(stderr=True, highlight=False)
@@ -48,6 +48,7 @@ def eval_command(
     routed: bool = ROUTED,
     max_loss: Optional[float] = MAX_LOSS,
     unhealed: bool = UNHEALED,
+    lora_terms: bool = LORA_TERMS,
     omit: Optional[str] = typer.Option(None, "--omit", help="Skip these 0-based blocks, e.g. 3,5 "
                                        "(overrides the router)."),
     data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="The benchmark folder "
@@ -68,14 +69,14 @@ def eval_command(
     --batch-size is the number of prompts generated together."""
     try:
         _run(model, tasks, limit, json_file, dense, omit, data_dir, batch_size, batch_tokens, dtype,
-             max_tokens, workers, routed, unhealed, max_loss)
+             max_tokens, workers, routed, unhealed, max_loss, lora_terms)
     except PuddingError as e:
         err.print(f"[bold red]error:[/bold red] {e}", soft_wrap=True)
         raise typer.Exit(2)
 
 
 def _run(model, tasks, limit, json_file, dense, omit, data_dir, batch_size, batch_tokens, dtype, max_tokens=None,
-         workers=None, routed=False, unhealed=False, max_loss=None):
+         workers=None, routed=False, unhealed=False, max_loss=None, lora_terms=False):
     from pudding_mlx.fidelity import chat_prompts
     from pudding_mlx.generation_eval import GENERATIVE_TASKS
     from pudding_mlx.humaneval import load_problems
@@ -102,7 +103,7 @@ def _run(model, tasks, limit, json_file, dense, omit, data_dir, batch_size, batc
     from pudding_mlx.load import load
 
     loaded = load(model, dtype=dtype, with_router=not dense and omit_list is None, routed=routed,
-                  healed=not unhealed, max_loss=max_loss)
+                  healed=not unhealed, max_loss=max_loss, lora_terms=lora_terms)
     choice = fixed_choice(loaded.n_blocks, loaded.router is not None, dense, omit_list, loaded.dense_by_default)
     omitted, mode = (None, "routed" if max_loss is None else "adaptive") if choice is None else (choice.omitted, choice.how)
     if mode == "no-router":

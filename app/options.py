@@ -18,6 +18,9 @@ MODEL_OR_PRESET = typer.Argument(None, help="A pudding-mlx bundle, an mlx-lm mod
                                 "the --preset bundle, built once into the cache.")
 UNHEALED = typer.Option(False, "--unhealed", help="Leave the bundle's healing adapters off: a skipped set runs "
                         "as the original weights give it (for comparisons; dense never uses an adapter).")
+LORA_TERMS = typer.Option(False, "--lora-terms", help="Run the bundle's healing adapters as LoRA terms beside "
+                          "each weight instead of merged copies of the adapted layers (the default): no extra memory "
+                          "and exact to the adapter, but slower (on a GPU much slower). See docs/bundle.md.")
 MAX_LOSS = typer.Option(None, "--max-loss", metavar="FLOAT", help="Adaptive depth: the bundle's loss predictor "
                         "picks, per prompt, the set with the most blocks skipped whose predicted loss against dense "
                         "is at most FLOAT (dense when none fits; inf: the most blocks always). Default: off (the "

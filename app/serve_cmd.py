@@ -5,7 +5,7 @@ from typing import Optional
 import typer
 from rich.console import Console
 
-from pudding_mlx.app.options import DRAFT, LOSSLESS, MAX_LOSS, MODEL_OR_PRESET, ROUTED, UNHEALED
+from pudding_mlx.app.options import DRAFT, LORA_TERMS, LOSSLESS, MAX_LOSS, MODEL_OR_PRESET, ROUTED, UNHEALED
 from pudding_mlx.errors import PuddingError
 
 
@@ -25,6 +25,7 @@ def serve(
     routed: bool = ROUTED,
     max_loss: Optional[float] = MAX_LOSS,
     unhealed: bool = UNHEALED,
+    lora_terms: bool = LORA_TERMS,
     omit: Optional[str] = typer.Option(None, "--omit", help="Skip these 0-based blocks for every request, "
                                        "e.g. 3,5,9 (overrides the router)."),
     max_tokens: int = typer.Option(512, "--max-tokens", "-m", min=1, help="Default most tokens per reply "
@@ -70,7 +71,7 @@ def serve(
     counts = run_server(path, model_id=model_id, host=host, port=port, on_ready=ready, dtype=dtype, dense=dense,
                         omit=base_omit, queue_size=queue_size, max_tokens=max_tokens, temperature=temp,
                         top_p=top_p, lossless=lossless, draft_tokens=draft_tokens, routed=routed, healed=not unhealed, max_loss=max_loss,
-                        log=lambda line: err.print(line, markup=False))
+                        lora_terms=lora_terms, log=lambda line: err.print(line, markup=False))
     console.print("stopped · " + ", ".join(f"{k} {v}" for k, v in counts.items()))
 
 

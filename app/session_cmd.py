@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from pudding_mlx.app.options import DRAFT, LOSSLESS, MAX_LOSS, MODEL_OR_PRESET, ROUTED, UNHEALED
+from pudding_mlx.app.options import DRAFT, LORA_TERMS, LOSSLESS, MAX_LOSS, MODEL_OR_PRESET, ROUTED, UNHEALED
 from pudding_mlx.errors import PuddingError
 
 HELP = [
@@ -54,6 +54,7 @@ def chat(
     routed: bool = ROUTED,
     max_loss: Optional[float] = MAX_LOSS,
     unhealed: bool = UNHEALED,
+    lora_terms: bool = LORA_TERMS,
     dtype: Optional[str] = typer.Option(None, "--dtype", help="float32 | float16 | bfloat16 (default: "
                                         "float32 on the CPU backend, the stored dtype elsewhere)."),
     lossless: bool = LOSSLESS,
@@ -85,7 +86,8 @@ def chat(
             raise PuddingError("give either MODEL or --preset (a preset is a bundle built for you)")
         path = ensure_default_bundle(console=err, preset=preset) if model is None else resolve(model)
         with console.status("loading the model", spinner="dots"):
-            loaded = load(str(path), dtype=dtype, routed=routed, healed=not unhealed, max_loss=max_loss)
+            loaded = load(str(path), dtype=dtype, routed=routed, healed=not unhealed, max_loss=max_loss,
+                          lora_terms=lora_terms)
             SkipView(loaded.model)  # an unsupported architecture fails here, in one line
     except KeyboardInterrupt:
         err.print("interrupted")

@@ -14,6 +14,17 @@ A linear with an adapter computes  y = W x + scale * (x @ lora_a) @ lora_b  whil
 active, and exactly W x otherwise: the same module call as before attaching, so the dense model (no
 set skipped, no adapter active) stays the stock mlx-lm model, token for token.
 
+Two ways to run the active adapter (`attach(..., fused=)`):
+  fused (the default of `load`)  a second copy of each adapted linear with the adapter merged in,
+          W' = W + scale * (lora_a @ lora_b)^T, made once at load by mlx-lm's `LoRALinear.fuse`; a
+          quantized W is dequantized, merged and quantized again at its group size and at 8 bits or
+          more (`fuse_linear`: at 4 bits most of a trained delta rounds away). Decode then runs one
+          matmul per linear, as the unhealed set does, for the memory of a second, 8-bit copy of the
+          adapted linears (W' carries its own rounding: it is W + delta to 8-bit precision).
+  LoRA terms  the two small matmuls beside W at every call: no extra memory, exact to the adapter, but
+          on a GPU at batch 1 the extra kernels cost more than the skipped blocks save (H100: 0.40x
+          decode speed; results/qwen2.5-coder-1.5b/heal/mlx-out).
+
 Which adapter runs is decided by the omission set alone (`adapter_for`): the adapter whose `sets`
 list holds it, else none (that set runs unhealed). `SkipView` looks it up when it is made and makes it
 active for the duration of each call (under the view's lock, as it swaps the layer list), so every
@@ -155,10 +166,30 @@ class _Active:
 
 
 class _LoRA:
-    """A plain holder, so the adapters' arrays stay out of the model's parameters."""
+    """A plain holder, so the adapters' arrays (and fused copies) stay out of the model's parameters."""
 
     def __init__(self):
         self.by_name: Dict[str, Tuple[mx.array, mx.array, float]] = {}
+        self.fused: Dict[str, nn.Module] = {}
+
+
+FUSED_MIN_BITS = 8
+
+
+def fuse_linear(base: nn.Module, a: mx.array, b: mx.array, scale: float) -> nn.Module:
+    """`base` with the LoRA term merged in (module doc, "fused"), by mlx-lm's LoRALinear.fuse. A quantized
+    base's copy is quantized again at its group size and mode but at FUSED_MIN_BITS bits at least: the
+    delta of a trained adapter is small against a 4-bit step, and a 4-bit copy rounds most of it away
+    (tests/test_adapters.py measures both)."""
+    from mlx_lm.tuner.lora import LoRALinear
+
+    lora = LoRALinear.from_base(base, r=a.shape[1], scale=scale)
+    lora.lora_a, lora.lora_b = a, b
+    fused = lora.fuse(dequantize=True)
+    if isinstance(base, nn.QuantizedLinear):
+        fused = nn.QuantizedLinear.from_linear(fused, base.group_size, max(base.bits, FUSED_MIN_BITS), mode=base.mode)
+    mx.eval(fused.parameters())  # made now, once, not inside the first request
+    return fused
 
 
 class LoRASwitch(nn.Module):
@@ -171,8 +202,14 @@ class LoRASwitch(nn.Module):
         self._lora = _LoRA()
 
     def __call__(self, x):
+        name = self._active.name
+        if name is None:
+            return self.base(x)
+        fused = self._lora.fused.get(name)
+        if fused is not None:
+            return fused(x)
         y = self.base(x)
-        lora = self._lora.by_name.get(self._active.name) if self._active.name is not None else None
+        lora = self._lora.by_name.get(name)
         if lora is None:
             return y
         a, b, scale = lora
@@ -194,9 +231,10 @@ def registry(model) -> Optional[Registry]:
     return getattr(decoder(model), "_pudding_adapters", None)
 
 
-def attach(model, adapters: Sequence[Adapter], dtype=None) -> Registry:
+def attach(model, adapters: Sequence[Adapter], dtype=None, fused: bool = False) -> Registry:
     """Wrap every linear that an adapter touches in a `LoRASwitch` and record which set runs under
-    which adapter. A set named by two adapters is refused (one line). Idempotent per adapter name."""
+    which adapter; `fused`: also make each linear's merged copy (module doc). A set named by two
+    adapters is refused (one line). Idempotent per adapter name."""
     from .skip import decoder
 
     inner = decoder(model)
@@ -222,6 +260,8 @@ def attach(model, adapters: Sequence[Adapter], dtype=None) -> Registry:
             if dtype is not None:
                 a, b = a.astype(dtype), b.astype(dtype)
             module._lora.by_name[adapter.name] = (a, b, adapter.scale)
+            if fused:
+                module._lora.fused[adapter.name] = fuse_linear(module.base, a, b, adapter.scale)
         reg.adapters[adapter.name] = adapter
         for s in adapter.sets:
             reg.by_set[tuple(s)] = adapter.name

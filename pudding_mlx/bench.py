@@ -331,7 +331,7 @@ SHAPE_CANDIDATES = 10  # a shape's hidden-state router scores this many sets (th
 
 def bench_target(model: Optional[str], shape: Optional[str], k: int, omit: Optional[str] = None,
                  router_dir=None, dtype: Optional[str] = None, router_kind: str = "bert",
-                 max_loss: Optional[float] = None) -> Target:
+                 max_loss: Optional[float] = None, lora_terms: bool = False) -> Target:
     """MODEL (a bundle: its candidate 0 or --omit is static, its router's pick is routed) or a random
     SHAPE (the spread set is both). The router: --router, else the bundle's, else (shapes) the
     smollm2-135m preset's BERT router when it is built, or with router_kind "hidden" a hidden-state
@@ -351,7 +351,7 @@ def bench_target(model: Optional[str], shape: Optional[str], k: int, omit: Optio
     name = str(router_dir) if router_dir is not None else None
     if shape:
         return _shape_target(shape, k, router, name, dtype, router_kind)
-    return _model_target(model, k, omit, router, name, dtype, max_loss)
+    return _model_target(model, k, omit, router, name, dtype, max_loss, lora_terms)
 
 
 def shape_hidden_router(model, static: Sequence[int], n_candidates: int = SHAPE_CANDIDATES, seed: int = 0,
@@ -401,13 +401,13 @@ def _shape_target(shape, k, router, name, dtype, router_kind="bert") -> Target:
     return Target(lm, static, static, router, name, {"shape": shape})
 
 
-def _model_target(model, k, omit, router, name, dtype, max_loss=None) -> Target:
+def _model_target(model, k, omit, router, name, dtype, max_loss=None, lora_terms=False) -> Target:
     """`max_loss`: the routed requests run adaptive depth (the bundle's loss predictor under this budget)."""
     from .load import load
     from .omission import check_omitted, parse_omit
     from .routing import route
 
-    loaded = load(model, dtype=dtype, max_loss=max_loss)
+    loaded = load(model, dtype=dtype, max_loss=max_loss, lora_terms=lora_terms)
     n_blocks = loaded.n_blocks
     cands = loaded.manifest.candidates if loaded.manifest else []
     if omit is not None:
@@ -430,14 +430,14 @@ def measure(model: Optional[str] = None, shape: Optional[str] = None, k: int = 7
             router_dir=None, cells: Optional[str] = None, runs: int = 10, memory: bool = True,
             dtype: Optional[str] = None, draft_tokens: Optional[int] = None,
             progress: Callable[[str], None] = print, router_kind: str = "bert",
-            speculate: bool = False, max_loss: Optional[float] = None) -> dict:
+            speculate: bool = False, max_loss: Optional[float] = None, lora_terms: bool = False) -> dict:
     """The whole `pudding-mlx bench` run (`speculate`: a hidden-state router's routed prefill, as in
     `hidden_router.routed_prefill`). Failures of a part (a cell, the memory probe, Ctrl-C) are
     recorded in `result["failed"]` (part -> one line) and everything measured is kept."""
     from .load import backend
 
     grid = parse_cells(cells)
-    target = bench_target(model, shape, k, omit, router_dir, dtype, router_kind, max_loss)
+    target = bench_target(model, shape, k, omit, router_dir, dtype, router_kind, max_loss, lora_terms)
     if target.router is None:
         progress("no router to time: router_s is 0 (pass --router, or build the smollm2-135m preset: pudding-mlx chat --preset smollm2-135m)")
     result = {"backend": backend(), **target.source, "k": len(target.static), "blocks": len(target.model.layers),

@@ -92,11 +92,12 @@ def read_model_dir(path: Path) -> Optional[Manifest]:
 
 def load(model: str, dtype: Optional[str] = None, lazy: bool = True, with_router: bool = True,
          check_memory: bool = True, routed: bool = False, healed: bool = True,
-         max_loss: Optional[float] = None) -> Loaded:
+         max_loss: Optional[float] = None, lora_terms: bool = False) -> Loaded:
     """Load MODEL (bundle, mlx-lm directory or hub id) with its tokenizer, manifest, router and healing
     adapters. check_memory: refuse, in one line, weights that alone exceed the device's memory. routed:
     route even where the bundle's default is dense (the user's --routed). healed=False: leave the
-    bundle's adapters off (the user's --unhealed). max_loss: adaptive depth (the user's --max-loss): the
+    bundle's adapters off (the user's --unhealed). lora_terms: run them as LoRA terms beside each weight
+    instead of merged copies (the user's --lora-terms; `adapters` module doc). max_loss: adaptive depth (the user's --max-loss): the
     bundle's loss predictor is the router, choosing under this budget (`adaptive_router`); it routes
     even where the bundle's default is dense, and a bundle without a predictor is refused in one line."""
     from mlx_lm.utils import load as mlx_lm_load
@@ -131,7 +132,7 @@ def load(model: str, dtype: Optional[str] = None, lazy: bool = True, with_router
     if manifest is not None:
         check_bundle_files(path, manifest, llm_blocks=loaded.n_blocks)
         if healed and manifest.adapters:
-            loaded.adapters = attach_bundle_adapters(model_obj, path, manifest)
+            loaded.adapters = attach_bundle_adapters(model_obj, path, manifest, fused=not lora_terms)
         if max_loss is not None and with_router:  # the loss predictor stands where the router stands
             from .adaptive_router import load_adaptive_router
 
@@ -157,9 +158,9 @@ def load(model: str, dtype: Optional[str] = None, lazy: bool = True, with_router
     return loaded
 
 
-def attach_bundle_adapters(model, path: Path, manifest: Manifest) -> list:
+def attach_bundle_adapters(model, path: Path, manifest: Manifest, fused: bool = True) -> list:
     """Read the bundle's adapters (each checked against the model, one line per fault) and attach them,
-    in the dtype the model computes in."""
+    in the dtype the model computes in; fused: as merged copies of the adapted linears."""
     from .skip import decoder
 
     layers = decoder(model).layers
@@ -167,5 +168,5 @@ def attach_bundle_adapters(model, path: Path, manifest: Manifest) -> list:
     embed = decoder(model).embed_tokens
     dtype = getattr(embed, "scales", None)
     dtype = (dtype if dtype is not None else embed.weight).dtype
-    attach(model, adapters, dtype=dtype)
+    attach(model, adapters, dtype=dtype, fused=fused)
     return adapters

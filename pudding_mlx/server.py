@@ -289,12 +289,14 @@ class Engine:
                  omit: Optional[Sequence[int]] = None, queue_size: int = 8, max_tokens: int = 512,
                  temperature: float = 0.0, top_p: float = 1.0, lossless: bool = False,
                  draft_tokens: Optional[int] = None, log: Optional[Callable[[str], None]] = None,
-                 routed: bool = False, healed: bool = True, max_loss: Optional[float] = None):
+                 routed: bool = False, healed: bool = True, max_loss: Optional[float] = None,
+                 lora_terms: bool = False):
         if queue_size < 0:
             raise PuddingError(f"--queue-size {queue_size}: must be 0 or more")
         self.model_path, self.model_id, self.dtype = Path(model_path), model_id, dtype
         self.dense, self.omit, self.routed = dense, None if omit is None else list(omit), routed
         self.healed = healed  # False: the bundle's healing adapters stay off (--unhealed)
+        self.lora_terms = lora_terms  # the adapters as LoRA terms, not merged copies (--lora-terms)
         self.max_loss = max_loss  # adaptive depth: the loss predictor routes under this budget (--max-loss)
         self.queue_size, self.max_tokens = queue_size, max_tokens
         self.temperature, self.top_p = temperature, top_p
@@ -372,7 +374,7 @@ class Engine:
         from .skip import SkipView
 
         loaded = load(str(self.model_path), dtype=self.dtype, routed=self.routed, healed=self.healed,
-                      max_loss=self.max_loss)
+                      max_loss=self.max_loss, lora_terms=self.lora_terms)
         if default_note(loaded) and not self.dense and self.omit is None:
             self.log(default_note(loaded))
         SkipView(loaded.model)  # an unsupported architecture fails here, in one line

@@ -54,12 +54,18 @@ def _torch_logits(peft_model, ids, omitted, adapter_on):
             return base(torch.tensor([ids]), use_cache=False).logits[0].numpy()
 
 
-def test_mlx_runs_the_adapter_as_peft_does_and_only_on_its_set(healed_bundle):
+@pytest.mark.parametrize("lora_terms", [False, True], ids=["fused", "lora-terms"])
+def test_mlx_runs_the_adapter_as_peft_does_and_only_on_its_set(healed_bundle, lora_terms):
+    """Both ways of running an adapter (merged copies, the default; LoRA terms) give PEFT's logits on an
+    unquantized model (the merge is exact there up to float rounding)."""
+    from pudding_mlx.adapters import LoRASwitch
     from pudding_mlx.load import load
-    from pudding_mlx.skip import SkipView
+    from pudding_mlx.skip import SkipView, decoder
 
     bundle, peft_model, _ = healed_bundle
-    loaded = load(str(bundle))
+    loaded = load(str(bundle), lora_terms=lora_terms)
+    q = decoder(loaded.model).layers[1].self_attn.q_proj
+    assert isinstance(q, LoRASwitch) and (q._lora.fused == {}) == lora_terms
     assert [a.name for a in loaded.adapters] == ["peft"] and loaded.adapters[0].blocks == [1, 2, 3, 4, 5]
     ids = loaded.tokenizer.encode("def add(a, b):\n    return a + b\n# and now multiply")
     healed = SkipView(loaded.model, HEALED)
@@ -285,3 +291,42 @@ def test_adaptive_depth_runs_the_chosen_sets_adapter(healed_bundle):
     assert unhealed["token_ids"] == gen("--omit", "2,3", "--unhealed")["token_ids"]
     assert unhealed["token_ids"] != got["token_ids"]  # the adapter mattered
     assert gen("--max-loss", "0.1")["omitted"] == []  # nothing fits: dense, no adapter
+
+
+def test_a_fused_adapter_on_a_quantized_model_keeps_its_effect(healed_bundle, tiny_hf_dir, tmp_path):
+    """On a 4-bit model the merged copy is quantized again (pudding_mlx.adapters, "fused") at 8 bits and the
+    base's group size: it lands far nearer the exact LoRA-term output than the unhealed set does, where a
+    4-bit copy (mlx-lm's plain fuse) would not; dense is untouched either way (bit for bit the same logits)."""
+    import mlx.nn as nn
+
+    from pudding_mlx.convert.bundle import build_bundle
+    from pudding_mlx.convert.llm import convert_llm
+    from pudding_mlx.load import load
+    from pudding_mlx.skip import SkipView, decoder
+
+    _, _, peft_dir = healed_bundle
+    convert_llm(str(tiny_hf_dir), tmp_path / "llm", quantize_bits=4, group_size=32, dtype="float32")
+    bundle = build_bundle(tmp_path / "llm", tmp_path / "bundle", candidates=[list(HEALED), [1]], adapters=[peft_dir])
+    fused, exact = load(str(bundle)), load(str(bundle), lora_terms=True)
+    q = decoder(fused.model).layers[1].self_attn.q_proj
+    assert isinstance(q.base, nn.QuantizedLinear)
+    copy = q._lora.fused["peft"]
+    assert isinstance(copy, nn.QuantizedLinear) and (copy.bits, copy.group_size) == (8, q.base.group_size)
+    ids = mx.array([fused.tokenizer.encode("def add(a, b):\n    return a + b\n# and now multiply")])
+    got = np.array(SkipView(fused.model, HEALED)(ids))[0]
+    want = np.array(SkipView(exact.model, HEALED)(ids))[0]
+    unhealed = np.array(SkipView(exact.model, HEALED, healed=False)(ids))[0]
+    effect, error = np.abs(want - unhealed).mean(), np.abs(got - want).mean()
+    assert effect > 0.05 and error < 0.25 * effect, (effect, error)
+    assert mx.array_equal(fused.model(ids), exact.model(ids)).item()  # dense: the base weights, not the copies
+    # why 8 bits: the same merge quantized at the base's 4 bits keeps far less of the adapter's effect
+    from mlx_lm.tuner.lora import LoRALinear
+
+    for block in decoder(fused.model).layers:
+        for switch in [m for _, m in block.named_modules() if hasattr(m, "_lora") and "peft" in m._lora.fused]:
+            a, b, scale = switch._lora.by_name["peft"]
+            lora = LoRALinear.from_base(switch.base, r=a.shape[1], scale=scale)
+            lora.lora_a, lora.lora_b = a, b
+            switch._lora.fused["peft"] = lora.fuse()  # mlx-lm's default: the base's own 4 bits
+    four_bit = np.array(SkipView(fused.model, HEALED)(ids))[0]
+    assert np.abs(four_bit - want).mean() > 2 * error
