@@ -176,6 +176,23 @@ class _LoRA:
 FUSED_MIN_BITS = 8
 
 
+def fused_bytes(layers: Sequence[nn.Module], adapters: Sequence[Adapter]) -> int:
+    """About the memory `attach(..., fused=True)` adds: one copy per adapted linear and adapter, at
+    FUSED_MIN_BITS bits (or the base's float dtype when it is not quantized) plus a float16 scale and bias
+    per group of 64."""
+    total = 0
+    for adapter in adapters:
+        for block, path in adapter.modules():
+            linear = submodule(layers[block], path)
+            linear = getattr(linear, "base", linear)  # already wrapped by an earlier attach
+            d_in, d_out = linear_dims(linear)
+            if isinstance(linear, nn.QuantizedLinear):
+                total += d_in * d_out * max(linear.bits, FUSED_MIN_BITS) // 8 + d_out * (d_in // linear.group_size) * 4
+            else:
+                total += d_in * d_out * linear.weight.dtype.size
+    return total
+
+
 def fuse_linear(base: nn.Module, a: mx.array, b: mx.array, scale: float) -> nn.Module:
     """`base` with the LoRA term merged in (module doc, "fused"), by mlx-lm's LoRALinear.fuse. A quantized
     base's copy is quantized again at its group size and mode but at FUSED_MIN_BITS bits at least: the

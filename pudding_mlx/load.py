@@ -132,7 +132,8 @@ def load(model: str, dtype: Optional[str] = None, lazy: bool = True, with_router
     if manifest is not None:
         check_bundle_files(path, manifest, llm_blocks=loaded.n_blocks)
         if healed and manifest.adapters:
-            loaded.adapters = attach_bundle_adapters(model_obj, path, manifest, fused=not lora_terms)
+            loaded.adapters = attach_bundle_adapters(model_obj, path, manifest, fused=not lora_terms,
+                                                     check_memory=check_memory, target=target)
         if max_loss is not None and with_router:  # the loss predictor stands where the router stands
             from .adaptive_router import load_adaptive_router
 
@@ -158,13 +159,24 @@ def load(model: str, dtype: Optional[str] = None, lazy: bool = True, with_router
     return loaded
 
 
-def attach_bundle_adapters(model, path: Path, manifest: Manifest, fused: bool = True) -> list:
+def attach_bundle_adapters(model, path: Path, manifest: Manifest, fused: bool = True, check_memory: bool = True,
+                           target=None) -> list:
     """Read the bundle's adapters (each checked against the model, one line per fault) and attach them,
-    in the dtype the model computes in; fused: as merged copies of the adapted linears."""
+    in the dtype the model computes in; fused: as merged copies of the adapted linears, refused in one
+    line (before any is made) when the weights and the copies would not fit the device's memory."""
+    from .adapters import fused_bytes
     from .skip import decoder
+    from .weights import memory_size, weights_summary
 
     layers = decoder(model).layers
     adapters = [read_adapter(path / a["path"], layers, a["name"]) for a in manifest.adapters]
+    if fused and check_memory and list(path.glob("model*.safetensors")):
+        extra, limit = fused_bytes(layers, adapters), memory_size()
+        weights = weights_summary(path, target.size if target is not None else None)["loaded_bytes"]
+        if limit and weights + extra > limit:
+            raise PuddingError(f"{path}: the healing adapters' merged copies need about {extra / 1e9:.1f} GB beside "
+                               f"the weights' {weights / 1e9:.1f} GB, and this device has {limit / 1e9:.1f} GB; "
+                               "pass --lora-terms (no extra memory, slower) or --unhealed")
     embed = decoder(model).embed_tokens
     dtype = getattr(embed, "scales", None)
     dtype = (dtype if dtype is not None else embed.weight).dtype

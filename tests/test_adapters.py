@@ -330,3 +330,29 @@ def test_a_fused_adapter_on_a_quantized_model_keeps_its_effect(healed_bundle, ti
             switch._lora.fused["peft"] = lora.fuse()  # mlx-lm's default: the base's own 4 bits
     four_bit = np.array(SkipView(fused.model, HEALED)(ids))[0]
     assert np.abs(four_bit - want).mean() > 2 * error
+
+
+def test_merged_copies_count_against_memory(healed_bundle, monkeypatch):
+    """`fused_bytes` is what the copies take (within 5%), and a device that holds the weights but not the
+    copies refuses the fused load in one line naming --lora-terms; --lora-terms then loads."""
+    import mlx.utils
+
+    from pudding_mlx import weights as W
+    from pudding_mlx.adapters import fused_bytes
+    from pudding_mlx.errors import PuddingError
+    from pudding_mlx.load import load
+    from pudding_mlx.skip import decoder
+
+    bundle, _, _ = healed_bundle
+    loaded = load(str(bundle))
+    layers = decoder(loaded.model).layers
+    copies = [m._lora.fused["peft"] for block in layers for _, m in block.named_modules()
+              if hasattr(m, "_lora") and "peft" in m._lora.fused]
+    made = sum(v.nbytes for c in copies for _, v in mlx.utils.tree_flatten(c.parameters()) if v.ndim == 2)
+    assert len(copies) == 5 * 7 and abs(fused_bytes(layers, loaded.adapters) - made) <= 0.05 * made
+    weights = W.weights_summary(bundle, 4)["loaded_bytes"]
+    monkeypatch.setattr(W, "memory_size", lambda: weights + made // 2)
+    with pytest.raises(PuddingError, match="--lora-terms") as e:
+        load(str(bundle))
+    assert len(str(e.value).splitlines()) == 1
+    assert load(str(bundle), lora_terms=True).adapters

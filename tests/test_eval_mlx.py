@@ -346,7 +346,7 @@ def test_json_routed_and_no_router(tiny_llm_dir, monkeypatch):
 
     real = L.load
 
-    def fake_load(model, dtype=None, lazy=True, with_router=True, routed=False, healed=True, max_loss=None):
+    def fake_load(model, dtype=None, lazy=True, with_router=True, routed=False, healed=True, max_loss=None, lora_terms=False):
         loaded = real(model, dtype=dtype, lazy=lazy, with_router=with_router, routed=routed, healed=healed)
         loaded.manifest = Manifest(num_blocks=6, candidates=[Candidate((1, 3)), Candidate((2,)), Candidate((0, 4, 5))])
         loaded.router = FakeRouter() if with_router else None

@@ -86,3 +86,16 @@ def test_a_heal_folder_without_its_adapter_is_one_line(tmp_path):
     done = run_cli("train", "heal-report", tmp_path, "--run", RUN, "--out", tmp_path / "o", "--model", "m")
     assert_one_line(done, "adapters/pool-k3/heal.json")
     assert not (tmp_path / "o").exists()
+
+
+def test_the_fused_rows_are_the_gpu_runs_files(report):
+    """heal/fuse (benchmarks/fuse_gpu.sh): the share of the NLL gain the merged copy keeps is recomputed from
+    the committed NLLs, and the decode-cost lines are the bench's own summaries."""
+    fu = report["fused"]
+    raw = json.loads((HEAL / "fuse" / "fuse_13-14-15_cuda.json").read_text())
+    n = raw["nll_per_token"]
+    row = fu["keeps"]["13-14-15_cuda"]
+    assert row["kept"] == pytest.approx((n["unhealed"] - n["fused"]) / (n["unhealed"] - n["lora"]))
+    assert n["dense"] < n["fused"] < n["unhealed"] and row["replies"] == 64
+    bench = json.loads((HEAL / "fuse" / "cost_fused_13-14-15_cuda.json").read_text())
+    assert fu["cost"]["fused_13-14-15_cuda"] == bench["summary"] and len(bench["summary"]) == 2

@@ -221,6 +221,18 @@ def mlx_runs(work: Path) -> Optional[dict]:
     return {"eval": runs, "adapter_cost": cost, "lossless": lossless}
 
 
+def fused(work: Path) -> Optional[dict]:
+    """The fused adapter (WORK/fuse, benchmarks/fuse_gpu.sh): what the merged copy keeps of the adapter's NLL
+    gain (benchmarks/adapter_fuse.py) and its decode cost (`bench` summaries), per set and backend."""
+    out = work / "fuse"
+    if not out.is_dir():
+        return None
+    keeps = {p.stem.removeprefix("fuse_"): json.loads(p.read_text()) for p in sorted(out.glob("fuse_*.json"))}
+    costs = {p.stem.removeprefix("cost_"): json.loads(p.read_text()).get("summary") for p in sorted(out.glob("cost_*.json"))}
+    return {"keeps": {k: {"set": v["set"], "replies": v["replies"], "nll_per_token": v["nll_per_token"], "kept": v["kept"]}
+                      for k, v in keeps.items()}, "cost": costs}
+
+
 def build(work, run_dir, model: str) -> dict:
     work, run = Path(work), Path(run_dir)
     heal = work / "adapters" / "pool-k3" / "heal.json"
@@ -229,7 +241,8 @@ def build(work, run_dir, model: str) -> dict:
     info = json.loads(heal.read_text())
     settings = {k: info.get(k) for k in ("steps", "batch", "lr", "rank", "alpha", "kl_weight", "layers", "sets", "data")}
     return {"model": model, "adapter": settings, "humaneval": humaneval(work, run), "mc": multiple_choice(work, run),
-            "generation_aware": generation_aware(work, run), "val_nll": val_nll(work), "mlx": mlx_runs(work)}
+            "generation_aware": generation_aware(work, run), "val_nll": val_nll(work), "mlx": mlx_runs(work),
+            "fused": fused(work)}
 
 
 def _ci(ci) -> str:
@@ -294,9 +307,20 @@ def to_markdown(rep: dict) -> str:
             usage = ", ".join(f"{n} x{c}" for n, c in r["usage"].items())
             out.append(f"| {name} | {r['pass@1']:.1f} | {usage} | {r['tokens_mean']:.0f} | {r['hit_limit']} |")
         if mlx["adapter_cost"]:
-            out += ["", f"Adapter cost: `{json.dumps(mlx['adapter_cost'])[:600]}`"]
+            out += ["", f"Adapter cost, as LoRA terms: `{json.dumps(mlx['adapter_cost'])[:600]}`"]
         for name, s in mlx["lossless"].items():
             out += ["", f"Lossless ({name}): `{json.dumps(s)[:600]}`"]
+    fu = rep.get("fused")
+    if fu:
+        out += ["", "## The adapter fused (the runtime's default: an 8-bit merged copy of each adapted linear)", "",
+                "| run | set | replies | NLL dense | unhealed | LoRA terms | fused | share of the gain kept |",
+                "|---|---|---|---|---|---|---|---|"]
+        for name, r in fu["keeps"].items():
+            n = r["nll_per_token"]
+            out.append(f"| {name} | {r['set']} | {r['replies']} | {n['dense']:.4f} | {n['unhealed']:.4f} | {n['lora']:.4f} | "
+                       f"{n['fused']:.4f} | {_f(100 * r['kept'] if r['kept'] is not None else None)}% |")
+        for name, summary in fu["cost"].items():
+            out += ["", f"Decode cost ({name}): " + "; ".join(summary or [])]
     return "\n".join(out) + "\n"
 
 
