@@ -505,7 +505,8 @@ def info(
         sets = "; ".join(",".join(map(str, s)) for s in a["sets"] or [])
         table.add_row("adapter", f"{a['name']}: heals {sets} (LoRA rank {a['rank']}, {a['modules']} linears of blocks "
                       f"{a['blocks'][0]}..{a['blocks'][-1]}, {a['parameters'] / 1e6:.2f} M params); on only while its "
-                      "set is skipped")
+                      f"set is skipped; runs fused: ~{_size(a['fused_bytes'])} of 8-bit merged copies in memory "
+                      "(--lora-terms: none, slower)")
     d = data["disk"]
     table.add_row("on disk", f"{_size(d['total'])}: LLM weights {_size(d['llm_weights'])}, router {_size(d['router'])}, "
                   f"tokenizer {_size(d['tokenizer'])}, other {_size(d['other'])}")

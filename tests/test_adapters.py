@@ -171,8 +171,11 @@ def test_convert_adapter_cli_and_info(healed_bundle, tmp_path):
     info = run_cli("info", str(bundle), "--json")
     assert info.returncode == 0, info.stderr
     got = json.loads(info.stdout)["adapters"]
+    w = loaded_adapter_weights(bundle)
+    merged = sum(a.shape[0] * w[k[:-len("lora_a")] + "lora_b"].shape[1] for k, a in w.items() if k.endswith("lora_a"))
     assert got == [{"name": "peft", "sets": [[2, 3]], "rank": 4, "blocks": [1, 2, 3, 4, 5], "modules": 35,
-                    "parameters": got[0]["parameters"]}] and got[0]["parameters"] > 0
+                    "parameters": got[0]["parameters"], "fused_bytes": merged + merged * 4 // 64}]
+    assert got[0]["parameters"] > 0 and merged == 5 * (2 * 64 * 64 + 2 * 64 * 32 + 3 * 64 * 128)  # q,o k,v mlp
 
 
 def loaded_adapter_weights(bundle):
