@@ -2,7 +2,7 @@
 
 The runtime runs an adapter fused by default: each adapted linear gets a merged copy W' = W + scale * A B made
 at load, so decode costs what the unhealed set costs (pudding_mlx.adapters). On a quantized model W' is
-quantized again at W's bits and group size, which rounds part of the (small) adapter delta away. This script
+quantized again (8 bits, W's group size), which rounds part of the (small) adapter delta away. This script
 measures how much: the NLL per token of the dense model's own replies to the val split of the distillation
 prompts (results/distill; never HumanEval or an evaluation split) under dense, the set unhealed, the set with
 the adapter as LoRA terms (exact) and fused, all in one process on the same inputs.
@@ -24,7 +24,7 @@ import numpy as np
 
 from pudding_mlx.atomic import write_json, write_text
 from pudding_mlx.errors import PuddingError
-from pudding_mlx.load import load
+from pudding_mlx.load import backend, load
 from pudding_mlx.omission import parse_omit
 from pudding_mlx.skip import SkipView
 
@@ -80,8 +80,7 @@ def main():
     nll = {k: v[0] / v[1] for k, v in sums.items()}
     gain_lora, gain_fused = nll["unhealed"] - nll["lora"], nll["unhealed"] - nll["fused"]
     diff = np.array(per["fused"]) - np.array(per["lora"])
-    rep = {"bundle": str(args.bundle), "set": omit, "adapter": views["fused"].adapter, "backend": mx.default_device().type.name
-           if hasattr(mx.default_device().type, "name") else str(mx.default_device()),
+    rep = {"bundle": str(args.bundle), "set": omit, "adapter": views["fused"].adapter, "backend": backend(),
            "replies": len(examples), "tokens": sums["dense"][1], "nll_per_token": nll,
            "kept": gain_fused / gain_lora if gain_lora else None,
            "fused_minus_lora_per_reply": {"mean": float(diff.mean()), "max_abs": float(np.abs(diff).max())},

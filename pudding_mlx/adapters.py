@@ -176,10 +176,16 @@ class _LoRA:
 FUSED_MIN_BITS = 8
 
 
+def quantized_copy_bytes(d_in: int, d_out: int, bits: int = FUSED_MIN_BITS, group_size: int = 64) -> int:
+    """The bytes of a fused copy of a quantized d_in -> d_out linear: `bits` per weight plus a float16
+    scale and bias per group of `group_size` (`info` estimates with the defaults, without the model)."""
+    return d_in * d_out * bits // 8 + d_out * (d_in // group_size) * 4
+
+
 def fused_bytes(layers: Sequence[nn.Module], adapters: Sequence[Adapter]) -> int:
     """About the memory `attach(..., fused=True)` adds: one copy per adapted linear and adapter, at
-    FUSED_MIN_BITS bits (or the base's float dtype when it is not quantized) plus a float16 scale and bias
-    per group of 64."""
+    FUSED_MIN_BITS bits and the base's group size (`quantized_copy_bytes`), or in the base's float dtype
+    when it is not quantized."""
     total = 0
     for adapter in adapters:
         for block, path in adapter.modules():
@@ -187,7 +193,7 @@ def fused_bytes(layers: Sequence[nn.Module], adapters: Sequence[Adapter]) -> int
             linear = getattr(linear, "base", linear)  # already wrapped by an earlier attach
             d_in, d_out = linear_dims(linear)
             if isinstance(linear, nn.QuantizedLinear):
-                total += d_in * d_out * max(linear.bits, FUSED_MIN_BITS) // 8 + d_out * (d_in // linear.group_size) * 4
+                total += quantized_copy_bytes(d_in, d_out, max(linear.bits, FUSED_MIN_BITS), linear.group_size)
             else:
                 total += d_in * d_out * linear.weight.dtype.size
     return total

@@ -38,18 +38,18 @@ def model_info(path: Path) -> dict:
 
 def adapter_info(folder: Path, name: str) -> dict:
     """A healing adapter: the sets it heals, its rank and blocks, its size (settings and header only)."""
-    from .adapters import SETTINGS_FILE, WEIGHTS_FILE
+    from .adapters import SETTINGS_FILE, WEIGHTS_FILE, quantized_copy_bytes
     from .bundle import safetensors_header
 
     s = read_json(folder / SETTINGS_FILE, "the adapter's settings", "rebuild the bundle")
     header = {k: v for k, v in safetensors_header(folder / WEIGHTS_FILE).items() if k != "__metadata__"}
     n = sum(math.prod(v["shape"]) for v in header.values())
-    # the merged copies a fused load makes (pudding_mlx.adapters.fused_bytes, for a quantized model): in x out
-    # at 8 bits, plus a float16 scale and bias per 64 weights
-    merged = sum(v["shape"][0] * header[k[:-len("lora_a")] + "lora_b"]["shape"][1] for k, v in header.items()
-                 if k.endswith("lora_a") and k[:-len("lora_a")] + "lora_b" in header)
+    # the merged copies a fused load makes of a quantized model (pudding_mlx.adapters.fused_bytes), estimated
+    # from the adapter's shapes alone: lora_a is [in, r], lora_b [r, out]
+    fused = sum(quantized_copy_bytes(v["shape"][0], header[k[:-len("lora_a")] + "lora_b"]["shape"][1])
+                for k, v in header.items() if k.endswith("lora_a") and k[:-len("lora_a")] + "lora_b" in header)
     return {"name": name, "sets": s.get("sets"), "rank": s.get("rank"), "blocks": s.get("blocks"),
-            "modules": len(header) // 2, "parameters": n, "fused_bytes": merged + merged * 4 // 64}
+            "modules": len(header) // 2, "parameters": n, "fused_bytes": fused}
 
 
 def predictor_info(folder: Path, config: dict) -> dict:

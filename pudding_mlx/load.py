@@ -118,8 +118,9 @@ def load(model: str, dtype: Optional[str] = None, lazy: bool = True, with_router
         raise PuddingError(f"--dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
     target = DTYPES[dtype] if dtype else default_dtype()
     check_weights_complete(path)
+    weights_bytes = None  # what the weights take once loaded, where checked: the fused adapters add to it
     if check_memory and list(path.glob("model*.safetensors")):
-        check_fits(path, target.size if target is not None else None)
+        weights_bytes = check_fits(path, target.size if target is not None else None)["loaded_bytes"]
     try:
         model_obj, tokenizer = mlx_lm_load(str(path), lazy=lazy)
     except FileNotFoundError as e:
@@ -133,7 +134,7 @@ def load(model: str, dtype: Optional[str] = None, lazy: bool = True, with_router
         check_bundle_files(path, manifest, llm_blocks=loaded.n_blocks)
         if healed and manifest.adapters:
             loaded.adapters = attach_bundle_adapters(model_obj, path, manifest, fused=not lora_terms,
-                                                     check_memory=check_memory, target=target)
+                                                     weights_bytes=weights_bytes)
         if max_loss is not None and with_router:  # the loss predictor stands where the router stands
             from .adaptive_router import load_adaptive_router
 
@@ -159,20 +160,20 @@ def load(model: str, dtype: Optional[str] = None, lazy: bool = True, with_router
     return loaded
 
 
-def attach_bundle_adapters(model, path: Path, manifest: Manifest, fused: bool = True, check_memory: bool = True,
-                           target=None) -> list:
+def attach_bundle_adapters(model, path: Path, manifest: Manifest, fused: bool = True,
+                           weights_bytes: Optional[int] = None) -> list:
     """Read the bundle's adapters (each checked against the model, one line per fault) and attach them,
     in the dtype the model computes in; fused: as merged copies of the adapted linears, refused in one
-    line (before any is made) when the weights and the copies would not fit the device's memory."""
+    line (before any is made) when the weights (`weights_bytes`, where the caller checked them) and the
+    copies would not fit the device's memory."""
     from .adapters import fused_bytes
     from .skip import decoder
-    from .weights import memory_size, weights_summary
+    from .weights import memory_size
 
     layers = decoder(model).layers
     adapters = [read_adapter(path / a["path"], layers, a["name"]) for a in manifest.adapters]
-    if fused and check_memory and list(path.glob("model*.safetensors")):
-        extra, limit = fused_bytes(layers, adapters), memory_size()
-        weights = weights_summary(path, target.size if target is not None else None)["loaded_bytes"]
+    if fused and weights_bytes is not None:
+        extra, limit, weights = fused_bytes(layers, adapters), memory_size(), weights_bytes
         if limit and weights + extra > limit:
             raise PuddingError(f"{path}: the healing adapters' merged copies need about {extra / 1e9:.1f} GB beside "
                                f"the weights' {weights / 1e9:.1f} GB, and this device has {limit / 1e9:.1f} GB; "

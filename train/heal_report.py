@@ -101,10 +101,11 @@ def _mc_parts(folder: Path, prefix: str) -> Optional[List[Path]]:
     return parts if all((p / "router_data.npz").is_file() for p in parts) else None
 
 
-def _unhealed_columns(work: Path, run: Path, keys: List[tuple]) -> Dict[tuple, np.ndarray]:
-    """{set: its per-example hits, unhealed, in the order of `keys`}: RUN's data, then WORK/mc-unhealed."""
+def _unhealed_columns(work: Path, run_data: dict, keys: List[tuple]) -> Dict[tuple, np.ndarray]:
+    """{set: its per-example hits, unhealed, in the order of `keys`}: RUN's data (`run_data`), then
+    WORK/mc-unhealed."""
     cols: Dict[tuple, np.ndarray] = {}
-    sources = [load_eval([run / "data-val.npz", run / "data-test.npz"])]
+    sources = [run_data]
     extra = _mc_parts(work, "mc-unhealed")
     if extra:
         sources.append(load_eval(extra))
@@ -124,7 +125,7 @@ def multiple_choice(work: Path, run: Path) -> Optional[dict]:
     unhealed = load_eval([run / "data-val.npz", run / "data-test.npz"])
     ref = {"task": healed["task"]}
     dense = unhealed["dense_hit"][_aligned(unhealed, keys)]
-    u_cols = _unhealed_columns(work, run, keys)
+    u_cols = _unhealed_columns(work, unhealed, keys)
     rows = []
     for c, s in enumerate(healed["sets"]):
         h = healed["hit"][:, c]
@@ -147,8 +148,9 @@ def generation_aware(work: Path, run: Path) -> Optional[dict]:
     if not files:
         return None
     gen = load_sets(work / "gen-unhealed") if (work / "gen-unhealed" / "sets").is_dir() else {}
-    ids = [r["task_id"] for r in load_sets(run / "generation")["dense"]["humaneval"]["records"]]
-    he_dense = passed(load_sets(run / "generation")["dense"], ids)
+    model_run = load_sets(run / "generation")  # the model run's sets, unhealed: dense and today's static sets
+    ids = [r["task_id"] for r in model_run["dense"]["humaneval"]["records"]]
+    he_dense = passed(model_run["dense"], ids)
     mc_parts = _mc_parts(work, "mc-unhealed")
     mc = load_eval(mc_parts) if mc_parts else None
     if mc is not None:
@@ -156,7 +158,10 @@ def generation_aware(work: Path, run: Path) -> Optional[dict]:
         keys = list(zip(mc["task"], mc["id"]))
         ref, mc_dense = {"task": mc["task"]}, unhealed["dense_hit"][_aligned(unhealed, keys)]
         mc_col = {tuple(sorted(s)): i for i, s in enumerate(mc["sets"])}
-    rows = []
+    # against today's best static set of the same k (chosen on the fidelity prompts: RUN/generation.json), the
+    # generation-aware set a user would take without looking at code: the chain on all val replies
+    today = json.loads((run / "generation.json").read_text())["rows"] if (run / "generation.json").is_file() else []
+    rows, against = [], []
     for f in files:
         for c in read_candidates(f):
             s = tuple(sorted(c["omitted"]))
@@ -164,27 +169,18 @@ def generation_aware(work: Path, run: Path) -> Optional[dict]:
             if set_name(s) in gen:
                 h = passed(gen[set_name(s)], ids)
                 row.update(humaneval=100 * float(h.mean()), humaneval_minus_dense_ci95=bootstrap(h, he_dense))
+                base = next((r for r in today if r["method"] == "best static" and r["k"] == len(s)
+                             and "fidelity" in r["name"]), None)
+                if (["all", "response_nll"] in [list(x) for x in c.get("sources", [])] and base is not None
+                        and set_name(base["set"]) in model_run):
+                    b = passed(model_run[set_name(base["set"])], ids)
+                    against.append({"k": len(s), "set": set_name(s), "humaneval": 100 * float(h.mean()),
+                                    "best_static": set_name(base["set"]), "best_static_humaneval": 100 * float(b.mean()),
+                                    "minus_best_static_ci95": bootstrap(h, b)})
             if mc is not None and s in mc_col:
                 h = mc["hit"][:, mc_col[s]]
                 row.update(mc=average(per_task(ref, h)), mc_minus_dense_ci95=bootstrap_delta(ref, h, mc_dense))
             rows.append(row)
-    # against today's best static set of the same k (chosen on the fidelity prompts: RUN/generation.json), the
-    # generation-aware set a user would take without looking at code: the chain on all val replies
-    against = []
-    today = json.loads((run / "generation.json").read_text())["rows"] if (run / "generation.json").is_file() else []
-    unhealed = load_sets(run / "generation")
-    for f in files:
-        for c in read_candidates(f):
-            if ["all", "response_nll"] not in [list(x) for x in c.get("sources", [])] or set_name(c["omitted"]) not in gen:
-                continue
-            base = next((r for r in today if r["method"] == "best static" and r["k"] == len(c["omitted"])
-                         and "fidelity" in r["name"]), None)
-            if base is None or set_name(base["set"]) not in unhealed:
-                continue
-            h, b = passed(gen[set_name(c["omitted"])], ids), passed(unhealed[set_name(base["set"])], ids)
-            against.append({"k": len(c["omitted"]), "set": set_name(c["omitted"]), "humaneval": 100 * float(h.mean()),
-                            "best_static": set_name(base["set"]), "best_static_humaneval": 100 * float(b.mean()),
-                            "minus_best_static_ci95": bootstrap(h, b)})
     return {"he_dense": 100 * float(he_dense.mean()),
             "mc_dense": average(per_task(ref, mc_dense)) if mc is not None else None, "sets": rows,
             "against_best_static": against}
