@@ -24,6 +24,15 @@ PHASES, in this order (default all):
             every candidate set of k = 1, 2, 3, 5, 7 (today's searches and the generation-aware one; unhealed,
             and the k = 3 pool healed), and the router's features (the dense hidden state after block 3,
             mean and last)                                                   -> WORK/adaptive/
+  mc-healed router data (multiple choice, the rows of results/qwen2.5-coder-1.5b's data-train/val/test: their
+            tasks, splits, seeds and sizes) of every k = 3 pool set with the pool adapter on, for routers retrained
+            on the healed sets' scores (the `dense` columns there have the adapter on: use the run's own)
+                                                                             -> WORK/data-healed-{train,val,test}/
+  mc-extra  the same, unhealed, for issue "Adaptive depth"'s menu: the k = 1 and 2 sets with HumanEval results
+            (generation/sets) of lowest train-split reply NLL in the committed heal/adaptive/nll.npz (3 per k),
+            and the generation-aware k = 3 pool sets the run's data lacks       -> WORK/data-extra-{train,val,test}/
+  seed      (alone, before processes sharing WORK start) copy the committed heal results (val NLL, the pool
+            adapter's HumanEval replies) into WORK, so that nll and he-pool skip what is done
   per-set   one adapter per set (the PER_SET sets of lowest healed val NLL), trained the same way and as long,
             with HumanEval and multiple choice of each                        -> WORK/adapters/set-*/, gen-set-*/
 
@@ -55,9 +64,11 @@ from pudding_mlx.train.router_data import build_router_data
 from pudding_mlx.train.scoring import num_blocks
 from pudding_mlx.train.search import model_identity
 
-PHASES = ("answers", "search", "pool", "nll", "he-pool", "he-new", "mc-pool", "mc-new", "adaptive-data", "per-set")
+PHASES = ("answers", "search", "pool", "nll", "he-pool", "he-new", "mc-pool", "mc-new", "adaptive-data", "mc-healed",
+          "mc-extra", "per-set")
 REPO = Path(__file__).resolve().parents[1]
 RUN = REPO / "results" / "qwen2.5-coder-1.5b"
+HEAL = RUN / "heal"  # the committed results of the first heal run (2026-12-06)
 STEPS, BATCH, LR, RANK = (int(os.environ.get("STEPS", 240)), int(os.environ.get("BATCH", 16)),
                           float(os.environ.get("LR", 2e-4)), int(os.environ.get("RANK", 16)))
 EVAL_N, PER_SET = int(os.environ.get("EVAL_N", 3)), int(os.environ.get("PER_SET", 2))
@@ -97,6 +108,40 @@ def mc(model, tok, sets, prefix: Path, name):
                           model_name=name, progress=lambda d, t, c: log(f"{prefix.name}-{tag} {c} {d}/{t}"))
 
 
+def router_data_like_run(model, tok, sets, prefix: Path, name):
+    """Router data for SETS on exactly the rows of the run's data-{train,val,test}, so its columns can join them."""
+    for split in ("train", "val", "test"):
+        st = json.loads((RUN / f"data-{split}.json").read_text())["settings"]
+        build_router_data(model, tok, [sorted(s) for s in sets], st["tasks"], f"{prefix}-{split}", st["max_per_task"],
+                          st["seed"], 128, split=st["split"], model_name=name,
+                          progress=lambda d, t, c: log(f"{prefix.name}-{split} {c} {d}/{t}"))
+
+
+def extra_sets(pool, per_k: int = 3):
+    """mc-extra's sets (module doc): chosen on the adaptive predictor's own training rows, never on evaluation data."""
+    import numpy as np
+
+    with np.load(HEAL / "adaptive" / "nll.npz", allow_pickle=False) as z:
+        train = z["split"] == "train"
+        nll = {str(s): float(z["unhealed"][train, j, 0].sum() / z["unhealed"][train, j, 1].sum())
+               for j, s in enumerate(z["sets"])}
+    have = {p.stem for p in (RUN / "generation" / "sets").glob("omit-*.json")}
+    run_sets = {tuple(s) for s in json.loads((RUN / "data-train.json").read_text())["sets"]}
+    chosen = []
+    for k in (1, 2):
+        sized = [s for s in nll if s and len(s.split(",")) == k and set_name([int(b) for b in s.split(",")]) in have]
+        chosen += [[int(b) for b in s.split(",")] for s in sorted(sized, key=nll.get)[:per_k]]
+    return chosen + [sorted(s) for s in pool if tuple(sorted(s)) not in run_sets]
+
+
+def seed_committed(src: Path, dst: Path):
+    """Results an earlier run committed (HumanEval replies, val NLL): the phases skip what is there."""
+    for f in src.rglob("*"):
+        if f.is_file() and not (dst / f.relative_to(src)).exists():
+            (dst / f.relative_to(src)).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(f, dst / f.relative_to(src))
+
+
 def adaptive_data(pm, tok, examples, new, pool, out: Path):
     """The per-prompt quality of every candidate (module doc, adaptive-data) and the router's features."""
     import hashlib
@@ -133,6 +178,10 @@ def main():
     phases = sys.argv[3].split(",") if len(sys.argv) > 3 else PHASES
     work.mkdir(parents=True, exist_ok=True)
     prompts = REPO / "results" / "distill" / "prompts.json"
+    if phases == ["seed"]:  # no model needed
+        seed_committed(HEAL / "heal", work / "heal")
+        seed_committed(HEAL / "gen-pool", work / "gen-pool")
+        return log("seeded from the committed results")
     lm, tok, name = load_hf(model_path)
     ident = model_identity(model_path)
     n_blocks = num_blocks(lm)
@@ -207,6 +256,11 @@ def main():
             mc(base, tok, new[3], work / "mc-unhealed", ident)
     if "adaptive-data" in phases and not (work / "adaptive" / "nll.npz").is_file():
         adaptive_data(pm, tok, examples, new, pool, work / "adaptive")
+    if "mc-healed" in phases:
+        router_data_like_run(base, tok, pool, work / "data-healed", f"{ident}+pool-k3")
+    if "mc-extra" in phases:
+        with pm.disable_adapter():
+            router_data_like_run(base, tok, extra_sets(pool), work / "data-extra", ident)
     if "per-set" in phases:
         for s in ranked[:PER_SET]:
             tag = set_name(s)

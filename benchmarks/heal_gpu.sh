@@ -14,6 +14,8 @@
 #        # multiple choice or training beside them ran out of memory (2026-12-06).
 #        # Logs: WORK/run.log (the steps), WORK/<step>-<i>.log. CORE_PHASES, HE_PHASES, MC_PHASES (and PER_SET=0)
 #        # narrow the run: a lent machine can go back mid-run, taking /tmp with it
+#   benchmarks/heal_gpu.sh start-lanes GGUF WORK  # the second run: per-set adapters, router data healed and for
+#        # the adaptive menu, HumanEval of every pool set healed; five processes at once, seeded from the first run
 #   benchmarks/heal_gpu.sh mlx STAGED WORK OUT   # MLX (CUDA; STAGED also holds the mlx, mlx-cuda-13 and mlx-lm
 #        # wheels): the qwen2.5-coder-1.5b preset, and once WORK's pool adapter exists, the preset with it
 #        # (WORK/mlx/healed-preset), its adapter cost and lossless drafting (bench) and HumanEval healed (eval).
@@ -65,6 +67,23 @@ start-shards)
         [ ${PER_SET:-2} -gt 0 ] && $D per-set >$work/per-set-0.log 2>&1; echo per-set done" >"$work/run.log" 2>&1 &
     echo $! >"$work/run.pid"
     echo "started $(cat "$work/run.pid"): $work/run.log" ;;
+start-lanes)
+    # the second heal run (2026-12-06): five processes at once, from the committed first run (seeded into WORK;
+    # WORK/adapters/pool-k3 must hold the pool adapter): the per-set adapters; router data healed (the 14 pool
+    # sets) and the extra unhealed sets; HumanEval of every pool set healed (EVAL_N=14), in two shards
+    model=$2 work=$3
+    D="python3 benchmarks/heal_gpu.py $model $work"
+    [ -f "$work/adapters/pool-k3/adapter_model.safetensors" ] || { echo "$work/adapters/pool-k3: no adapter" >&2; exit 2; }
+    $D seed
+    setsid nohup sh -c "
+        $D per-set >$work/per-set-0.log 2>&1 &
+        $D mc-healed >$work/mc-healed-0.log 2>&1 &
+        $D mc-extra >$work/mc-extra-0.log 2>&1 &
+        EVAL_N=14 SHARD=0/2 $D he-pool >$work/he-0.log 2>&1 &
+        EVAL_N=14 SHARD=1/2 $D he-pool >$work/he-1.log 2>&1 &
+        wait; echo lanes done; touch $work/lanes.done" >"$work/run.log" 2>&1 &
+    echo $! >"$work/run.pid"
+    echo "started $(cat "$work/run.pid"): $work/run.log" ;;
 mlx)
     staged=$2 work=$3 out=$4
     PM="python3 -m pudding_mlx.app.cli" P=$C/preset-qwen2.5-coder-1.5b H=$work/mlx/healed-preset
@@ -111,12 +130,15 @@ collect)
     mkdir -p "$out"
     # adapter weights are tens of MB (a call brings back 16 MB a file): their heal.json and config stay
     (cd "$work" && find . -name '*.safetensors' -size +5M >/tmp/heal-big.txt &&
-        tar czf "$out/heal.tgz" -X /tmp/heal-big.txt --exclude=./mlx/healed-preset .)
+        tar czf "$out/heal.tgz" -X /tmp/heal-big.txt --exclude=./mlx/healed-preset --exclude='./data-*/chunks' \
+            --exclude='./mc-*/chunks' .)
+    # a call brings back files of up to 16 MB: a larger archive comes in parts (cat OUT/heal.tgz.part* > heal.tgz)
+    if [ "$(stat -c %s "$out/heal.tgz")" -gt 12000000 ]; then split -b 12M -d "$out/heal.tgz" "$out/heal.tgz.part" && rm "$out/heal.tgz"; fi
     echo "left out:"; cat /tmp/heal-big.txt
     # the pool adapter itself, in parts a call can bring back (cat OUT/pool-k3.safetensors.part* > the file)
     a=$work/adapters/pool-k3/adapter_model.safetensors
     if [ "${WITH_ADAPTER:-1}" = 1 ] && [ -f "$a" ]; then split -b 12M -d "$a" "$out/pool-k3.safetensors.part"; fi
-    ls -l "$out/heal.tgz" ;;
+    ls -l "$out"/heal.tgz* ;;
 *)
-    echo "usage: $0 setup STAGED | start GGUF WORK [PHASES] | start-shards GGUF WORK N | mlx STAGED WORK OUT | status WORK | collect WORK OUT" >&2; exit 2 ;;
+    echo "usage: $0 setup STAGED | start GGUF WORK [PHASES] | start-shards GGUF WORK N | start-lanes GGUF WORK | mlx STAGED WORK OUT | status WORK | collect WORK OUT" >&2; exit 2 ;;
 esac
