@@ -428,6 +428,26 @@ def heal_report(
     console.print(f"report -> {write(work, run_dir, out, model)}")
 
 
+@train_app.command("heal-routers")
+def heal_routers(
+    work: Path = typer.Argument(..., help="A heal run's folder holding data-healed-{train,val,test}/ (and "
+                                "data-extra-*/ for pool sets the run's data lacks): benchmarks/heal_gpu.py "
+                                "phases mc-healed, mc-extra."),
+    run_dir: Path = typer.Option(..., "--run", help="The model's run folder (results/<model>): its router "
+                                 "data, features and HumanEval features."),
+    out: Path = typer.Option(..., "--out", help="Where healed/ and unhealed/ (report.md/.json/.png, "
+                             "he_picks.json) go."),
+    model: str = typer.Option(..., help="Model name for the titles."),
+):
+    """Hidden-state routers retrained on the k = 3 pool's healed scores, and the same routers on the same pool
+    unhealed: each run's report (best static set chosen on the training rows, routed vs static with paired
+    intervals) and each router's pick for every HumanEval problem (for `train heal-report`). CPU, a minute."""
+    from pudding_mlx.train.heal_routers import build
+
+    for name, path in build(work, run_dir, out, model).items():
+        console.print(f"{name}: {path}/report.md")
+
+
 def _distill_inputs(prompts: Path, answers: Path) -> dict:
     """The answers file's header, checked against the prompts file (before the model loads)."""
     from pudding_mlx.errors import PuddingError

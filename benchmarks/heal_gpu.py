@@ -32,7 +32,7 @@ PHASES, in this order (default all):
             (generation/sets) of lowest train-split reply NLL in the committed heal/adaptive/nll.npz (3 per k),
             and the generation-aware k = 3 pool sets the run's data lacks       -> WORK/data-extra-{train,val,test}/
   seed      (alone, before processes sharing WORK start) copy the committed heal results (val NLL, the pool
-            adapter's HumanEval replies) into WORK, so that nll and he-pool skip what is done
+            adapter's and the generation-aware sets' HumanEval replies) into WORK, so that nll and he-pool skip what is done
   per-set   one adapter per set (the PER_SET sets of lowest healed val NLL), trained the same way and as long,
             with HumanEval and multiple choice of each                        -> WORK/adapters/set-*/, gen-set-*/
 
@@ -181,6 +181,7 @@ def main():
     if phases == ["seed"]:  # no model needed
         seed_committed(HEAL / "heal", work / "heal")
         seed_committed(HEAL / "gen-pool", work / "gen-pool")
+        seed_committed(HEAL / "gen-unhealed", work / "gen-unhealed")
         return log("seeded from the committed results")
     lm, tok, name = load_hf(model_path)
     ident = model_identity(model_path)

@@ -70,7 +70,8 @@ start-shards)
 start-lanes)
     # the second heal run (2026-12-06): five processes at once, from the committed first run (seeded into WORK;
     # WORK/adapters/pool-k3 must hold the pool adapter): the per-set adapters; router data healed (the 14 pool
-    # sets) and the extra unhealed sets; HumanEval of every pool set healed (EVAL_N=14), in two shards
+    # sets) and the extra unhealed sets; HumanEval of every pool set healed (EVAL_N=14) and of the generation-aware
+    # sets not yet run unhealed, in two shards
     model=$2 work=$3
     D="python3 benchmarks/heal_gpu.py $model $work"
     [ -f "$work/adapters/pool-k3/adapter_model.safetensors" ] || { echo "$work/adapters/pool-k3: no adapter" >&2; exit 2; }
@@ -79,8 +80,8 @@ start-lanes)
         $D per-set >$work/per-set-0.log 2>&1 &
         $D mc-healed >$work/mc-healed-0.log 2>&1 &
         $D mc-extra >$work/mc-extra-0.log 2>&1 &
-        EVAL_N=14 SHARD=0/2 $D he-pool >$work/he-0.log 2>&1 &
-        EVAL_N=14 SHARD=1/2 $D he-pool >$work/he-1.log 2>&1 &
+        EVAL_N=14 SHARD=0/2 $D he-pool,he-new >$work/he-0.log 2>&1 &
+        EVAL_N=14 SHARD=1/2 $D he-pool,he-new >$work/he-1.log 2>&1 &
         wait; echo lanes done; touch $work/lanes.done" >"$work/run.log" 2>&1 &
     echo $! >"$work/run.pid"
     echo "started $(cat "$work/run.pid"): $work/run.log" ;;

@@ -1,0 +1,90 @@
+"""Routers on joined router data (`train.heal_routers`), on the committed SmolLM2 run: a "heal run" folder holding
+some of the run's sets re-scored (here: the run's own columns, perturbed, so that a wrong source shows) joins the
+run's rows; the dense columns always stay the run's; a source with other rows is one clear error; the routers
+trained on the joined run pick only among its sets and the run report is written."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("torch")
+
+from pudding_mlx.atomic import write_json, write_npz  # noqa: E402
+from pudding_mlx.errors import PuddingError  # noqa: E402
+from pudding_mlx.train import heal_routers as H  # noqa: E402
+
+pytestmark = pytest.mark.torch
+RUN = Path(__file__).resolve().parents[1] / "results" / "smollm2-135m"
+
+
+def _fake_source(folder: Path, split: str, sets, shift: float, rows=None, label=None):
+    """A router data folder with SETS' columns of RUN's data (named LABEL if given), y shifted by SHIFT and
+    correctness flipped."""
+    with np.load(RUN / f"data-{split}.npz", allow_pickle=False) as z:
+        arrays = {k: z[k] for k in z.files}
+    meta = json.loads((RUN / f"data-{split}.json").read_text())
+    have = [tuple(sorted(s)) for s in meta["sets"]]
+    idx = [have.index(tuple(sorted(s))) for s in sets]
+    for k in H.PER_SET:
+        arrays[k] = arrays[k][:, idx]
+    arrays["y"] = arrays["y"] + shift
+    arrays["correct"] = ~arrays["correct"].astype(bool)
+    arrays["dense"] = arrays["dense"] - 5.0  # a heal run's dense column: never to be used
+    if rows is not None:
+        arrays["id"] = arrays["id"][::-1].copy()
+    folder.mkdir(parents=True)
+    write_npz(folder / "router_data.npz", **arrays)
+    write_json(folder / "router_data.json", {**meta, "sets": [sorted(s) for s in (label or sets)]})
+    return folder
+
+
+@pytest.fixture(scope="module")
+def pool():
+    return [c["omitted"] for c in json.loads((RUN / "cand-k3.json").read_text())["candidates"]][:4]
+
+
+def test_joined_columns_come_from_the_named_source_and_dense_from_the_run(tmp_path, pool):
+    src = _fake_source(tmp_path / "healed-val", "val", pool, shift=1.0)
+    sources = {"val": [src], **{s: [_fake_source(tmp_path / f"healed-{s}", s, pool, 1.0)] for s in ("train", "test")}}
+    out = H.write_joined_run_healed(RUN, tmp_path / "healed", sources, pool)
+    with np.load(RUN / "data-val.npz") as run, np.load(out / "data-val.npz") as got:
+        meta = json.loads((RUN / "data-val.json").read_text())
+        cols = [[tuple(sorted(x)) for x in meta["sets"]].index(tuple(sorted(s))) for s in pool]
+        assert np.allclose(got["y"], run["y"][:, cols].astype(np.float32) + 1.0, atol=1e-2)
+        assert np.array_equal(got["correct"], ~run["correct"][:, cols].astype(bool))
+        assert np.array_equal(got["dense"], run["dense"])  # the run's dense, not the source's
+    assert json.loads((out / "cand-k3.json").read_text()) == [sorted(s) for s in pool]
+
+    # unhealed join: the run's own columns where it has the set; a set it lacks comes from the extra source
+    assert [3, 4, 5] not in [sorted(x) for x in meta["sets"]]
+    extra = _fake_source(tmp_path / "extra-val", "val", pool[:1], shift=2.0, label=[[3, 4, 5], ])
+    arrays, meta2 = H.joined_split(RUN, "val", [extra], [pool[1], [3, 4, 5]])
+    with np.load(RUN / "data-val.npz") as run:
+        assert np.array_equal(arrays["y"][:, 0], run["y"][:, cols[1]])  # the run's own column first
+        assert np.allclose(arrays["y"][:, 1], run["y"][:, cols[0]].astype(np.float32) + 2.0, atol=1e-2)
+    assert meta2["sets"] == [sorted(pool[1]), [3, 4, 5]]
+    with pytest.raises(PuddingError, match="in none of"):
+        H.joined_split(RUN, "val", [], [[3, 4, 5]])
+
+
+def test_a_source_with_other_rows_is_refused(tmp_path, pool):
+    src = _fake_source(tmp_path / "rows-val", "val", pool[:1], shift=0.0, rows="reversed", label=[[3, 4, 5]])
+    with pytest.raises(PuddingError, match="other rows"):
+        H.joined_split(RUN, "val", [src], [[3, 4, 5]])
+
+
+def test_routers_on_a_joined_run_pick_among_its_sets(tmp_path, pool):
+    sources = {s: [_fake_source(tmp_path / f"h-{s}", s, pool, shift=0.0)] for s in H.SPLITS}
+    run = H.write_joined_run_healed(RUN, tmp_path / "run", sources, pool)
+    H.train_routers(run)
+    for objective in H.OBJECTIVES:
+        with np.load(run / "routers" / "preds" / f"hidden-{objective}-k3-test.npz") as z:
+            assert z["scores"].shape[1] == len(pool)
+            assert set(np.unique(z["chosen"])) <= set(range(len(pool)))
+    from pudding_mlx.train.report import report_run_dir
+
+    report_run_dir(run, model="smollm2")
+    rep = json.loads((run / "report.json").read_text())
+    assert any(r.get("router") for r in rep["rows"])

@@ -1,0 +1,221 @@
+"""Routers retrained on the healed sets' scores (issue "Healed omission sets", item 5), and the same routers
+on the same pool unhealed, so that routing healed and unhealed compare on equal terms.
+
+A heal run (benchmarks/heal_gpu.py, phases mc-healed and mc-extra) scores the k = 3 pool on exactly the rows of
+the model's run folder (RUN/data-{train,val,test}: same tasks, splits, seeds and sizes):
+  WORK/data-healed-{split}/  every pool set with the pool adapter on;
+  WORK/data-extra-{split}/   unhealed sets the run's data lacks (the generation-aware pool sets among them).
+This module joins those columns into run folders laid out as results/<model>/pipeline.sh leaves them
+(data-{split}.npz/.json, features-{split}.npz, cand-k3.json), in a temporary folder:
+  healed:   the pool's columns from data-healed, the `dense` columns from RUN (the heal run scores its dense
+            column with the adapter loaded, which the runtime never runs: the adapter is on only while blocks
+            are skipped);
+  unhealed: the pool's columns from RUN's data, or data-extra where RUN lacks the set.
+Then, for each, the hidden-state routers of every objective (`train router --variant probe`, as
+benchmarks/hidden_routers.sh trains them), their scores on val and test, and the run report
+(`train.report.report_run_dir`: the best static set chosen on the training rows, routed vs static with paired
+intervals), and each router's pick for every HumanEval problem (RUN/generation/features.npz).
+Written to OUT/{healed,unhealed}/: report.md, report.json, report.png and he_picks.json. Nothing here is chosen on
+HumanEval (held out) or on the evaluation rows.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Dict, List, Sequence
+
+import numpy as np
+
+from pudding_mlx.atomic import write_json, write_npz
+from pudding_mlx.errors import PuddingError
+from pudding_mlx.jsonio import read_json
+
+from .generation import set_name
+
+SPLITS = ("train", "val", "test")
+PER_SET = ("y", "correct", "correct_norm", "logprob", "mean_ll")  # one column per set
+OBJECTIVES = ("mse", "centered", "accuracy", "task")
+
+
+def _key(s) -> tuple:
+    return tuple(sorted(int(b) for b in s))
+
+
+def _load(npz: Path, meta: Path) -> tuple:
+    with np.load(npz, allow_pickle=False) as z:
+        arrays = {k: z[k] for k in z.files}
+    return arrays, read_json(meta, "router data", "rebuild it")
+
+
+def _source(folder: Path) -> tuple:
+    return _load(folder / "router_data.npz", folder / "router_data.json")
+
+
+def joined_split(run: Path, split: str, sources: Sequence[Path], sets: Sequence[Sequence[int]]) -> tuple:
+    """(arrays, meta) of RUN/data-SPLIT with its per-set columns replaced by SETS' columns, each taken from the
+    first of RUN's data and then SOURCES (router data folders) that has it; rows must be RUN's, in its order."""
+    base, meta = _load(run / f"data-{split}.npz", run / f"data-{split}.json")
+    frames = [(str(run / f"data-{split}.npz"), base, meta)]
+    for folder in sources:
+        if (folder / "router_data.npz").is_file():
+            frames.append((str(folder), *_source(folder)))
+    cols: Dict[str, List[np.ndarray]] = {k: [] for k in PER_SET}
+    taken = {}
+    for s in sets:
+        for name, arrays, m in frames:
+            have = [_key(x) for x in m["sets"]]
+            if _key(s) not in have:
+                continue
+            if not (np.array_equal(arrays["task"], base["task"]) and np.array_equal(arrays["id"], base["id"])):
+                raise PuddingError(f"{name}: other rows than {run}/data-{split}.npz; score it with the run's "
+                                   "tasks, split, seed and size (benchmarks/heal_gpu.py router_data_like_run)")
+            j = have.index(_key(s))
+            for k in PER_SET:
+                col = arrays[k][:, j]
+                width = base[k].shape[2] if base[k].ndim == 3 else None
+                if width is not None and col.shape[1] != width:
+                    raise PuddingError(f"{name}: {k} has {col.shape[1]} choices a row, {run} {width}")
+                cols[k].append(col.astype(base[k].dtype))
+            taken[set_name(s)] = name
+            break
+        else:
+            raise PuddingError(f"set {sorted(s)}: in none of {run}/data-{split}.npz, "
+                               + ", ".join(str(f) for f in sources) + "; score it first (heal_gpu.py mc-extra)")
+    out = dict(base)
+    for k in PER_SET:
+        out[k] = np.stack(cols[k], 1)
+    meta = {**meta, "n": int(len(base["id"])), "sets": [sorted(int(b) for b in s) for s in sets],
+            "joined_from": taken}
+    return out, meta
+
+
+def write_joined_run(run: Path, out: Path, sources: Dict[str, List[Path]], sets: Sequence[Sequence[int]]) -> Path:
+    """A run folder OUT (module doc) for SETS: data-{split}.npz/.json joined, RUN's features, cand-k3.json."""
+    out.mkdir(parents=True, exist_ok=True)
+    for split in SPLITS:
+        arrays, meta = joined_split(run, split, sources.get(split, []), sets)
+        write_npz(out / f"data-{split}.npz", **arrays)
+        write_json(out / f"data-{split}.json", meta)
+        shutil.copy(run / f"features-{split}.npz", out / f"features-{split}.npz")
+    write_json(out / "cand-k3.json", [sorted(int(b) for b in s) for s in sets])
+    return out
+
+
+def train_routers(run: Path) -> None:
+    """benchmarks/hidden_routers.sh for k = 3, in-process: a probe router per objective, scored on val and test."""
+    from .features import load_features
+    from .probe import load_probe, predict, train_probe_router
+
+    sets = read_json(run / "cand-k3.json", "candidates", "rebuild the joined run", want=list)
+    with tempfile.TemporaryDirectory() as tmp:
+        for split in SPLITS:
+            d = Path(tmp) / f"data-{split}"
+            d.mkdir()
+            for src, dst in ((f"data-{split}.npz", "router_data.npz"), (f"data-{split}.json", "router_data.json"),
+                             (f"features-{split}.npz", "features_pca.npz")):
+                (d / dst).symlink_to((run / src).resolve())
+        (run / "routers" / "preds").mkdir(parents=True, exist_ok=True)
+        (run / "routers" / "hidden").mkdir(parents=True, exist_ok=True)
+        for objective in OBJECTIVES:
+            r = Path(tmp) / f"router-hidden-{objective}-k3"
+            train_probe_router(Path(tmp) / "data-train", r, sets, objective=objective)
+            shutil.copy(r / "router.json", run / "routers" / "hidden" / f"hidden-{objective}-k3.json")
+            probe = load_probe(r)
+            for split in ("val", "test"):
+                feats = load_features(Path(tmp) / f"data-{split}")
+                pred = predict(probe, feats)
+                with np.load(run / f"data-{split}.npz", allow_pickle=False) as z:
+                    ids, tasks = z["id"], z["task"]
+                write_npz(run / "routers" / "preds" / f"hidden-{objective}-k3-{split}.npz", scores=pred["scores"],
+                          id=ids, task=tasks, chosen=pred["chosen"], objective=np.array(objective))
+
+
+def he_picks(run: Path, model_run: Path) -> dict:
+    """{objective: {HumanEval task id: the set name it picks}} from RUN's routers, retrained the way the
+    generation report retrains them (`generation_report.router_picks`)."""
+    from .generation_report import load_sets, router_picks
+
+    dense = load_sets(model_run / "generation")["dense"]
+    ids = [r["task_id"] for r in dense["humaneval"]["records"]]
+    out = {}
+    for objective in ("task", "accuracy", "mse"):
+        got = router_picks(run, model_run / "generation" / "features.npz", 3, objective, ids)
+        if got is None:
+            raise PuddingError(f"{run}: no router data to retrain the routers from")
+        chosen, sets = got
+        out[objective] = {i: set_name(sets[c]) for i, c in zip(ids, chosen)}
+    return out
+
+
+def routed_hits(run: Path, objective: str) -> tuple:
+    """(evaluation data of RUN (val + test), each row's hit with the set the router picks)."""
+    from .report import load_eval
+
+    data = load_eval([run / "data-val.npz", run / "data-test.npz"])
+    chosen = []
+    for split in ("val", "test"):
+        with np.load(run / "routers" / "preds" / f"hidden-{objective}-k3-{split}.npz", allow_pickle=False) as z:
+            chosen.append(z["chosen"])
+    chosen = np.concatenate(chosen)
+    return data, data["hit"][np.arange(len(chosen)), chosen]
+
+
+def build(work, run_dir, out_dir, model: str) -> Dict[str, Path]:
+    """Both joined runs, their routers, reports and HumanEval picks, into OUT/{healed,unhealed}/, and
+    OUT/healed_vs_unhealed.json: per objective, the routed MC average healed minus unhealed (paired, 95%)."""
+    from .report import average, bootstrap_delta, per_task, report_run_dir
+
+    work, run, out = Path(work), Path(run_dir), Path(out_dir)
+    for split in SPLITS:
+        if not (work / f"data-healed-{split}" / "router_data.npz").is_file():
+            raise PuddingError(f"{work}/data-healed-{split}: missing; run benchmarks/heal_gpu.py mc-healed first")
+    pool = read_json(work / "data-healed-train" / "router_data.json", "router data", "rebuild it")["sets"]
+    written = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        joined = {"healed": write_joined_run_healed(run, Path(tmp) / "healed",
+                                                    {s: [work / f"data-healed-{s}"] for s in SPLITS}, pool),
+                  "unhealed": write_joined_run(run, Path(tmp) / "unhealed",
+                                               {s: [work / f"data-extra-{s}"] for s in SPLITS}, pool)}
+        for name, j in joined.items():
+            train_routers(j)
+            report_run_dir(j, model=model)
+            dest = out / name
+            dest.mkdir(parents=True, exist_ok=True)
+            for f in ("report.md", "report.json", "report.png"):
+                if (j / f).is_file():
+                    shutil.copy(j / f, dest / f)
+            write_json(dest / "he_picks.json", he_picks(j, run))
+            written[name] = dest
+        compare = {}
+        for objective in OBJECTIVES:
+            data, h = routed_hits(joined["healed"], objective)
+            _, u = routed_hits(joined["unhealed"], objective)
+            ref = {"task": data["task"]}
+            compare[f"hidden-{objective}"] = {"healed": average(per_task(ref, h)), "unhealed": average(per_task(ref, u)),
+                                              "healed_minus_unhealed_ci95": list(bootstrap_delta(ref, h, u))}
+        write_json(out / "healed_vs_unhealed.json", {"pool": pool, "rows": int(len(data["task"])), "mc": compare})
+    return written
+
+
+def write_joined_run_healed(run: Path, out: Path, sources: Dict[str, List[Path]], sets) -> Path:
+    """write_joined_run with every set's columns from SOURCES (never RUN's unhealed ones); dense from RUN."""
+    out.mkdir(parents=True, exist_ok=True)
+    for split in SPLITS:
+        base, meta = _load(run / f"data-{split}.npz", run / f"data-{split}.json")
+        arrays, m = _source(sources[split][0])
+        if not (np.array_equal(arrays["task"], base["task"]) and np.array_equal(arrays["id"], base["id"])):
+            raise PuddingError(f"{sources[split][0]}: other rows than {run}/data-{split}.npz; score it with the "
+                               "run's tasks, split, seed and size")
+        have = [_key(x) for x in m["sets"]]
+        idx = [have.index(_key(s)) for s in sets]
+        joined = dict(base)
+        for k in PER_SET:
+            joined[k] = arrays[k][:, idx].astype(base[k].dtype)
+        write_npz(out / f"data-{split}.npz", **joined)
+        write_json(out / f"data-{split}.json", {**meta, "sets": [sorted(int(b) for b in s) for s in sets],
+                                                "joined_from": {set_name(s): str(sources[split][0]) for s in sets}})
+        shutil.copy(run / f"features-{split}.npz", out / f"features-{split}.npz")
+    write_json(out / "cand-k3.json", [sorted(int(b) for b in s) for s in sets])
+    return out
