@@ -430,22 +430,29 @@ def heal_report(
 
 @train_app.command("heal-routers")
 def heal_routers(
-    work: Path = typer.Argument(..., help="A heal run's folder holding data-healed-{train,val,test}/ (and "
-                                "data-extra-*/ for pool sets the run's data lacks): benchmarks/heal_gpu.py "
-                                "phases mc-healed, mc-extra."),
+    work: Path = typer.Argument(..., help="A heal run's folder: adaptive/nll.npz (the reply NLL of the distillation "
+                                "prompts, the pool healed and unhealed), gen-pool/, gen-unhealed/, and where scored "
+                                "data-healed-{train,val,test}/ and data-extra-*/ (benchmarks/heal_gpu.py mc-healed, "
+                                "mc-extra)."),
     run_dir: Path = typer.Option(..., "--run", help="The model's run folder (results/<model>): its router "
                                  "data, features and HumanEval features."),
-    out: Path = typer.Option(..., "--out", help="Where healed/ and unhealed/ (report.md/.json/.png, "
-                             "he_picks.json) go."),
+    out: Path = typer.Option(..., "--out", help="Where generation.json (and, with the MC data, healed/ and "
+                             "unhealed/: report.md/.json/.png, he_picks.json) go."),
     model: str = typer.Option(..., help="Model name for the titles."),
 ):
-    """Hidden-state routers retrained on the k = 3 pool's healed scores, and the same routers on the same pool
-    unhealed: each run's report (best static set chosen on the training rows, routed vs static with paired
-    intervals) and each router's pick for every HumanEval problem (for `train heal-report`). CPU, a minute."""
-    from pudding_mlx.train.heal_routers import build
+    """Routers retrained on the k = 3 pool's healed per-prompt scores, beside the same routers unhealed: on the
+    generation scores (reply NLL; HumanEval of each router's picks against its static rival, chosen on the same
+    train prompts), and, where the healed multiple-choice data exists, hidden-state routers of every objective on
+    it (each run's report). CPU, a minute; `train heal-report` quotes them."""
+    from pudding_mlx.train.heal_routers import build, write_generation_routers
 
-    for name, path in build(work, run_dir, out, model).items():
-        console.print(f"{name}: {path}/report.md")
+    console.print(f"generation routers -> {write_generation_routers(work / 'adaptive' / 'nll.npz', run_dir, work, out / 'generation.json')}")
+    if (work / "data-healed-train" / "router_data.npz").is_file():
+        for name, path in build(work, run_dir, out, model).items():
+            console.print(f"{name}: {path}/report.md")
+    else:
+        console.print(f"{work}/data-healed-train: none (benchmarks/heal_gpu.py mc-healed): the multiple-choice routers "
+                      "are not retrained")
 
 
 def _distill_inputs(prompts: Path, answers: Path) -> dict:

@@ -19,6 +19,8 @@ PHASES, in this order (default all):
   he-new    HumanEval, unhealed, of the generation-aware sets (k = 1, 2, 3)  -> WORK/gen-unhealed/
   mc-pool   the six multiple-choice tasks (1,000 each, the splits and seeds of results/qwen2.5-coder-1.5b's
             data-val / data-test) on the he-pool sets, pool adapter on         -> WORK/mc-pool-{val,test}/
+  mc-pool-rest  the same for the pool sets the committed heal/mc-pool-* lacks (EVAL_N=14: all of them)
+                                                                             -> WORK/mc-pool-rest-{val,test}/
   mc-new    the same, unhealed, for the generation-aware k = 3 sets           -> WORK/mc-unhealed-{val,test}/
   adaptive-data  for issue "Adaptive depth": the reply NLL of ADAPTIVE_N train and val examples under dense and
             every candidate set of k = 1, 2, 3, 5, 7 (today's searches and the generation-aware one; unhealed,
@@ -31,6 +33,7 @@ PHASES, in this order (default all):
   mc-extra  the same, unhealed, for issue "Adaptive depth"'s menu: the k = 1 and 2 sets with HumanEval results
             (generation/sets) of lowest train-split reply NLL in the committed heal/adaptive/nll.npz (3 per k),
             and the generation-aware k = 3 pool sets the run's data lacks       -> WORK/data-extra-{train,val,test}/
+            (MC_SPLITS: the splits these two score, default train,val,test)
   seed      (alone, before processes sharing WORK start) copy the committed heal results (val NLL, the pool
             adapter's and the generation-aware sets' HumanEval replies) into WORK, so that nll and he-pool skip what is done
   per-set   one adapter per set (the PER_SET sets of lowest healed val NLL), trained the same way and as long,
@@ -110,7 +113,7 @@ def mc(model, tok, sets, prefix: Path, name):
 
 def router_data_like_run(model, tok, sets, prefix: Path, name):
     """Router data for SETS on exactly the rows of the run's data-{train,val,test}, so its columns can join them."""
-    for split in ("train", "val", "test"):
+    for split in os.environ.get("MC_SPLITS", "train,val,test").split(","):
         st = json.loads((RUN / f"data-{split}.json").read_text())["settings"]
         build_router_data(model, tok, [sorted(s) for s in sets], st["tasks"], f"{prefix}-{split}", st["max_per_task"],
                           st["seed"], 128, split=st["split"], model_name=name,
@@ -182,6 +185,9 @@ def main():
         seed_committed(HEAL / "heal", work / "heal")
         seed_committed(HEAL / "gen-pool", work / "gen-pool")
         seed_committed(HEAL / "gen-unhealed", work / "gen-unhealed")
+        for f in HEAL.glob("cand-distill*.json"):  # the generation-aware search: the pool holds its k = 3 sets
+            if not (work / f.name).exists():
+                shutil.copy(f, work / f.name)
         return log("seeded from the committed results")
     lm, tok, name = load_hf(model_path)
     ident = model_identity(model_path)
@@ -252,6 +258,9 @@ def main():
                            tasks=("humaneval",), limit=HE_LIMIT, batch_size=164, workers=12, log=log, shard=SHARD)
     if "mc-pool" in phases:
         mc(base, tok, chosen, work / "mc-pool", f"{ident}+pool-k3")
+    if "mc-pool-rest" in phases:  # the pool sets the committed mc-pool lacks, on the same rows (joined later)
+        done = {tuple(sorted(x)) for x in json.loads((HEAL / "mc-pool-val" / "router_data.json").read_text())["sets"]}
+        mc(base, tok, [s for s in chosen if tuple(sorted(s)) not in done], work / "mc-pool-rest", f"{ident}+pool-k3")
     if "mc-new" in phases and new.get(3):
         with pm.disable_adapter():
             mc(base, tok, new[3], work / "mc-unhealed", ident)

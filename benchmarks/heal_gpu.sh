@@ -68,21 +68,21 @@ start-shards)
     echo $! >"$work/run.pid"
     echo "started $(cat "$work/run.pid"): $work/run.log" ;;
 start-lanes)
-    # the second heal run (2026-12-06): five processes at once, from the committed first run (seeded into WORK;
-    # WORK/adapters/pool-k3 must hold the pool adapter): the per-set adapters; router data healed (the 14 pool
-    # sets) and the extra unhealed sets; HumanEval of every pool set healed (EVAL_N=14) and of the generation-aware
-    # sets not yet run unhealed, in two shards
+    # the second heal run (2026-12-06), from the committed first run (seeded into WORK; WORK/adapters/pool-k3
+    # must hold the pool adapter): HumanEval of every pool set healed (EVAL_N=14) and of the generation-aware
+    # sets not yet run unhealed, in two shards; then, one at a time (beside the two shards, multiple-choice
+    # scoring at batch 128 and training ran out of memory on an 80 GB H100), router data healed (the 14 pool
+    # sets) and of the extra unhealed sets, and the per-set adapters (PER_SET, default 1)
     model=$2 work=$3
     D="python3 benchmarks/heal_gpu.py $model $work"
     [ -f "$work/adapters/pool-k3/adapter_model.safetensors" ] || { echo "$work/adapters/pool-k3: no adapter" >&2; exit 2; }
     $D seed
     setsid nohup sh -c "
-        $D per-set >$work/per-set-0.log 2>&1 &
-        $D mc-healed >$work/mc-healed-0.log 2>&1 &
-        $D mc-extra >$work/mc-extra-0.log 2>&1 &
         EVAL_N=14 SHARD=0/2 $D he-pool,he-new >$work/he-0.log 2>&1 &
         EVAL_N=14 SHARD=1/2 $D he-pool,he-new >$work/he-1.log 2>&1 &
-        wait; echo lanes done; touch $work/lanes.done" >"$work/run.log" 2>&1 &
+        wait; echo humaneval done
+        $D mc-healed,mc-extra >$work/mc-0.log 2>&1; echo mc done
+        PER_SET=\${PER_SET:-1} $D per-set >$work/per-set-0.log 2>&1; echo per-set done; touch $work/lanes.done" >"$work/run.log" 2>&1 &
     echo $! >"$work/run.pid"
     echo "started $(cat "$work/run.pid"): $work/run.log" ;;
 mlx)

@@ -88,3 +88,29 @@ def test_routers_on_a_joined_run_pick_among_its_sets(tmp_path, pool):
     report_run_dir(run, model="smollm2")
     rep = json.loads((run / "report.json").read_text())
     assert any(r.get("router") for r in rep["rows"])
+
+
+QWEN = Path(__file__).resolve().parents[1] / "results" / "qwen2.5-coder-1.5b"
+
+
+def test_generation_routers_on_the_committed_heal_run():
+    """The committed Qwen heal run: the static rival is the lowest mean train-prompt loss (recomputed by hand from
+    nll.npz), and each routed HumanEval figure is the committed per-problem record of the set picked for it."""
+    heal = QWEN / "heal"
+    got = H.generation_routers(heal / "adaptive" / "nll.npz", QWEN, heal)
+    with np.load(heal / "adaptive" / "nll.npz") as z:
+        sets, pool, train = [str(s) for s in z["sets"]], [str(s) for s in z["pool"]], z["split"] == "train"
+        tok = lambda a: a[..., 0] / np.maximum(a[..., 1], 1)  # noqa: E731
+        dense = tok(z["unhealed"])[:, sets.index("")]
+        healed_loss = (tok(z["healed"]) - dense[:, None])[train].mean(0)
+    assert got["runs"]["healed"]["static"] == "omit-" + pool[int(healed_loss.argmin())].replace(",", "-")
+    row = got["runs"]["healed"]
+    assert sum(row["usage"].values()) == 164 and set(row["usage"]) <= set(got["pool"])
+    passed = {}
+    for name in set(row["picks"].values()):
+        recs = json.loads((heal / "gen-pool" / "sets" / f"{name}.json").read_text())["humaneval"]["records"]
+        passed[name] = {r["task_id"]: r["passed"] for r in recs}
+    by_hand = 100 * np.mean([passed[n][i] for i, n in row["picks"].items()])
+    assert row["routed_humaneval"] == pytest.approx(by_hand)
+    lo, hi = row["routed_minus_dense_ci95"]
+    assert lo <= row["routed_humaneval"] - got["dense_humaneval"] <= hi

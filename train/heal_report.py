@@ -16,6 +16,10 @@ multiple-choice data, both made with the same model, prompts and settings):
 - The six-task multiple-choice average (WORK/mc-pool-{val,test}) against unhealed (RUN/data-{val,test}),
   paired per example. Dense comes from RUN's data: the heal run scores its "dense" column with the adapter
   loaded, which is not what the runtime runs (the adapter is on only while blocks are skipped).
+- Routers retrained on the healed scores (`train heal-routers`, WORK/routers/): on the generation scores
+  (generation.json: reply NLL of the distillation prompts, healed and unhealed, HumanEval of the picks), and on the
+  multiple-choice scores where the healed router data was scored (healed_vs_unhealed.json, healed/, unhealed/).
+- Per-set adapters (WORK/adapters/set-*/) against the pool adapter on the same set, where trained.
 - The val NLL of the dense replies, unhealed -> healed (WORK/heal/val_nll.json): what the adapter was chosen on.
 - MLX (the runtime, 4-bit, CUDA) runs of the healed preset, where present (WORK/mlx-out): `eval` HumanEval,
   the adapter's cost (`bench`) and lossless drafting (benchmarks/lossless.py).
@@ -229,6 +233,91 @@ def fused(work: Path) -> Optional[dict]:
                       for k, v in keeps.items()}, "cost": costs}
 
 
+def per_set(work: Path, run: Path) -> Optional[dict]:
+    """Per-set adapters (WORK/adapters/set-<set>/, benchmarks/heal_gpu.py per-set: trained the same way and as
+    long as the pool adapter, on one set): val NLL (what chooses between them and the pool adapter), HumanEval
+    (WORK/gen-set-<set>) and the multiple-choice average (WORK/mc-set-<set>-{val,test}), against the pool adapter
+    on the same set (paired 95% intervals)."""
+    folders = sorted(p for p in (work / "adapters").glob("set-*") if (p / "heal.json").is_file())
+    if not folders:
+        return None
+    nll_file = work / "heal" / "val_nll_per_set.json"
+    nll = json.loads(nll_file.read_text()) if nll_file.is_file() else {}
+    pool_he = load_sets(work / "gen-pool")
+    ids = [r["task_id"] for r in pool_he["dense"]["humaneval"]["records"]]
+    pool_mc = _mc_parts(work, "mc-pool")
+    pool_mc = load_eval(pool_mc) if pool_mc else None
+    rows = []
+    for f in folders:
+        name = f.name.removeprefix("set-")
+        row = {"set": name, "k": _k(name), "val_nll": nll.get(name, {}).get(f"set-{name}"),
+               "pool_val_nll": nll.get(name, {}).get("default"), "unhealed_val_nll": nll.get(name, {}).get("unhealed"),
+               "steps": json.loads((f / "heal.json").read_text()).get("steps")}
+        gen = work / f"gen-set-{name}"
+        if (gen / "sets" / f"{name}.json").is_file():
+            h = passed(load_sets(gen)[name], ids)
+            row["humaneval"] = 100 * float(h.mean())
+            if name in pool_he:
+                p = passed(pool_he[name], ids)
+                row.update(pool_humaneval=100 * float(p.mean()), minus_pool_ci95=bootstrap(h, p))
+        parts = _mc_parts(work, f"mc-set-{name}")
+        if parts:
+            mc = load_eval(parts)
+            ref, h = {"task": mc["task"]}, mc["hit"][:, 0]
+            row["mc"] = average(per_task(ref, h))
+            if pool_mc is not None:
+                col = [tuple(sorted(s)) for s in pool_mc["sets"]]
+                key = tuple(int(b) for b in name.removeprefix("omit-").split("-"))
+                if key in col:
+                    p = pool_mc["hit"][_aligned(pool_mc, list(zip(mc["task"], mc["id"]))), col.index(key)]
+                    row.update(pool_mc=average(per_task(ref, p)), mc_minus_pool_ci95=bootstrap_delta(ref, h, p))
+        rows.append(row)
+    return {"sets": rows}
+
+
+def retrained_routers(work: Path, run: Path, he: dict) -> Optional[dict]:
+    """Routers retrained on the healed pool's scores and on the same pool unhealed (`train heal-routers`,
+    WORK/routers/): their multiple-choice rows (each run's report: routed vs its best static set, chosen on the
+    training rows), healed routed minus unhealed routed, and HumanEval of each router's picks."""
+    folder = work / "routers"
+    if not (folder / "healed_vs_unhealed.json").is_file():
+        return None
+    compare = json.loads((folder / "healed_vs_unhealed.json").read_text())
+    healed_he, unhealed_he = load_sets(work / "gen-pool"), _unhealed_sets(work, run)
+    ids = [r["task_id"] for r in unhealed_he["dense"]["humaneval"]["records"]]
+    dense = passed(unhealed_he["dense"], ids)
+    out = {"mc": compare["mc"], "rows": compare["rows"], "pool": compare["pool"], "runs": {}}
+    for name, results in (("healed", healed_he), ("unhealed", unhealed_he)):
+        rep = json.loads((folder / name / "report.json").read_text())
+        statics = [r for r in rep["rows"] if r["method"] == "static" and r["k"] == 3]
+        best = next((d for d in rep["deltas"] if d["k"] == 3), None)
+        picks = json.loads((folder / name / "he_picks.json").read_text())
+        routers = {}
+        for r in rep["rows"]:
+            if r["method"] != "routed" or not str(r.get("router", "")).startswith("hidden-"):
+                continue
+            d = next((x for x in rep["deltas"] if x["router"] == r["router"] and x["k"] == 3), {})
+            row = {"mc": r["average"], "mc_minus_best_static_ci95": d.get("ci95")}
+            objective = r["router"].removeprefix("hidden-")
+            if objective in picks:
+                names = [picks[objective][i] for i in ids]
+                usage = {n: names.count(n) for n in sorted(set(names))}
+                row["he_usage"] = usage
+                if all(n in results for n in usage):
+                    h = np.array([passed(results[n], [i])[0] for n, i in zip(names, ids)])
+                    row.update(humaneval=100 * float(h.mean()), humaneval_minus_dense_ci95=bootstrap(h, dense))
+                else:
+                    row["he_missing"] = sorted(n for n in usage if n not in results)
+            routers[r["router"]] = row
+        best_set = best["best_static_set"] if best else None
+        best_row = {"set": set_name(best_set) if best_set else None,
+                    "mc": next((s["average"] for s in statics if s["set"] == best_set), None)}
+        if best_set and set_name(best_set) in results:
+            best_row["humaneval"] = 100 * float(passed(results[set_name(best_set)], ids).mean())
+        out["runs"][name] = {"best_static": best_row, "routers": routers}
+    return out
+
+
 def build(work, run_dir, model: str) -> dict:
     work, run = Path(work), Path(run_dir)
     heal = work / "adapters" / "pool-k3" / "heal.json"
@@ -236,9 +325,15 @@ def build(work, run_dir, model: str) -> dict:
         raise PuddingError(f"{work}: no adapters/pool-k3/heal.json; run benchmarks/heal_gpu.py first")
     info = json.loads(heal.read_text())
     settings = {k: info.get(k) for k in ("steps", "batch", "lr", "rank", "alpha", "kl_weight", "layers", "sets", "data")}
-    return {"model": model, "adapter": settings, "humaneval": humaneval(work, run), "mc": multiple_choice(work, run),
+    he = humaneval(work, run)
+    return {"model": model, "adapter": settings, "humaneval": he, "mc": multiple_choice(work, run),
             "generation_aware": generation_aware(work, run), "val_nll": val_nll(work), "mlx": mlx_runs(work),
-            "fused": fused(work)}
+            "fused": fused(work), "per_set": per_set(work, run), "routers": retrained_routers(work, run, he),
+            "generation_routers": _read(work / "routers" / "generation.json")}
+
+
+def _read(path: Path) -> Optional[dict]:
+    return json.loads(path.read_text()) if path.is_file() else None
 
 
 def _ci(ci) -> str:
@@ -275,6 +370,61 @@ def to_markdown(rep: dict) -> str:
         for r in mc["sets"]:
             out.append(f"| {r['set']} | {_f(r.get('unhealed'))} | {r['healed']:.1f} | "
                        f"{_ci(r.get('healed_minus_unhealed_ci95'))} | {_ci(r['healed_minus_dense_ci95'])} |")
+    rr = rep.get("routers")
+    if rr:
+        out += ["", f"## Routers retrained on the healed scores (k = 3 pool of {len(rr['pool'])} sets)", "",
+                "Hidden-state routers of each objective trained on the pool's multiple-choice scores of the training "
+                "rows, healed (the pool adapter on) and unhealed (the same pool, the same rows); the best static set of "
+                "each is chosen on those training rows. MC: the six-task average on the evaluation rows "
+                f"({rr['rows']}); HumanEval: the router's pick per problem, run healed or unhealed.", "",
+                "| | router | MC | - its best static [95%] | HumanEval | - dense [95%] | HumanEval picks |",
+                "|---|---|---|---|---|---|---|"]
+        for name in ("unhealed", "healed"):
+            run = rr["runs"].get(name)
+            if not run:
+                continue
+            b = run["best_static"]
+            out.append(f"| {name} | best static ({b['set']}) | {_f(b['mc'])} | | {_f(b.get('humaneval'))} | | |")
+            for router, r in run["routers"].items():
+                picks = ", ".join(f"{n} x{c}" for n, c in r.get("he_usage", {}).items())
+                if r.get("he_missing"):
+                    picks += "; not run: " + ", ".join(r["he_missing"])
+                out.append(f"| {name} | {router} | {_f(r['mc'])} | {_ci(r.get('mc_minus_best_static_ci95'))} | "
+                           f"{_f(r.get('humaneval'))} | {_ci(r.get('humaneval_minus_dense_ci95'))} | {picks} |")
+        out += ["", "Routed MC, healed minus unhealed (paired, 95%): " + "; ".join(
+            f"{k} {v['healed']:.1f} vs {v['unhealed']:.1f}, {_ci(v['healed_minus_unhealed_ci95'])}" for k, v in rr["mc"].items())]
+    gr = rep.get("generation_routers")
+    if gr:
+        out += ["", f"## Routers retrained on the generation scores (k = 3 pool of {len(gr['pool'])} sets; `train heal-routers`)", "",
+                "A ridge head per set on the hidden state after block 3 predicts the reply NLL increase over dense "
+                f"(the dense model's own replies to {gr['prompts']['train']} train distillation prompts; pooling and "
+                f"ridge on {gr['prompts']['val']} val prompts), healed (pool adapter on) or unhealed; the router takes "
+                "the lowest prediction. Its static rival: the set of lowest mean loss on the same train prompts. "
+                f"HumanEval (held out; dense {gr['dense_humaneval']:.1f}):", "",
+                "| | static (chosen on train prompts) | HumanEval | routed | HumanEval | routed - static [95%] | "
+                "routed - dense [95%] | val NLL loss static / routed | picks |", "|---|---|---|---|---|---|---|---|---|"]
+        for name in ("unhealed", "healed"):
+            r = gr["runs"].get(name)
+            if not r:
+                continue
+            picks = ", ".join(f"{n} x{c}" for n, c in r["usage"].items())
+            he_r = _f(r.get("routed_humaneval")) if "missing" not in r else "not run: " + ", ".join(r["missing"])
+            out.append(f"| {name} | {r['static']} | {_f(r.get('static_humaneval'))} | hidden ({r['pooling']}) | {he_r} | "
+                       f"{_ci(r.get('routed_minus_static_ci95'))} | {_ci(r.get('routed_minus_dense_ci95'))} | "
+                       f"{r['val_loss_static']:.4f} / {r['val_loss_routed']:.4f} | {picks} |")
+        if gr.get("healed_minus_unhealed_routed_ci95"):
+            out += ["", f"Routed healed minus routed unhealed: {_ci(gr['healed_minus_unhealed_routed_ci95'])}."]
+    ps = rep.get("per_set")
+    if ps:
+        out += ["", "## Per-set adapters (one adapter per set, trained as long as the pool adapter) against the pool "
+                "adapter on the same set", "",
+                "| set | steps | val NLL unhealed | pool | per-set | HumanEval pool | per-set | per-set - pool [95%] | "
+                "MC pool | per-set | per-set - pool [95%] |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+        for r in ps["sets"]:
+            out.append(f"| {r['set']} | {r['steps']} | {_f(r['unhealed_val_nll'], 3)} | {_f(r['pool_val_nll'], 3)} | "
+                       f"{_f(r['val_nll'], 3)} | {_f(r.get('pool_humaneval'))} | {_f(r.get('humaneval'))} | "
+                       f"{_ci(r.get('minus_pool_ci95'))} | {_f(r.get('pool_mc'))} | {_f(r.get('mc'))} | "
+                       f"{_ci(r.get('mc_minus_pool_ci95'))} |")
     ga = rep.get("generation_aware")
     if ga:
         mc_dense = f"; MC dense {ga['mc_dense']:.1f}" if ga["mc_dense"] is not None else ""
@@ -304,8 +454,15 @@ def to_markdown(rep: dict) -> str:
             out.append(f"| {name} | {r['pass@1']:.1f} | {usage} | {r['tokens_mean']:.0f} | {r['hit_limit']} |")
         if mlx["adapter_cost"]:
             out += ["", f"Adapter cost, as LoRA terms: `{json.dumps(mlx['adapter_cost'])[:600]}`"]
-        for name, s in mlx["lossless"].items():
-            out += ["", f"Lossless ({name}): `{json.dumps(s)[:600]}`"]
+        if mlx["lossless"]:
+            out += ["", "Lossless drafting (benchmarks/lossless.py; the GPU was shared with multiple-choice scoring, so the "
+                    "speeds are low bounds; acceptance is unaffected):", "",
+                    "| run | draft | draft tokens | mean accepted from draft | mean speedup vs dense |", "|---|---|---|---|---|"]
+            for name, summary in mlx["lossless"].items():
+                for r in (summary or {}).values():
+                    if isinstance(r, dict) and "mean_accepted" in r:
+                        out.append(f"| {name} | {r['draft']} | {r['draft_tokens']} | {r['mean_accepted']:.3f} | "
+                                   f"{r['mean_speedup']:.3f} |")
     fu = rep.get("fused")
     if fu:
         out += ["", "## The adapter fused (the runtime's default: an 8-bit merged copy of each adapted linear)", "",

@@ -219,3 +219,78 @@ def write_joined_run_healed(run: Path, out: Path, sources: Dict[str, List[Path]]
         shutil.copy(run / f"features-{split}.npz", out / f"features-{split}.npz")
     write_json(out / "cand-k3.json", [sorted(int(b) for b in s) for s in sets])
     return out
+
+
+# -- routers on the generation scores: the reply NLL of the distillation prompts, healed and unhealed -------------
+
+
+def generation_routers(nll_path, run_dir, work) -> dict:
+    """Routers retrained on per-prompt generation scores (issue "Healed omission sets", item 5, generation side):
+    for the k = 3 pool, the NLL per token of the dense model's own replies to the distillation prompts under each
+    set minus dense's (nll.npz, benchmarks/heal_gpu.py adaptive-data: `healed` with the pool adapter on,
+    `unhealed` without), one ridge head per set on the hidden-state features after block 3 (the adaptive
+    predictor's fit: pooling and ridge by held-out MSE on the val prompts, then refitted on all), the router
+    picking the set of lowest predicted loss. Its static rival: the set of lowest mean loss on the same train
+    prompts. Both are run on HumanEval (held out: never chosen on), healed from WORK/gen-pool and unhealed from
+    RUN/generation and WORK/gen-unhealed; paired bootstrap 95% intervals over problems."""
+    from . import adaptive as A
+    from .generation_report import bootstrap, load_sets, passed
+
+    run, work = Path(run_dir), Path(work)
+    with np.load(nll_path, allow_pickle=False) as z:
+        d = {k: z[k] for k in z.files}
+    if "healed" not in d or "pool" not in d:
+        raise PuddingError(f"{nll_path}: no healed scores ('healed', 'pool'); rerun the GPU phase adaptive-data")
+    sets = [str(s) for s in d["sets"]]
+    pool = [str(s) for s in d["pool"]]
+    per_token = {"unhealed": d["unhealed"][..., 0] / np.maximum(d["unhealed"][..., 1], 1),
+                 "healed": d["healed"][..., 0] / np.maximum(d["healed"][..., 1], 1)}
+    dense = per_token["unhealed"][:, sets.index("")]
+    loss = {"unhealed": per_token["unhealed"][:, [sets.index(p) for p in pool]] - dense[:, None],
+            "healed": per_token["healed"] - dense[:, None]}
+    feats = A.project({k: d[k] for k in ("mean_3", "last_3")}, A.basis_of(run))
+    keys = [A._key(p.split(",")) for p in pool]
+    menu = [()] + keys
+    train = d["split"].astype(str) == "train"
+    results = {"healed": load_sets(work / "gen-pool"), "unhealed": load_sets(run / "generation")}
+    if (work / "gen-unhealed" / "sets").is_dir():
+        results["unhealed"].update({n: r for n, r in load_sets(work / "gen-unhealed").items() if n != "dense"})
+    ids = [r["task_id"] for r in results["unhealed"]["dense"]["humaneval"]["records"]]
+    he_feats = A._he_features(run, run / "generation", ids)
+    he_dense = passed(results["unhealed"]["dense"], ids)
+    out = {"prompts": {"train": int(train.sum()), "val": int((~train).sum())}, "pool": [set_name(k) for k in keys],
+           "dense_humaneval": 100 * float(he_dense.mean()), "runs": {}}
+    for name in ("unhealed", "healed"):
+        source = {"sets": menu, "loss": np.concatenate([np.zeros((len(dense), 1)), loss[name]], 1), "feats": feats}
+        fitted = A.fit_and_select([source], menu, [~train])
+        val_pred = A.predict(fitted["head_fit"], {k: v[~train] for k, v in feats.items()}, fitted["pooling"])
+        val_pick = 1 + val_pred[:, 1:].argmin(1)
+        static = 1 + int(loss[name][train].mean(0).argmin())
+        val_loss = source["loss"][~train]
+        pred = A.predict(fitted["head"], he_feats, fitted["pooling"])
+        picks = [set_name(menu[1 + c]) for c in pred[:, 1:].argmin(1)]
+        usage = {n: picks.count(n) for n in sorted(set(picks))}
+        row = {"pooling": fitted["pooling"], "ridge": fitted["ridge"], "static": set_name(menu[static]),
+               "val_loss_routed": float(val_loss[np.arange(len(val_pick)), val_pick].mean()),
+               "val_loss_static": float(val_loss[:, static].mean()), "usage": usage, "picks": dict(zip(ids, picks))}
+        have = results[name]
+        missing = sorted(n for n in set(picks) | {row["static"]} if n not in have)
+        if missing:
+            row["missing"] = missing
+        else:
+            routed = np.array([passed(have[n], [i])[0] for n, i in zip(picks, ids)])
+            stat = passed(have[row["static"]], ids)
+            row.update(routed_humaneval=100 * float(routed.mean()), static_humaneval=100 * float(stat.mean()),
+                       routed_minus_static_ci95=bootstrap(routed, stat), routed_minus_dense_ci95=bootstrap(routed, he_dense))
+            out["runs"][name] = row
+            out.setdefault("_hits", {})[name] = routed
+        out["runs"][name] = row
+    hits = out.pop("_hits", {})
+    if len(hits) == 2:
+        out["healed_minus_unhealed_routed_ci95"] = bootstrap(hits["healed"], hits["unhealed"])
+    return out
+
+
+def write_generation_routers(nll_path, run_dir, work, out_file) -> Path:
+    write_json(Path(out_file), generation_routers(nll_path, run_dir, work))
+    return Path(out_file)
