@@ -88,7 +88,15 @@ def humaneval(work: Path, run: Path) -> dict:
         else:
             row["missing"] = sorted(n for n in usage if n not in hits)
         routed.append(row)
-    return {"dense": 100 * float(dense.mean()), "n": len(ids), "sets": rows, "routed": routed}
+    both = [n for n in hits if n in unhealed]
+    mean_gain = None
+    if both:  # the pool's mean healed - unhealed, over the sets run both ways; bootstrap over problems
+        diff = np.mean([hits[n].astype(float) - passed(unhealed[n], ids).astype(float) for n in both], 0)
+        rng = np.random.default_rng(0)
+        draws = [100 * diff[rng.integers(0, len(ids), len(ids))].mean() for _ in range(4000)]
+        mean_gain = {"sets": len(both), "mean": 100 * float(diff.mean()),
+                     "ci95": [float(np.percentile(draws, 2.5)), float(np.percentile(draws, 97.5))]}
+    return {"dense": 100 * float(dense.mean()), "n": len(ids), "sets": rows, "routed": routed, "mean_gain": mean_gain}
 
 
 def _aligned(data: dict, keys: List[tuple]) -> np.ndarray:
@@ -364,6 +372,10 @@ def to_markdown(rep: dict) -> str:
         else:
             out.append(f"| routed ({r['router']}: {usage}) | 3 | {_f(r.get('unhealed'))} | not run healed: "
                        f"{', '.join(r['missing'])} | | |")
+    if he.get("mean_gain"):
+        g = he["mean_gain"]
+        out += ["", f"Mean healed - unhealed over the {g['sets']} sets run both ways: {g['mean']:+.1f} points {_ci(g['ci95'])} "
+                "(bootstrap over problems)."]
     if mc:
         out += ["", f"## Multiple choice, six-task average ({mc['n']} examples; dense {mc['dense']:.1f})", "",
                 "| set | unhealed | healed | healed - unhealed [95%] | healed - dense [95%] |", "|---|---|---|---|---|"]
