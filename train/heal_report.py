@@ -283,7 +283,7 @@ def per_set(work: Path, run: Path) -> Optional[dict]:
     return {"sets": rows}
 
 
-def retrained_routers(work: Path, run: Path, he: dict) -> Optional[dict]:
+def retrained_routers(work: Path, run: Path) -> Optional[dict]:
     """Routers retrained on the healed pool's scores and on the same pool unhealed (`train heal-routers`,
     WORK/routers/): their multiple-choice rows (each run's report: routed vs its best static set, chosen on the
     training rows), healed routed minus unhealed routed, and HumanEval of each router's picks."""
@@ -333,10 +333,9 @@ def build(work, run_dir, model: str) -> dict:
         raise PuddingError(f"{work}: no adapters/pool-k3/heal.json; run benchmarks/heal_gpu.py first")
     info = json.loads(heal.read_text())
     settings = {k: info.get(k) for k in ("steps", "batch", "lr", "rank", "alpha", "kl_weight", "layers", "sets", "data")}
-    he = humaneval(work, run)
-    return {"model": model, "adapter": settings, "humaneval": he, "mc": multiple_choice(work, run),
+    return {"model": model, "adapter": settings, "humaneval": humaneval(work, run), "mc": multiple_choice(work, run),
             "generation_aware": generation_aware(work, run), "val_nll": val_nll(work), "mlx": mlx_runs(work),
-            "fused": fused(work), "per_set": per_set(work, run), "routers": retrained_routers(work, run, he),
+            "fused": fused(work), "per_set": per_set(work, run), "routers": retrained_routers(work, run),
             "generation_routers": _read(work / "routers" / "generation.json")}
 
 

@@ -32,15 +32,12 @@ from pudding_mlx.atomic import write_json, write_npz
 from pudding_mlx.errors import PuddingError
 from pudding_mlx.jsonio import read_json
 
+from .adaptive import _key
 from .generation import set_name
 
 SPLITS = ("train", "val", "test")
 PER_SET = ("y", "correct", "correct_norm", "logprob", "mean_ll")  # one column per set
 OBJECTIVES = ("mse", "centered", "accuracy", "task")
-
-
-def _key(s) -> tuple:
-    return tuple(sorted(int(b) for b in s))
 
 
 def _load(npz: Path, meta: Path) -> tuple:
@@ -53,11 +50,13 @@ def _source(folder: Path) -> tuple:
     return _load(folder / "router_data.npz", folder / "router_data.json")
 
 
-def joined_split(run: Path, split: str, sources: Sequence[Path], sets: Sequence[Sequence[int]]) -> tuple:
+def joined_split(run: Path, split: str, sources: Sequence[Path], sets: Sequence[Sequence[int]],
+                 from_run: bool = True) -> tuple:
     """(arrays, meta) of RUN/data-SPLIT with its per-set columns replaced by SETS' columns, each taken from the
-    first of RUN's data and then SOURCES (router data folders) that has it; rows must be RUN's, in its order."""
+    first of RUN's data (unless not FROM_RUN: healed columns must never be RUN's unhealed ones) and then SOURCES
+    (router data folders) that has it; rows must be RUN's, in its order. The dense columns stay RUN's."""
     base, meta = _load(run / f"data-{split}.npz", run / f"data-{split}.json")
-    frames = [(str(run / f"data-{split}.npz"), base, meta)]
+    frames = [(str(run / f"data-{split}.npz"), base, meta)] if from_run else []
     for folder in sources:
         if (folder / "router_data.npz").is_file():
             frames.append((str(folder), *_source(folder)))
@@ -81,8 +80,8 @@ def joined_split(run: Path, split: str, sources: Sequence[Path], sets: Sequence[
             taken[set_name(s)] = name
             break
         else:
-            raise PuddingError(f"set {sorted(s)}: in none of {run}/data-{split}.npz, "
-                               + ", ".join(str(f) for f in sources) + "; score it first (heal_gpu.py mc-extra)")
+            raise PuddingError(f"set {sorted(s)}: in none of " + (f"{run}/data-{split}.npz, " if from_run else "")
+                               + ", ".join(str(f) for f in sources) + "; score it first (heal_gpu.py mc-healed, mc-extra)")
     out = dict(base)
     for k in PER_SET:
         out[k] = np.stack(cols[k], 1)
@@ -91,11 +90,13 @@ def joined_split(run: Path, split: str, sources: Sequence[Path], sets: Sequence[
     return out, meta
 
 
-def write_joined_run(run: Path, out: Path, sources: Dict[str, List[Path]], sets: Sequence[Sequence[int]]) -> Path:
-    """A run folder OUT (module doc) for SETS: data-{split}.npz/.json joined, RUN's features, cand-k3.json."""
+def write_joined_run(run: Path, out: Path, sources: Dict[str, List[Path]], sets: Sequence[Sequence[int]],
+                     from_run: bool = True) -> Path:
+    """A run folder OUT (module doc) for SETS: data-{split}.npz/.json joined (`joined_split`), RUN's features,
+    cand-k3.json."""
     out.mkdir(parents=True, exist_ok=True)
     for split in SPLITS:
-        arrays, meta = joined_split(run, split, sources.get(split, []), sets)
+        arrays, meta = joined_split(run, split, sources.get(split, []), sets, from_run)
         write_npz(out / f"data-{split}.npz", **arrays)
         write_json(out / f"data-{split}.json", meta)
         shutil.copy(run / f"features-{split}.npz", out / f"features-{split}.npz")
@@ -118,16 +119,19 @@ def train_routers(run: Path) -> None:
                 (d / dst).symlink_to((run / src).resolve())
         (run / "routers" / "preds").mkdir(parents=True, exist_ok=True)
         (run / "routers" / "hidden").mkdir(parents=True, exist_ok=True)
+        feats = {split: load_features(Path(tmp) / f"data-{split}") for split in ("val", "test")}
+        rows = {}
+        for split in ("val", "test"):
+            with np.load(run / f"data-{split}.npz", allow_pickle=False) as z:
+                rows[split] = (z["id"], z["task"])
         for objective in OBJECTIVES:
             r = Path(tmp) / f"router-hidden-{objective}-k3"
             train_probe_router(Path(tmp) / "data-train", r, sets, objective=objective)
             shutil.copy(r / "router.json", run / "routers" / "hidden" / f"hidden-{objective}-k3.json")
             probe = load_probe(r)
             for split in ("val", "test"):
-                feats = load_features(Path(tmp) / f"data-{split}")
-                pred = predict(probe, feats)
-                with np.load(run / f"data-{split}.npz", allow_pickle=False) as z:
-                    ids, tasks = z["id"], z["task"]
+                pred = predict(probe, feats[split])
+                ids, tasks = rows[split]
                 write_npz(run / "routers" / "preds" / f"hidden-{objective}-k3-{split}.npz", scores=pred["scores"],
                           id=ids, task=tasks, chosen=pred["chosen"], objective=np.array(objective))
 
@@ -174,8 +178,8 @@ def build(work, run_dir, out_dir, model: str) -> Dict[str, Path]:
     pool = read_json(work / "data-healed-train" / "router_data.json", "router data", "rebuild it")["sets"]
     written = {}
     with tempfile.TemporaryDirectory() as tmp:
-        joined = {"healed": write_joined_run_healed(run, Path(tmp) / "healed",
-                                                    {s: [work / f"data-healed-{s}"] for s in SPLITS}, pool),
+        joined = {"healed": write_joined_run(run, Path(tmp) / "healed", {s: [work / f"data-healed-{s}"] for s in SPLITS},
+                                             pool, from_run=False),
                   "unhealed": write_joined_run(run, Path(tmp) / "unhealed",
                                                {s: [work / f"data-extra-{s}"] for s in SPLITS}, pool)}
         for name, j in joined.items():
@@ -197,28 +201,6 @@ def build(work, run_dir, out_dir, model: str) -> Dict[str, Path]:
                                               "healed_minus_unhealed_ci95": list(bootstrap_delta(ref, h, u))}
         write_json(out / "healed_vs_unhealed.json", {"pool": pool, "rows": int(len(data["task"])), "mc": compare})
     return written
-
-
-def write_joined_run_healed(run: Path, out: Path, sources: Dict[str, List[Path]], sets) -> Path:
-    """write_joined_run with every set's columns from SOURCES (never RUN's unhealed ones); dense from RUN."""
-    out.mkdir(parents=True, exist_ok=True)
-    for split in SPLITS:
-        base, meta = _load(run / f"data-{split}.npz", run / f"data-{split}.json")
-        arrays, m = _source(sources[split][0])
-        if not (np.array_equal(arrays["task"], base["task"]) and np.array_equal(arrays["id"], base["id"])):
-            raise PuddingError(f"{sources[split][0]}: other rows than {run}/data-{split}.npz; score it with the "
-                               "run's tasks, split, seed and size")
-        have = [_key(x) for x in m["sets"]]
-        idx = [have.index(_key(s)) for s in sets]
-        joined = dict(base)
-        for k in PER_SET:
-            joined[k] = arrays[k][:, idx].astype(base[k].dtype)
-        write_npz(out / f"data-{split}.npz", **joined)
-        write_json(out / f"data-{split}.json", {**meta, "sets": [sorted(int(b) for b in s) for s in sets],
-                                                "joined_from": {set_name(s): str(sources[split][0]) for s in sets}})
-        shutil.copy(run / f"features-{split}.npz", out / f"features-{split}.npz")
-    write_json(out / "cand-k3.json", [sorted(int(b) for b in s) for s in sets])
-    return out
 
 
 # -- routers on the generation scores: the reply NLL of the distillation prompts, healed and unhealed -------------
@@ -249,7 +231,7 @@ def generation_routers(nll_path, run_dir, work) -> dict:
     loss = {"unhealed": per_token["unhealed"][:, [sets.index(p) for p in pool]] - dense[:, None],
             "healed": per_token["healed"] - dense[:, None]}
     feats = A.project({k: d[k] for k in ("mean_3", "last_3")}, A.basis_of(run))
-    keys = [A._key(p.split(",")) for p in pool]
+    keys = [_key(p.split(",")) for p in pool]
     menu = [()] + keys
     train = d["split"].astype(str) == "train"
     results = {"healed": load_sets(work / "gen-pool"), "unhealed": load_sets(run / "generation")}
@@ -260,6 +242,7 @@ def generation_routers(nll_path, run_dir, work) -> dict:
     he_dense = passed(results["unhealed"]["dense"], ids)
     out = {"prompts": {"train": int(train.sum()), "val": int((~train).sum())}, "pool": [set_name(k) for k in keys],
            "dense_humaneval": 100 * float(he_dense.mean()), "runs": {}}
+    hits = {}
     for name in ("unhealed", "healed"):
         source = {"sets": menu, "loss": np.concatenate([np.zeros((len(dense), 1)), loss[name]], 1), "feats": feats}
         fitted = A.fit_and_select([source], menu, [~train])
@@ -282,10 +265,8 @@ def generation_routers(nll_path, run_dir, work) -> dict:
             stat = passed(have[row["static"]], ids)
             row.update(routed_humaneval=100 * float(routed.mean()), static_humaneval=100 * float(stat.mean()),
                        routed_minus_static_ci95=bootstrap(routed, stat), routed_minus_dense_ci95=bootstrap(routed, he_dense))
-            out["runs"][name] = row
-            out.setdefault("_hits", {})[name] = routed
+            hits[name] = routed
         out["runs"][name] = row
-    hits = out.pop("_hits", {})
     if len(hits) == 2:
         out["healed_minus_unhealed_routed_ci95"] = bootstrap(hits["healed"], hits["unhealed"])
     return out
