@@ -98,12 +98,11 @@ start-retrain)
     # adapter's), only its generation-aware search. The pool adapter and its val NLL; then HumanEval of every pool
     # set healed (HE_EVAL_N); then one per-set adapter (PER_SET, trained as long as the pool's, with its HumanEval
     # and multiple choice): training holds ~60 GB and ran out of memory beside one generation process on an 80 GB
-    # H100 (2026-12-06); then
-    # multiple choice of the MC_EVAL_N pool sets of lowest healed val NLL and today's choices
+    # H100 (2026-12-06); then multiple choice of the MC_EVAL_N pool sets of lowest healed val NLL and today's choices
     model=$2 work=$3
     D="python3 benchmarks/heal_gpu.py $model $work"
     mkdir -p "$work"
-    cp -n results/qwen2.5-coder-1.5b/heal/cand-distill*.json "$work/"
+    for f in results/qwen2.5-coder-1.5b/heal/cand-distill*.json; do [ -e "$work/${f##*/}" ] || cp "$f" "$work/"; done
     setsid nohup sh -c "
         $D pool,nll >$work/core-0.log 2>&1; echo core done
         EVAL_N=\${HE_EVAL_N:-14} $D he-pool >$work/he-0.log 2>&1; echo humaneval done
@@ -162,8 +161,8 @@ collect)
     work=$2 out=$3
     mkdir -p "$out"
     # 8 files of up to 16 MB, 64 MB in all, come back from a call: the archive (in parts when over 12 MB) leaves out
-    # adapter weights (their heal.json and adapter_config.json stay); the adapter WITH_ADAPTER (default pool-k3; 0
-    # none) comes as OUT/NAME.safetensors.partNN (cat them back together). A 63 MB adapter fills a call: then
+    # adapter weights (their heal.json and adapter_config.json stay); the adapter WITH_ADAPTER (default and 1: pool-k3;
+    # 0 none) comes as OUT/NAME.safetensors.partNN (cat them back together). A 63 MB adapter fills a call: then
     # collect the archive with WITH_ADAPTER=0 and each adapter with ONLY_ADAPTER=1 in calls of their own
     if [ "${ONLY_ADAPTER:-0}" != 1 ]; then
         (cd "$work" && find . -name '*.safetensors' -size +5M >/tmp/heal-big.txt &&
@@ -175,6 +174,7 @@ collect)
         echo "left out:"; cat /tmp/heal-big.txt
     fi
     name=${WITH_ADAPTER:-pool-k3}
+    [ "$name" = 1 ] && name=pool-k3  # WITH_ADAPTER=1 meant the pool adapter before any adapter could be named
     a=$work/adapters/$name/adapter_model.safetensors
     if [ "$name" != 0 ] && [ -f "$a" ]; then split -b 12M -d "$a" "$out/$name.safetensors.part"; fi
     ls -l "$out" ;;
