@@ -225,6 +225,9 @@ def main():
     lora_layers = list(range(LORA_FROM, n_blocks))
     settings = {"steps": STEPS, "batch": BATCH, "lr": LR, "rank": RANK, "alpha": 2 * RANK, "kl_weight": 1.0,
                 "layers": lora_layers}
+    import torch
+
+    torch.manual_seed(0)  # LoRA's A matrices start random: a rerun of a phase starts from the same weights
     pm = H.add_lora(lm, rank=RANK, alpha=2 * RANK, layers=lora_layers)
     pool_dir = work / "adapters" / "pool-k3"
     if "pool" in phases and not (pool_dir / "heal.json").is_file():

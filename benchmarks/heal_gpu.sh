@@ -19,6 +19,8 @@
 #   benchmarks/heal_gpu.sh start-retrain GGUF WORK  # the third run: the pool adapter trained anew (STEPS; the first
 #        # run's weights were not kept), its val NLL and HumanEval of every pool set, one per-set adapter after it,
 #        # then multiple choice of the pool sets of lowest healed val NLL (MC_EVAL_N) and today's choices
+#   benchmarks/heal_gpu.sh start-perset GGUF WORK  # the fourth run: the pool adapter as first trained (does it
+#        # reproduce?), HumanEval of a few pool sets, then PER_SET per-set adapters with HumanEval and multiple choice
 #   benchmarks/heal_gpu.sh mlx STAGED WORK OUT   # MLX (CUDA; STAGED also holds the mlx, mlx-cuda-13 and mlx-lm
 #        # wheels): the qwen2.5-coder-1.5b preset, and once WORK's pool adapter exists, the preset with it
 #        # (WORK/mlx/healed-preset), its adapter cost and lossless drafting (bench) and HumanEval healed (eval).
@@ -110,6 +112,21 @@ start-retrain)
         EVAL_N=\${MC_EVAL_N:-3} $D mc-pool >$work/mc-0.log 2>&1; echo mc done; touch $work/retrain.done" >"$work/run.log" 2>&1 &
     echo $! >"$work/run.pid"
     echo "started $(cat "$work/run.pid"): $work/run.log" ;;
+start-perset)
+    # the fourth heal run (2026-12-06): the pool adapter again as first trained (STEPS 240, its weights lost with
+    # the machine), its val NLL against the committed one (does the recipe reproduce?) and HumanEval of HE_EVAL_N
+    # pool sets plus today's choices; then the PER_SET per-set adapters (default 2: the issue's alternative to one
+    # pool adapter, trained the same way and as long), each with its val NLL, HumanEval and multiple choice.
+    # One process: training holds ~60 GB of an 80 GB H100. PHASES=per-set (after `heal_gpu.py GGUF WORK seed`, which
+    # brings the committed val NLL that ranks the sets) trains only the per-set adapters, for a short lease
+    model=$2 work=$3
+    mkdir -p "$work"
+    for f in results/qwen2.5-coder-1.5b/heal/cand-distill*.json; do [ -e "$work/${f##*/}" ] || cp "$f" "$work/"; done
+    setsid nohup sh -c "
+        EVAL_N=\${HE_EVAL_N:-1} PER_SET=\${PER_SET:-2} python3 benchmarks/heal_gpu.py $model $work ${PHASES:-pool,nll,he-pool,per-set} \
+            >$work/perset-0.log 2>&1; echo per-set done; touch $work/perset.done" >"$work/run.log" 2>&1 &
+    echo $! >"$work/run.pid"
+    echo "started $(cat "$work/run.pid"): $work/run.log" ;;
 mlx)
     staged=$2 work=$3 out=$4
     PM="python3 -m pudding_mlx.app.cli" P=$C/preset-qwen2.5-coder-1.5b H=$work/mlx/healed-preset
@@ -179,5 +196,5 @@ collect)
     if [ "$name" != 0 ] && [ -f "$a" ]; then split -b 12M -d "$a" "$out/$name.safetensors.part"; fi
     ls -l "$out" ;;
 *)
-    echo "usage: $0 setup STAGED | start GGUF WORK [PHASES] | start-shards GGUF WORK N | start-lanes GGUF WORK | start-retrain GGUF WORK | mlx STAGED WORK OUT | status WORK | poll WORK OUT | collect WORK OUT" >&2; exit 2 ;;
+    echo "usage: $0 setup STAGED | start GGUF WORK [PHASES] | start-shards GGUF WORK N | start-lanes GGUF WORK | start-retrain GGUF WORK | start-perset GGUF WORK | mlx STAGED WORK OUT | status WORK | poll WORK OUT | collect WORK OUT" >&2; exit 2 ;;
 esac

@@ -130,7 +130,9 @@ def run_prompt(loaded, task, text, sets_for, sizes, max_tokens, strict) -> dict:
     return row
 
 
-def summarize(rows, sizes) -> dict:
+def summarize(rows, sizes, n_blocks: int) -> dict:
+    from pudding_mlx.omission import lossless_speedup_bound
+
     def col(d, s, key):
         return [r["runs"][f"{d}@{s}"][key] for r in rows]
 
@@ -139,7 +141,10 @@ def summarize(rows, sizes) -> dict:
         for d in DRAFTS:
             entry = {"draft_tokens": s, "draft": d, "mean_accepted": statistics.mean(col(d, s, "accepted")),
                      "mean_speedup": statistics.mean(col(d, s, "speedup")),
+                     "mean_k": statistics.mean(len(r["sets"][d]) for r in rows),
                      "divergence": divergence_summary([r["runs"][f"{d}@{s}"] for r in rows])}
+            if entry["mean_accepted"] < 1:  # what a verify as cheap as one dense step would give (module doc)
+                entry["speedup_bound"] = lossless_speedup_bound(entry["mean_accepted"], s, entry["mean_k"], n_blocks)
             if d != "routed":
                 entry["routed_minus_this_accepted"] = paired_ci(col("routed", s, "accepted"), col(d, s, "accepted"))
                 entry["routed_higher_on"] = sum(x > y for x, y in zip(col("routed", s, "accepted"), col(d, s, "accepted")))
@@ -163,9 +168,10 @@ def report(loaded, a, rows, summary, static, early, dtype, strict, cmd) -> str:
              f"{a.max_tokens} new tokens; {identity}. Every runner (the router included) was warmed up "
              "before timing; router time is counted in the routed speedup. Static draft: " + str(static)
              + f"; early exit: blocks {early}.", "",
-             "| draft tokens | draft | mean accepted from draft | mean speedup vs dense | routed - this, acceptance [95% CI] "
-             "| routed higher / lower | prompts diverged | tokens differing | first divergence (min / median / max) |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| draft tokens | draft | mean accepted from draft | mean speedup vs dense | bound at this acceptance "
+             "| routed - this, acceptance [95% CI] | routed higher / lower | prompts diverged | tokens differing "
+             "| first divergence (min / median / max) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for e in summary.values():
         ci = e.get("routed_minus_this_accepted")
         cis = f"{ci[0]:+.3f} [{ci[1]:+.3f}, {ci[2]:+.3f}]" if ci else ""
@@ -173,10 +179,14 @@ def report(loaded, a, rows, summary, static, early, dtype, strict, cmd) -> str:
         dv = e["divergence"]
         first = dv["first_divergence"]
         firsts = f"{first['min']} / {first['median']:g} / {first['max']}" if first else "-"
+        bound = f"{e['speedup_bound']:.3f}" if "speedup_bound" in e else "-"
         lines.append(f"| {e['draft_tokens']} | {e['draft']} | {e['mean_accepted']:.3f} | {e['mean_speedup']:.3f} | "
-                     f"{cis} | {hl} | {dv['prompts_diverged']}/{dv['prompts']} ({dv['share_prompts']:.1%}) | "
+                     f"{bound} | {cis} | {hl} | {dv['prompts_diverged']}/{dv['prompts']} ({dv['share_prompts']:.1%}) | "
                      f"{dv['share_tokens']:.1%} | {firsts} |")
-    lines += ["", f"Fastest routed draft size here: {best['draft_tokens']} (mean speedup {best['mean_speedup']:.3f})."]
+    lines += ["", f"Fastest routed draft size here: {best['draft_tokens']} (mean speedup {best['mean_speedup']:.3f}).",
+              "", "Bound at this acceptance: the speedup if the verify over draft tokens + 1 positions cost one dense step "
+              "and a pruned step cost (n - k) / n of one (`pudding_mlx.omission.lossless_speedup_bound`); under 1, "
+              "lossless cannot pay at this acceptance on any hardware."]
     return "\n".join(lines) + "\n"
 
 
@@ -184,6 +194,7 @@ def main(argv: Optional[Sequence[str]] = None):
     from pudding_mlx.load import backend, load
     from pudding_mlx.omission import parse_omit
     from pudding_mlx.tasks import load_task
+    from pudding_mlx.atomic import write_json, write_text
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("bundle")
@@ -227,18 +238,17 @@ def main(argv: Optional[Sequence[str]] = None):
             + ("" if row["runs"][f"{d}@{s}"]["identical"] else f" (differs from {row['runs'][f'{d}@{s}']['first']})")
             for s in sizes for d in DRAFTS), flush=True)
 
-    summary = summarize(rows, sizes)
+    summary = summarize(rows, sizes, loaded.n_blocks)
     cmd = "python benchmarks/lossless.py " + " ".join(sys.argv[1:] if argv is None else argv)
     md = report(loaded, a, rows, summary, static, early, dtype, strict, cmd)
     print("\n" + md)
     if a.md:
-        with open(a.md, "w") as f:
-            f.write(md)
+        write_text(a.md, md)
     if a.json:
-        with open(a.json, "w") as f:
-            json.dump({"bundle": str(loaded.path), "backend": backend(), "dtype": dtype, "strict": strict,
-                       "k": len(static), "static": static, "early_exit": early, "max_tokens": a.max_tokens,
-                       "draft_tokens": sizes, "command": cmd, "rows": rows, "summary": summary}, f, indent=2)
+        write_json(a.json, {"bundle": str(loaded.path), "backend": backend(), "dtype": dtype, "strict": strict,
+                            "n_blocks": loaded.n_blocks, "k": len(static), "static": static, "early_exit": early,
+                            "max_tokens": a.max_tokens, "draft_tokens": sizes, "command": cmd, "rows": rows,
+                            "summary": summary}, indent=2)
 
 
 if __name__ == "__main__":

@@ -69,3 +69,36 @@ def kept_blocks(omitted: Iterable[int], n_blocks: int) -> Tuple[int, ...]:
     """The blocks that run, in order."""
     gone = set(omitted)
     return tuple(i for i in range(n_blocks) if i not in gone)
+
+
+def ideal_speedup(n_blocks: int, k: float) -> float:
+    """Decode speedup of skipping k of n_blocks blocks if time were spent in the blocks alone (embedding, head
+    and routing cost nothing): the ceiling a measured speedup is read against."""
+    if not 0 <= k < n_blocks:
+        raise PuddingError(f"cannot skip {k} of {n_blocks} blocks: at least one block must run")
+    return n_blocks / (n_blocks - k)
+
+
+def lossless_speedup_bound(from_draft: float, draft_tokens: int, k: float, n_blocks: int) -> float:
+    """The most lossless decoding (the pruned model drafts `draft_tokens` tokens a round, dense verifies them) can
+    gain over dense decoding, given the measured share of output tokens that came from the draft.
+
+    Each round emits the accepted draft tokens and one of dense's, so a round gives 1 / (1 - from_draft) tokens on
+    average. It costs `draft_tokens` pruned steps, each (n_blocks - k) / n_blocks of a dense step at best, and one
+    dense verify over draft_tokens + 1 positions, counted here as one dense step: what a memory-bound GPU comes
+    near and a CPU does not. Real speedups sit below this (embedding, head, cache rewinds, a dearer verify), so a
+    bound under 1 shows that lossless cannot pay at that acceptance, whatever the hardware. A round gives at most
+    draft_tokens + 1 tokens, so a share above draft_tokens / (draft_tokens + 1) (a short run whose last round ended
+    inside the draft) counts as that."""
+    if not 0 <= from_draft < 1:
+        raise PuddingError(f"share of tokens from the draft must be in [0, 1), not {from_draft}")
+    step = 1 / ideal_speedup(n_blocks, k)
+    per_round = min(1 / (1 - from_draft), draft_tokens + 1)
+    return per_round / (draft_tokens * step + 1)
+
+
+def lossless_share_needed(speedup: float, draft_tokens: int, k: float, n_blocks: int) -> float:
+    """The share of output tokens that must come from the draft for `lossless_speedup_bound` to reach `speedup`
+    (above draft_tokens / (draft_tokens + 1), every draft token accepted: out of this draft's reach)."""
+    step = 1 / ideal_speedup(n_blocks, k)
+    return 1 - 1 / (speedup * (draft_tokens * step + 1))

@@ -19,6 +19,8 @@ from mlx_lm.generate import generate_step
 
 from pudding_mlx.generate import generate, prompt_tokens, stream_generate
 from pudding_mlx.load import load
+from pudding_mlx.errors import PuddingError
+from pudding_mlx.omission import ideal_speedup, lossless_share_needed, lossless_speedup_bound
 from helpers import TINY, tiny_model
 from pudding_mlx.shapes import build_model
 from pudding_mlx.skip import SkipView
@@ -201,6 +203,12 @@ def test_lossless_benchmark_float32_is_strict_and_warms_the_router(routed_tiny, 
     assert result["dtype"] == "float32" and result["strict"] is True  # float32: identity asserted
     assert all(run["identical"] for row in result["rows"] for run in row["runs"].values())
     assert all(e["divergence"]["share_prompts"] == 0 for e in result["summary"].values())
+    # the bound at each measured acceptance, worked from the runs' own shares and the drafts' sizes
+    for e in result["summary"].values():
+        if e["mean_accepted"] < 1:
+            k = np.mean([len(row["sets"][e["draft"]]) for row in result["rows"]])
+            assert e["speedup_bound"] == pytest.approx(
+                lossless_speedup_bound(e["mean_accepted"], e["draft_tokens"], k, result["n_blocks"]))
     texts = router.calls[:8]  # every prompt routed once before anything is timed...
     assert len(set(texts)) == 8 and router.calls[8:] == texts  # ...then once more, timed
 
@@ -237,3 +245,26 @@ def test_lossless_benchmark_measures_divergence(routed_tiny, monkeypatch, tmp_pa
         assert dv["share_tokens"] == pytest.approx(sum((row["generated"] - 3) for row, e in zip(result["rows"], even)
                                                        if e) / n_tokens)
     assert "prompts diverged" in (tmp_path / "l.md").read_text()
+
+
+def test_lossless_speedup_bound():
+    """A round emits its accepted draft tokens and one of dense's: with every draft token accepted (a share of
+    g / (g + 1) of the output), g pruned steps and one verify buy g + 1 tokens."""
+    n, k, g = 28, 3, 4
+    step = (n - k) / n
+    assert lossless_speedup_bound(g / (g + 1), g, k, n) == pytest.approx((g + 1) / (g * step + 1))
+    assert lossless_speedup_bound(g / (g + 1), g, 0, n) == pytest.approx(1.0)  # a full-depth draft gains nothing
+    assert lossless_speedup_bound(0.0, g, k, n) < 1  # nothing accepted: the drafting is pure cost
+    # never above skipping the blocks outright, however long the draft and high the acceptance
+    assert lossless_speedup_bound(0.999, 1000, k, n) < ideal_speedup(n, k)
+    assert lossless_speedup_bound(0.99, g, k, n) == lossless_speedup_bound(g / (g + 1), g, k, n)  # at most g + 1 a round
+    assert lossless_speedup_bound(0.5, g, 14, n) > lossless_speedup_bound(0.5, g, 3, n)  # a cheaper draft
+    for share in (0.0, 0.3, 0.6):  # the share needed for a speedup is the inverse of the bound
+        for kk, gg in ((3, 2), (14, 4)):
+            b = lossless_speedup_bound(share, gg, kk, n)
+            assert lossless_share_needed(b, gg, kk, n) == pytest.approx(share)
+    assert lossless_share_needed(1.2, g, k, n) > g / (g + 1)  # beyond skipping 3 of 28 outright (1.12): out of reach
+    with pytest.raises(PuddingError, match="share of tokens from the draft"):
+        lossless_speedup_bound(1.0, g, k, n)
+    with pytest.raises(PuddingError, match="at least one block must run"):
+        ideal_speedup(n, n)

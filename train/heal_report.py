@@ -208,7 +208,21 @@ def val_nll(work: Path) -> Optional[dict]:
     return {"examples": got["examples"], "sets": sorted(rows, key=lambda r: (r["healed"] is None, r["healed"] or 0))}
 
 
-def mlx_runs(work: Path) -> Optional[dict]:
+def lossless_summary(payload: dict, run: Path) -> dict:
+    """benchmarks/lossless.py's summary, with the bound at each measured acceptance (its runs before the bound was
+    added lack it: worked out here the same way, the block count from the run's candidates)."""
+    from pudding_mlx.omission import lossless_speedup_bound
+
+    n = payload.get("n_blocks") or json.loads((run / "cand-k3.json").read_text())["num_blocks"]
+    summary = payload.get("summary") or {}
+    for e in summary.values():
+        if isinstance(e, dict) and "mean_accepted" in e and "speedup_bound" not in e and e["mean_accepted"] < 1:
+            k = float(np.mean([len(r["sets"][e["draft"]]) for r in payload["rows"]]))
+            e["speedup_bound"] = lossless_speedup_bound(e["mean_accepted"], e["draft_tokens"], k, n)
+    return summary
+
+
+def mlx_runs(work: Path, run: Path) -> Optional[dict]:
     out = work / "mlx-out"
     if not out.is_dir():
         return None
@@ -224,9 +238,22 @@ def mlx_runs(work: Path) -> Optional[dict]:
     cost = None
     if (out / "mlx_adapter_cost_cuda.json").is_file():
         cost = json.loads((out / "mlx_adapter_cost_cuda.json").read_text()).get("summary")
-    lossless = {p.stem.removeprefix("mlx_lossless_"): json.loads(p.read_text()).get("summary")
+    lossless = {p.stem.removeprefix("mlx_lossless_"): lossless_summary(json.loads(p.read_text()), run)
                 for p in sorted(out.glob("mlx_lossless_*.json"))}
-    return {"eval": runs, "adapter_cost": cost, "lossless": lossless}
+    return {"eval": runs, "adapter_cost": cost, "lossless": lossless, "lossless_needed": lossless_needed(run)}
+
+
+def lossless_needed(run: Path, speedup: float = 1.10, drafts=(3, 7, 9, 14), sizes=(2, 4, 8)) -> dict:
+    """Where lossless could pay: the share of output tokens a draft skipping k blocks must supply, at each draft
+    size, for the bound to reach `speedup` (the issue's speed target); None where no draft of that size can."""
+    from pudding_mlx.omission import lossless_share_needed
+
+    n = json.loads((run / "cand-k3.json").read_text())["num_blocks"]
+    rows = {}
+    for k in drafts:
+        need = {g: lossless_share_needed(speedup, g, k, n) for g in sizes}
+        rows[k] = {g: (v if v <= g / (g + 1) else None) for g, v in need.items()}
+    return {"speedup": speedup, "n_blocks": n, "rows": rows}
 
 
 def fused(work: Path) -> Optional[dict]:
@@ -334,7 +361,7 @@ def build(work, run_dir, model: str) -> dict:
     info = json.loads(heal.read_text())
     settings = {k: info.get(k) for k in ("steps", "batch", "lr", "rank", "alpha", "kl_weight", "layers", "sets", "data")}
     return {"model": model, "adapter": settings, "humaneval": humaneval(work, run), "mc": multiple_choice(work, run),
-            "generation_aware": generation_aware(work, run), "val_nll": val_nll(work), "mlx": mlx_runs(work),
+            "generation_aware": generation_aware(work, run), "val_nll": val_nll(work), "mlx": mlx_runs(work, run),
             "fused": fused(work), "per_set": per_set(work, run), "routers": retrained_routers(work, run),
             "generation_routers": _read(work / "routers" / "generation.json")}
 
@@ -467,13 +494,27 @@ def to_markdown(rep: dict) -> str:
             out += ["", f"Adapter cost, as LoRA terms: `{json.dumps(mlx['adapter_cost'])[:600]}`"]
         if mlx["lossless"]:
             out += ["", "Lossless drafting (benchmarks/lossless.py; the GPU was shared with multiple-choice scoring, so the "
-                    "speeds are low bounds; acceptance is unaffected):", "",
-                    "| run | draft | draft tokens | mean accepted from draft | mean speedup vs dense |", "|---|---|---|---|---|"]
+                    "speeds are low bounds; acceptance is unaffected). The bound is the speedup if the verify cost one "
+                    "dense step and a pruned step (n - k) / n of one (`pudding_mlx.omission.lossless_speedup_bound`): "
+                    "under 1, lossless cannot pay at that acceptance on any hardware:", "",
+                    "| run | draft | draft tokens | mean accepted from draft | mean speedup vs dense | bound |",
+                    "|---|---|---|---|---|---|"]
             for name, summary in mlx["lossless"].items():
                 for r in (summary or {}).values():
                     if isinstance(r, dict) and "mean_accepted" in r:
+                        bound = f"{r['speedup_bound']:.3f}" if "speedup_bound" in r else "-"
                         out.append(f"| {name} | {r['draft']} | {r['draft_tokens']} | {r['mean_accepted']:.3f} | "
-                                   f"{r['mean_speedup']:.3f} |")
+                                   f"{r['mean_speedup']:.3f} | {bound} |")
+            need = mlx.get("lossless_needed")
+            if need:
+                sizes = list(next(iter(need["rows"].values())))
+                out += ["", f"Where lossless could pay: the share of output tokens the draft must supply for the bound "
+                        f"to reach {need['speedup']:.2f}x, by blocks skipped (of {need['n_blocks']}) and draft tokens "
+                        "(- : out of reach, since a round gives at most draft tokens + 1):", "",
+                        "| blocks skipped | " + " | ".join(f"{g} draft tokens" for g in sizes) + " |",
+                        "|---" * (len(sizes) + 1) + "|"]
+                for k, by in need["rows"].items():
+                    out.append(f"| {k} | " + " | ".join("-" if v is None else f"{v:.3f}" for v in by.values()) + " |")
     fu = rep.get("fused")
     if fu:
         out += ["", "## The adapter fused (the runtime's default: an 8-bit merged copy of each adapted linear)", "",
