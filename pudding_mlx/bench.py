@@ -56,6 +56,7 @@ from mlx_lm.generate import generate_step, speculative_generate_step
 from mlx_lm.models.cache import make_prompt_cache
 
 from .errors import PuddingError
+from .omission import ideal_speedup
 from .skip import SkipView
 
 PREFILL = [(128, 1), (256, 1), (512, 1)]
@@ -222,7 +223,7 @@ def time_cell(runners: Dict[str, tuple], router, n_prompt: int, n_gen: int, runs
     n_blocks = len(runners["dense"][0].layers)
     row = {"phase": "prefill" if n_gen == 1 else "generate", "prompt_tokens": n_prompt, "gen_tokens": n_gen,
            **{f"{name}_s": statistics.median(v) for name, v in times.items()},
-           "ideal": n_blocks / (n_blocks - len(routed.omitted))}
+           "ideal": ideal_speedup(n_blocks, len(routed.omitted))}
     if inline:  # the sets the router chose for the timed requests (it routes every request anew)
         row["router_inline"] = True
         row["routed_sets"] = [[list(s), n] for s, n in Counter(tuple(c) for c in chosen[-runs:]).most_common()]

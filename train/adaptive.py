@@ -38,6 +38,7 @@ import numpy as np
 from pudding_mlx.adaptive import LossPredictor, choose_many, write_predictor
 from pudding_mlx.atomic import write_json, write_text
 from pudding_mlx.errors import PuddingError, first_line
+from pudding_mlx.omission import ideal_speedup
 
 from . import generation_report as G
 from . import probe as P
@@ -184,10 +185,6 @@ def mc_measure(data: dict, hit: np.ndarray) -> dict:
     return {"tasks": tasks, "average": R.average(tasks)}
 
 
-def ideal_speedup(mean_k: float, n_blocks: int) -> float:
-    return n_blocks / (n_blocks - mean_k)
-
-
 def budget_for_mean_k(pred: np.ndarray, sizes: np.ndarray, k: float) -> float:
     """The smallest budget whose mean k over these prompts reaches `k` (mean k rises with the budget:
     the chosen size is the largest allowed). Uses no labels, only the predictions."""
@@ -273,9 +270,9 @@ def build(run_dir, gen_dir, model: str, nll_path=None, bench_file=None, seed: in
         cm, ch = choose_many(ev_pred, sizes, b), choose_many(he_pred, sizes, b)
         mk, hk = float(sizes[cm].mean()), float(sizes[ch].mean())
         return {"budget": b, "mc": {**mc_measure(ev_data, ev_hit[np.arange(len(cm)), cm]), "mean_k": mk,
-                                    "speedup_ideal": ideal_speedup(mk, n_blocks), "usage": _usage(cm, menu)},
+                                    "speedup_ideal": ideal_speedup(n_blocks, mk), "usage": _usage(cm, menu)},
                 "humaneval": {"pass@1": float(he_hit[np.arange(len(ch)), ch].mean() * 100), "mean_k": hk,
-                              "speedup_ideal": ideal_speedup(hk, n_blocks), "usage": _usage(ch, menu)},
+                              "speedup_ideal": ideal_speedup(n_blocks, hk), "usage": _usage(ch, menu)},
                 "_mc_hit": ev_hit[np.arange(len(cm)), cm], "_he_hit": he_hit[np.arange(len(ch)), ch]}
 
     frontier = [adaptive_at(b) for b in grid]
@@ -375,7 +372,7 @@ def _statics(run, train, ev_data, gen_sets, ids, n_blocks):
         rows.append({"k": len(s), "set": list(s), "name": G._name(s), "mc_average": mc,
                      "pass@1": None if hit is None else float(hit.mean() * 100),
                      "fidelity": he[s][1].get("fidelity", {}).get("prefix_kept") if s in he else None,
-                     "speedup_ideal": ideal_speedup(len(s), n_blocks)})
+                     "speedup_ideal": ideal_speedup(n_blocks, len(s))})
     best = {}
     tr_hit, tr_sets = train["data"]["hit"], train["sets"]
     for k in sorted({r["k"] for r in rows}):
@@ -418,7 +415,7 @@ def _routers(run, gen, ev_data, gen_sets, ids, n_blocks):
             if got is not None and all(_key(got[1][c]) in hits for c in set(got[0].tolist())):
                 he = float(np.mean([hits[_key(got[1][c])][i] for i, c in enumerate(got[0])]) * 100)
             rows.append({"k": k, "router": f"hidden, {obj}", "mc_average": mc, "pass@1": he,
-                         "speedup_ideal": ideal_speedup(k, n_blocks)})
+                         "speedup_ideal": ideal_speedup(n_blocks, k)})
     return rows
 
 
