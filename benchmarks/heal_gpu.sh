@@ -42,6 +42,11 @@ phase=${1:-}
 export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 export PUDDING_MLX_DATA=${PUDDING_MLX_DATA:-/tmp/data/benchmarks}
 C=$HOME/.cache/pudding-mlx
+# the committed generation-aware search (its k = 3 sets join the pool) into WORK, for the runs that train anew
+# without `heal_gpu.py seed` (which would also bring the committed val NLL and HumanEval, so nll and he-pool skip)
+copy_search() {
+    for f in results/qwen2.5-coder-1.5b/heal/cand-distill*.json; do [ -e "$1/${f##*/}" ] || cp "$f" "$1/"; done
+}
 case $phase in
 setup)
     dir=$2
@@ -104,7 +109,7 @@ start-retrain)
     model=$2 work=$3
     D="python3 benchmarks/heal_gpu.py $model $work"
     mkdir -p "$work"
-    for f in results/qwen2.5-coder-1.5b/heal/cand-distill*.json; do [ -e "$work/${f##*/}" ] || cp "$f" "$work/"; done
+    copy_search "$work"
     setsid nohup sh -c "
         $D pool,nll >$work/core-0.log 2>&1; echo core done
         EVAL_N=\${HE_EVAL_N:-14} $D he-pool >$work/he-0.log 2>&1; echo humaneval done
@@ -121,7 +126,7 @@ start-perset)
     # brings the committed val NLL that ranks the sets) trains only the per-set adapters, for a short lease
     model=$2 work=$3
     mkdir -p "$work"
-    for f in results/qwen2.5-coder-1.5b/heal/cand-distill*.json; do [ -e "$work/${f##*/}" ] || cp "$f" "$work/"; done
+    copy_search "$work"
     setsid nohup sh -c "
         EVAL_N=\${HE_EVAL_N:-1} PER_SET=\${PER_SET:-2} python3 benchmarks/heal_gpu.py $model $work ${PHASES:-pool,nll,he-pool,per-set} \
             >$work/perset-0.log 2>&1; echo per-set done; touch $work/perset.done" >"$work/run.log" 2>&1 &
