@@ -162,7 +162,9 @@ def report(loaded, a, rows, summary, static, early, dtype, strict, cmd) -> str:
     identity = ("every lossless output was asserted identical to dense (--strict)" if strict else
                 "every lossless output compared with one-token dense greedy decoding: "
                 + ("all identical" if not diverged else f"{diverged} of {len(rows) * len(summary)} runs diverged"))
-    lines = [f"# Lossless drafts on {loaded.path.name} ({backend()} backend, {dtype}), k={k} of {n}",
+    routed_k = statistics.mean(e["mean_k"] for e in summary.values() if e["draft"] == "routed")
+    lines = [f"# Lossless drafts on {loaded.path.name} ({backend()} backend, {dtype}): static and early-exit drafts "
+             f"skip k={k} of {n} blocks, the routed draft the router's sets (mean k={routed_k:.2f})",
              "", f"Command: `{cmd}`", "",
              f"{len(rows)} prompts ({a.per_task} per task x {len(a.tasks.split(','))} tasks + {len(CHAT)} chat), greedy, "
              f"{a.max_tokens} new tokens; {identity}. Every runner (the router included) was warmed up "

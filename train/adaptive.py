@@ -89,6 +89,11 @@ def mc_source(run_dir, split: str) -> dict:
 NLL_KEYS = ("id", "kind", "split", "sets", "unhealed", "mean_3", "last_3")
 
 
+def per_token(summed) -> np.ndarray:
+    """NLL per token from [..., 2] (summed NLL, token count): the one formula for nll.npz's arrays."""
+    return summed[..., 0].astype(np.float64) / np.maximum(summed[..., 1], 1)
+
+
 def nll_source(path, basis: Dict[str, np.ndarray]) -> dict:
     """The generation source (module doc): nll.npz with id, kind, split [n], sets [S] (comma strings,
     dense ""), unhealed [n, S, 2] (summed NLL, token count), mean_3 / last_3 [n, hidden] (full width,
@@ -107,8 +112,8 @@ def nll_source(path, basis: Dict[str, np.ndarray]) -> dict:
         raise PuddingError(f"{path}: 'unhealed' is {list(d['unhealed'].shape)}, expected [{n}, {len(sets)}, 2]")
     if () not in sets:
         raise PuddingError(f"{path}: 'sets' has no dense entry (\"\"); the loss is against dense")
-    per_token = d["unhealed"][..., 0].astype(np.float64) / np.maximum(d["unhealed"][..., 1], 1)
-    loss = per_token - per_token[:, [sets.index(())]]
+    nll = per_token(d["unhealed"])
+    loss = nll - nll[:, [sets.index(())]]
     feats = project({k: d[k] for k in ("mean_3", "last_3")}, basis)
     return {"name": "nll", "sets": sets, "loss": loss, "feats": feats, "split": d["split"].astype(str),
             "kind": d["kind"].astype(str), "id": d["id"].astype(str)}

@@ -225,8 +225,7 @@ def generation_routers(nll_path, run_dir, work) -> dict:
         raise PuddingError(f"{nll_path}: no healed scores ('healed', 'pool'); rerun the GPU phase adaptive-data")
     sets = [str(s) for s in d["sets"]]
     pool = [str(s) for s in d["pool"]]
-    per_token = {"unhealed": d["unhealed"][..., 0] / np.maximum(d["unhealed"][..., 1], 1),
-                 "healed": d["healed"][..., 0] / np.maximum(d["healed"][..., 1], 1)}
+    per_token = {"unhealed": A.per_token(d["unhealed"]), "healed": A.per_token(d["healed"])}
     dense = per_token["unhealed"][:, sets.index("")]
     loss = {"unhealed": per_token["unhealed"][:, [sets.index(p) for p in pool]] - dense[:, None],
             "healed": per_token["healed"] - dense[:, None]}
