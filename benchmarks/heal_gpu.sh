@@ -123,13 +123,16 @@ start-perset)
     # pool sets plus today's choices; then the PER_SET per-set adapters (default 2: the issue's alternative to one
     # pool adapter, trained the same way and as long), each with its val NLL, HumanEval and multiple choice.
     # One process: training holds ~60 GB of an 80 GB H100. PHASES=per-set (after `heal_gpu.py GGUF WORK seed`, which
-    # brings the committed val NLL that ranks the sets) trains only the per-set adapters, for a short lease
+    # brings the committed val NLL that ranks the sets) trains only the per-set adapters, for a short lease; THEN
+    # (e.g. mc-extra) names phases run after them in a second process (heal_gpu.py runs its phases in one order)
     model=$2 work=$3
     mkdir -p "$work"
     copy_search "$work"
     setsid nohup sh -c "
         EVAL_N=\${HE_EVAL_N:-1} PER_SET=\${PER_SET:-2} python3 benchmarks/heal_gpu.py $model $work ${PHASES:-pool,nll,he-pool,per-set} \
-            >$work/perset-0.log 2>&1; echo per-set done; touch $work/perset.done" >"$work/run.log" 2>&1 &
+            >$work/perset-0.log 2>&1; echo per-set done
+        [ -z \"${THEN:-}\" ] || python3 benchmarks/heal_gpu.py $model $work ${THEN:-} >$work/then-0.log 2>&1; echo then done
+        touch $work/perset.done" >"$work/run.log" 2>&1 &
     echo $! >"$work/run.pid"
     echo "started $(cat "$work/run.pid"): $work/run.log" ;;
 mlx)
