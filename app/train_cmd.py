@@ -657,6 +657,9 @@ def adaptive_report(
                                        "(benchmarks/heal_gpu.py, phase adaptive-data)."),
     bench: Optional[Path] = typer.Option(None, "--bench", help="A `pudding-mlx bench --json` of this model: its "
                                          "measured k = 3 decode speedup is quoted beside the ideal."),
+    extra: Optional[Path] = typer.Option(None, "--extra", help="A heal run's folder with data-extra-{train,val,test}/ "
+                                         "(benchmarks/heal_gpu.py mc-extra): MC scores of more sets on the run's "
+                                         "rows, joined in (the k = 1, 2 menu)."),
     model: str = typer.Option(..., help="Model name for the title."),
 ):
     """Adaptive depth (issue #23): fit the loss predictor (OUT/predictor/) and write OUT/adaptive.md/.json/.png,
@@ -667,4 +670,6 @@ def adaptive_report(
     for flag, f in (("--nll", nll), ("--bench", bench)):
         if f is not None and not f.is_file():
             raise PuddingError(f"{flag} {f}: no such file")
-    console.print(f"report -> {write(run_dir, gen, out or run_dir / 'adaptive', model, nll, bench)}")
+    if extra is not None and not (extra / "data-extra-train" / "router_data.npz").is_file():
+        raise PuddingError(f"--extra {extra}: no data-extra-train/router_data.npz; run benchmarks/heal_gpu.py mc-extra")
+    console.print(f"report -> {write(run_dir, gen, out or run_dir / 'adaptive', model, nll, bench, extra)}")

@@ -391,6 +391,8 @@ def test_the_report_command_writes_its_files(tmp_path):
     args = ["train", "adaptive-report", str(RUN), "--gen", str(RUN / "generation"), "--model", "q", "--out", str(tmp_path / "a")]
     got = CliRunner().invoke(app, [*args, "--nll", str(tmp_path / "none.npz")])
     assert got.exit_code != 0 and isinstance(got.exception, PuddingError) and "--nll" in str(got.exception)
+    got = CliRunner().invoke(app, [*args, "--extra", str(tmp_path)])  # no mc-extra data there
+    assert got.exit_code != 0 and isinstance(got.exception, PuddingError) and "data-extra-train" in str(got.exception)
     got = CliRunner().invoke(app, args)
     assert got.exit_code == 0, got.output
     for name in ("adaptive.md", "adaptive.json", "predictor/predictor.json", "predictor/predictor.safetensors"):

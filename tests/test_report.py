@@ -69,3 +69,26 @@ def test_rows_agree_with_the_per_example_table(report):
         (dense,) = rows(rep, "dense")
         for t in MAIN_TASKS:
             assert abs(dense["tasks"][t] - 100 * data["dense_hit"][data["task"] == t].mean()) < 1e-9
+
+
+def test_join_sets_adds_the_columns_of_the_same_rows_scored_for_other_sets():
+    from pudding_mlx.errors import PuddingError
+    from pudding_mlx.train.report import join_sets
+
+    full = load_eval([RUN / "data-val.npz"])
+    n = len(full["sets"])
+    cols = ("correct", "correct_norm", "y", "hit")
+
+    def only(idx):  # full, as if scored for the sets idx alone
+        return {**full, "sets": [full["sets"][i] for i in idx], **{k: full[k][:, idx] for k in cols}}
+
+    half = n // 2
+    # the second part repeats one set of the first: the first part's column is kept, not doubled
+    got = join_sets(only(list(range(half))), only(list(range(half - 1, n))), "extra")
+    assert got["sets"] == full["sets"]
+    for k in cols:
+        np.testing.assert_array_equal(got[k], full[k])
+    # scored on other rows: one clear error, nothing joined
+    shuffled = {**only(list(range(half, n))), "id": full["id"][::-1]}
+    with pytest.raises(PuddingError, match="other rows"):
+        join_sets(only(list(range(half))), shuffled, "extra")

@@ -71,17 +71,29 @@ def project(raw: Dict[str, np.ndarray], basis: Dict[str, np.ndarray]) -> Dict[st
             for k in raw if f"basis_{k}" in basis}
 
 
-def mc_source(run_dir, split: str) -> dict:
-    """The router data of one split: loss = dense - y, the hits by each task's metric, PCA features."""
+def eval_data(run_dir, splits: Sequence[str], extra=None) -> dict:
+    """The run's router data of SPLITS (data-<split>.npz, concatenated), joined with EXTRA/data-extra-<split>/
+    (the same rows scored for more sets: benchmarks/heal_gpu.py mc-extra) when EXTRA is given."""
+    run = Path(run_dir)
+    data = R.load_eval([run / f"data-{s}.npz" for s in splits])
+    if extra is not None:
+        parts = [Path(extra) / f"data-extra-{s}" for s in splits]
+        data = R.join_sets(data, R.load_eval(parts), ", ".join(map(str, parts)))
+    return data
+
+
+def mc_source(run_dir, split: str, extra=None) -> dict:
+    """The router data of one split (with EXTRA's sets: eval_data): loss = dense - y, the hits by each task's
+    metric, PCA features."""
     from .features import load_features
 
     run = Path(run_dir)
-    data = R.load_eval([run / f"data-{split}.npz"])
+    data = eval_data(run, [split], extra)
     feats = load_features(run / f"features-{split}.npz")
     if list(feats["id"]) != list(data["id"]) or list(feats["task"]) != list(data["task"]):
         raise PuddingError(f"{run}/features-{split}.npz: other rows than data-{split}.npz; recompute them")
     with np.load(run / f"data-{split}.npz", allow_pickle=False) as z:
-        loss = z["dense"].astype(np.float64)[:, None] - z["y"].astype(np.float64)
+        loss = z["dense"].astype(np.float64)[:, None] - data["y"].astype(np.float64)
     return {"name": f"mc-{split}", "data": data, "sets": [_key(s) for s in data["sets"]], "loss": loss,
             "feats": {k: feats[k] for k in feats if k.startswith(("mean_", "last_"))}}
 
@@ -219,13 +231,13 @@ def measured_k3(bench_file) -> Optional[dict]:
             "static_speedup": cell["speedup_static"], "ci95": cell["speedup_static_spread"]["ci95"], "ideal": cell["ideal"]}
 
 
-def build(run_dir, gen_dir, model: str, nll_path=None, bench_file=None, seed: int = 0) -> dict:
+def build(run_dir, gen_dir, model: str, nll_path=None, bench_file=None, seed: int = 0, extra=None) -> dict:
     """The report as a dict, and the fitted predictor (module doc)."""
     from .router_data import split_by_question
 
     run, gen = Path(run_dir), Path(gen_dir)
     n_blocks = json.loads((run / "cand.state.json").read_text())["settings"]["num_blocks"]
-    train = mc_source(run, "train")
+    train = mc_source(run, "train", extra)
     gen_sets = G.load_sets(gen)
     he_by_key = {_key(s["omitted"]): name for name, s in gen_sets.items()}
     menu = [()] + sorted((s for s in train["sets"] if s in he_by_key), key=lambda s: (len(s), train["sets"].index(s)))
@@ -261,8 +273,8 @@ def build(run_dir, gen_dir, model: str, nll_path=None, bench_file=None, seed: in
     default = max(fits, key=lambda r: (r["mean_k"], -r["budget"]))["budget"]  # the fastest that keeps 95%
 
     # evaluation: MC (the tasks' validation + test splits), HumanEval (held out)
-    ev = [mc_source(run, s) for s in ("val", "test")]
-    ev_data = R.load_eval([run / "data-val.npz", run / "data-test.npz"])
+    ev = [mc_source(run, s, extra) for s in ("val", "test")]
+    ev_data = eval_data(run, ["val", "test"], extra)
     ev_pred = predict(fitted["head"], {k: np.concatenate([e["feats"][k] for e in ev]) for k in ev[0]["feats"]}, pooling)
     ev_hit = _menu_hits(ev_data, menu)
     ids = [r["task_id"] for r in gen_sets["dense"]["humaneval"]["records"]]
@@ -330,7 +342,7 @@ def build(run_dir, gen_dir, model: str, nll_path=None, bench_file=None, seed: in
            "routers": routers, "matched": matched, "predicted_lowest_loss": predicted,
            "targets": {"humaneval_95_speed_1.10_ideal": [r["budget"] for r in he_target]},
            "speed": {"model": "ideal L / (L - mean k), equal reply lengths", "measured": measured_k3(bench_file) if bench_file else None},
-           "n": {"mc_eval": int(len(ev_data["task"])), "humaneval": len(ids)},
+           "n": {"mc_eval": int(len(ev_data["task"])), "humaneval": len(ids)}, "mc_extra": None if extra is None else str(extra),
            "held_out": "HumanEval chose nothing; MC evaluation rows (data-val, data-test) chose nothing"}
     return rep, predictor
 
@@ -443,6 +455,10 @@ def to_markdown(rep: dict) -> str:
            f"were chosen on {sel['rows']} held-out rows of the training split (whole questions held out); MC evaluation ({rep['n']['mc_eval']} rows: "
            f"the tasks' validation and test splits) and HumanEval ({rep['n']['humaneval']} problems, held out) chose nothing.", "",
            f"**Speed is ideal**, not measured: L / (L − mean k), equal reply lengths assumed."]
+    if rep.get("mc_extra"):
+        out.insert(3, f"MC scores of the sets the run's data lacks (the same rows, unhealed): `{rep['mc_extra']}`/"
+                      "data-extra-{train,val,test} (benchmarks/heal_gpu.py mc-extra).")
+        out.insert(4, "")
     m = rep["speed"].get("measured")
     if m:
         out.append(f"The one measured decode figure for this model: the k = {m['k']} static set {m['set']} at "
@@ -550,10 +566,10 @@ def _strict(value):
     return value
 
 
-def write(run_dir, gen_dir, out_dir, model: str, nll_path=None, bench_file=None) -> Path:
+def write(run_dir, gen_dir, out_dir, model: str, nll_path=None, bench_file=None, extra=None) -> Path:
     """Build the report, write OUT_DIR/adaptive.{json,md,png} and the predictor (OUT_DIR/predictor/); a
     rerun replaces them."""
-    rep, predictor = build(run_dir, gen_dir, model, nll_path, bench_file)
+    rep, predictor = build(run_dir, gen_dir, model, nll_path, bench_file, extra=extra)
     out = Path(out_dir)
     write_json(out / "adaptive.json", _strict(rep))
     write_text(out / "adaptive.md", to_markdown(rep))

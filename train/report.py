@@ -55,6 +55,20 @@ def load_eval(paths: Sequence) -> dict:
     return out
 
 
+def join_sets(data: dict, more: dict, what: str) -> dict:
+    """`data` (load_eval) with the columns of `more`, evaluation data scored on the same rows for other sets (e.g.
+    benchmarks/heal_gpu.py mc-extra beside a run's data-*.npz); sets both hold keep `data`'s column."""
+    if list(more["task"]) != list(data["task"]) or list(more["id"]) != list(data["id"]):
+        raise PuddingError(f"{what}: other rows than the data it joins; score it on the same rows (the run's "
+                           "tasks, split, seed and size)")
+    have = set(data["sets"])
+    new = [i for i, s in enumerate(more["sets"]) if s not in have]
+    out = dict(data, sets=list(data["sets"]) + [more["sets"][i] for i in new])
+    for key in ("correct", "correct_norm", "y", "hit"):
+        out[key] = np.concatenate([data[key], more[key][:, new]], 1)
+    return out
+
+
 def columns(data: dict, omitted_sets: Sequence[Sequence[int]], what: str = "the evaluation data") -> List[int]:
     """The columns of `data` (its "sets") holding each of `omitted_sets`."""
     index = {tuple(sorted(s)): i for i, s in enumerate(data["sets"])}
