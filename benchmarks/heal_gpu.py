@@ -33,7 +33,7 @@ PHASES, in this order (default all):
   mc-extra  the same, unhealed, for issue "Adaptive depth"'s menu: the k = 1 and 2 sets with HumanEval results
             (generation/sets) of lowest train-split reply NLL in the committed heal/adaptive/nll.npz (3 per k),
             and the generation-aware k = 3 pool sets the run's data lacks       -> WORK/data-extra-{train,val,test}/
-            (MC_SPLITS: the splits these two score, default train,val,test)
+            (MC_SPLITS: the splits these two score, default train,val,test; EXTRA_POOL=0: the k = 1, 2 sets alone)
   seed      (alone, before processes sharing WORK start) copy the committed heal results (val NLL, the pool
             adapter's and the generation-aware sets' HumanEval replies) into WORK, so that nll and he-pool skip what is done
   per-set   one adapter per set (the PER_SET sets of lowest healed val NLL), trained the same way and as long,
@@ -134,6 +134,8 @@ def extra_sets(pool, per_k: int = 3):
     for k in (1, 2):
         sized = [s for s in nll if s and len(s.split(",")) == k and set_name([int(b) for b in s.split(",")]) in have]
         chosen += [[int(b) for b in s.split(",")] for s in sorted(sized, key=nll.get)[:per_k]]
+    if os.environ.get("EXTRA_POOL", "1") == "0":  # the k = 1, 2 menu alone, for a short lease
+        return chosen
     return chosen + [sorted(s) for s in pool if tuple(sorted(s)) not in run_sets]
 
 

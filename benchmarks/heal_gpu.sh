@@ -124,14 +124,18 @@ start-perset)
     # pool adapter, trained the same way and as long), each with its val NLL, HumanEval and multiple choice.
     # One process: training holds ~60 GB of an 80 GB H100. PHASES=per-set (after `heal_gpu.py GGUF WORK seed`, which
     # brings the committed val NLL that ranks the sets) trains only the per-set adapters, for a short lease; THEN
-    # (e.g. mc-extra) names phases run after them in a second process (heal_gpu.py runs its phases in one order)
+    # (e.g. mc-extra) names phases run after them in a second process (heal_gpu.py runs its phases in one order);
     model=$2 work=$3
     mkdir -p "$work"
     copy_search "$work"
+    # THEN_BESIDE=1 runs THEN beside the first process instead (the H200's 139 GB hold both)
+    then="[ -z \"${THEN:-}\" ] || python3 benchmarks/heal_gpu.py $model $work ${THEN:-} >$work/then-0.log 2>&1; echo then done"
+    [ "${THEN_BESIDE:-0}" = 1 ] && beside="$then" after=true || beside=true after="$then"
     setsid nohup sh -c "
+        ($beside) &
         EVAL_N=\${HE_EVAL_N:-1} PER_SET=\${PER_SET:-2} python3 benchmarks/heal_gpu.py $model $work ${PHASES:-pool,nll,he-pool,per-set} \
             >$work/perset-0.log 2>&1; echo per-set done
-        [ -z \"${THEN:-}\" ] || python3 benchmarks/heal_gpu.py $model $work ${THEN:-} >$work/then-0.log 2>&1; echo then done
+        $after; wait
         touch $work/perset.done" >"$work/run.log" 2>&1 &
     echo $! >"$work/run.pid"
     echo "started $(cat "$work/run.pid"): $work/run.log" ;;
