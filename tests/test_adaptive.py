@@ -363,6 +363,41 @@ def test_the_default_budget_was_chosen_on_held_out_training_rows(built):
     assert max(r["mean_k"] for r in ok) == next(r["mean_k"] for r in ok if r["budget"] == sel["default_max_loss"])
 
 
+def test_the_mc_loss_is_the_gold_margin_and_is_chosen_on_held_out_training_rows(built):
+    from pudding_mlx.train.adaptive import MC_LOSS_TEXT, MC_LOSSES, frontier_area, mc_source
+
+    rep, predictor = built
+    pred = rep["predictor"]
+    assert set(pred["mc_loss_area"]) == set(MC_LOSSES)
+    assert pred["mc_loss"] == max(MC_LOSSES, key=lambda k: pred["mc_loss_area"][k])
+    assert pred["mc_loss_area"][pred["mc_loss"]] == pytest.approx(frontier_area(rep["selection"]["grid"], max(rep["sizes"])))
+    assert MC_LOSS_TEXT[pred["mc_loss"]] in predictor.settings["loss"]
+    # the margin loss, one row worked out from the npz by hand: gold's ell-bar minus the best wrong one's
+    src = mc_source(RUN, "train")
+    with np.load(RUN / "data-train.npz", allow_pickle=False) as z:
+        i, m = 7, 2
+        n, g = int(z["n_choices"][i]), int(z["gold"][i])
+
+        def margin(ll):
+            ll = ll.astype(np.float64)[:n]
+            return ll[g] - max(ll[c] for c in range(n) if c != g)
+
+        want = margin(z["dense_mean_ll"][i]) - margin(z["mean_ll"][i, m])
+        assert src["losses"]["margin"][i, m] == pytest.approx(want)
+        assert src["losses"]["gold"][i, m] == pytest.approx(float(z["dense"][i]) - float(z["y"][i, m]))
+
+
+def test_frontier_area_is_the_mean_average_over_mean_k():
+    from pudding_mlx.train.adaptive import frontier_area
+
+    line = [{"mean_k": 0.0, "average": 60.0}, {"mean_k": 5.0, "average": 50.0}]
+    assert frontier_area(line, 5) == pytest.approx(55.0)
+    # budgets of equal mean k count once, at their mean; a frontier ending early holds its last value
+    assert frontier_area(line + [{"mean_k": 5.0, "average": 40.0}], 5) == pytest.approx(52.5)
+    assert frontier_area([{"mean_k": 0.0, "average": 60.0}, {"mean_k": 2.5, "average": 50.0}], 5) == pytest.approx(
+        np.interp(np.linspace(0, 5, 101), [0, 2.5], [60, 50]).mean())
+
+
 def test_best_static_sets_and_routers_agree_with_the_other_reports(built):
     rep, _ = built
     main = json.loads((RUN / "report.json").read_text())

@@ -77,7 +77,7 @@ def test_join_sets_adds_the_columns_of_the_same_rows_scored_for_other_sets():
 
     full = load_eval([RUN / "data-val.npz"])
     n = len(full["sets"])
-    cols = ("correct", "correct_norm", "y", "hit")
+    cols = ("correct", "correct_norm", "y", "hit", "margin")
 
     def only(idx):  # full, as if scored for the sets idx alone
         return {**full, "sets": [full["sets"][i] for i in idx], **{k: full[k][:, idx] for k in cols}}

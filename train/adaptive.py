@@ -1,13 +1,15 @@
 """Adaptive depth, the offline part (issue #23): fit the loss predictor, and the frontier report
 (`pudding-mlx train adaptive-report`). numpy only; the decision rule is `pudding_mlx.adaptive`'s.
 
-The loss. For a prompt and a candidate set, the increase in the per-token NLL of a reference
-continuation when the set is skipped, in nats per token:
-  multiple choice (the router data, `train data`): the gold answer's mean log-likelihood under dense
-      minus under the set (`dense - y`), the MC margin form;
+The loss. For a prompt and a candidate set, what skipping the set costs against dense, in nats per token:
+  multiple choice (the router data, `train data`), one of MC_LOSSES:
+      margin: the gold answer's margin over the best wrong answer (mean log-likelihood per token), under
+          dense minus under the set: the multiple-choice margin the issue names, tied to correctness;
+      gold: the gold answer's mean log-likelihood under dense minus under the set (`dense - y`);
   generation (`nll.npz`, a later GPU run: `benchmarks/heal_gpu.py`, phase adaptive-data; optional):
       the set's NLL per token of the dense model's own reply minus dense's.
-Both are the same quantity on different continuations, so one head predicts it from either.
+One head predicts them all. The MC loss is chosen on the held-out training rows (below) by the MC average
+along the budget frontier, averaged over mean k (`frontier_area`).
 
 The predictor: ridge heads (`train.probe.fit`) on the hidden-state router's features (PCA-64 of the
 mean- and last-token residual stream after block 3; `train.features`), one output per candidate.
@@ -49,7 +51,11 @@ POOLINGS = ("mean", "last", "mean+last")
 KEEP = 0.95  # the default budget keeps this share of dense's MC average on the held-out training rows
 SELECT_FRACTION = 0.2
 RIDGE = (0.001, 0.01, 0.1, 1.0, 10.0, 100.0)  # x rows, on standardised features (train.probe.fit)
-OBJECTIVES = ("task", "accuracy")  # the fixed-k hidden routers shown beside (train router --variant probe)
+OBJECTIVES = ("task", "accuracy")
+MC_LOSSES = ("margin", "gold")  # the MC loss (module doc), chosen by frontier_area on the held-out training rows
+MC_LOSS_TEXT = {"margin": "the gold answer's margin over the best wrong answer (mean log-likelihood per token), "
+                          "dense minus set",
+                "gold": "the gold answer's mean log-likelihood per token, dense minus set (dense - y)"}  # the fixed-k hidden routers shown beside (train router --variant probe)
 
 
 def _key(s) -> tuple:
@@ -92,10 +98,10 @@ def mc_source(run_dir, split: str, extra=None) -> dict:
     feats = load_features(run / f"features-{split}.npz")
     if list(feats["id"]) != list(data["id"]) or list(feats["task"]) != list(data["task"]):
         raise PuddingError(f"{run}/features-{split}.npz: other rows than data-{split}.npz; recompute them")
-    with np.load(run / f"data-{split}.npz", allow_pickle=False) as z:
-        loss = z["dense"].astype(np.float64)[:, None] - data["y"].astype(np.float64)
-    return {"name": f"mc-{split}", "data": data, "sets": [_key(s) for s in data["sets"]], "loss": loss,
-            "feats": {k: feats[k] for k in feats if k.startswith(("mean_", "last_"))}}
+    losses = {"gold": data["dense_y"].astype(np.float64)[:, None] - data["y"].astype(np.float64),
+              "margin": data["dense_margin"][:, None] - data["margin"]}
+    return {"name": f"mc-{split}", "data": data, "sets": [_key(s) for s in data["sets"]], "losses": losses,
+            "loss": losses[MC_LOSSES[0]], "feats": {k: feats[k] for k in feats if k.startswith(("mean_", "last_"))}}
 
 
 NLL_KEYS = ("id", "kind", "split", "sets", "unhealed", "mean_3", "last_3")
@@ -245,30 +251,28 @@ def build(run_dir, gen_dir, model: str, nll_path=None, bench_file=None, seed: in
         raise PuddingError(f"{gen}: no set with both MC scores and HumanEval results; nothing to adapt over")
     sizes = np.array([len(s) for s in menu])
 
-    # fit on the training split, choose on its held-out questions
+    # fit on the training split, choose on its held-out questions: the MC loss, the pooling and the ridge; the
+    # budget grid and the default (heads fitted without those rows)
     _, held_rows = split_by_question(train["data"], SELECT_FRACTION, seed)
     held = np.zeros(len(train["loss"]), bool)
     held[held_rows] = True
-    sources, helds = [train], [held]
-    if nll_path is not None:
-        nll = nll_source(nll_path, basis_of(run))
-        sources.append(nll)
-        helds.append(nll["split"] != "train")
-    fitted = fit_and_select(sources, menu, helds)
-    pooling = fitted["pooling"]
-
-    # the budget grid and the default, on the held-out training rows (head fitted without them)
+    nll = nll_source(nll_path, basis_of(run)) if nll_path is not None else None
     sel = {k: v[held] for k, v in train["feats"].items()}
     sel_data = {k: (v[held] if isinstance(v, np.ndarray) and len(v) == len(held) else v) for k, v in train["data"].items()}
-    sel_pred = predict(fitted["head_fit"], sel, pooling)
     sel_hit = _menu_hits(sel_data, menu)
-    grid = sorted({-np.inf, 0.0, np.inf, *np.quantile(sel_pred[:, 1:], np.linspace(0, 1, 41)).round(6).tolist()})
     dense_sel = R.average(R.per_task(sel_data, sel_data["dense_hit"]))
-    selection = []
-    for b in grid:
-        c = choose_many(sel_pred, sizes, b)
-        selection.append({"budget": b, "mean_k": float(sizes[c].mean()),
-                          "average": R.average(R.per_task(sel_data, sel_hit[np.arange(len(c)), c]))})
+    by_loss = {}
+    for kind in MC_LOSSES:
+        sources = [{**train, "loss": train["losses"][kind]}] + ([nll] if nll is not None else [])
+        helds = [held] + ([nll["split"] != "train"] if nll is not None else [])
+        fitted = fit_and_select(sources, menu, helds)
+        selection = held_out_frontier(predict(fitted["head_fit"], sel, fitted["pooling"]), sizes, sel_data, sel_hit)
+        by_loss[kind] = {"fitted": fitted, "sources": sources, "helds": helds, "selection": selection,
+                         "area": frontier_area(selection, int(sizes.max()))}
+    mc_loss = max(MC_LOSSES, key=lambda kind: by_loss[kind]["area"])  # ties: the first
+    fitted, sources, helds, selection = (by_loss[mc_loss][k] for k in ("fitted", "sources", "helds", "selection"))
+    pooling = fitted["pooling"]
+    grid = [r["budget"] for r in selection]
     fits = [r for r in selection if r["average"] >= KEEP * dense_sel]
     default = max(fits, key=lambda r: (r["mean_k"], -r["budget"]))["budget"]  # the fastest that keeps 95%
 
@@ -326,13 +330,15 @@ def build(run_dir, gen_dir, model: str, nll_path=None, bench_file=None, seed: in
         max_tokens = int(z["max_tokens"])  # the router's prompt length: the predictor reads the same prompt
     predictor = LossPredictor([list(s) for s in menu], AFTER, pooling, max_tokens,
                               *_folded(fitted["head"], pooling, basis_of(run)), float(default),
-                              {"loss": "increase in NLL per token of a reference continuation against dense (nats): "
-                                       "MC gold answers (dense - y)" + (", dense replies (nll.npz)" if nll_path else ""),
+                              {"loss": "loss against dense in nats per token: MC, " + MC_LOSS_TEXT[mc_loss]
+                                       + ("; the NLL per token of the dense model's replies (nll.npz), set minus dense"
+                                          if nll_path else ""),
                                "ridge": fitted["ridge"], "trained_on": [s["name"] for s in sources],
                                "default_max_loss_rule": f"largest budget keeping {KEEP:.0%} of dense's MC average "
                                                         "on held-out training questions"})
     rep = {"model": model, "n_blocks": n_blocks, "menu": [list(s) for s in menu], "sizes": sizes.tolist(),
-           "predictor": {"pooling": pooling, "ridge": fitted["ridge"], "tried": fitted["tried"],
+           "predictor": {"pooling": pooling, "ridge": fitted["ridge"], "tried": fitted["tried"], "mc_loss": mc_loss,
+                         "mc_loss_area": {k: v["area"] for k, v in by_loss.items()},
                          "sources": [s["name"] for s in sources],
                          "held_out_rows": int(sum(h.sum() for h in helds)), "fit_rows": int(sum((~h).sum() for h in helds))},
            "selection": {"rows": int(held.sum()), "dense_average": dense_sel, "keep": KEEP, "grid": selection,
@@ -345,6 +351,26 @@ def build(run_dir, gen_dir, model: str, nll_path=None, bench_file=None, seed: in
            "n": {"mc_eval": int(len(ev_data["task"])), "humaneval": len(ids)}, "mc_extra": None if extra is None else str(extra),
            "held_out": "HumanEval chose nothing; MC evaluation rows (data-val, data-test) chose nothing"}
     return rep, predictor
+
+
+def held_out_frontier(pred: np.ndarray, sizes: np.ndarray, data: dict, hit: np.ndarray) -> List[dict]:
+    """The budget grid (41 quantiles of the predictions, with -inf, 0 and inf) and, per budget, the mean k and
+    the MC average on the held-out training rows."""
+    grid = sorted({-np.inf, 0.0, np.inf, *np.quantile(pred[:, 1:], np.linspace(0, 1, 41)).round(6).tolist()})
+    rows = []
+    for b in grid:
+        c = choose_many(pred, sizes, b)
+        rows.append({"budget": b, "mean_k": float(sizes[c].mean()),
+                     "average": R.average(R.per_task(data, hit[np.arange(len(c)), c]))})
+    return rows
+
+
+def frontier_area(selection: Sequence[dict], max_k: int) -> float:
+    """The MC average along a held-out frontier, averaged over mean k from 0 to max_k (linear between the
+    budgets' points; budgets of equal mean k averaged): one number to choose the MC loss by."""
+    ks = sorted({r["mean_k"] for r in selection})
+    avg = [np.mean([r["average"] for r in selection if r["mean_k"] == k]) for k in ks]
+    return float(np.interp(np.linspace(0, max_k, 101), ks, avg).mean())
 
 
 def _menu_hits(data: dict, menu: Sequence[tuple]) -> np.ndarray:
@@ -443,6 +469,13 @@ def _f(x, nd=2):
     return "–" if x is None else "inf" if x == np.inf else "-inf" if x == -np.inf else f"{x:.{nd}f}"
 
 
+def _mc_loss_line(pred: dict) -> str:
+    kind = pred.get("mc_loss", "gold")
+    areas = pred.get("mc_loss_area") or {}
+    tried = ", ".join(f"{k} {v:.2f}" for k, v in areas.items())
+    return MC_LOSS_TEXT[kind] + (f"; held-out MC average over mean k, by MC loss: {tried}" if tried else "")
+
+
 def to_markdown(rep: dict) -> str:
     d = rep["dense"]
     sel = rep["selection"]
@@ -450,8 +483,9 @@ def to_markdown(rep: dict) -> str:
            f"Menu: dense and the {len(rep['menu']) - 1} sets with both MC scores and HumanEval results "
            f"(k = {', '.join(str(k) for k in sorted(set(rep['sizes'])) if k)}). Loss predictor: ridge heads on the "
            f"hidden state after block {AFTER} ({rep['predictor']['pooling']}, ridge {rep['predictor']['ridge']}), "
-           f"trained on {', '.join(rep['predictor']['sources'])}; predicts the increase in NLL per token of a "
-           "reference continuation against dense (nats). Pooling, ridge, the budget grid and the default budget "
+           f"trained on {', '.join(rep['predictor']['sources'])}; predicts the loss against dense in nats per token "
+           f"(MC: {_mc_loss_line(rep['predictor'])}; generation: the NLL of the dense model's replies). The MC loss, "
+           "pooling, ridge, the budget grid and the default budget "
            f"were chosen on {sel['rows']} held-out rows of the training split (whole questions held out); MC evaluation ({rep['n']['mc_eval']} rows: "
            f"the tasks' validation and test splits) and HumanEval ({rep['n']['humaneval']} problems, held out) chose nothing.", "",
            f"**Speed is ideal**, not measured: L / (L − mean k), equal reply lengths assumed."]

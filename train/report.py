@@ -48,11 +48,31 @@ def load_eval(paths: Sequence) -> dict:
     out = {"sets": sets}
     for key in ("task", "id", "text", "gold", "correct", "correct_norm", "dense_correct", "dense_correct_norm", "y"):
         out[key] = np.concatenate([part[key] for part in parts])
+    out["dense_y"] = np.concatenate([part["dense"] for part in parts])
+    # the gold answer's margin over the best wrong answer (mean log-likelihood per token): NaN where a file lacks
+    # the per-choice scores
+    n_sets = len(sets)
+    out["margin"] = np.concatenate([margin(p["mean_ll"], p["gold"], p["n_choices"]) if "mean_ll" in p
+                                    else np.full((len(p["task"]), n_sets), np.nan) for p in parts])
+    out["dense_margin"] = np.concatenate([margin(p["dense_mean_ll"][:, None], p["gold"], p["n_choices"])[:, 0]
+                                          if "dense_mean_ll" in p else np.full(len(p["task"]), np.nan) for p in parts])
     # the metric each task reports: acc or acc_norm
     norm = np.array([eval_metric(t) == "acc_norm" for t in out["task"]])
     out["hit"] = np.where(norm[:, None], out["correct_norm"], out["correct"])  # [N, sets]
     out["dense_hit"] = np.where(norm, out["dense_correct_norm"], out["dense_correct"])
     return out
+
+
+def margin(mean_ll: np.ndarray, gold: np.ndarray, n_choices: np.ndarray) -> np.ndarray:
+    """[N, S] the gold choice's mean log-likelihood per token minus the best wrong choice's, from the router
+    data's per-choice scores mean_ll [N, S, C] (choices past n_choices are padding)."""
+    ll = mean_ll.astype(np.float64)
+    rows = np.arange(len(gold))
+    gold_ll = ll[rows, :, gold]
+    wrong = np.arange(ll.shape[2])[None, :] < np.asarray(n_choices)[:, None]
+    wrong[rows, gold] = False
+    best_wrong = np.where(wrong[:, None, :], ll, -np.inf).max(2)
+    return gold_ll - best_wrong
 
 
 def join_sets(data: dict, more: dict, what: str) -> dict:
@@ -64,7 +84,7 @@ def join_sets(data: dict, more: dict, what: str) -> dict:
     have = set(data["sets"])
     new = [i for i, s in enumerate(more["sets"]) if s not in have]
     out = dict(data, sets=list(data["sets"]) + [more["sets"][i] for i in new])
-    for key in ("correct", "correct_norm", "y", "hit"):
+    for key in ("correct", "correct_norm", "y", "hit", "margin"):
         out[key] = np.concatenate([data[key], more[key][:, new]], 1)
     return out
 
