@@ -51,11 +51,11 @@ POOLINGS = ("mean", "last", "mean+last")
 KEEP = 0.95  # the default budget keeps this share of dense's MC average on the held-out training rows
 SELECT_FRACTION = 0.2
 RIDGE = (0.001, 0.01, 0.1, 1.0, 10.0, 100.0)  # x rows, on standardised features (train.probe.fit)
-OBJECTIVES = ("task", "accuracy")
+OBJECTIVES = ("task", "accuracy")  # the fixed-k hidden routers shown beside (train router --variant probe)
 MC_LOSSES = ("margin", "gold")  # the MC loss (module doc), chosen by frontier_area on the held-out training rows
 MC_LOSS_TEXT = {"margin": "the gold answer's margin over the best wrong answer (mean log-likelihood per token), "
                           "dense minus set",
-                "gold": "the gold answer's mean log-likelihood per token, dense minus set (dense - y)"}  # the fixed-k hidden routers shown beside (train router --variant probe)
+                "gold": "the gold answer's mean log-likelihood per token, dense minus set (dense - y)"}
 
 
 def _key(s) -> tuple:
@@ -88,20 +88,29 @@ def eval_data(run_dir, splits: Sequence[str], extra=None) -> dict:
     return data
 
 
-def mc_source(run_dir, split: str, extra=None) -> dict:
-    """The router data of one split (with EXTRA's sets: eval_data): loss = dense - y, the hits by each task's
-    metric, PCA features."""
+def features_of(run_dir, splits: Sequence[str], data: dict) -> Dict[str, np.ndarray]:
+    """The PCA features (mean_*, last_*) of SPLITS (features-<split>.npz, concatenated), checked to hold the
+    rows of `data` (eval_data of the same splits)."""
     from .features import load_features
 
     run = Path(run_dir)
-    data = eval_data(run, [split], extra)
-    feats = load_features(run / f"features-{split}.npz")
+    parts = [load_features(run / f"features-{s}.npz") for s in splits]
+    rows = [k for k in parts[0] if k in ("id", "task") or k.startswith(("mean_", "last_"))]  # per-row arrays
+    feats = {k: np.concatenate([p[k] for p in parts]) for k in rows}
     if list(feats["id"]) != list(data["id"]) or list(feats["task"]) != list(data["task"]):
-        raise PuddingError(f"{run}/features-{split}.npz: other rows than data-{split}.npz; recompute them")
+        names = ", ".join(f"features-{s}.npz" for s in splits)
+        raise PuddingError(f"{run}/{names}: other rows than the router data of {', '.join(splits)}; recompute them")
+    return {k: feats[k] for k in feats if k.startswith(("mean_", "last_"))}
+
+
+def mc_source(run_dir, split: str, extra=None) -> dict:
+    """The router data of one split (with EXTRA's sets: eval_data): its MC losses (MC_LOSSES; "loss" is the
+    first), the hits by each task's metric, PCA features."""
+    data = eval_data(run_dir, [split], extra)
     losses = {"gold": data["dense_y"].astype(np.float64)[:, None] - data["y"].astype(np.float64),
               "margin": data["dense_margin"][:, None] - data["margin"]}
     return {"name": f"mc-{split}", "data": data, "sets": [_key(s) for s in data["sets"]], "losses": losses,
-            "loss": losses[MC_LOSSES[0]], "feats": {k: feats[k] for k in feats if k.startswith(("mean_", "last_"))}}
+            "loss": losses[MC_LOSSES[0]], "feats": features_of(run_dir, [split], data)}
 
 
 NLL_KEYS = ("id", "kind", "split", "sets", "unhealed", "mean_3", "last_3")
@@ -277,9 +286,8 @@ def build(run_dir, gen_dir, model: str, nll_path=None, bench_file=None, seed: in
     default = max(fits, key=lambda r: (r["mean_k"], -r["budget"]))["budget"]  # the fastest that keeps 95%
 
     # evaluation: MC (the tasks' validation + test splits), HumanEval (held out)
-    ev = [mc_source(run, s, extra) for s in ("val", "test")]
     ev_data = eval_data(run, ["val", "test"], extra)
-    ev_pred = predict(fitted["head"], {k: np.concatenate([e["feats"][k] for e in ev]) for k in ev[0]["feats"]}, pooling)
+    ev_pred = predict(fitted["head"], features_of(run, ["val", "test"], ev_data), pooling)
     ev_hit = _menu_hits(ev_data, menu)
     ids = [r["task_id"] for r in gen_sets["dense"]["humaneval"]["records"]]
     he_pred = predict(fitted["head"], _he_features(run, gen, ids), pooling)
