@@ -14,6 +14,8 @@ PHASES, in this order (default all):
   pool      one LoRA adapter, the skipped set drawn per step from the k = 3 pool (today's candidates and the
             generation-aware ones)                                          -> WORK/adapters/pool-k3/
   nll       every pool set's val NLL of the dense replies, unhealed and healed -> WORK/heal/val_nll.json
+  nll-check the same for a pool adapter trained anew in WORK (after `seed`, which brings the committed table that
+            ranks the sets): does the recipe reproduce?                   -> WORK/heal/val_nll_retrained.json
   he-pool   HumanEval with the pool adapter, on the EVAL_N pool sets of lowest healed val NLL, plus the sets
             today's static choices and routers pick ([13,14,15], [12,13,14], [15,17,18])  -> WORK/gen-pool/
   he-new    HumanEval, unhealed, of the generation-aware sets (k = 1, 2, 3)  -> WORK/gen-unhealed/
@@ -67,7 +69,7 @@ from pudding_mlx.train.router_data import build_router_data
 from pudding_mlx.train.scoring import num_blocks
 from pudding_mlx.train.search import model_identity
 
-PHASES = ("answers", "search", "pool", "nll", "he-pool", "he-new", "mc-pool", "mc-new", "adaptive-data", "mc-healed",
+PHASES = ("answers", "search", "pool", "nll", "nll-check", "he-pool", "he-new", "mc-pool", "mc-new", "adaptive-data", "mc-healed",
           "mc-extra", "per-set")
 REPO = Path(__file__).resolve().parents[1]
 RUN = REPO / "results" / "qwen2.5-coder-1.5b"
@@ -246,6 +248,11 @@ def main():
     if "nll" in phases and not nll_path.is_file():
         write_json(nll_path, {"examples": len(val_replies), "table": H.nll_table(pm, tok, val_replies, pool, ["default"])})
         log(f"val NLL -> {nll_path}")
+    check_path = work / "heal" / "val_nll_retrained.json"
+    if "nll-check" in phases and (pool_dir / "heal.json").is_file() and not check_path.is_file():
+        write_json(check_path, {"examples": len(val_replies), "adapter": json.loads((pool_dir / "heal.json").read_text()),
+                                "table": H.nll_table(pm, tok, val_replies, pool, ["default"])})
+        log(f"val NLL of the retrained pool adapter -> {check_path}")
     table = json.loads(nll_path.read_text())["table"] if nll_path.is_file() else {}
     ranked = sorted(pool, key=lambda s: table.get(set_name(s), {}).get("default", 1e9))
     chosen = [list(s) for s in dict.fromkeys(tuple(s) for s in ranked[:EVAL_N] + list(TODAY))]

@@ -125,11 +125,16 @@ start-perset)
     # One process: training holds ~60 GB of an 80 GB H100. PHASES=per-set (after `heal_gpu.py GGUF WORK seed`, which
     # brings the committed val NLL that ranks the sets) trains only the per-set adapters, for a short lease; THEN
     # (e.g. mc-extra) names phases run after them in a second process (heal_gpu.py runs its phases in one order);
+    # THEN="mc-extra pool,nll-check,mc-healed": groups separated by spaces, one process each, in the order given
     model=$2 work=$3
     mkdir -p "$work"
     copy_search "$work"
     # THEN_BESIDE=1 runs THEN beside the first process instead (the H200's 139 GB hold both)
-    then="[ -z \"${THEN:-}\" ] || python3 benchmarks/heal_gpu.py $model $work ${THEN:-} >$work/then-0.log 2>&1; echo then done"
+    then=true i=0
+    for group in ${THEN:-}; do
+        then="$then; python3 benchmarks/heal_gpu.py $model $work $group >$work/then-$i.log 2>&1; echo then $group done"
+        i=$((i + 1))
+    done
     [ "${THEN_BESIDE:-0}" = 1 ] && beside="$then" after=true || beside=true after="$then"
     setsid nohup sh -c "
         ($beside) &
