@@ -99,3 +99,24 @@ def test_the_fused_rows_are_the_gpu_runs_files(report):
     assert n["dense"] < n["fused"] < n["unhealed"] and row["replies"] == 64
     bench = json.loads((HEAL / "fuse" / "cost_fused_13-14-15_cuda.json").read_text())
     assert fu["cost"]["fused_13-14-15_cuda"] == bench["summary"] and len(bench["summary"]) == 2
+
+
+def test_a_retrained_pool_adapters_val_nll_is_a_column_beside_the_committed_one(tmp_path):
+    """heal_gpu.py nll-check writes heal/val_nll_retrained.json: each set's retrained NLL is read from it, beside
+    the committed healed one, and the markdown gains the column; without it the table is as before."""
+    got = json.loads((HEAL / "heal" / "val_nll.json").read_text())
+    (tmp_path / "heal").mkdir()
+    (tmp_path / "heal" / "val_nll.json").write_text(json.dumps(got))
+    assert R.val_nll(tmp_path)["retrained"] is False
+    again = {"examples": got["examples"], "table": {n: {**v, "default": v["default"] + 0.01 * i}
+                                                     for i, (n, v) in enumerate(got["table"].items()) if "default" in v}}
+    (tmp_path / "heal" / "val_nll_retrained.json").write_text(json.dumps(again))
+    rows = R.val_nll(tmp_path)
+    assert rows["retrained"] is True
+    for r in rows["sets"]:
+        want = again["table"].get(r["set"], {}).get("default")
+        assert r["retrained"] == want and (want is None or r["healed"] == got["table"][r["set"]]["default"])
+    md = R.to_markdown({**R.build(HEAL, RUN, "m"), "val_nll": rows})
+    assert "| healed, retrained |" in md
+    first = rows["sets"][0]
+    assert f"| {first['set']} | {first['unhealed']:.3f} | {first['healed']:.3f} | {first['retrained']:.3f} |" in md

@@ -203,9 +203,14 @@ def val_nll(work: Path) -> Optional[dict]:
     if not p.is_file():
         return None
     got = json.loads(p.read_text())
-    rows = [{"set": name, "k": _k(name), "unhealed": v["unhealed"], "healed": v.get("default")}
+    # the pool adapter trained anew by the same recipe (heal_gpu.py nll-check), where run: does it reproduce?
+    again = work / "heal" / "val_nll_retrained.json"
+    again = json.loads(again.read_text())["table"] if again.is_file() else None
+    rows = [{"set": name, "k": _k(name), "unhealed": v["unhealed"], "healed": v.get("default"),
+             **({"retrained": again.get(name, {}).get("default")} if again is not None else {})}
             for name, v in got["table"].items()]
-    return {"examples": got["examples"], "sets": sorted(rows, key=lambda r: (r["healed"] is None, r["healed"] or 0))}
+    return {"examples": got["examples"], "retrained": again is not None,
+            "sets": sorted(rows, key=lambda r: (r["healed"] is None, r["healed"] or 0))}
 
 
 def lossless_summary(payload: dict, run: Path) -> dict:
@@ -480,9 +485,15 @@ def to_markdown(rep: dict) -> str:
             out += [f"| {r['k']} | {r['set']} | {r['humaneval']:.1f} | {r['best_static']} | {r['best_static_humaneval']:.1f} | "
                     f"{_ci(r['minus_best_static_ci95'])} |" for r in ga["against_best_static"]]
     if nll:
-        out += ["", f"## Val NLL of the dense replies ({nll['examples']} replies; what the adapter is chosen on)", "",
-                "| set | unhealed | healed |", "|---|---|---|"]
-        out += [f"| {r['set']} | {r['unhealed']:.3f} | {_f(r['healed'], 3)} |" for r in nll["sets"]]
+        out += ["", f"## Val NLL of the dense replies ({nll['examples']} replies; what the adapter is chosen on)", ""]
+        if nll.get("retrained"):
+            out += ["The last column: the pool adapter trained again by the same recipe and seed on another lease "
+                    "(`heal_gpu.py` nll-check), against the committed one.", "",
+                    "| set | unhealed | healed | healed, retrained |", "|---|---|---|---|"]
+            out += [f"| {r['set']} | {r['unhealed']:.3f} | {_f(r['healed'], 3)} | {_f(r['retrained'], 3)} |" for r in nll["sets"]]
+        else:
+            out += ["| set | unhealed | healed |", "|---|---|---|"]
+            out += [f"| {r['set']} | {r['unhealed']:.3f} | {_f(r['healed'], 3)} |" for r in nll["sets"]]
     mlx = rep.get("mlx")
     if mlx:
         out += ["", "## The runtime (MLX 4-bit, CUDA): the preset with the adapter", "",
