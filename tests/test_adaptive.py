@@ -398,6 +398,48 @@ def test_frontier_area_is_the_mean_average_over_mean_k():
         np.interp(np.linspace(0, 5, 101), [0, 2.5], [60, 50]).mean())
 
 
+def test_the_oracle_ceiling_is_the_best_choice_per_prompt_found_by_brute_force():
+    """oracle_mean_k against every assignment of candidates to prompts (column 0 dense), on small random result
+    tables."""
+    import itertools
+
+    from pudding_mlx.train.adaptive import oracle_mean_k
+
+    rng = np.random.default_rng(0)
+    sizes = np.array([0, 1, 3, 5])
+    for _ in range(40):
+        hit = rng.random((5, 4)) < rng.uniform(0.2, 0.9)
+        for keep in (0.95, 1.0, 0.5):
+            need = math.ceil(keep * hit[:, 0].sum() - 1e-9)
+            best = max(sizes[list(c)].mean() for c in itertools.product(range(4), repeat=5)
+                       if hit[np.arange(5), list(c)].sum() >= need)
+            assert oracle_mean_k(hit, sizes, keep) == pytest.approx(best)
+    assert oracle_mean_k(np.array([[1, 0], [1, 0]]), np.array([0, 3]), 1.0) == 0.0
+    assert oracle_mean_k(np.array([[1, 1], [0, 0]]), np.array([0, 3]), 1.0) == 3.0  # a prompt nobody gets right skips most
+
+
+def test_the_reports_humaneval_ceiling_is_read_off_the_committed_replies(built):
+    from pudding_mlx.train import generation_report as G
+    from pudding_mlx.train.adaptive import oracle_mean_k
+
+    rep, _ = built
+    sets = G.load_sets(RUN / "generation")
+    by_key = {tuple(s["omitted"]): s for s in sets.values()}
+    ids = [r["task_id"] for r in sets["dense"]["humaneval"]["records"]]
+    menu = [tuple(m) for m in rep["menu"]]
+    hit = np.stack([G.passed(by_key[m], ids) for m in menu], 1)
+    sizes = np.array([len(m) for m in menu])
+    assert rep["humaneval_oracle"]["menu"]["1.00"]["mean_k"] == pytest.approx(oracle_mean_k(hit, sizes, 1.0))
+    small = [0] + [menu.index(tuple(s)) for s in rep["humaneval_oracle"]["best_static_per_k_sets"]]
+    assert [menu[c] for c in small[1:]] == [tuple(rep["best_static"][k]["set"]) for k in sorted(rep["best_static"])
+                                            if tuple(rep["best_static"][k]["set"]) in menu]
+    got = rep["humaneval_oracle"]["best_static_per_k"]["0.95"]
+    assert got["mean_k"] == pytest.approx(oracle_mean_k(hit[:, small], sizes[small], 0.95))
+    # a ceiling: at least what the predictor reaches at any budget keeping as much
+    kept = [r["humaneval"]["mean_k"] for r in rep["frontier"] if r["humaneval"]["pass@1"] >= 0.95 * rep["dense"]["humaneval"]["pass@1"]]
+    assert rep["humaneval_oracle"]["menu"]["0.95"]["mean_k"] >= max(kept)
+
+
 def test_best_static_sets_and_routers_agree_with_the_other_reports(built):
     rep, _ = built
     main = json.loads((RUN / "report.json").read_text())

@@ -334,6 +334,12 @@ def build(run_dir, gen_dir, model: str, nll_path=None, bench_file=None, seed: in
     he_target = [r for r in frontier if r["humaneval"]["pass@1"] >= 0.95 * dense_he and r["humaneval"]["speedup_ideal"] >= 1.10]
     for r in frontier + [at_default]:
         r.pop("_mc_hit"), r.pop("_he_hit")
+    # how far the predictor is from what the menu allows on HumanEval: the ceiling of a router that knew the
+    # results, over the whole menu and over dense + the best static set of each k in it (reported, chooses nothing)
+    small = [0] + [menu.index(_key(b["set"])) for b in best.values() if _key(b["set"]) in menu]
+    oracle = {name: {f"{keep:.2f}": {"mean_k": mk, "speedup_ideal": ideal_speedup(n_blocks, mk)}
+                     for keep in (KEEP, 1.0) for mk in [oracle_mean_k(he_hit[:, cols], sizes[cols], keep)]}
+              for name, cols in (("menu", list(range(len(menu)))), ("best_static_per_k", small))}
     with np.load(run / "features-train.npz", allow_pickle=False) as z:
         max_tokens = int(z["max_tokens"])  # the router's prompt length: the predictor reads the same prompt
     predictor = LossPredictor([list(s) for s in menu], AFTER, pooling, max_tokens,
@@ -355,10 +361,28 @@ def build(run_dir, gen_dir, model: str, nll_path=None, bench_file=None, seed: in
            "frontier": frontier, "default": at_default, "statics": statics, "best_static": best,
            "routers": routers, "matched": matched, "predicted_lowest_loss": predicted,
            "targets": {"humaneval_95_speed_1.10_ideal": [r["budget"] for r in he_target]},
+           "humaneval_oracle": {**oracle, "best_static_per_k_sets": [list(menu[c]) for c in small[1:]]},
            "speed": {"model": "ideal L / (L - mean k), equal reply lengths", "measured": measured_k3(bench_file) if bench_file else None},
            "n": {"mc_eval": int(len(ev_data["task"])), "humaneval": len(ids)}, "mc_extra": None if extra is None else str(extra),
            "held_out": "HumanEval chose nothing; MC evaluation rows (data-val, data-test) chose nothing"}
     return rep, predictor
+
+
+def oracle_mean_k(hit: np.ndarray, sizes: np.ndarray, keep: float) -> float:
+    """A ceiling, not a method: the most blocks a router that knew each prompt's results (`hit`: prompts x
+    candidates, 1 where the candidate's answer is right) could skip on average while keeping `keep` of dense's
+    (column 0's: dense itself keeps them all, so some choice always does) right answers. Optimal: every prompt that is to stay right
+    takes the largest candidate that is right on it, the rest take the largest candidate; of the prompts some
+    candidate gets right, those that lose the least depth stay right. It reads the labels it is scored on (and
+    gains from answers that are right by chance on some candidate), so it only says how far a predictor falls
+    short of what this menu allows."""
+    hit = np.asarray(hit, bool)
+    need = int(np.ceil(keep * hit[:, 0].sum() - 1e-9))
+    right = hit.any(1)
+    top = float(sizes.max())
+    best_right = np.where(hit, sizes[None, :], -1).max(1)[right]  # the largest candidate right on each prompt
+    cost = np.sort(top - best_right)  # the depth a prompt gives up to stay right
+    return float((top * len(hit) - cost[:need].sum()) / len(hit))
 
 
 def held_out_frontier(pred: np.ndarray, sizes: np.ndarray, data: dict, hit: np.ndarray) -> List[dict]:
@@ -553,7 +577,23 @@ def to_markdown(rep: dict) -> str:
                         f"{'met' if r['humaneval']['ci95'][0] >= 0 else 'not met'}" for r in rep["matched"]) + ".",
             "- A budget with HumanEval pass@1 ≥ 95% of dense and ideal speedup ≥ 1.10: "
             + (f"met at budgets {', '.join(_f(b, 4) for b in t)} (ideal speed, not measured)." if t else "**not met** at any budget."),
-            "", "## Static sets and fixed-k routing", "",
+            ]
+    orc = rep.get("humaneval_oracle")
+    if orc:
+        def cell(v):
+            return f"mean k {v['mean_k']:.2f} ({v['speedup_ideal']:.3f}x ideal)"
+        keep = f"{KEEP:.2f}"
+        out += ["", "## How far the predictor is from what the menu allows (HumanEval)", "",
+                "A ceiling, not a method: a router that knew each problem's HumanEval results (the labels it is scored "
+                "on) takes, per problem, the largest candidate that is right on it, and gives up as little depth as "
+                "keeping the share of dense's passes needs (`oracle_mean_k`). It also gains from answers right by chance "
+                "on one of many candidates; the second row, dense and one set per k, gains less that way. It chooses "
+                "nothing.", "",
+                f"| candidates | keeping {KEEP:.0%} of dense's passes | keeping all of them |", "|---|---|---|",
+                f"| the menu ({len(rep['menu'])}, dense included) | {cell(orc['menu'][keep])} | {cell(orc['menu']['1.00'])} |",
+                f"| dense + the best static set of each k ({', '.join(str(s) for s in orc['best_static_per_k_sets'])}) | "
+                f"{cell(orc['best_static_per_k'][keep])} | {cell(orc['best_static_per_k']['1.00'])} |"]
+    out += ["", "## Static sets and fixed-k routing", "",
             "| row | k | set | ideal speedup | MC avg | HumanEval pass@1 |", "|---|---|---|---|---|---|"]
     for k, b in sorted(rep["best_static"].items()):
         out.append(f"| best static ({b['chosen_on']}) | {k} | {b['set']} | {b['speedup_ideal']:.3f} | {_f(b['mc_average'])} | {_f(b['pass@1'], 1)} |")
