@@ -418,6 +418,26 @@ def test_the_oracle_ceiling_is_the_best_choice_per_prompt_found_by_brute_force()
     assert oracle_mean_k(np.array([[1, 1], [0, 0]]), np.array([0, 3]), 1.0) == 3.0  # a prompt nobody gets right skips most
 
 
+def test_ranking_auc_is_the_mann_whitney_statistic():
+    from pudding_mlx.train.adaptive import ranking_auc
+
+    rng = np.random.default_rng(1)
+    for _ in range(20):
+        score = rng.integers(0, 6, 30).astype(float)  # ties on purpose
+        positive = rng.random(30) < 0.4
+        # U from the ranks (ties at their mean rank)
+        order = np.argsort(score, kind="stable")
+        ranks = np.empty(30)
+        ranks[order] = np.arange(1, 31)
+        for v in np.unique(score):
+            ranks[score == v] = ranks[score == v].mean()
+        n1, n0 = positive.sum(), (~positive).sum()
+        want = (ranks[positive].sum() - n1 * (n1 + 1) / 2) / (n1 * n0)
+        assert ranking_auc(score, positive) == pytest.approx(want)
+    assert ranking_auc([1.0, 2.0], [False, True]) == 1.0 and ranking_auc([1.0, 2.0], [True, False]) == 0.0
+    assert ranking_auc([1.0, 2.0], [True, True]) is None
+
+
 def test_the_reports_humaneval_ceiling_is_read_off_the_committed_replies(built):
     from pudding_mlx.train import generation_report as G
     from pudding_mlx.train.adaptive import oracle_mean_k
@@ -435,6 +455,13 @@ def test_the_reports_humaneval_ceiling_is_read_off_the_committed_replies(built):
                                             if tuple(rep["best_static"][k]["set"]) in menu]
     got = rep["humaneval_oracle"]["best_static_per_k"]["0.95"]
     assert got["mean_k"] == pytest.approx(oracle_mean_k(hit[:, small], sizes[small], 0.95))
+    auc = rep["humaneval_oracle"]["predictor_auc"]
+    assert set(auc["per_set"]) == {str(list(m)) for m in menu[1:]}
+    vals = [a for a in auc["per_set"].values() if a is not None]
+    assert auc["mean"] == pytest.approx(np.mean(vals)) and all(0 <= a <= 1 for a in vals)
+    for c, m in enumerate(menu[1:], 1):  # None exactly where a set keeps or breaks all of dense's passes
+        broke = ~hit[hit[:, 0], c]
+        assert (auc["per_set"][str(list(m))] is None) == (broke.all() or not broke.any())
     # a ceiling: at least what the predictor reaches at any budget keeping as much
     kept = [r["humaneval"]["mean_k"] for r in rep["frontier"] if r["humaneval"]["pass@1"] >= 0.95 * rep["dense"]["humaneval"]["pass@1"]]
     assert rep["humaneval_oracle"]["menu"]["0.95"]["mean_k"] >= max(kept)
