@@ -337,7 +337,8 @@ def build(run_dir, gen_dir, model: str, nll_path=None, bench_file=None, seed: in
     # how far the predictor is from what the menu allows on HumanEval: the ceiling of a router that knew the
     # results, over the whole menu and over dense + the best static set of each k in it (reported, chooses nothing)
     small = [0] + [menu.index(_key(b["set"])) for b in best.values() if _key(b["set"]) in menu]
-    oracle = {name: {f"{keep:.2f}": {"mean_k": mk, "speedup_ideal": ideal_speedup(n_blocks, mk)}
+    kept_passes = lambda keep: 100 * np.ceil(keep * he_hit[:, 0].sum() - 1e-9) / len(he_hit)  # noqa: E731
+    oracle = {name: {f"{keep:.2f}": {"mean_k": mk, "speedup_ideal": ideal_speedup(n_blocks, mk), "pass@1": kept_passes(keep)}
                      for keep in (KEEP, 1.0) for mk in [oracle_mean_k(he_hit[:, cols], sizes[cols], keep)]}
               for name, cols in (("menu", list(range(len(menu)))), ("best_static_per_k", small))}
     # and how well the predicted loss ranks them: per set, among the problems dense passes, those the set breaks
@@ -653,6 +654,15 @@ def plot(rep: dict, path) -> None:
         ax.set_xlabel("ideal decode speedup L / (L − mean k)")
         ax.set_ylabel(label)
     axes[1].axhline(0.95 * rep["dense"]["humaneval"]["pass@1"], color="tab:red", linestyle=":", lw=1, label="95% of dense")
+    orc = rep.get("humaneval_oracle")
+    if orc:  # the ceiling of a router that knew the results (it reads the labels: not a method)
+        for name, marker, label in (("menu", "D", "ceiling: knew the results, menu"),
+                                    ("best_static_per_k", "P", "ceiling: knew the results, best static per k")):
+            pts = [(v["speedup_ideal"], v["pass@1"]) for v in orc[name].values()]
+            axes[1].scatter(*zip(*pts), marker=marker, s=45, facecolors="none", edgecolors="tab:green", label=label)
+    # the markers both panels share are in the first panel's legend
+    shown = [(h, t) for h, t in zip(*axes[1].get_legend_handles_labels()) if t.startswith(("ceiling", "95%"))]
+    axes[1].legend(*zip(*shown), fontsize=7, loc="center right")
     axes[0].legend(fontsize=7)
     fig.suptitle(f"Adaptive depth on {rep['model']} (speed: ideal, not measured)")
     fig.tight_layout()
