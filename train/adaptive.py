@@ -337,8 +337,8 @@ def build(run_dir, gen_dir, model: str, nll_path=None, bench_file=None, seed: in
     # how far the predictor is from what the menu allows on HumanEval: the ceiling of a router that knew the
     # results, over the whole menu and over dense + the best static set of each k in it (reported, chooses nothing)
     small = [0] + [menu.index(_key(b["set"])) for b in best.values() if _key(b["set"]) in menu]
-    kept_passes = lambda keep: 100 * np.ceil(keep * he_hit[:, 0].sum() - 1e-9) / len(he_hit)  # noqa: E731
-    oracle = {name: {f"{keep:.2f}": {"mean_k": mk, "speedup_ideal": ideal_speedup(n_blocks, mk), "pass@1": kept_passes(keep)}
+    oracle = {name: {f"{keep:.2f}": {"mean_k": mk, "speedup_ideal": ideal_speedup(n_blocks, mk),
+                                     "pass@1": 100 * kept_count(he_hit[:, 0], keep) / len(he_hit)}
                      for keep in (KEEP, 1.0) for mk in [oracle_mean_k(he_hit[:, cols], sizes[cols], keep)]}
               for name, cols in (("menu", list(range(len(menu)))), ("best_static_per_k", small))}
     # and how well the predicted loss ranks them: per set, among the problems dense passes, those the set breaks
@@ -383,12 +383,17 @@ def oracle_mean_k(hit: np.ndarray, sizes: np.ndarray, keep: float) -> float:
     gains from answers that are right by chance on some candidate), so it only says how far a predictor falls
     short of what this menu allows."""
     hit = np.asarray(hit, bool)
-    need = int(np.ceil(keep * hit[:, 0].sum() - 1e-9))
+    need = kept_count(hit[:, 0], keep)
     right = hit.any(1)
     top = float(sizes.max())
     best_right = np.where(hit, sizes[None, :], -1).max(1)[right]  # the largest candidate right on each prompt
     cost = np.sort(top - best_right)  # the depth a prompt gives up to stay right
     return float((top * len(hit) - cost[:need].sum()) / len(hit))
+
+
+def kept_count(dense_hit: np.ndarray, keep: float) -> int:
+    """How many right answers keeping `keep` of dense's means (rounded up)."""
+    return int(np.ceil(keep * np.asarray(dense_hit, bool).sum() - 1e-9))
 
 
 def ranking_auc(score: np.ndarray, positive: np.ndarray) -> Optional[float]:

@@ -485,15 +485,14 @@ def to_markdown(rep: dict) -> str:
             out += [f"| {r['k']} | {r['set']} | {r['humaneval']:.1f} | {r['best_static']} | {r['best_static_humaneval']:.1f} | "
                     f"{_ci(r['minus_best_static_ci95'])} |" for r in ga["against_best_static"]]
     if nll:
+        again = nll.get("retrained")  # a column for the pool adapter trained again, where run
         out += ["", f"## Val NLL of the dense replies ({nll['examples']} replies; what the adapter is chosen on)", ""]
-        if nll.get("retrained"):
+        if again:
             out += ["The last column: the pool adapter trained again by the same recipe and seed on another lease "
-                    "(`heal_gpu.py` nll-check), against the committed one.", "",
-                    "| set | unhealed | healed | healed, retrained |", "|---|---|---|---|"]
-            out += [f"| {r['set']} | {r['unhealed']:.3f} | {_f(r['healed'], 3)} | {_f(r['retrained'], 3)} |" for r in nll["sets"]]
-        else:
-            out += ["| set | unhealed | healed |", "|---|---|---|"]
-            out += [f"| {r['set']} | {r['unhealed']:.3f} | {_f(r['healed'], 3)} |" for r in nll["sets"]]
+                    "(`heal_gpu.py` nll-check), against the committed one.", ""]
+        out += ["| set | unhealed | healed |" + (" healed, retrained |" if again else ""), "|---|---|---|" + ("---|" if again else "")]
+        out += [f"| {r['set']} | {r['unhealed']:.3f} | {_f(r['healed'], 3)} |" + (f" {_f(r['retrained'], 3)} |" if again else "")
+                for r in nll["sets"]]
     mlx = rep.get("mlx")
     if mlx:
         out += ["", "## The runtime (MLX 4-bit, CUDA): the preset with the adapter", "",
