@@ -28,6 +28,10 @@ PHASES, in this order (default all):
             every candidate set of k = 1, 2, 3, 5, 7 (today's searches and the generation-aware one; unhealed,
             and the k = 3 pool healed), and the router's features (the dense hidden state after block 3,
             mean and last)                                                   -> WORK/adaptive/
+  agree-data  the same sets' reply NLL and greedy agreement (`distill.target_nll(agreement=True)`: how far each
+            set, skipping its blocks, decodes the dense model's greedy reply word for word) on the committed
+            heal/adaptive/nll.npz's rows and sets plus every code reply of the distillation data (train and val),
+            with the router's features                                        -> WORK/adaptive/agree.npz
   mc-healed router data (multiple choice, the rows of results/qwen2.5-coder-1.5b's data-train/val/test: their
             tasks, splits, seeds and sizes) of every k = 3 pool set with the pool adapter on, for routers retrained
             on the healed sets' scores (the `dense` columns there have the adapter on: use the run's own)
@@ -69,7 +73,8 @@ from pudding_mlx.train.router_data import build_router_data
 from pudding_mlx.train.scoring import num_blocks
 from pudding_mlx.train.search import model_identity
 
-PHASES = ("answers", "search", "pool", "nll", "nll-check", "he-pool", "he-new", "mc-pool", "mc-new", "adaptive-data", "mc-healed",
+PHASES = ("answers", "search", "pool", "nll", "nll-check", "he-pool", "he-new", "mc-pool", "mc-new", "adaptive-data", "agree-data",
+          "mc-healed",
           "mc-extra", "per-set")
 REPO = Path(__file__).resolve().parents[1]
 RUN = REPO / "results" / "qwen2.5-coder-1.5b"
@@ -180,6 +185,32 @@ def adaptive_data(pm, tok, examples, new, pool, out: Path):
     log(f"adaptive-data: {len(replies)} examples x {len(sets)} sets (+{len(pool)} healed) -> {out / 'nll.npz'}")
 
 
+def agree_data(pm, tok, examples, out: Path):
+    """agree-data (module doc): the adaptive predictor's rows and sets, each code reply added, with agreement."""
+    import numpy as np
+
+    from pudding_mlx.atomic import write_npz
+    from pudding_mlx.train.features import hidden_features
+
+    with np.load(HEAL / "adaptive" / "nll.npz", allow_pickle=False) as z:
+        ids, sets = [str(i) for i in z["id"]], [tuple(int(b) for b in s.split(",") if b) for s in z["sets"]]
+    by_id = {e.id: e for e in examples if e.kind != "code-text"}
+    have = set(ids)
+    ids += [e.id for e in examples if e.kind == "code" and e.id not in have]
+    ids = [i for i in ids if i in by_id]  # all of them, unless LIMIT (a smoke run) shortened the data
+    rows = [by_id[i] for i in ids]
+    base = pm.get_base_model()
+    with pm.disable_adapter():
+        stats = D.nll_matrix(base, tok, rows, sets, agreement=True,
+                             progress=lambda d, t: log(f"agree-data {d}/{t}"))
+        prompts = {p["id"]: p["text"] for p in D.read_prompts(REPO / "results" / "distill" / "prompts.json")["prompts"]}
+        feats = hidden_features(base, tok, [prompts[e.id] for e in rows], [3], batch_size=32)
+    write_npz(out / "agree.npz", id=np.array(ids), kind=np.array([e.kind for e in rows]),
+              split=np.array([e.split for e in rows]), sets=np.array([",".join(map(str, s)) for s in sets]),
+              unhealed=stats.astype(np.float32), **{k: v.astype(np.float16) for k, v in feats.items()})
+    log(f"agree-data: {len(rows)} examples x {len(sets)} sets -> {out / 'agree.npz'}")
+
+
 def main():
     model_path, work = sys.argv[1], Path(sys.argv[2])
     phases = sys.argv[3].split(",") if len(sys.argv) > 3 else PHASES
@@ -278,6 +309,8 @@ def main():
             mc(base, tok, new[3], work / "mc-unhealed", ident)
     if "adaptive-data" in phases and not (work / "adaptive" / "nll.npz").is_file():
         adaptive_data(pm, tok, examples, new, pool, work / "adaptive")
+    if "agree-data" in phases and not (work / "adaptive" / "agree.npz").is_file():
+        agree_data(pm, tok, examples, work / "adaptive")
     if "mc-healed" in phases:
         router_data_like_run(base, tok, pool, work / "data-healed", f"{ident}+pool-k3")
     if "mc-extra" in phases:

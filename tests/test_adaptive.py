@@ -198,6 +198,46 @@ def test_nll_source_reads_the_gpu_runs_layout(tmp_path):
     assert np.allclose(t[:, :2], s["loss"][:, [0, 2]]) and np.isnan(t[:, 2]).all()
 
 
+def test_agreement_columns_give_the_agree_loss(tmp_path):
+    """agree.npz (`distill.target_nll(agreement=True)`: 4 columns): "agree" is the share of the reply after the
+    first token the set departs at, minus dense's own share; "verbatim" where the set decodes as far as dense."""
+    from pudding_mlx.train.adaptive import nll_source
+
+    n = 6
+    count = np.array([10, 20, 10, 40, 10, 5], np.float32)
+    first = np.stack([count, count / 2, np.zeros(n, np.float32)], 1)  # dense whole, half, from the first token
+    first[1, 0] = 15  # dense itself departs (the numerics of a full pass): the loss is against that
+    arrays = _write_nll(tmp_path / "agree.npz")
+    hits = first.copy()
+    arrays["unhealed"] = np.concatenate([arrays["unhealed"][..., :1], np.repeat(count[:, None, None], 3, 1),
+                                         hits[..., None], first[..., None]], -1)
+    arrays["unhealed"][..., 0] *= count[:, None] / arrays["unhealed"][:, :1, 0].clip(1)  # any NLL will do
+    write_npz(tmp_path / "agree.npz", **arrays)
+    s = nll_source(tmp_path / "agree.npz", _basis())
+    assert s["name"] == "agree" and set(s["losses"]) == {"nll", "agree"} and s["loss"] is s["losses"]["nll"]
+    want = np.stack([np.zeros(n), np.full(n, 0.5), np.ones(n)], 1)
+    want[1] = [0.0, 0.5 - 0.25, 1 - 0.25]  # dense's own lost share 0.25 is subtracted
+    assert np.allclose(s["losses"]["agree"], want)
+    assert s["verbatim"][:, 0].all() and not s["verbatim"][:, 1:].any()
+    _write_nll(tmp_path / "nll.npz")  # two columns: no agreement
+    assert nll_source(tmp_path / "nll.npz", _basis())["verbatim"] is None
+
+
+def test_verbatim_frontier_counts_the_chosen_sets_word_for_word_replies():
+    from pudding_mlx.train.adaptive import frontier_area, verbatim_frontier
+
+    sizes = np.array([0, 1, 3])
+    pred = np.array([[0, 0.1, 0.5], [0, 0.4, 0.2], [0, 0.3, 0.9]])
+    verbatim = np.array([[1, 1, 0], [1, 0, 1], [1, np.nan, 0]], float)  # NaN: the source lacks the set
+    rows = {r["budget"]: r for r in verbatim_frontier(pred, sizes, verbatim)}
+    assert rows[-np.inf]["mean_k"] == 0 and rows[-np.inf]["average"] == 100
+    assert rows[np.inf]["mean_k"] == 3 and np.isclose(rows[np.inf]["average"], 100 / 3)
+    # budget 0.3: row 0 takes k 1 (0.1), row 1 k 3 (0.2), row 2 k 1 (0.3, NaN: not word for word)
+    assert np.isclose(rows[0.3]["mean_k"], 5 / 3) and np.isclose(rows[0.3]["average"], 200 / 3)
+    area = frontier_area(list(rows.values()), 3)
+    assert 100 / 3 < area < 100
+
+
 def test_nll_source_bad_files(tmp_path):
     from pudding_mlx.train.adaptive import nll_source
 
@@ -272,6 +312,26 @@ def test_the_gpu_runs_reply_nll_is_a_training_source(built):
     assert {tuple(s) for s in rep["menu"]} <= set(src["sets"])
     assert np.all(src["loss"][:, src["sets"].index(())] == 0)
     assert rep["predictor"]["sources"] == ["mc-train", "nll"] and "nll" in predictor.settings["trained_on"]
+
+
+def test_with_agreement_the_generation_loss_is_chosen_on_held_out_replies(tmp_path):
+    """An agree.npz (here: the committed nll.npz's rows with made-up agreement columns) makes `build` choose the
+    generation loss by the held-out replies' word-for-word frontier: both are tried, the larger area wins, and the
+    predictor's unit says which; the MC loss is chosen as before."""
+    from pudding_mlx.train.adaptive import GEN_LOSSES, build
+
+    with np.load(NLL, allow_pickle=False) as z:
+        arrays = {k: z[k] for k in z.files}
+    u = arrays["unhealed"]
+    per_tok = u[..., 0] / u[..., 1]
+    first = np.floor(u[..., 1] * np.clip(1.2 - (per_tok - per_tok[:, :1]), 0, 1))  # departs earlier as NLL rises
+    arrays["unhealed"] = np.concatenate([u, first[..., None], first[..., None]], -1).astype(np.float32)
+    write_npz(tmp_path / "agree.npz", **arrays)
+    rep, predictor = build(RUN, RUN / "generation", "qwen2.5-coder-1.5b", nll_path=tmp_path / "agree.npz")
+    p = rep["predictor"]
+    assert set(p["gen_loss_area"]) == set(GEN_LOSSES) and p["gen_loss"] == max(GEN_LOSSES, key=p["gen_loss_area"].get)
+    assert p["mc_loss"] == "margin" and p["sources"] == ["mc-train", "agree"]
+    assert ("word for word" in predictor.settings["loss"]) == (p["gen_loss"] == "agree")
 
 
 def _eval_hits():

@@ -22,6 +22,7 @@ from pudding_mlx.candidates import read_candidates  # noqa: E402
 from pudding_mlx.errors import PuddingError  # noqa: E402
 from pudding_mlx.train import distill as D  # noqa: E402
 from pudding_mlx.train import heal as H  # noqa: E402
+from pudding_mlx.train.generation import generate, prompt_ids  # noqa: E402
 from pudding_mlx.train.scoring import skip_blocks  # noqa: E402
 
 pytestmark = pytest.mark.torch
@@ -290,3 +291,29 @@ def test_nll_matrix_is_each_sets_nll_per_example(tiny, distilled):
     np.testing.assert_allclose(m[:, 1], D.target_nll(model, tok, examples, (2,)), rtol=1e-6)
     assert (m[:, :, 1] == m[:, :1, 1]).all()  # the same targets under every set
     assert D.mean_nll(m[:, 0]) < D.mean_nll(m[:, 2])  # the dense model's own greedy replies: likeliest dense
+
+
+def test_agreement_is_where_the_skipping_models_greedy_decoding_leaves_the_reply(tiny, distilled):
+    """`target_nll(agreement=True)`'s columns against a brute-force pass per example: the targets that are the
+    model's argmax, the first that is not; and under a skipped block, greedy decoding of the prompt reproduces the
+    reply exactly up to that token and departs from it there."""
+    model, tok = tiny
+    prompts, answers = distilled
+    examples = [e for e in D.build_examples(tok, prompts, answers) if e.kind != "code-text"][:12]
+    texts = {p["id"]: p["text"] for p in D.read_prompts(prompts)["prompts"]}
+    assert all(prompt_ids(tok, texts[e.id], max_tokens=1 << 30) == e.ids[:e.start] for e in examples)
+    dense = D.target_nll(model, tok, examples, (), batch_size=5, agreement=True)
+    assert (dense[:, 3] == dense[:, 1]).all() and (dense[:, 2] == dense[:, 1]).all()  # its own greedy replies
+    skipped = D.target_nll(model, tok, examples, (1,), batch_size=5, agreement=True)
+    np.testing.assert_allclose(skipped[:, :2], D.target_nll(model, tok, examples, (1,), batch_size=5), rtol=1e-6)
+    assert (skipped[:, 3] < skipped[:, 1]).any()  # skipping a block of this model changes some greedy replies
+    for e, (_, n, hits, first) in zip(examples, skipped):
+        with torch.no_grad(), skip_blocks(model, (1,)):
+            top = model(torch.tensor([e.ids]), use_cache=False).logits[0, e.start - 1:-1].argmax(-1)
+        same = (top == torch.tensor(e.ids[e.start:])).numpy()
+        assert hits == same.sum() and first == (n if same.all() else np.argmin(same))
+        if first < n:  # greedy decoding with the KV cache: the reply up to `first`, then another token
+            out = generate(model, tok, [texts[e.id]], (1,), max_new_tokens=int(first) + 1)[0]["token_ids"]
+            assert out[:int(first)] == e.ids[e.start:e.start + int(first)] and out[int(first)] != e.ids[e.start + int(first)]
+    m = D.nll_matrix(model, tok, examples, [(), (1,)], agreement=True)
+    assert m.shape == (12, 2, 4) and np.allclose(m[:, 1], skipped)

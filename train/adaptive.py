@@ -53,6 +53,12 @@ SELECT_FRACTION = 0.2
 RIDGE = (0.001, 0.01, 0.1, 1.0, 10.0, 100.0)  # x rows, on standardised features (train.probe.fit)
 OBJECTIVES = ("task", "accuracy")  # the fixed-k hidden routers shown beside (train router --variant probe)
 MC_LOSSES = ("margin", "gold")  # the MC loss (module doc), chosen by frontier_area on the held-out training rows
+# the generation loss (nll_source), when the generation source has agreement columns: chosen by the share of its
+# held-out replies decoded word for word along the budget frontier (`verbatim_frontier`, `frontier_area`)
+GEN_LOSSES = ("nll", "agree")
+GEN_LOSS_TEXT = {"nll": "the NLL per token of the dense model's replies, set minus dense",
+                 "agree": "the share of the dense model's greedy reply the set would not decode word for word, "
+                          "set minus dense"}
 MC_LOSS_TEXT = {"margin": "the gold answer's margin over the best wrong answer (mean log-likelihood per token), "
                           "dense minus set",
                 "gold": "the gold answer's mean log-likelihood per token, dense minus set (dense - y)"}
@@ -122,9 +128,13 @@ def per_token(summed) -> np.ndarray:
 
 
 def nll_source(path, basis: Dict[str, np.ndarray]) -> dict:
-    """The generation source (module doc): nll.npz with id, kind, split [n], sets [S] (comma strings,
-    dense ""), unhealed [n, S, 2] (summed NLL, token count), mean_3 / last_3 [n, hidden] (full width,
-    projected here on the router data's basis). loss = NLL per token under the set minus dense's."""
+    """The generation source (module doc): nll.npz (or agree.npz) with id, kind, split [n], sets [S] (comma
+    strings, dense ""), unhealed [n, S, 2] (summed NLL, token count) or [n, S, 4] (agree.npz: also the reply's
+    tokens that are the set's own greedy choice and the first that is not, `distill.target_nll(agreement=True)`),
+    mean_3 / last_3 [n, hidden] (full width, projected here on the router data's basis). Losses: "nll", the NLL
+    per token under the set minus dense's; with 4 columns also "agree", the share of the dense model's greedy
+    reply that the set, decoding greedily, would not reproduce word for word, minus dense's own share (the
+    numerics of a full pass against cached decoding): 0 when the set decodes the whole reply as dense does."""
     path = Path(path)
     try:
         with np.load(path, allow_pickle=False) as z:
@@ -135,15 +145,23 @@ def nll_source(path, basis: Dict[str, np.ndarray]) -> dict:
     if missing:
         raise PuddingError(f"{path}: array {missing[0]!r} is missing; expected {', '.join(NLL_KEYS)}")
     n, sets = len(d["id"]), [_key(s.split(",")) if s else () for s in map(str, d["sets"])]
-    if d["unhealed"].shape != (n, len(sets), 2):
-        raise PuddingError(f"{path}: 'unhealed' is {list(d['unhealed'].shape)}, expected [{n}, {len(sets)}, 2]")
+    if d["unhealed"].shape not in ((n, len(sets), 2), (n, len(sets), 4)):
+        raise PuddingError(f"{path}: 'unhealed' is {list(d['unhealed'].shape)}, expected [{n}, {len(sets)}, 2] "
+                           f"(or 4 columns with agreement)")
     if () not in sets:
         raise PuddingError(f"{path}: 'sets' has no dense entry (\"\"); the loss is against dense")
+    dense = sets.index(())
     nll = per_token(d["unhealed"])
-    loss = nll - nll[:, [sets.index(())]]
+    losses = {"nll": nll - nll[:, [dense]]}
+    verbatim = None
+    if d["unhealed"].shape[2] == 4:
+        count = np.maximum(d["unhealed"][..., 1].astype(np.float64), 1)
+        lost = 1 - d["unhealed"][..., 3] / count  # the share of the reply after the first token it departs at
+        losses["agree"] = lost - lost[:, [dense]]
+        verbatim = d["unhealed"][..., 3] >= d["unhealed"][:, [dense], 3]  # as far as dense itself decodes it
     feats = project({k: d[k] for k in ("mean_3", "last_3")}, basis)
-    return {"name": "nll", "sets": sets, "loss": loss, "feats": feats, "split": d["split"].astype(str),
-            "kind": d["kind"].astype(str), "id": d["id"].astype(str)}
+    return {"name": path.stem, "sets": sets, "losses": losses, "loss": losses["nll"], "verbatim": verbatim,
+            "feats": feats, "split": d["split"].astype(str), "kind": d["kind"].astype(str), "id": d["id"].astype(str)}
 
 
 # -- the predictor ------------------------------------------------------------------------------------
@@ -280,6 +298,24 @@ def build(run_dir, gen_dir, model: str, nll_path=None, bench_file=None, seed: in
                          "area": frontier_area(selection, int(sizes.max()))}
     mc_loss = max(MC_LOSSES, key=lambda kind: by_loss[kind]["area"])  # ties: the first
     fitted, sources, helds, selection = (by_loss[mc_loss][k] for k in ("fitted", "sources", "helds", "selection"))
+    # then the generation loss, where the source has agreement (GEN_LOSSES): by the share of the source's held-out
+    # replies decoded word for word along the frontier; the MC loss stays the one chosen above (with "nll")
+    gen_loss, gen_area = "nll", {}
+    if nll is not None and "agree" in nll["losses"]:
+        gheld = nll["split"] != "train"
+        verbatim = targets_on({**nll, "loss": nll["verbatim"].astype(np.float64)}, menu)[gheld]
+        gfeats = {k: v[gheld] for k, v in nll["feats"].items()}
+        by_gen = {}
+        for g in GEN_LOSSES:
+            srcs = [sources[0], {**nll, "loss": nll["losses"][g]}]
+            fit_g = fitted if g == "nll" else fit_and_select(srcs, menu, helds)
+            curve = verbatim_frontier(predict(fit_g["head_fit"], gfeats, fit_g["pooling"]), sizes, verbatim)
+            by_gen[g] = {"fitted": fit_g, "sources": srcs, "area": frontier_area(curve, int(sizes.max()))}
+        gen_area = {g: v["area"] for g, v in by_gen.items()}
+        gen_loss = max(GEN_LOSSES, key=gen_area.get)  # ties: nll
+        if gen_loss != "nll":
+            fitted, sources = by_gen[gen_loss]["fitted"], by_gen[gen_loss]["sources"]
+            selection = held_out_frontier(predict(fitted["head_fit"], sel, fitted["pooling"]), sizes, sel_data, sel_hit)
     pooling = fitted["pooling"]
     grid = [r["budget"] for r in selection]
     fits = [r for r in selection if r["average"] >= KEEP * dense_sel]
@@ -350,15 +386,14 @@ def build(run_dir, gen_dir, model: str, nll_path=None, bench_file=None, seed: in
         max_tokens = int(z["max_tokens"])  # the router's prompt length: the predictor reads the same prompt
     predictor = LossPredictor([list(s) for s in menu], AFTER, pooling, max_tokens,
                               *_folded(fitted["head"], pooling, basis_of(run)), float(default),
-                              {"loss": "loss against dense in nats per token: MC, " + MC_LOSS_TEXT[mc_loss]
-                                       + ("; the NLL per token of the dense model's replies (nll.npz), set minus dense"
-                                          if nll_path else ""),
+                              {"loss": _loss_text(mc_loss, gen_loss, nll_path),
                                "ridge": fitted["ridge"], "trained_on": [s["name"] for s in sources],
                                "default_max_loss_rule": f"largest budget keeping {KEEP:.0%} of dense's MC average "
                                                         "on held-out training questions"})
     rep = {"model": model, "n_blocks": n_blocks, "menu": [list(s) for s in menu], "sizes": sizes.tolist(),
            "predictor": {"pooling": pooling, "ridge": fitted["ridge"], "tried": fitted["tried"], "mc_loss": mc_loss,
                          "mc_loss_area": {k: v["area"] for k, v in by_loss.items()},
+                         "gen_loss": gen_loss if nll is not None else None, "gen_loss_area": gen_area,
                          "sources": [s["name"] for s in sources],
                          "held_out_rows": int(sum(h.sum() for h in helds)), "fit_rows": int(sum((~h).sum() for h in helds))},
            "selection": {"rows": int(held.sum()), "dense_average": dense_sel, "keep": KEEP, "grid": selection,
@@ -416,6 +451,19 @@ def held_out_frontier(pred: np.ndarray, sizes: np.ndarray, data: dict, hit: np.n
         c = choose_many(pred, sizes, b)
         rows.append({"budget": b, "mean_k": float(sizes[c].mean()),
                      "average": R.average(R.per_task(data, hit[np.arange(len(c)), c]))})
+    return rows
+
+
+def verbatim_frontier(pred: np.ndarray, sizes: np.ndarray, verbatim: np.ndarray) -> List[dict]:
+    """As held_out_frontier, on the generation source's held-out replies: per budget, the mean k and, as
+    "average", the percentage of replies the chosen set decodes word for word as dense does (`verbatim`
+    [n, menu], NaN where the source lacks a menu set: counted as not)."""
+    grid = sorted({-np.inf, 0.0, np.inf, *np.quantile(pred[:, 1:], np.linspace(0, 1, 41)).round(6).tolist()})
+    same = np.nan_to_num(verbatim, nan=0.0)
+    rows = []
+    for b in grid:
+        c = choose_many(pred, sizes, b)
+        rows.append({"budget": b, "mean_k": float(sizes[c].mean()), "average": float(100 * same[np.arange(len(c)), c].mean())})
     return rows
 
 
@@ -517,6 +565,16 @@ def _routers(run, gen, ev_data, gen_sets, ids, n_blocks):
 
 
 # -- output -------------------------------------------------------------------------------------------
+
+
+def _loss_text(mc_loss: str, gen_loss: str, gen_path) -> str:
+    """The predictor's unit (predictor.json "loss", shown by `info`)."""
+    if gen_path is None or gen_loss == "nll":
+        return ("loss against dense in nats per token: MC, " + MC_LOSS_TEXT[mc_loss]
+                + (f"; the NLL per token of the dense model's replies ({Path(gen_path).name}), set minus dense"
+                   if gen_path is not None else ""))
+    return (f"loss against dense: MC, {MC_LOSS_TEXT[mc_loss]} (nats per token); generation "
+            f"({Path(gen_path).name}), {GEN_LOSS_TEXT[gen_loss]} (a share of the reply, 0 to 1)")
 
 
 def _f(x, nd=2):

@@ -197,33 +197,46 @@ def _pad_id(tokenizer) -> int:
 
 
 def target_nll(model, tokenizer, examples: Sequence[Example], omitted: Sequence[int] = (), batch_size: int = 32,
-               rows_at_once: int = 4096) -> np.ndarray:
-    """[n, 2]: per example, the summed NLL of its targets and their count, with `omitted` skipped."""
+               rows_at_once: int = 4096, agreement: bool = False) -> np.ndarray:
+    """[n, 2]: per example, the summed NLL of its targets and their count, with `omitted` skipped. With
+    `agreement`, [n, 4]: two more columns, the targets that are the model's own top choice (argmax) and the index
+    of the first that is not (the count when none): on a greedy reply, how far the same model, skipping `omitted`,
+    would have decoded it word for word (teacher forced: an exact statement of greedy decoding up to that token,
+    up to the numerics of a full-sequence pass against cached decoding)."""
     device = next(model.parameters()).device
-    out = np.zeros((len(examples), 2))
+    out = np.zeros((len(examples), 4 if agreement else 2))
     order = sorted(range(len(examples)), key=lambda i: -len(examples[i].ids))
     with torch.inference_mode(), skip_blocks(model, omitted):
         for start in range(0, len(order), batch_size):
             rows = order[start:start + batch_size]
             ids, mask, target = pad_batch([examples[i] for i in rows], _pad_id(tokenizer), device)
             logits, labels, which = target_logits(model, ids, mask, target)
-            nll = torch.cat([torch.nn.functional.cross_entropy(logits[a:a + rows_at_once].float(),
-                                                               labels[a:a + rows_at_once], reduction="none")
-                             for a in range(0, len(labels), rows_at_once)])
+            parts = [(a, logits[a:a + rows_at_once].float()) for a in range(0, len(labels), rows_at_once)]
+            nll = torch.cat([torch.nn.functional.cross_entropy(x, labels[a:a + len(x)], reduction="none")
+                             for a, x in parts])
             sums = torch.zeros(len(rows), device=device).index_add_(0, which, nll)
             counts = torch.bincount(which, minlength=len(rows))
             out[rows, 0] = sums.double().cpu().numpy()
             out[rows, 1] = counts.cpu().numpy()
+            if agreement:
+                hit = torch.cat([x.argmax(-1) for _, x in parts]) == labels
+                # a target's place in its reply: targets come row by row, in order (target_logits)
+                place = torch.arange(len(labels), device=device) - (torch.cumsum(counts, 0) - counts)[which]
+                first = counts.clone().scatter_reduce_(0, which[~hit], place[~hit], reduce="amin")
+                out[rows, 2] = torch.bincount(which, weights=hit.double(), minlength=len(rows)).cpu().numpy()
+                out[rows, 3] = first.cpu().numpy()
     return out
 
 
 def nll_matrix(model, tokenizer, examples: Sequence[Example], sets: Sequence[Sequence[int]],
-               batch_size: int = 32, progress: Optional[Callable[[int, int], None]] = None) -> np.ndarray:
-    """[n examples, n sets, 2]: `target_nll` of every example under every set (dense is the set ()): the
-    per-prompt quality of each candidate, e.g. for a router that predicts each one's loss against dense."""
-    out = np.zeros((len(examples), len(sets), 2))
+               batch_size: int = 32, progress: Optional[Callable[[int, int], None]] = None,
+               agreement: bool = False) -> np.ndarray:
+    """[n examples, n sets, 2] (4 with `agreement`): `target_nll` of every example under every set (dense is the
+    set ()): the per-prompt quality of each candidate, e.g. for a router that predicts each one's loss against
+    dense."""
+    out = np.zeros((len(examples), len(sets), 4 if agreement else 2))
     for j, s in enumerate(sets):
-        out[:, j] = target_nll(model, tokenizer, examples, s, batch_size)
+        out[:, j] = target_nll(model, tokenizer, examples, s, batch_size, agreement=agreement)
         if progress is not None:
             progress(j + 1, len(sets))
     return out
