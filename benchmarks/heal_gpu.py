@@ -275,15 +275,16 @@ def main():
         set_peft_model_state_dict(pm, load_file(str(pool_dir / "adapter_model.safetensors")), adapter_name="default")
     base = pm.get_base_model()
 
+    def write_val_nll(path, **about):  # every pool set's val NLL, unhealed and with the pool adapter
+        write_json(path, {"examples": len(val_replies), **about, "table": H.nll_table(pm, tok, val_replies, pool, ["default"])})
+        log(f"val NLL -> {path}")
+
     nll_path = work / "heal" / "val_nll.json"
     if "nll" in phases and not nll_path.is_file():
-        write_json(nll_path, {"examples": len(val_replies), "table": H.nll_table(pm, tok, val_replies, pool, ["default"])})
-        log(f"val NLL -> {nll_path}")
+        write_val_nll(nll_path)
     check_path = work / "heal" / "val_nll_retrained.json"
     if "nll-check" in phases and (pool_dir / "heal.json").is_file() and not check_path.is_file():
-        write_json(check_path, {"examples": len(val_replies), "adapter": json.loads((pool_dir / "heal.json").read_text()),
-                                "table": H.nll_table(pm, tok, val_replies, pool, ["default"])})
-        log(f"val NLL of the retrained pool adapter -> {check_path}")
+        write_val_nll(check_path, adapter=json.loads((pool_dir / "heal.json").read_text()))
     table = json.loads(nll_path.read_text())["table"] if nll_path.is_file() else {}
     ranked = sorted(pool, key=lambda s: table.get(set_name(s), {}).get("default", 1e9))
     chosen = [list(s) for s in dict.fromkeys(tuple(s) for s in ranked[:EVAL_N] + list(TODAY))]

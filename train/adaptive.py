@@ -588,6 +588,14 @@ def _mc_loss_line(pred: dict) -> str:
     return MC_LOSS_TEXT[kind] + (f"; held-out MC average over mean k, by MC loss: {tried}" if tried else "")
 
 
+def _gen_loss_line(pred: dict) -> str:
+    kind = pred.get("gen_loss") or "nll"
+    areas = pred.get("gen_loss_area") or {}
+    tried = ", ".join(f"{k} {v:.1f}%" for k, v in areas.items())
+    return (GEN_LOSS_TEXT[kind] + (" (nats per token)" if kind == "nll" else " (a share of the reply)")
+            + (f"; held-out replies decoded word for word, averaged over mean k, by generation loss: {tried}" if tried else ""))
+
+
 def to_markdown(rep: dict) -> str:
     d = rep["dense"]
     sel = rep["selection"]
@@ -595,9 +603,9 @@ def to_markdown(rep: dict) -> str:
            f"Menu: dense and the {len(rep['menu']) - 1} sets with both MC scores and HumanEval results "
            f"(k = {', '.join(str(k) for k in sorted(set(rep['sizes'])) if k)}). Loss predictor: ridge heads on the "
            f"hidden state after block {AFTER} ({rep['predictor']['pooling']}, ridge {rep['predictor']['ridge']}), "
-           f"trained on {', '.join(rep['predictor']['sources'])}; predicts the loss against dense in nats per token "
-           f"(MC: {_mc_loss_line(rep['predictor'])}; generation: the NLL of the dense model's replies). The MC loss, "
-           "pooling, ridge, the budget grid and the default budget "
+           f"trained on {', '.join(rep['predictor']['sources'])}; predicts the loss against dense "
+           f"(MC: {_mc_loss_line(rep['predictor'])}, nats per token; generation: {_gen_loss_line(rep['predictor'])}). "
+           "The MC loss, the generation loss, pooling, ridge, the budget grid and the default budget "
            f"were chosen on {sel['rows']} held-out rows of the training split (whole questions held out); MC evaluation ({rep['n']['mc_eval']} rows: "
            f"the tasks' validation and test splits) and HumanEval ({rep['n']['humaneval']} problems, held out) chose nothing.", "",
            f"**Speed is ideal**, not measured: L / (L − mean k), equal reply lengths assumed."]
