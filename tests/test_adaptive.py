@@ -247,6 +247,8 @@ def test_nll_source_bad_files(tmp_path):
     _one_line(lambda: nll_source(tmp_path / "b.npz", _basis()), "unhealed")
     _write_nll(tmp_path / "c.npz", sets=np.array(["5", "5,9", "5,9,13"]))
     _one_line(lambda: nll_source(tmp_path / "c.npz", _basis()), "no dense")
+    _write_nll(tmp_path / "w.npz", width=10)  # another model's hidden size
+    _one_line(lambda: nll_source(tmp_path / "w.npz", _basis()), "another model")
     (tmp_path / "d.npz").write_bytes(b"junk")
     _one_line(lambda: nll_source(tmp_path / "d.npz", _basis()), "not a readable")
 

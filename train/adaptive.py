@@ -159,6 +159,10 @@ def nll_source(path, basis: Dict[str, np.ndarray]) -> dict:
         lost = 1 - d["unhealed"][..., 3] / count  # the share of the reply after the first token it departs at
         losses["agree"] = lost - lost[:, [dense]]
         verbatim = d["unhealed"][..., 3] >= d["unhealed"][:, [dense], 3]  # as far as dense itself decodes it
+    for k in ("mean_3", "last_3"):
+        if d[k].shape != (n, len(basis[f"center_{k}"])):
+            raise PuddingError(f"{path}: {k!r} is {list(d[k].shape)}, expected [{n}, {len(basis[f'center_{k}'])}] "
+                               "(the router data's model); was it made with another model?")
     feats = project({k: d[k] for k in ("mean_3", "last_3")}, basis)
     return {"name": path.stem, "sets": sets, "losses": losses, "loss": losses["nll"], "verbatim": verbatim,
             "feats": feats, "split": d["split"].astype(str), "kind": d["kind"].astype(str), "id": d["id"].astype(str)}
