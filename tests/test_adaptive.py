@@ -320,7 +320,7 @@ def test_with_agreement_the_generation_loss_is_chosen_on_held_out_replies(tmp_pa
     """An agree.npz (here: the committed nll.npz's rows with made-up agreement columns) makes `build` choose the
     generation loss by the held-out replies' word-for-word frontier: both are tried, the larger area wins, and the
     predictor's unit says which; the MC loss is chosen as before."""
-    from pudding_mlx.train.adaptive import GEN_LOSSES, build
+    from pudding_mlx.train.adaptive import GEN_LOSSES, build, to_markdown
 
     with np.load(NLL, allow_pickle=False) as z:
         arrays = {k: z[k] for k in z.files}
@@ -334,6 +334,9 @@ def test_with_agreement_the_generation_loss_is_chosen_on_held_out_replies(tmp_pa
     assert set(p["gen_loss_area"]) == set(GEN_LOSSES) and p["gen_loss"] == max(GEN_LOSSES, key=p["gen_loss_area"].get)
     assert p["mc_loss"] == "margin" and p["sources"] == ["mc-train", "agree"]
     assert ("word for word" in predictor.settings["loss"]) == (p["gen_loss"] == "agree")
+    aucs = rep["humaneval_oracle"]["predictor_auc_by_gen_loss"]
+    assert set(aucs) == set(GEN_LOSSES) and np.isclose(aucs[p["gen_loss"]], rep["humaneval_oracle"]["predictor_auc"]["mean"])
+    assert "each generation loss" in to_markdown(rep)
 
 
 def _eval_hits():
