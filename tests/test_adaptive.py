@@ -219,6 +219,7 @@ def test_agreement_columns_give_the_agree_loss(tmp_path):
     want[1] = [0.0, 0.5 - 0.25, 1 - 0.25]  # dense's own lost share 0.25 is subtracted
     assert np.allclose(s["losses"]["agree"], want)
     assert s["verbatim"][:, 0].all() and not s["verbatim"][:, 1:].any()
+    assert np.isclose(s["dense_verbatim"], 5 / 6)  # row 1: dense departs at 15 of 20
     _write_nll(tmp_path / "nll.npz")  # two columns: no agreement
     assert nll_source(tmp_path / "nll.npz", _basis())["verbatim"] is None
 

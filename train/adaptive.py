@@ -153,19 +153,22 @@ def nll_source(path, basis: Dict[str, np.ndarray]) -> dict:
     dense = sets.index(())
     nll = per_token(d["unhealed"])
     losses = {"nll": nll - nll[:, [dense]]}
-    verbatim = None
+    verbatim, dense_verbatim = None, None
     if d["unhealed"].shape[2] == 4:
         count = np.maximum(d["unhealed"][..., 1].astype(np.float64), 1)
         lost = 1 - d["unhealed"][..., 3] / count  # the share of the reply after the first token it departs at
         losses["agree"] = lost - lost[:, [dense]]
         verbatim = d["unhealed"][..., 3] >= d["unhealed"][:, [dense], 3]  # as far as dense itself decodes it
+        # dense's own replies decoded word for word by a full-sequence pass: the numerics' share (1.0 in float32)
+        dense_verbatim = float((d["unhealed"][:, dense, 3] >= d["unhealed"][:, dense, 1]).mean())
     for k in ("mean_3", "last_3"):
         if d[k].shape != (n, len(basis[f"center_{k}"])):
             raise PuddingError(f"{path}: {k!r} is {list(d[k].shape)}, expected [{n}, {len(basis[f'center_{k}'])}] "
                                "(the router data's model); was it made with another model?")
     feats = project({k: d[k] for k in ("mean_3", "last_3")}, basis)
     return {"name": path.stem, "sets": sets, "losses": losses, "loss": losses["nll"], "verbatim": verbatim,
-            "feats": feats, "split": d["split"].astype(str), "kind": d["kind"].astype(str), "id": d["id"].astype(str)}
+            "dense_verbatim": dense_verbatim, "feats": feats, "split": d["split"].astype(str),
+            "kind": d["kind"].astype(str), "id": d["id"].astype(str)}
 
 
 # -- the predictor ------------------------------------------------------------------------------------
@@ -405,6 +408,7 @@ def build(run_dir, gen_dir, model: str, nll_path=None, bench_file=None, seed: in
            "predictor": {"pooling": pooling, "ridge": fitted["ridge"], "tried": fitted["tried"], "mc_loss": mc_loss,
                          "mc_loss_area": {k: v["area"] for k, v in by_loss.items()},
                          "gen_loss": gen_loss if nll is not None else None, "gen_loss_area": gen_area,
+                         "gen_dense_verbatim": None if nll is None else nll["dense_verbatim"],
                          "sources": [s["name"] for s in sources],
                          "held_out_rows": int(sum(h.sum() for h in helds)), "fit_rows": int(sum((~h).sum() for h in helds))},
            "selection": {"rows": int(held.sum()), "dense_average": dense_sel, "keep": KEEP, "grid": selection,
@@ -604,7 +608,9 @@ def _gen_loss_line(pred: dict) -> str:
     areas = pred.get("gen_loss_area") or {}
     tried = ", ".join(f"{k} {v:.1f}%" for k, v in areas.items())
     return (GEN_LOSS_TEXT[kind] + (" (nats per token)" if kind == "nll" else " (a share of the reply)")
-            + (f"; held-out replies decoded word for word, averaged over mean k, by generation loss: {tried}" if tried else ""))
+            + (f"; held-out replies decoded word for word, averaged over mean k, by generation loss: {tried}" if tried else "")
+            + (f"; dense itself decodes {100 * pred['gen_dense_verbatim']:.1f}% of its replies word for word in a "
+               "full-sequence pass (the numerics)" if pred.get("gen_dense_verbatim") is not None else ""))
 
 
 def to_markdown(rep: dict) -> str:
