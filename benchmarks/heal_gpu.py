@@ -30,7 +30,8 @@ PHASES, in this order (default all):
             mean and last)                                                   -> WORK/adaptive/
   agree-data  the same sets' reply NLL and greedy agreement (`distill.target_nll(agreement=True)`: how far each
             set, skipping its blocks, decodes the dense model's greedy reply word for word) on the committed
-            heal/adaptive/nll.npz's rows and sets plus every code reply of the distillation data (train and val),
+            heal/adaptive/nll.npz's rows and sets (those with HumanEval results: a menu can hold no other) plus
+            every code reply of the distillation data (train and val),
             with the router's features                                        -> WORK/adaptive/agree.npz
   mc-healed router data (multiple choice, the rows of results/qwen2.5-coder-1.5b's data-train/val/test: their
             tasks, splits, seeds and sizes) of every k = 3 pool set with the pool adapter on, for routers retrained
@@ -194,6 +195,8 @@ def agree_data(pm, tok, examples, out: Path):
 
     with np.load(HEAL / "adaptive" / "nll.npz", allow_pickle=False) as z:
         ids, sets = [str(i) for i in z["id"]], [tuple(int(b) for b in s.split(",") if b) for s in z["sets"]]
+    have = {p.stem for p in (RUN / "generation" / "sets").glob("*.json")}
+    sets = [s for s in sets if not s or set_name(list(s)) in have]  # the sets a menu can hold: HumanEval results
     by_id = {e.id: e for e in examples if e.kind != "code-text"}
     have = set(ids)
     ids += [e.id for e in examples if e.kind == "code" and e.id not in have]
