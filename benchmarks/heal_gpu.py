@@ -198,8 +198,8 @@ def agree_data(pm, tok, examples, out: Path):
     have = {p.stem for p in (RUN / "generation" / "sets").glob("*.json")}
     sets = [s for s in sets if not s or set_name(list(s)) in have]  # the sets a menu can hold: HumanEval results
     by_id = {e.id: e for e in examples if e.kind != "code-text"}
-    have = set(ids)
-    ids += [e.id for e in examples if e.kind == "code" and e.id not in have]
+    seen = set(ids)
+    ids += [e.id for e in examples if e.kind == "code" and e.id not in seen]
     ids = [i for i in ids if i in by_id]  # all of them, unless LIMIT (a smoke run) shortened the data
     rows = [by_id[i] for i in ids]
     base = pm.get_base_model()
