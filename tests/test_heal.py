@@ -307,6 +307,8 @@ def test_agreement_is_where_the_skipping_models_greedy_decoding_leaves_the_reply
     skipped = D.target_nll(model, tok, examples, (1,), batch_size=5, agreement=True)
     np.testing.assert_allclose(skipped[:, :2], D.target_nll(model, tok, examples, (1,), batch_size=5), rtol=1e-6)
     assert (skipped[:, 3] < skipped[:, 1]).any()  # skipping a block of this model changes some greedy replies
+    sliced = D.target_nll(model, tok, examples, (1,), batch_size=5, rows_at_once=7, agreement=True)
+    np.testing.assert_allclose(sliced, skipped, rtol=1e-5)  # the float32 slices of a long batch join up
     for e, (_, n, hits, first) in zip(examples, skipped):
         with torch.no_grad(), skip_blocks(model, (1,)):
             top = model(torch.tensor([e.ids]), use_cache=False).logits[0, e.start - 1:-1].argmax(-1)

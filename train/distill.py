@@ -211,15 +211,18 @@ def target_nll(model, tokenizer, examples: Sequence[Example], omitted: Sequence[
             rows = order[start:start + batch_size]
             ids, mask, target = pad_batch([examples[i] for i in rows], _pad_id(tokenizer), device)
             logits, labels, which = target_logits(model, ids, mask, target)
-            parts = [(a, logits[a:a + rows_at_once].float()) for a in range(0, len(labels), rows_at_once)]
-            nll = torch.cat([torch.nn.functional.cross_entropy(x, labels[a:a + len(x)], reduction="none")
-                             for a, x in parts])
+            nll, top = [], []
+            for a in range(0, len(labels), rows_at_once):  # float32 a slice at a time: the memory of a long batch
+                x = logits[a:a + rows_at_once].float()
+                nll.append(torch.nn.functional.cross_entropy(x, labels[a:a + rows_at_once], reduction="none"))
+                top.append(x.argmax(-1) if agreement else None)
+            nll = torch.cat(nll)
             sums = torch.zeros(len(rows), device=device).index_add_(0, which, nll)
             counts = torch.bincount(which, minlength=len(rows))
             out[rows, 0] = sums.double().cpu().numpy()
             out[rows, 1] = counts.cpu().numpy()
             if agreement:
-                hit = torch.cat([x.argmax(-1) for _, x in parts]) == labels
+                hit = torch.cat(top) == labels
                 # a target's place in its reply: targets come row by row, in order (target_logits)
                 place = torch.arange(len(labels), device=device) - (torch.cumsum(counts, 0) - counts)[which]
                 first = counts.clone().scatter_reduce_(0, which[~hit], place[~hit], reduce="amin")
