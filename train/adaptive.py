@@ -332,7 +332,8 @@ def build(run_dir, gen_dir, model: str, nll_path=None, bench_file=None, seed: in
     ev_pred = predict(fitted["head"], features_of(run, ["val", "test"], ev_data), pooling)
     ev_hit = _menu_hits(ev_data, menu)
     ids = [r["task_id"] for r in gen_sets["dense"]["humaneval"]["records"]]
-    he_pred = predict(fitted["head"], _he_features(run, gen, ids), pooling)
+    he_feats = _he_features(run, gen, ids)
+    he_pred = predict(fitted["head"], he_feats, pooling)
     he_hit = np.stack([G.passed(gen_sets[he_by_key[s]], ids) for s in menu], 1)
     dense_mc = mc_measure(ev_data, ev_data["dense_hit"])
     dense_he = float(he_hit[:, 0].mean() * 100)
@@ -393,7 +394,6 @@ def build(run_dir, gen_dir, model: str, nll_path=None, bench_file=None, seed: in
 
     oracle["predictor_auc"] = auc_of(he_pred)
     if by_gen:  # each generation loss tried, its fit's ranking on HumanEval: reported, the choice was made above
-        he_feats = _he_features(run, gen, ids)
         oracle["predictor_auc_by_gen_loss"] = {g: auc_of(predict(v["fitted"]["head"], he_feats, v["fitted"]["pooling"]))["mean"]
                                                for g, v in by_gen.items()}
     with np.load(run / "features-train.npz", allow_pickle=False) as z:
@@ -457,29 +457,27 @@ def ranking_auc(score: np.ndarray, positive: np.ndarray) -> Optional[float]:
     return float(above / (len(pos) * len(neg)))
 
 
-def held_out_frontier(pred: np.ndarray, sizes: np.ndarray, data: dict, hit: np.ndarray) -> List[dict]:
-    """The budget grid (41 quantiles of the predictions, with -inf, 0 and inf) and, per budget, the mean k and
-    the MC average on the held-out training rows."""
+def budget_frontier(pred: np.ndarray, sizes: np.ndarray, measure) -> List[dict]:
+    """The budget grid (41 quantiles of the predictions, with -inf, 0 and inf) and, per budget, the mean k and,
+    as "average", `measure(chosen)` (chosen: each row's menu index under that budget)."""
     grid = sorted({-np.inf, 0.0, np.inf, *np.quantile(pred[:, 1:], np.linspace(0, 1, 41)).round(6).tolist()})
     rows = []
     for b in grid:
         c = choose_many(pred, sizes, b)
-        rows.append({"budget": b, "mean_k": float(sizes[c].mean()),
-                     "average": R.average(R.per_task(data, hit[np.arange(len(c)), c]))})
+        rows.append({"budget": b, "mean_k": float(sizes[c].mean()), "average": measure(c)})
     return rows
+
+
+def held_out_frontier(pred: np.ndarray, sizes: np.ndarray, data: dict, hit: np.ndarray) -> List[dict]:
+    """`budget_frontier` with the MC average on the held-out training rows."""
+    return budget_frontier(pred, sizes, lambda c: R.average(R.per_task(data, hit[np.arange(len(c)), c])))
 
 
 def verbatim_frontier(pred: np.ndarray, sizes: np.ndarray, verbatim: np.ndarray) -> List[dict]:
-    """As held_out_frontier, on the generation source's held-out replies: per budget, the mean k and, as
-    "average", the percentage of replies the chosen set decodes word for word as dense does (`verbatim`
-    [n, menu], NaN where the source lacks a menu set: counted as not)."""
-    grid = sorted({-np.inf, 0.0, np.inf, *np.quantile(pred[:, 1:], np.linspace(0, 1, 41)).round(6).tolist()})
+    """`budget_frontier` on the generation source's held-out replies: the percentage the chosen set decodes word
+    for word as dense does (`verbatim` [n, menu], NaN where the source lacks a menu set: counted as not)."""
     same = np.nan_to_num(verbatim, nan=0.0)
-    rows = []
-    for b in grid:
-        c = choose_many(pred, sizes, b)
-        rows.append({"budget": b, "mean_k": float(sizes[c].mean()), "average": float(100 * same[np.arange(len(c)), c].mean())})
-    return rows
+    return budget_frontier(pred, sizes, lambda c: float(100 * same[np.arange(len(c)), c].mean()))
 
 
 def frontier_area(selection: Sequence[dict], max_k: int) -> float:
