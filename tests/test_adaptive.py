@@ -17,6 +17,8 @@ from pudding_mlx.tasks import eval_metric
 
 RUN = Path(__file__).resolve().parents[1] / "results" / "qwen2.5-coder-1.5b"
 NLL = RUN / "heal" / "adaptive" / "nll.npz"
+AGREE = RUN / "heal" / "adaptive" / "agree.npz"  # the GPU run of 2026-12-07: reply NLL and greedy agreement
+EXTRA = RUN / "heal"  # its data-extra-{train,val,test}: the MC rows scored for the k = 1 and 2 sets
 SIZES = [0, 3, 3, 5, 5]
 
 
@@ -299,22 +301,31 @@ def test_a_second_source_joins_the_fit(tmp_path):
 def built():
     from pudding_mlx.train.adaptive import build
 
-    # as the committed report is made: the MC router data and the GPU run's reply NLL (heal/adaptive/nll.npz)
-    return build(RUN, RUN / "generation", "qwen2.5-coder-1.5b", nll_path=NLL,
+    # as the committed report is made: the MC router data (with the mc-extra sets) and the GPU run's agree.npz
+    return build(RUN, RUN / "generation", "qwen2.5-coder-1.5b", nll_path=AGREE, extra=EXTRA,
                  bench_file=RUN.parents[1] / "results" / "bench" / "bench_qwen_preset_cuda.json")
 
 
-def test_the_gpu_runs_reply_nll_is_a_training_source(built):
-    """The committed nll.npz (400 distillation replies, train and val splits, never HumanEval or an
-    evaluation split): every menu set is in it, dense's loss is 0 by definition, the fit used it."""
-    from pudding_mlx.train.adaptive import basis_of, nll_source
+def test_the_gpu_runs_replies_are_a_training_source(built):
+    """The committed agree.npz (594 distillation replies, train and val splits, never HumanEval or an
+    evaluation split): every menu set is in it, dense's losses are 0 by definition, the generation loss was
+    chosen by its held-out replies' word-for-word frontier, and the fit used it."""
+    from pudding_mlx.train.adaptive import GEN_LOSSES, basis_of, nll_source
 
     rep, predictor = built
-    src = nll_source(NLL, basis_of(RUN))
+    src = nll_source(AGREE, basis_of(RUN))
     assert set(src["split"]) == {"train", "val"} and not any(i.startswith("HumanEval") for i in src["id"])
     assert {tuple(s) for s in rep["menu"]} <= set(src["sets"])
-    assert np.all(src["loss"][:, src["sets"].index(())] == 0)
-    assert rep["predictor"]["sources"] == ["mc-train", "nll"] and "nll" in predictor.settings["trained_on"]
+    for g in GEN_LOSSES:
+        assert np.all(src["losses"][g][:, src["sets"].index(())] == 0)
+    pred = rep["predictor"]
+    assert set(pred["gen_loss_area"]) == set(GEN_LOSSES)
+    assert pred["gen_loss"] == max(GEN_LOSSES, key=lambda g: pred["gen_loss_area"][g])
+    assert pred["sources"] == ["mc-train", "agree"] and "agree" in predictor.settings["trained_on"]
+    # dense's own column: the share of its replies a full-sequence pass decodes word for word (the numerics' floor)
+    with np.load(AGREE) as z:
+        dense = list(z["sets"]).index("")
+        assert pred["gen_dense_verbatim"] == pytest.approx(np.mean(z["unhealed"][:, dense, 3] >= z["unhealed"][:, dense, 1]))
 
 
 def test_with_agreement_the_generation_loss_is_chosen_on_held_out_replies(tmp_path):
@@ -365,9 +376,10 @@ def _he_passes(name):
 
 def test_the_menu_is_dense_and_the_sets_with_both_measures(built):
     rep, _ = built
-    assert rep["menu"][0] == [] and sorted(set(rep["sizes"])) == [0, 3, 5]
+    assert rep["menu"][0] == [] and sorted(set(rep["sizes"])) == [0, 1, 2, 3, 5]
     run = {p.stem for p in (RUN / "generation" / "sets").glob("*.json")}
-    mc = {tuple(s) for s in json.loads((RUN / "data-train.json").read_text())["sets"]}
+    mc = {tuple(s) for f in (RUN / "data-train.json", EXTRA / "data-extra-train" / "router_data.json")
+          for s in json.loads(f.read_text())["sets"]}
     for s in rep["menu"][1:]:
         assert "omit-" + "-".join(map(str, s)) in run and tuple(s) in mc
 
@@ -436,7 +448,8 @@ def test_the_mc_loss_is_the_gold_margin_and_is_chosen_on_held_out_training_rows(
     pred = rep["predictor"]
     assert set(pred["mc_loss_area"]) == set(MC_LOSSES)
     assert pred["mc_loss"] == max(MC_LOSSES, key=lambda k: pred["mc_loss_area"][k])
-    assert pred["mc_loss_area"][pred["mc_loss"]] == pytest.approx(frontier_area(rep["selection"]["grid"], max(rep["sizes"])))
+    if pred["gen_loss"] in (None, "nll"):  # the grid is the MC-loss fit's; with "agree", the refit's (test_with_agreement_...)
+        assert pred["mc_loss_area"][pred["mc_loss"]] == pytest.approx(frontier_area(rep["selection"]["grid"], max(rep["sizes"])))
     assert MC_LOSS_TEXT[pred["mc_loss"]] in predictor.settings["loss"]
     # the margin loss, one row worked out from the npz by hand: gold's ell-bar minus the best wrong one's
     src = mc_source(RUN, "train")

@@ -669,7 +669,10 @@ def to_markdown(rep: dict) -> str:
                    f"{he['adaptive_minus_static']:+.1f} [{he['ci95'][0]:+.1f}, {he['ci95'][1]:+.1f}] |")
     ks = sorted(set(rep["sizes"]) - {0})
     out += ["", "## What the predictor predicts per prompt set", "",
-            "Mean over the prompts of the lowest predicted loss among the candidates of each k (nats per token).", "",
+            "Mean over the prompts of the lowest predicted loss among the candidates of each k ("
+            + ("nats per token" if rep["predictor"].get("gen_loss") in (None, "nll") else
+               "one scale for both: the MC targets were in nats per token, the generation targets a share of the reply")
+            + ").", "",
             "| prompts | " + " | ".join(f"k = {k}" for k in ks) + " |", "|---|" + "---|" * len(ks)]
     for name, by_k in rep["predicted_lowest_loss"].items():
         out.append(f"| {name} | " + " | ".join(f"{by_k[str(k)]:+.3f}" for k in ks) + " |")
