@@ -74,6 +74,16 @@ def test_generation_aware_sets_against_todays_best_static(report):
         assert lo <= r["humaneval"] - r["best_static_humaneval"] <= hi
     md = R.to_markdown(report)
     assert all(f"| {r['set']} |" in md for r in ga["sets"])
+    # MC where a run scored the set on the evaluation rows: here omit-14 (k = 1) from the mc-extra run, by hand
+    extra = load_eval([HEAL / "data-extra-val", HEAL / "data-extra-test"])
+    run = load_eval([RUN / "data-val.npz", RUN / "data-test.npz"])
+    assert [list(k) for k in zip(extra["task"], extra["id"])] == [list(k) for k in zip(run["task"], run["id"])]
+    col = [sorted(s) for s in extra["sets"]].index([14])
+    row = next(r for r in ga["sets"] if r["set"] == "omit-14")
+    assert row["mc"] == pytest.approx(average(per_task({"task": extra["task"]}, extra["hit"][:, col])))
+    assert ga["mc_dense"] == pytest.approx(average(per_task({"task": run["task"]}, run["dense_hit"])))
+    lo, hi = row["mc_minus_dense_ci95"]
+    assert lo <= row["mc"] - ga["mc_dense"] <= hi
 
 
 def test_the_committed_report_is_what_the_command_writes(tmp_path):

@@ -8,8 +8,8 @@ multiple-choice data, both made with the same model, prompts and settings):
 - HumanEval pass@1 (PyTorch bf16, greedy, 164 problems) of every set run with the pool adapter
   (WORK/gen-pool), against the same set unhealed (RUN/generation, or WORK/gen-unhealed for the sets of the
   generation-aware search) and dense, paired bootstrap 95% intervals.
-- The generation-aware search's sets, unhealed (WORK/gen-unhealed, WORK/mc-unhealed-{val,test}): HumanEval
-  and the multiple-choice average at each k, beside dense.
+- The generation-aware search's sets, unhealed: HumanEval (WORK/gen-unhealed) and the multiple-choice average
+  (RUN's data, WORK/mc-unhealed-{val,test}, WORK/data-extra-{val,test}) at each k, beside dense.
 - Routed: the k = 3 hidden-state routers of RUN (retrained from its committed data, as the generation
   report does) pick a set per problem; healed routed is that set's healed result, where every set picked
   was run healed.
@@ -115,12 +115,13 @@ def _mc_parts(folder: Path, prefix: str) -> Optional[List[Path]]:
 
 def _unhealed_columns(work: Path, run_data: dict, keys: List[tuple]) -> Dict[tuple, np.ndarray]:
     """{set: its per-example hits, unhealed, in the order of `keys`}: RUN's data (`run_data`), then
-    WORK/mc-unhealed."""
+    WORK/mc-unhealed, then WORK/data-extra (heal_gpu.py mc-extra: the same rows, more sets)."""
     cols: Dict[tuple, np.ndarray] = {}
     sources = [run_data]
-    extra = _mc_parts(work, "mc-unhealed")
-    if extra:
-        sources.append(load_eval(extra))
+    for prefix in ("mc-unhealed", "data-extra"):
+        extra = _mc_parts(work, prefix)
+        if extra:
+            sources.append(load_eval(extra))
     for data in sources:
         rows = _aligned(data, keys)
         for i, s in enumerate(data["sets"]):
@@ -163,13 +164,10 @@ def generation_aware(work: Path, run: Path) -> Optional[dict]:
     model_run = load_sets(run / "generation")  # the model run's sets, unhealed: dense and today's static sets
     ids = [r["task_id"] for r in model_run["dense"]["humaneval"]["records"]]
     he_dense = passed(model_run["dense"], ids)
-    mc_parts = _mc_parts(work, "mc-unhealed")
-    mc = load_eval(mc_parts) if mc_parts else None
-    if mc is not None:
-        unhealed = load_eval([run / "data-val.npz", run / "data-test.npz"])
-        keys = list(zip(mc["task"], mc["id"]))
-        ref, mc_dense = {"task": mc["task"]}, unhealed["dense_hit"][_aligned(unhealed, keys)]
-        mc_col = {tuple(sorted(s)): i for i, s in enumerate(mc["sets"])}
+    # MC where some run scored the set on the evaluation rows: RUN's data, WORK/mc-unhealed, WORK/data-extra
+    unhealed = load_eval([run / "data-val.npz", run / "data-test.npz"])
+    ref, mc_dense = {"task": unhealed["task"]}, unhealed["dense_hit"]
+    mc_cols = _unhealed_columns(work, unhealed, list(zip(unhealed["task"], unhealed["id"])))
     # against today's best static set of the same k (chosen on the fidelity prompts: RUN/generation.json), the
     # generation-aware set a user would take without looking at code: the chain on all val replies
     today = json.loads((run / "generation.json").read_text())["rows"] if (run / "generation.json").is_file() else []
@@ -189,12 +187,12 @@ def generation_aware(work: Path, run: Path) -> Optional[dict]:
                     against.append({"k": len(s), "set": set_name(s), "humaneval": 100 * float(h.mean()),
                                     "best_static": set_name(base["set"]), "best_static_humaneval": 100 * float(b.mean()),
                                     "minus_best_static_ci95": bootstrap(h, b)})
-            if mc is not None and s in mc_col:
-                h = mc["hit"][:, mc_col[s]]
+            if s in mc_cols:
+                h = mc_cols[s]
                 row.update(mc=average(per_task(ref, h)), mc_minus_dense_ci95=bootstrap_delta(ref, h, mc_dense))
             rows.append(row)
     return {"he_dense": 100 * float(he_dense.mean()),
-            "mc_dense": average(per_task(ref, mc_dense)) if mc is not None else None, "sets": rows,
+            "mc_dense": average(per_task(ref, mc_dense)), "sets": rows,
             "against_best_static": against}
 
 
