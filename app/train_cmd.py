@@ -660,6 +660,8 @@ def adaptive_report(
     extra: Optional[Path] = typer.Option(None, "--extra", help="A heal run's folder with data-extra-{train,val,test}/ "
                                          "(benchmarks/heal_gpu.py mc-extra): MC scores of more sets on the run's "
                                          "rows, joined in (the k = 1, 2 menu)."),
+    speed: Optional[Path] = typer.Option(None, "--speed", help="benchmarks/depth_speed.py --json of this model: "
+                                         "measured decode time per k, mixed per budget beside the ideal speedup."),
     model: str = typer.Option(..., help="Model name for the title."),
 ):
     """Adaptive depth (issue #23): fit the loss predictor (OUT/predictor/) and write OUT/adaptive.md/.json/.png,
@@ -667,9 +669,9 @@ def adaptive_report(
     from pudding_mlx.errors import PuddingError
     from pudding_mlx.train.adaptive import write
 
-    for flag, f in (("--nll", nll), ("--bench", bench)):
+    for flag, f in (("--nll", nll), ("--bench", bench), ("--speed", speed)):
         if f is not None and not f.is_file():
             raise PuddingError(f"{flag} {f}: no such file")
     if extra is not None and not (extra / "data-extra-train" / "router_data.npz").is_file():
         raise PuddingError(f"--extra {extra}: no data-extra-train/router_data.npz; run benchmarks/heal_gpu.py mc-extra")
-    console.print(f"report -> {write(run_dir, gen, out or run_dir / 'adaptive', model, nll, bench, extra)}")
+    console.print(f"report -> {write(run_dir, gen, out or run_dir / 'adaptive', model, nll, bench, extra, speed)}")

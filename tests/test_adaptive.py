@@ -19,6 +19,7 @@ RUN = Path(__file__).resolve().parents[1] / "results" / "qwen2.5-coder-1.5b"
 NLL = RUN / "heal" / "adaptive" / "nll.npz"
 AGREE = RUN / "heal" / "adaptive" / "agree.npz"  # the GPU run of 2026-12-07: reply NLL and greedy agreement
 EXTRA = RUN / "heal"  # its data-extra-{train,val,test}: the MC rows scored for the k = 1 and 2 sets
+SPEED = RUN.parents[1] / "results" / "bench" / "depth_speed_qwen_cpu.json"  # per-depth decode times, this CPU
 SIZES = [0, 3, 3, 5, 5]
 
 
@@ -303,7 +304,7 @@ def built():
 
     # as the committed report is made: the MC router data (with the mc-extra sets) and the GPU run's agree.npz
     return build(RUN, RUN / "generation", "qwen2.5-coder-1.5b", nll_path=AGREE, extra=EXTRA,
-                 bench_file=RUN.parents[1] / "results" / "bench" / "bench_qwen_preset_cuda.json")
+                 bench_file=RUN.parents[1] / "results" / "bench" / "bench_qwen_preset_cuda.json", speed_file=SPEED)
 
 
 def test_the_gpu_runs_replies_are_a_training_source(built):
@@ -574,6 +575,8 @@ def test_the_report_command_writes_its_files(tmp_path):
     args = ["train", "adaptive-report", str(RUN), "--gen", str(RUN / "generation"), "--model", "q", "--out", str(tmp_path / "a")]
     got = CliRunner().invoke(app, [*args, "--nll", str(tmp_path / "none.npz")])
     assert got.exit_code != 0 and isinstance(got.exception, PuddingError) and "--nll" in str(got.exception)
+    got = CliRunner().invoke(app, [*args, "--speed", str(tmp_path / "none.json")])
+    assert got.exit_code != 0 and isinstance(got.exception, PuddingError) and "--speed" in str(got.exception)
     got = CliRunner().invoke(app, [*args, "--extra", str(tmp_path)])  # no mc-extra data there
     assert got.exit_code != 0 and isinstance(got.exception, PuddingError) and "data-extra-train" in str(got.exception)
     got = CliRunner().invoke(app, args)
@@ -584,3 +587,90 @@ def test_the_report_command_writes_its_files(tmp_path):
     rep = json.loads((tmp_path / "a" / "adaptive.json").read_text(), parse_constant=lambda c: pytest.fail(c))
     assert rep["frontier"][0]["budget"] == "-inf" and rep["frontier"][-1]["budget"] == "inf"
     assert read_predictor(tmp_path / "a" / "predictor", hidden_size=1536).sets[0] == []
+
+
+def _depth_speed_file(path, blocks=28, ms=None):
+    """A benchmarks/depth_speed.py JSON (its fields; the times made up)."""
+    ms = ms or {0: 100.0, 3: 90.0, 5: 84.0}
+    rows = [{"omitted": list(range(10, 10 + k)), "k": k, "ms_per_token": t,
+             "speedup": {"median": ms[0] / t, "ci95": [ms[0] / t - 0.01, ms[0] / t + 0.01]}, "ideal": blocks / (blocks - k)}
+            for k, t in ms.items() if k]
+    path.write_text(json.dumps({"backend": "cpu", "blocks": blocks, "decode_prompt": 16, "decode_tokens": 8, "runs": 5,
+                                "dense_ms_per_token": ms[0], "rows": rows}))
+    return path
+
+
+def test_the_measured_mix_is_dense_time_over_the_mean_time_of_the_depths_chosen(tmp_path):
+    from pudding_mlx.train.adaptive import depth_speeds, measured_mix
+
+    sp = depth_speeds(_depth_speed_file(tmp_path / "s.json"), 28)
+    assert measured_mix(np.array([0, 3, 5, 5]), sp) == pytest.approx(100 / np.mean([100, 90, 84, 84]))
+    assert measured_mix(np.array([0, 0]), sp) == 1.0
+    assert measured_mix(np.array([0, 2]), sp) is None  # k = 2 was not measured: no figure rather than a guess
+    assert measured_mix(np.array([3]), None) is None
+    with pytest.raises(PuddingError, match="28 blocks"):
+        depth_speeds(_depth_speed_file(tmp_path / "other.json", blocks=30), 28)
+    (tmp_path / "junk.json").write_text('{"blocks": 28}')
+    with pytest.raises(PuddingError, match="not a depth_speed.py result") as e:
+        depth_speeds(tmp_path / "junk.json", 28)
+    assert "\n" not in str(e.value)
+
+
+def test_with_measured_depths_every_budget_gets_its_measured_mix(tmp_path):
+    """build with --speed: each frontier row's measured mix follows its usage; dense is 1; the markdown shows the
+    columns and the per-depth line."""
+    from pudding_mlx.train.adaptive import build, to_markdown
+
+    rep, _ = build(RUN, RUN / "generation", "q", speed_file=_depth_speed_file(tmp_path / "s.json"))
+    assert sorted(set(rep["sizes"])) == [0, 3, 5]
+    for r in rep["frontier"]:
+        for part in ("mc", "humaneval"):
+            usage = r[part]["usage"]
+            k_of = {("dense" if not m else "omit-" + "-".join(map(str, m))): len(m) for m in rep["menu"]}
+            times = [{0: 100.0, 3: 90.0, 5: 84.0}[k_of[name]] for name, c in usage.items() for _ in range(c)]
+            assert r[part]["speedup_measured_mix"] == pytest.approx(100 / np.mean(times))
+    assert next(r for r in rep["frontier"] if r["budget"] == -math.inf)["mc"]["speedup_measured_mix"] == 1.0
+    md = to_markdown(rep)
+    assert "MC measured mix" in md and "HE measured mix" in md and "k = 3 [10, 11, 12] 1.111" in md
+
+
+def test_depth_speed_measures_what_the_report_reads(tmp_path, monkeypatch, tiny_llm_dir):
+    """benchmarks/depth_speed.py on a real (tiny) model directory: each set's speedup is the median of dense's time
+    over its own, round by round, from the times it records; `train.adaptive.depth_speeds` reads its JSON back
+    (the round trip the report relies on); a set outside the model is one line."""
+    import importlib.util
+
+    from pudding_mlx.bench import interval
+    from pudding_mlx.train.adaptive import depth_speeds
+
+    bench = Path(__file__).resolve().parents[1] / "benchmarks"
+    monkeypatch.syspath_prepend(str(bench))  # it imports skip_speed, as when run from the repository root
+    spec = importlib.util.spec_from_file_location("depth_speed", bench / "depth_speed.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    out = tmp_path / "speed.json"
+    res = script.main([str(tiny_llm_dir), "--omit", "1;1,2", "--runs", "3", "--decode-tokens", "2", "--json", str(out)])
+    assert [r["omitted"] for r in res["rows"]] == [[1], [1, 2]] and len(res["times_s"]["dense"]) == 3
+    for r in res["rows"]:
+        ratios = [d / t for d, t in zip(res["times_s"]["dense"], res["times_s"][",".join(map(str, r["omitted"]))])]
+        assert r["speedup"]["median"] == pytest.approx(interval(ratios)["median"])
+    sp = depth_speeds(out, res["blocks"])
+    assert sorted(sp["ms"]) == [0, 1, 2] and sp["dense_ms"] == pytest.approx(res["dense_ms_per_token"])
+    assert sp["speedup"][2]["omitted"] == [1, 2]
+    with pytest.raises(SystemExit) as e:
+        script.main([str(tiny_llm_dir), "--omit", "99", "--runs", "1"])
+    assert "depth_speed:" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_the_committed_measured_mix_is_the_benchmarks_times_weighted_by_the_routing(built):
+    """With the committed CPU timing (benchmarks/depth_speed.py): every frontier row's measured mix is dense's
+    median time over the usage-weighted mean of the measured depths' median times, read from the raw JSON."""
+    rep, _ = built
+    raw = json.loads(SPEED.read_text())
+    ms = {0: raw["dense_ms_per_token"], **{r["k"]: r["ms_per_token"] for r in raw["rows"]}}
+    k_of = {("dense" if not m else "omit-" + "-".join(map(str, m))): len(m) for m in rep["menu"]}
+    for r in rep["frontier"]:
+        for part in ("mc", "humaneval"):
+            times = [ms[k_of[name]] for name, c in r[part]["usage"].items() for _ in range(c)]
+            assert r[part]["speedup_measured_mix"] == pytest.approx(ms[0] / np.mean(times))
+    assert rep["speed"]["depths"]["backend"] == raw["backend"] and set(rep["speed"]["depths"]["ms"]) == set(ms)

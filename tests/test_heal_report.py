@@ -130,3 +130,26 @@ def test_a_retrained_pool_adapters_val_nll_is_a_column_beside_the_committed_one(
     assert "| healed, retrained |" in md
     first = rows["sets"][0]
     assert f"| {first['set']} | {first['unhealed']:.3f} | {first['healed']:.3f} | {first['retrained']:.3f} |" in md
+
+
+def test_the_per_set_adapters_row_is_its_committed_records_against_the_pool_adapters(report):
+    """heal_gpu.py per-set (the GPU run of 2026-12-07): the per-set adapter's HumanEval, MC average and val NLL
+    are recomputed from its own folders (gen-set-*, mc-set-*-{val,test}, val_nll_per_set.json), beside the pool
+    adapter's on the same set and the same rows."""
+    rows = {r["set"]: r for r in report["per_set"]["sets"]}
+    assert set(rows) == {p.name[len("gen-set-"):] for p in HEAL.glob("gen-set-*")}
+    nll = json.loads((HEAL / "heal" / "val_nll_per_set.json").read_text())
+    for name, row in rows.items():
+        assert row["humaneval"] == pytest.approx(_pass_rate(HEAL / f"gen-set-{name}", name))
+        assert row["pool_humaneval"] == pytest.approx(_pass_rate(HEAL / "gen-pool", name))
+        assert row["val_nll"] == nll[name][f"set-{name}"] and row["pool_val_nll"] == nll[name]["default"]
+        own, pool = load_eval([HEAL / f"mc-set-{name}-val", HEAL / f"mc-set-{name}-test"]), \
+            load_eval([HEAL / "mc-pool-val", HEAL / "mc-pool-test"])
+        assert [list(s) for s in own["sets"]] == [[int(b) for b in name.split("-")[1:]]] and len(own["task"]) == 6000
+        col = next(c for c, s in enumerate(pool["sets"]) if "omit-" + "-".join(map(str, sorted(s))) == name)
+        pool_hit = {(t, i): h for t, i, h in zip(pool["task"], pool["id"], pool["hit"][:, col])}
+        ref = {"task": own["task"]}  # the pool adapter's hits on the same questions, in the per-set run's order
+        assert row["pool_mc"] == pytest.approx(average(per_task(ref, np.array([pool_hit[(t, i)] for t, i in zip(own["task"], own["id"])]))))
+        assert row["mc"] == pytest.approx(average(per_task(ref, own["hit"][:, 0])))
+        lo, hi = row["mc_minus_pool_ci95"]
+        assert lo <= row["mc"] - row["pool_mc"] <= hi

@@ -271,12 +271,44 @@ def measured_k3(bench_file) -> Optional[dict]:
             "static_speedup": cell["speedup_static"], "ci95": cell["speedup_static_spread"]["ci95"], "ideal": cell["ideal"]}
 
 
-def build(run_dir, gen_dir, model: str, nll_path=None, bench_file=None, seed: int = 0, extra=None) -> dict:
+def depth_speeds(speed_file, n_blocks: int) -> dict:
+    """benchmarks/depth_speed.py's JSON: {"file", "backend", "dense_ms", "ms": {k: ms per token}, "speedup":
+    {k: {median, ci95}}} (k = the number of blocks skipped; a k measured with two sets keeps the first)."""
+    from pudding_mlx.jsonio import read_json
+
+    fix = "make it with benchmarks/depth_speed.py MODEL --omit ... --json FILE"
+    d = read_json(speed_file, "a depth_speed.py result", fix)
+    try:
+        if d["blocks"] != n_blocks:
+            raise PuddingError(f"{speed_file}: measured on a model of {d['blocks']} blocks, this run's model has {n_blocks} blocks; {fix}")
+        ms, speedup = {0: float(d["dense_ms_per_token"])}, {}
+        for r in d["rows"]:
+            ms.setdefault(int(r["k"]), float(r["ms_per_token"]))
+            speedup.setdefault(int(r["k"]), {"median": r["speedup"]["median"], "ci95": r["speedup"]["ci95"],
+                                             "omitted": r["omitted"], "ideal": r["ideal"]})
+    except (KeyError, TypeError, ValueError) as e:
+        raise PuddingError(f"{speed_file}: not a depth_speed.py result (field {first_line(e)}); {fix}") from None
+    return {"file": str(speed_file), "backend": d.get("backend"), "dense_ms": ms[0], "ms": ms, "speedup": speedup,
+            "decode": f"{d.get('decode_tokens')} tokens after {d.get('decode_prompt')}", "runs": d.get("runs")}
+
+
+def measured_mix(sizes_chosen: np.ndarray, speeds: Optional[dict]) -> Optional[float]:
+    """Dense's time per token over the mean time per token of the depths chosen (each prompt's k measured
+    alone: depth_speeds; equal reply lengths assumed); None without speeds or where a chosen k was not
+    measured."""
+    if speeds is None or any(int(k) not in speeds["ms"] for k in np.unique(sizes_chosen)):
+        return None
+    return speeds["dense_ms"] / float(np.mean([speeds["ms"][int(k)] for k in sizes_chosen]))
+
+
+def build(run_dir, gen_dir, model: str, nll_path=None, bench_file=None, seed: int = 0, extra=None,
+          speed_file=None) -> dict:
     """The report as a dict, and the fitted predictor (module doc)."""
     from .router_data import split_by_question
 
     run, gen = Path(run_dir), Path(gen_dir)
     n_blocks = json.loads((run / "cand.state.json").read_text())["settings"]["num_blocks"]
+    speeds = depth_speeds(speed_file, n_blocks) if speed_file is not None else None  # checked before the fit
     train = mc_source(run, "train", extra)
     gen_sets = G.load_sets(gen)
     he_by_key = {_key(s["omitted"]): name for name, s in gen_sets.items()}
@@ -342,9 +374,11 @@ def build(run_dir, gen_dir, model: str, nll_path=None, bench_file=None, seed: in
         cm, ch = choose_many(ev_pred, sizes, b), choose_many(he_pred, sizes, b)
         mk, hk = float(sizes[cm].mean()), float(sizes[ch].mean())
         return {"budget": b, "mc": {**mc_measure(ev_data, ev_hit[np.arange(len(cm)), cm]), "mean_k": mk,
-                                    "speedup_ideal": ideal_speedup(n_blocks, mk), "usage": _usage(cm, menu)},
+                                    "speedup_ideal": ideal_speedup(n_blocks, mk),
+                                    "speedup_measured_mix": measured_mix(sizes[cm], speeds), "usage": _usage(cm, menu)},
                 "humaneval": {"pass@1": float(he_hit[np.arange(len(ch)), ch].mean() * 100), "mean_k": hk,
-                              "speedup_ideal": ideal_speedup(n_blocks, hk), "usage": _usage(ch, menu)},
+                              "speedup_ideal": ideal_speedup(n_blocks, hk),
+                              "speedup_measured_mix": measured_mix(sizes[ch], speeds), "usage": _usage(ch, menu)},
                 "_mc_hit": ev_hit[np.arange(len(cm)), cm], "_he_hit": he_hit[np.arange(len(ch)), ch]}
 
     frontier = [adaptive_at(b) for b in grid]
@@ -418,7 +452,8 @@ def build(run_dir, gen_dir, model: str, nll_path=None, bench_file=None, seed: in
            "routers": routers, "matched": matched, "predicted_lowest_loss": predicted,
            "targets": {"humaneval_95_speed_1.10_ideal": [r["budget"] for r in he_target]},
            "humaneval_oracle": {**oracle, "best_static_per_k_sets": [list(menu[c]) for c in small[1:]]},
-           "speed": {"model": "ideal L / (L - mean k), equal reply lengths", "measured": measured_k3(bench_file) if bench_file else None},
+           "speed": {"model": "ideal L / (L - mean k), equal reply lengths", "measured": measured_k3(bench_file) if bench_file else None,
+                     "depths": speeds},
            "n": {"mc_eval": int(len(ev_data["task"])), "humaneval": len(ids)}, "mc_extra": None if extra is None else str(extra),
            "held_out": "HumanEval chose nothing; MC evaluation rows (data-val, data-test) chose nothing"}
     return rep, predictor
@@ -623,7 +658,9 @@ def to_markdown(rep: dict) -> str:
            "The MC loss, the generation loss, pooling, ridge, the budget grid and the default budget "
            f"were chosen on {sel['rows']} held-out rows of the training split (whole questions held out); MC evaluation ({rep['n']['mc_eval']} rows: "
            f"the tasks' validation and test splits) and HumanEval ({rep['n']['humaneval']} problems, held out) chose nothing.", "",
-           f"**Speed is ideal**, not measured: L / (L − mean k), equal reply lengths assumed."]
+           ("**Speed**: the ideal L / (L − mean k), equal reply lengths assumed, and beside it a *measured mix* of "
+            "per-depth decode times (below)." if rep["speed"].get("depths") else
+            "**Speed is ideal**, not measured: L / (L − mean k), equal reply lengths assumed.")]
     if rep.get("mc_extra"):
         out.insert(3, f"MC scores of the sets the run's data lacks (the same rows, unhealed): `{rep['mc_extra']}`/"
                       "data-extra-{train,val,test} (benchmarks/heal_gpu.py mc-extra).")
@@ -633,14 +670,30 @@ def to_markdown(rep: dict) -> str:
         out.append(f"The one measured decode figure for this model: the k = {m['k']} static set {m['set']} at "
                    f"{m['cell']} tokens on {m['backend']}, {m['static_speedup']:.3f} [{m['ci95'][0]:.3f}, {m['ci95'][1]:.3f}] "
                    f"against the ideal {m['ideal']:.3f} (`{m['file']}`).")
+    sp = rep["speed"].get("depths")
+    if sp:
+        per_k = "; ".join(f"k = {k} {v['omitted']} {v['median']:.3f} [{v['ci95'][0]:.3f}, {v['ci95'][1]:.3f}] (ideal {v['ideal']:.3f})"
+                          for k, v in sorted(sp["speedup"].items(), key=lambda kv: int(kv[0])))
+        out.append(f"Measured per depth on {sp['backend']} (`{sp['file']}`, benchmarks/depth_speed.py: decode {sp['decode']}, "
+                   f"median of {sp['runs']} interleaved rounds, dense {sp['dense_ms']:.1f} ms per token): {per_k}. The frontier's "
+                   "*measured mix* is dense's time per token over the mean of the chosen depths' measured times "
+                   "(each depth timed alone with one set of its k: every block costs alike, so the time per token follows k; "
+                   "equal reply lengths assumed; the routing itself is inside the prefill).")
+    mix = bool(sp)
+
+    def cols(part) -> str:  # the frontier's speed columns of one prompt set
+        return f"{part['speedup_ideal']:.3f} | " + (f"{_f(part['speedup_measured_mix'], 3)} | " if mix else "")
+
     out += ["", f"Default budget (`--max-loss`): **{_f(sel['default_max_loss'], 4)}**, the largest budget whose MC average on "
             f"those held-out training rows keeps ≥ {sel['keep']:.0%} of dense's ({sel['dense_average']:.2f}, the average over their tasks).", "",
             "## Frontier", "",
             "Per budget: mean blocks skipped and ideal speedup on each prompt set (the predictor routes each prompt), "
             "six-task MC average (%), HumanEval pass@1 (%).", "",
-            "| budget | MC mean k | MC ideal speedup | MC avg | HumanEval mean k | HE ideal speedup | HumanEval pass@1 |",
-            "|---|---|---|---|---|---|---|",
-            f"| dense | 0 | 1.000 | {d['mc']['average']:.2f} | 0 | 1.000 | {d['humaneval']['pass@1']:.1f} |"]
+            "| budget | MC mean k | MC ideal speedup | " + ("MC measured mix | " if mix else "") + "MC avg | HumanEval mean k | "
+            "HE ideal speedup | " + ("HE measured mix | " if mix else "") + "HumanEval pass@1 |",
+            "|---|---|---|---|---|---|---|" + ("---|---|" if mix else ""),
+            f"| dense | 0 | 1.000 | " + ("1.000 | " if mix else "") + f"{d['mc']['average']:.2f} | 0 | 1.000 | "
+            + ("1.000 | " if mix else "") + f"{d['humaneval']['pass@1']:.1f} |"]
     seen = set()
     for r in rep["frontier"]:
         key = (round(r["mc"]["mean_k"], 3), round(r["humaneval"]["mean_k"], 3))
@@ -648,13 +701,17 @@ def to_markdown(rep: dict) -> str:
             continue  # budgets that route every prompt alike: one row
         seen.add(key)
         star = " (default)" if r["budget"] == sel["default_max_loss"] else ""
-        out.append(f"| {_f(r['budget'], 4)}{star} | {r['mc']['mean_k']:.2f} | {r['mc']['speedup_ideal']:.3f} | "
-                   f"{r['mc']['average']:.2f} | {r['humaneval']['mean_k']:.2f} | {r['humaneval']['speedup_ideal']:.3f} | "
+        out.append(f"| {_f(r['budget'], 4)}{star} | {r['mc']['mean_k']:.2f} | {cols(r['mc'])}"
+                   f"{r['mc']['average']:.2f} | {r['humaneval']['mean_k']:.2f} | {cols(r['humaneval'])}"
                    f"{r['humaneval']['pass@1']:.1f} |")
     a = rep["default"]
+
+    def speeds_of(part) -> str:
+        return f"{part['speedup_ideal']:.3f}x ideal" + (f", {_f(part['speedup_measured_mix'], 3)}x measured mix" if mix else "")
+
     out += ["", f"At the default budget: MC {a['mc']['average']:.2f} at mean k {a['mc']['mean_k']:.2f} "
-            f"({a['mc']['speedup_ideal']:.3f}x ideal); HumanEval {a['humaneval']['pass@1']:.1f} at mean k "
-            f"{a['humaneval']['mean_k']:.2f} ({a['humaneval']['speedup_ideal']:.3f}x ideal). HumanEval usage: "
+            f"({speeds_of(a['mc'])}); HumanEval {a['humaneval']['pass@1']:.1f} at mean k "
+            f"{a['humaneval']['mean_k']:.2f} ({speeds_of(a['humaneval'])}). HumanEval usage: "
             + ", ".join(f"{n} {c}" for n, c in a["humaneval"]["usage"].items()) + ".", "",
             "## Adaptive against the best static set at the same mean k", "",
             "The budget is the smallest whose mean k on that prompt set reaches the static set's k (matched on the "
@@ -775,10 +832,10 @@ def _strict(value):
     return value
 
 
-def write(run_dir, gen_dir, out_dir, model: str, nll_path=None, bench_file=None, extra=None) -> Path:
+def write(run_dir, gen_dir, out_dir, model: str, nll_path=None, bench_file=None, extra=None, speed_file=None) -> Path:
     """Build the report, write OUT_DIR/adaptive.{json,md,png} and the predictor (OUT_DIR/predictor/); a
     rerun replaces them."""
-    rep, predictor = build(run_dir, gen_dir, model, nll_path, bench_file, extra=extra)
+    rep, predictor = build(run_dir, gen_dir, model, nll_path, bench_file, extra=extra, speed_file=speed_file)
     out = Path(out_dir)
     write_json(out / "adaptive.json", _strict(rep))
     write_text(out / "adaptive.md", to_markdown(rep))
