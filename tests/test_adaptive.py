@@ -619,9 +619,11 @@ def test_the_measured_mix_is_dense_time_over_the_mean_time_of_the_depths_chosen(
 def test_with_measured_depths_every_budget_gets_its_measured_mix(tmp_path):
     """build with --speed: each frontier row's measured mix follows its usage; dense is 1; the markdown shows the
     columns and the per-depth line."""
-    from pudding_mlx.train.adaptive import build, to_markdown
+    from pudding_mlx.train.adaptive import build, plot, to_markdown
 
     rep, _ = build(RUN, RUN / "generation", "q", speed_file=_depth_speed_file(tmp_path / "s.json"))
+    plot(rep, tmp_path / "a.png")  # the measured-mix line drawn beside the ideal one
+    assert (tmp_path / "a.png").stat().st_size > 10_000
     assert sorted(set(rep["sizes"])) == [0, 3, 5]
     for r in rep["frontier"]:
         for part in ("mc", "humaneval"):

@@ -796,13 +796,18 @@ def plot(rep: dict, path) -> None:
         ax.plot([1.0] + [p[0] for p in best], [dense] + [p[1] for p in best], "s--", color="tab:gray", label="best static per k")
         fr = sorted({(r[key]["speedup_ideal"], r[key][y]) for r in rep["frontier"]})
         ax.plot(*zip(*fr), "o-", ms=3, color="tab:blue", label="adaptive (budgets)")
+        sp = rep["speed"].get("depths")
+        mixed = sorted({(r[key]["speedup_measured_mix"], r[key][y]) for r in rep["frontier"]
+                        if r[key].get("speedup_measured_mix") is not None})
+        if sp and mixed:  # the same budgets at their measured mix of per-depth decode times
+            ax.plot(*zip(*mixed), "o--", ms=2, color="tab:cyan", label=f"adaptive, measured mix ({sp['backend']})")
         for r in rep["routers"]:
             if r[st] is not None:
                 ax.scatter(r["speedup_ideal"], r[st], marker="^", s=40, label=f"fixed k = {r['k']}, {r['router']}")
         a = rep["default"][key]
         ax.scatter(a["speedup_ideal"], a[y], marker="*", s=180, color="tab:red", zorder=5, label="default budget")
         ax.axhline(dense, color="black", linestyle=":", lw=1)
-        ax.set_xlabel("ideal decode speedup L / (L − mean k)")
+        ax.set_xlabel("decode speedup: ideal L / (L − mean k)" + ("; cyan: measured mix" if sp and mixed else ""))
         ax.set_ylabel(label)
     axes[1].axhline(0.95 * rep["dense"]["humaneval"]["pass@1"], color="tab:red", linestyle=":", lw=1, label="95% of dense")
     orc = rep.get("humaneval_oracle")
@@ -815,7 +820,9 @@ def plot(rep: dict, path) -> None:
     shown = [(h, t) for h, t in zip(*axes[1].get_legend_handles_labels()) if t.startswith(("ceiling", "95%"))]
     axes[1].legend(*zip(*shown), fontsize=7, loc="center right")
     axes[0].legend(fontsize=7)
-    fig.suptitle(f"Adaptive depth on {rep['model']} (speed: ideal, not measured)")
+    sp = rep["speed"].get("depths")
+    fig.suptitle(f"Adaptive depth on {rep['model']} (speed: ideal" + (f"; dashed cyan: the budgets at their measured "
+                 f"mix, {sp['backend']})" if sp else ", not measured)"), fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
