@@ -7,8 +7,8 @@ budget runs each prompt at one depth, so its decode time is the mix of these per
 routing. This script measures the per-depth times that the mix is made of, on the machine at hand.
 
 Per round, dense and each set decode --decode-tokens tokens after the same random --decode-prompt. The
-order rotates each round, so no runner always goes first. The loop is mlx-lm's `generate_step`, timed per
-token after the first (`skip_speed.time_decode`). A set's speedup in a round is dense's time over its time.
+order rotates each round, so no runner always goes first (`pudding_mlx.bench.interleaved_rounds`). The loop
+is mlx-lm's `generate_step`, timed per token after the first (`skip_speed.time_decode`). A set's speedup in a round is dense's time over its time.
 Reported per set: the median over rounds with a bootstrap 95% interval (`pudding_mlx.bench.interval`), beside
 the ideal. Healing adapters, where the bundle has them, stay off (`--healed` turns them on).
 """
@@ -19,7 +19,7 @@ import sys
 import mlx.core as mx
 
 from pudding_mlx.atomic import write_json
-from pudding_mlx.bench import MIN_ROUNDS_FOR_CLAIMS, interval
+from pudding_mlx.bench import MIN_ROUNDS_FOR_CLAIMS, interleaved_rounds, interval
 from pudding_mlx.errors import PuddingError
 from pudding_mlx.load import backend, load
 from pudding_mlx.omission import check_omitted, ideal_speedup, parse_omit_sets
@@ -51,13 +51,10 @@ def main(argv=None) -> dict:
 
     for name, view in runners.items():  # warm-up: kernels compiled, weights resident
         time_decode(view, prompt, 2)
-    times = {name: [] for name in runners}
-    names = list(runners)
-    for r in range(a.runs):
-        for name in names[r % len(names):] + names[:r % len(names)]:
-            times[name].append(time_decode(runners[name], prompt, a.decode_tokens))
-        print(f"round {r + 1}/{a.runs}: " + ", ".join(f"{n or 'dense'} {1e3 * t[-1]:.1f} ms/token" for n, t in times.items()),
-              flush=True)
+    times = interleaved_rounds(
+        {name: (lambda v=view: time_decode(v, prompt, a.decode_tokens)) for name, view in runners.items()}, a.runs,
+        on_round=lambda r, t: print(f"round {r + 1}/{a.runs}: " + ", ".join(f"{n} {1e3 * v[-1]:.1f} ms/token"
+                                                                           for n, v in t.items()), flush=True))
 
     rows = []
     for s in sets:

@@ -164,6 +164,21 @@ def interval(values: Sequence[float], n_boot: int = 2000, seed: int = 0) -> dict
             "ci95": [float(np.percentile(medians, 2.5)), float(np.percentile(medians, 97.5))]}
 
 
+def interleaved_rounds(timers: Dict[str, Callable[[], float]], runs: int,
+                       on_round: Optional[Callable[[int, Dict[str, list]], None]] = None) -> Dict[str, list]:
+    """`runs` rounds, each calling every timer once, in an order rotated each round so that no runner always
+    goes first (drift hits them alike); per timer the values it returned, a round per entry. `on_round(r,
+    times)` after each round (progress)."""
+    names = list(timers)
+    times: Dict[str, list] = {name: [] for name in names}
+    for r in range(runs):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            times[name].append(timers[name]())
+        if on_round is not None:
+            on_round(r, times)
+    return times
+
+
 def _runners(model, omitted_static, omitted_routed) -> Dict[str, tuple]:
     static = SkipView(model, omitted_static)
     routed = SkipView(model, omitted_static if omitted_routed is None else omitted_routed)
@@ -214,11 +229,7 @@ def time_cell(runners: Dict[str, tuple], router, n_prompt: int, n_gen: int, runs
     for timer in timers.values():  # warm-up: kernels compiled (the router's too), weights resident
         timer(prompt[:16], 2)
     accepted.clear()
-    names = list(timers)
-    times: Dict[str, list] = {name: [] for name in names}
-    for r in range(runs):
-        for name in names[r % len(names):] + names[:r % len(names)]:
-            times[name].append(timers[name](prompt, n_gen))
+    times = interleaved_rounds({name: (lambda t=t: t(prompt, n_gen)) for name, t in timers.items()}, runs)
     times.setdefault("router", [0.0] * runs)
     n_blocks = len(runners["dense"][0].layers)
     row = {"phase": "prefill" if n_gen == 1 else "generate", "prompt_tokens": n_prompt, "gen_tokens": n_gen,

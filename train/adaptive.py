@@ -786,6 +786,7 @@ def plot(rep: dict, path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
+    sp = rep["speed"].get("depths")  # measured per-depth times: the budgets drawn again at their measured mix
     for ax, key, y, label in ((axes[0], "mc", "average", "MC average, 6 tasks (%)"),
                               (axes[1], "humaneval", "pass@1", "HumanEval pass@1 (%)")):
         st = "mc_average" if key == "mc" else "pass@1"
@@ -796,10 +797,9 @@ def plot(rep: dict, path) -> None:
         ax.plot([1.0] + [p[0] for p in best], [dense] + [p[1] for p in best], "s--", color="tab:gray", label="best static per k")
         fr = sorted({(r[key]["speedup_ideal"], r[key][y]) for r in rep["frontier"]})
         ax.plot(*zip(*fr), "o-", ms=3, color="tab:blue", label="adaptive (budgets)")
-        sp = rep["speed"].get("depths")
         mixed = sorted({(r[key]["speedup_measured_mix"], r[key][y]) for r in rep["frontier"]
                         if r[key].get("speedup_measured_mix") is not None})
-        if sp and mixed:  # the same budgets at their measured mix of per-depth decode times
+        if mixed:
             ax.plot(*zip(*mixed), "o--", ms=2, color="tab:cyan", label=f"adaptive, measured mix ({sp['backend']})")
         for r in rep["routers"]:
             if r[st] is not None:
@@ -807,7 +807,7 @@ def plot(rep: dict, path) -> None:
         a = rep["default"][key]
         ax.scatter(a["speedup_ideal"], a[y], marker="*", s=180, color="tab:red", zorder=5, label="default budget")
         ax.axhline(dense, color="black", linestyle=":", lw=1)
-        ax.set_xlabel("decode speedup: ideal L / (L − mean k)" + ("; cyan: measured mix" if sp and mixed else ""))
+        ax.set_xlabel("decode speedup: ideal L / (L − mean k)" + ("; cyan: measured mix" if mixed else ""))
         ax.set_ylabel(label)
     axes[1].axhline(0.95 * rep["dense"]["humaneval"]["pass@1"], color="tab:red", linestyle=":", lw=1, label="95% of dense")
     orc = rep.get("humaneval_oracle")
@@ -820,7 +820,6 @@ def plot(rep: dict, path) -> None:
     shown = [(h, t) for h, t in zip(*axes[1].get_legend_handles_labels()) if t.startswith(("ceiling", "95%"))]
     axes[1].legend(*zip(*shown), fontsize=7, loc="center right")
     axes[0].legend(fontsize=7)
-    sp = rep["speed"].get("depths")
     fig.suptitle(f"Adaptive depth on {rep['model']} (speed: ideal" + (f"; dashed cyan: the budgets at their measured "
                  f"mix, {sp['backend']})" if sp else ", not measured)"), fontsize=10)
     fig.tight_layout()
