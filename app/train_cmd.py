@@ -352,6 +352,11 @@ def distill_prompts(
     seed: int = typer.Option(0, help="Seed of the task sample."),
     data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="The benchmark files (default: "
                                             "$PUDDING_MLX_DATA, else the hub)."),
+    wide: bool = typer.Option(False, "--wide", help="Code prompts from every pure-Python standard-library module "
+                              "and the methods of its classes (~2,800 more), not the 35 modules of the first set."),
+    exclude: Optional[Path] = typer.Option(None, "--exclude", help="An earlier prompt file: its ids are left out "
+                                           "(e.g. --wide --per-task 0 --exclude results/distill/prompts.json: "
+                                           "only the new code prompts)."),
 ):
     """Write the self-distillation prompt set (issue "Healed omission sets"): documented standard-library
     functions as "write this function" messages (with their real source), and train-split questions of the
@@ -360,7 +365,7 @@ def distill_prompts(
     from pudding_mlx.train.distill_prompts import build
 
     check_output(out, "--out")  # before any work: an output that cannot be written
-    data = build(per_task, seed, data_dir)
+    data = build(per_task, seed, data_dir, wide=wide, exclude=exclude)
     write_json(out, data, indent=None)
     console.print(f"{data['counts']['code']} code and {data['counts']['task']} task prompts -> {out} "
                   f"(HumanEval held out: {data['holdout']['dropped_name']} dropped by name, "
@@ -568,8 +573,10 @@ def distill_search(
 @train_app.command()
 def heal(
     model: str = typer.Argument(..., help="Hugging Face model directory, .gguf file, or hub id (the dense model)."),
-    answers: Path = typer.Option(..., help="The dense model's replies (`train distill-answers`): train split."),
-    prompts: Path = typer.Option(Path("results/distill/prompts.json"), help="The prompts they answer."),
+    answers: List[Path] = typer.Option(..., help="The dense model's replies (`train distill-answers`): train split. "
+                                       "Give it again for more data, each with its --prompts in the same order."),
+    prompts: List[Path] = typer.Option([Path("results/distill/prompts.json")], help="The prompts they answer, one "
+                                       "per --answers (e.g. results/distill/prompts-code.json, the wide code set)."),
     sets: str = typer.Option("", "--sets", help="Omission sets to heal, ';'-separated, e.g. '15,17,18;13,14,15'."),
     candidates: Optional[Path] = typer.Option(None, help="Or a candidates file: all of its sets."),
     out: Path = typer.Option(..., "--out", help="Adapter folder to write (PEFT's files + heal.json)."),
@@ -605,8 +612,11 @@ def heal(
     chosen = [list(s) for s in dict.fromkeys(tuple(sorted(s)) for s in chosen)]
     if lora_from != "auto" and not lora_from.isdigit():
         raise PuddingError(f"--lora-from {lora_from}: give auto or a block index")
+    if len(prompts) != len(answers):
+        raise PuddingError(f"{len(answers)} --answers and {len(prompts)} --prompts: give each answers file the "
+                           "prompts file it answers, in the same order")
     check_output(out, "--out", replace=force, folder=True)
-    header = _distill_inputs(prompts, answers)
+    headers = [_distill_inputs(p, a) for p, a in zip(prompts, answers)]
     from pudding_mlx.train import distill as D
     from pudding_mlx.train import heal as H
     from pudding_mlx.train.generation import set_name
@@ -621,10 +631,12 @@ def heal(
     if not 0 <= first < n_blocks:
         raise PuddingError(f"--lora-from {lora_from}: give auto or a block index 0..{n_blocks - 1}")
     layers = list(range(first, n_blocks))
-    train = D.build_examples(tokenizer, prompts, answers, split="train")
-    val = D.build_examples(tokenizer, prompts, answers, split="val", kinds=("code", "task"))
+    pairs = list(zip(prompts, answers))
+    train = [e for p, a in pairs for e in D.build_examples(tokenizer, p, a, split="train")]
+    val = [e for p, a in pairs for e in D.build_examples(tokenizer, p, a, split="val", kinds=("code", "task"))]
     if not train:
-        raise PuddingError(f"--answers {answers}: no train examples; answer more prompts (without --limit)")
+        raise PuddingError(f"--answers {' '.join(map(str, answers))}: no train examples; answer more prompts "
+                           "(without --limit)")
     console.print(f"{len(chosen)} sets, {len(train)} train examples, {len(val)} val replies; {steps} steps, "
                   f"LoRA on blocks {first}..{n_blocks - 1}")
     import torch
@@ -634,7 +646,8 @@ def heal(
     curve = H.train_adapter(pm, tokenizer, train, chosen, steps, batch, lr, kl_weight, seed, log=console.print)
     table = H.nll_table(pm, tokenizer, val, chosen, ["default"]) if val else {}
     H.save_adapter(pm, out, chosen, {"steps": steps, "batch": batch, "lr": lr, "rank": rank, "alpha": 2 * rank,
-                                     "kl_weight": kl_weight, "seed": seed, "layers": layers, "data": header,
+                                     "kl_weight": kl_weight, "seed": seed, "layers": layers,
+                                     "data": headers[0] if len(headers) == 1 else headers,
                                      "val_nll": {"examples": len(val), "table": table}, "curve": curve},
                    force=force)
     if not table:

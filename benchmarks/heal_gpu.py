@@ -45,6 +45,12 @@ PHASES, in this order (default all):
             adapter's and the generation-aware sets' HumanEval replies) into WORK, so that nll and he-pool skip what is done
   per-set   one adapter per set (the PER_SET sets of lowest healed val NLL), trained the same way and as long,
             with HumanEval and multiple choice of each                        -> WORK/adapters/set-*/, gen-set-*/
+  answers-code  the dense model's replies to the wide code prompts (results/distill/prompts-code.json: every
+            standard-library module and class, 2,830 prompts)               -> WORK/distill/answers-code.jsonl.gz
+  wide      per-set adapters (the PER_SET sets of lowest healed val NLL) trained on both answer files, for each
+            step count of WIDE_STEPS (default 240,480), each with its val NLL on the first file's val replies and
+            on the wide code val replies, HumanEval and multiple choice: does more code data heal code?
+                                           -> WORK/adapters/wide<S>-<set>/, heal/val_nll_wide.json, gen-/mc-wide<S>-<set>
 
 Sets are chosen on the val split of the distillation data and on nothing else; HumanEval is only reported.
 Env: STEPS (training steps per adapter, default 240), BATCH (16), LR (2e-4), RANK (16), EVAL_N (3), PER_SET (2);
@@ -75,8 +81,7 @@ from pudding_mlx.train.scoring import num_blocks
 from pudding_mlx.train.search import model_identity
 
 PHASES = ("answers", "search", "pool", "nll", "nll-check", "he-pool", "he-new", "mc-pool", "mc-new", "adaptive-data", "agree-data",
-          "mc-healed",
-          "mc-extra", "per-set")
+          "mc-healed", "mc-extra", "per-set", "answers-code", "wide")
 REPO = Path(__file__).resolve().parents[1]
 RUN = REPO / "results" / "qwen2.5-coder-1.5b"
 HEAL = RUN / "heal"  # the committed results of the first heal run (2026-12-06)
@@ -88,6 +93,7 @@ MAX_NEW, MC_N = int(os.environ.get("MAX_NEW", D.MAX_NEW_TOKENS)), int(os.environ
 SEARCH_PER_KIND = int(os.environ.get("SEARCH_PER_KIND", 64))
 SHARD = tuple(int(x) for x in os.environ.get("SHARD", "0/1").split("/"))
 ADAPTIVE_N = int(os.environ.get("ADAPTIVE_N", 800))
+WIDE_STEPS = [int(x) for x in os.environ.get("WIDE_STEPS", "240,480").split(",")]
 # LoRA only on blocks LORA_FROM..: the preset's hidden-state router reads after block 3, and the runtime refuses an
 # adapter on the blocks the routed prefill runs before the set is known (pudding_mlx.adapters.check_routable)
 LORA_FROM = int(os.environ.get("LORA_FROM", 4))
@@ -145,6 +151,28 @@ def extra_sets(pool, per_k: int = 3):
     if os.environ.get("EXTRA_POOL", "1") == "0":  # the k = 1, 2 menu alone, for a short lease
         return chosen
     return chosen + [sorted(s) for s in pool if tuple(sorted(s)) not in run_sets]
+
+
+def seed_answers(prompts: Path, answers: Path, ident: str):
+    """The committed replies (results/distill/<name>), when made from these prompts by this model: no phase
+    answers them again."""
+    committed = REPO / "results" / "distill" / answers.name
+    if answers.is_file() or not committed.is_file() or MAX_NEW != D.MAX_NEW_TOKENS or LIMIT:
+        return
+    header = D.read_answers(committed)[0]
+    if header["prompts_sha256"] == D._sha256(prompts) and header["model"] == ident:
+        answers.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(committed, answers)
+        log(f"answers: the committed {committed.relative_to(REPO)}")
+
+
+def load_adapter(pm, folder: Path, name: str):
+    """A trained adapter's weights into the PEFT model's adapter `name` (a resumed phase evaluates the adapter it
+    trained, not a fresh one)."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    set_peft_model_state_dict(pm, load_file(str(folder / "adapter_model.safetensors")), adapter_name=name)
 
 
 def seed_committed(src: Path, dst: Path):
@@ -233,13 +261,16 @@ def main():
     protect = [n_blocks - 1 if p == "last" else int(p) for p in os.environ.get("PROTECT", "0,1,2,3,last").split(",")]
     log(f"loaded {name}")
     answers = work / "distill" / "answers.jsonl.gz"
-    committed = REPO / "results" / "distill" / "answers.jsonl.gz"
-    if not answers.is_file() and committed.is_file() and MAX_NEW == D.MAX_NEW_TOKENS and not LIMIT:
-        header = D.read_answers(committed)[0]  # the committed replies, when made from these prompts by this model
-        if header["prompts_sha256"] == D._sha256(prompts) and header["model"] == ident:
-            answers.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy(committed, answers)
-            log(f"answers: the committed {committed.relative_to(REPO)}")
+    code_prompts, code_answers = REPO / "results" / "distill" / "prompts-code.json", answers.with_name("answers-code.jsonl.gz")
+    seed_answers(prompts, answers, ident)
+    seed_answers(code_prompts, code_answers, ident)
+    if "answers-code" in phases and not code_answers.is_file():
+        D.answer_prompts(lm, tok, code_prompts, code_answers, ident, MAX_NEW, limit=LIMIT, log=log, shard=SHARD)
+        if not code_answers.is_file():
+            log(f"answers-code: shard {SHARD[0]}/{SHARD[1]}'s chunks written; the last shard to finish writes the file")
+            return
+    if phases == ["answers-code"]:
+        return log(f"answers-code: {D.read_answers(code_answers)[0]}")
     if "answers" in phases and not answers.is_file():
         D.answer_prompts(lm, tok, prompts, answers, ident, MAX_NEW, limit=LIMIT, log=log, shard=SHARD)
         if not answers.is_file():
@@ -272,10 +303,7 @@ def main():
         curve = H.train_adapter(pm, tok, train, pool, STEPS, BATCH, LR, log=log)
         H.save_adapter(pm, pool_dir, pool, {**settings, "data": D.read_answers(answers)[0], "curve": curve})
     if (pool_dir / "heal.json").is_file():
-        from peft import set_peft_model_state_dict
-        from safetensors.torch import load_file
-
-        set_peft_model_state_dict(pm, load_file(str(pool_dir / "adapter_model.safetensors")), adapter_name="default")
+        load_adapter(pm, pool_dir, "default")
     base = pm.get_base_model()
 
     def write_val_nll(path, **about):  # every pool set's val NLL, unhealed and with the pool adapter
@@ -328,13 +356,57 @@ def main():
             if not (out / "heal.json").is_file():
                 curve = H.train_adapter(pm, tok, train, [s], STEPS, BATCH, LR, log=log)
                 H.save_adapter(pm, out, [s], {**settings, "data": D.read_answers(answers)[0], "curve": curve})
+            else:
+                load_adapter(pm, out, tag)
             table.setdefault(tag, {})[f"set-{tag}"] = D.mean_nll(D.target_nll(base, tok, val_replies, s))
             write_json(work / "heal" / "val_nll_per_set.json", table)
             seed_dense(work / f"gen-set-{tag}")
             run_generation(base, tok, sets_dict([s], f"set-{tag} adapter"), work / f"gen-set-{tag}",
                            tasks=("humaneval",), limit=HE_LIMIT, batch_size=164, workers=12, log=log)
             mc(base, tok, [s], work / f"mc-set-{tag}", f"{ident}+set-{tag}")
+    if "wide" in phases:
+        wide(pm, tok, train, val_replies, ranked[:PER_SET], code_prompts, code_answers, work,
+             {**settings, "data": [D.read_answers(answers)[0], D.read_answers(code_answers)[0]]}, ident)
     log("done")
+
+
+def wide(pm, tok, train, val_replies, sets, code_prompts: Path, code_answers: Path, work: Path, settings: dict, ident):
+    """Phase `wide` (module doc): per-set adapters on both answer files, one per step count of WIDE_STEPS."""
+    code = D.build_examples(tok, code_prompts, code_answers)
+    code_train = [e for e in code if e.split == "train"]
+    code_val = [e for e in code if e.split == "val" and e.kind != "code-text"]
+    log(f"wide: {len(train)} + {len(code_train)} train examples; val {len(val_replies)} + {len(code_val)} code replies")
+    base = pm.get_base_model()
+    path = work / "heal" / "val_nll_wide.json"
+    table = json.loads(path.read_text()) if path.is_file() else {}
+
+    def val_nll(s):
+        return {"val": D.mean_nll(D.target_nll(base, tok, val_replies, s)),
+                "code_val": D.mean_nll(D.target_nll(base, tok, code_val, s))}
+
+    with pm.disable_adapter():
+        for s in [[]] + [list(s) for s in sets]:
+            row = table.setdefault(set_name(s) if s else "dense", {})
+            if "unhealed" not in row:
+                row["unhealed"] = val_nll(s)
+    write_json(path, table)
+    for steps in WIDE_STEPS:
+        for s in sets:
+            tag = f"wide{steps}-{set_name(s)}"
+            out = work / "adapters" / tag
+            pm = H.add_lora(pm, rank=RANK, alpha=2 * RANK, name=tag, layers=settings["layers"])
+            if not (out / "heal.json").is_file():
+                curve = H.train_adapter(pm, tok, train + code_train, [s], steps, BATCH, LR, log=log)
+                H.save_adapter(pm, out, [s], {**settings, "steps": steps, "curve": curve})
+            else:
+                load_adapter(pm, out, tag)
+            table[set_name(s)][tag] = val_nll(s)
+            write_json(path, table)
+            log(f"{tag}: val NLL {table[set_name(s)][tag]} (unhealed {table[set_name(s)]['unhealed']})")
+            seed_dense(work / f"gen-{tag}")
+            run_generation(base, tok, sets_dict([s], f"{tag} adapter"), work / f"gen-{tag}", tasks=("humaneval",),
+                           limit=HE_LIMIT, batch_size=164, workers=12, log=log)
+            mc(base, tok, [s], work / f"mc-{tag}", f"{ident}+{tag}")
 
 
 if __name__ == "__main__":

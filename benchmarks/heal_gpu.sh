@@ -21,6 +21,8 @@
 #        # then multiple choice of the pool sets of lowest healed val NLL (MC_EVAL_N) and today's choices
 #   benchmarks/heal_gpu.sh start-perset GGUF WORK  # the fourth run: the pool adapter as first trained (does it
 #        # reproduce?), HumanEval of a few pool sets, then PER_SET per-set adapters with HumanEval and multiple choice
+#   benchmarks/heal_gpu.sh start-wide GGUF WORK [N]  # the seventh run: N shards (default 4) answer the wide code
+#        # prompts, then per-set adapters trained on both answer files (phase wide), with HumanEval and multiple choice
 #   benchmarks/heal_gpu.sh mlx STAGED WORK OUT   # MLX (CUDA; STAGED also holds the mlx, mlx-cuda-13 and mlx-lm
 #        # wheels): the qwen2.5-coder-1.5b preset, and once WORK's pool adapter exists, the preset with it
 #        # (WORK/mlx/healed-preset), its adapter cost and lossless drafting (bench) and HumanEval healed (eval).
@@ -144,6 +146,21 @@ start-perset)
         touch $work/perset.done" >"$work/run.log" 2>&1 &
     echo $! >"$work/run.pid"
     echo "started $(cat "$work/run.pid"): $work/run.log" ;;
+start-wide)
+    # the seventh heal run: N shards answer the wide code prompts (results/distill/prompts-code.json), then one
+    # process trains per-set adapters on both answer files (phase wide: WIDE_STEPS, PER_SET sets, default 1) with
+    # their val NLL, HumanEval and multiple choice. Seeded from the committed results (the val NLL that ranks the sets)
+    model=$2 work=$3 n=${4:-4}
+    D="python3 benchmarks/heal_gpu.py $model $work"
+    mkdir -p "$work"
+    copy_search "$work"
+    $D seed
+    setsid nohup sh -c "
+        i=0; while [ \$i -lt $n ]; do SHARD=\$i/$n $D answers-code >$work/answers-code-\$i.log 2>&1 & i=\$((i+1)); done; wait
+        echo answers-code done
+        PER_SET=\${PER_SET:-1} $D answers,wide >$work/wide-0.log 2>&1; echo wide done; touch $work/wide.done" >"$work/run.log" 2>&1 &
+    echo $! >"$work/run.pid"
+    echo "started $(cat "$work/run.pid"): $work/run.log" ;;
 mlx)
     staged=$2 work=$3 out=$4
     PM="python3 -m pudding_mlx.app.cli" P=$C/preset-qwen2.5-coder-1.5b H=$work/mlx/healed-preset
@@ -213,5 +230,5 @@ collect)
     if [ "$name" != 0 ] && [ -f "$a" ]; then split -b 12M -d "$a" "$out/$name.safetensors.part"; fi
     ls -l "$out" ;;
 *)
-    echo "usage: $0 setup STAGED | start GGUF WORK [PHASES] | start-shards GGUF WORK N | start-lanes GGUF WORK | start-retrain GGUF WORK | start-perset GGUF WORK | mlx STAGED WORK OUT | status WORK | poll WORK OUT | collect WORK OUT" >&2; exit 2 ;;
+    echo "usage: $0 setup STAGED | start GGUF WORK [PHASES] | start-shards GGUF WORK N | start-lanes GGUF WORK | start-retrain GGUF WORK | start-perset GGUF WORK | start-wide GGUF WORK [N] | mlx STAGED WORK OUT | status WORK | poll WORK OUT | collect WORK OUT" >&2; exit 2 ;;
 esac

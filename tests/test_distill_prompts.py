@@ -65,3 +65,37 @@ def test_the_committed_prompt_file_is_rebuilt_from_its_recipe():
 def test_cli_refuses_an_unwritable_output_in_one_line(tmp_path):
     done = run_cli("train", "distill-prompts", "--out", tmp_path / "no" / "such" / "p.json", "--data-dir", DATA)
     assert done.returncode == 2 and "does not exist" in done.stderr and "Traceback" not in done.stderr
+
+
+WIDE = COMMITTED.with_name("prompts-code.json")
+
+
+def test_wide_code_prompts_read_every_module_and_class_without_importing_them():
+    modules = D.stdlib_modules()
+    assert {"textwrap", "email.utils", "json", "asyncio.tasks", "antigravity"} <= set(modules)
+    assert not any(m.split(".")[0] in D.NOT_LIBRARY or ".test" in f".{m}" for m in modules)
+    assert "antigravity" not in sys.modules  # read from its file: importing it opens a browser
+    kept, _ = D.code_prompts([], modules=["textwrap"], methods=True)
+    method = next(p for p in kept if p["id"] == "code:textwrap.TextWrapper.wrap")
+    tree = ast.parse(method["code"])
+    assert isinstance(tree.body[0], ast.FunctionDef) and tree.body[0].name == "wrap"
+    assert "`wrap(self, text)`" in method["text"] and "class `TextWrapper`" in method["text"]
+    alone, _ = D.code_prompts([], modules=["textwrap"])
+    assert [p for p in kept if p["id"].count(".") == 1] == alone  # methods add to the functions, nothing else
+    # a source segment is exactly what `ast` itself cuts out (it splits the file per call: too slow for thousands)
+    text = D._module_file("textwrap").read_text(encoding="utf-8")
+    lines = D._lines(text)
+    for node in ast.walk(ast.parse(text)):
+        if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+            assert D._segment(lines, node) == ast.get_source_segment(text, node)
+
+
+def test_the_committed_wide_code_file_is_rebuilt_from_its_recipe_and_adds_only_new_prompts():
+    wide = json.loads(WIDE.read_text())
+    committed = json.loads(COMMITTED.read_text())
+    assert wide["wide"] and wide["counts"] == {"code": len(wide["prompts"]), "task": 0} and wide["counts"]["code"] > 2500
+    assert not {p["id"] for p in wide["prompts"]} & {p["id"] for p in committed["prompts"]}
+    assert wide["exclude"]["file"] == COMMITTED.name and wide["exclude"]["ids"] == len(committed["prompts"])
+    if wide["python"] != f"{sys.version_info[0]}.{sys.version_info[1]}":
+        pytest.skip(f"the committed file was built with Python {wide['python']} (docstrings differ by version)")
+    assert D.build(0, wide["seed"], DATA, wide=True, exclude=COMMITTED) == wide

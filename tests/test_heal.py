@@ -159,6 +159,41 @@ def test_an_adapter_heals_its_set_keeps_dense_and_round_trips(tiny_hf_dir, disti
     assert table["omit-2-3"]["unhealed"] == pytest.approx(unhealed, rel=1e-5)
 
 
+def test_a_batch_cut_into_micro_batches_has_the_whole_batchs_loss_and_gradients(tiny_hf_dir, distilled):
+    """Long code examples train in micro-batches of at most max_targets target tokens: the gradients add up to the
+    whole batch's (float32, to rounding), and so do the CE and KL it reports."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_hf_dir)
+    prompts, answers = distilled
+    batch = D.build_examples(tok, prompts, answers)[:8]  # replies and code texts: CE and KL both
+    assert {e.kind for e in batch} >= {"code", "code-text"}
+    parts = H.micro_batches(batch, 24)
+    assert len(parts) > 2 and [e for p in parts for e in p] == batch
+    assert all(sum(len(e.ids) - e.start for e in p) <= 24 or len(p) == 1 for p in parts)
+    torch.manual_seed(0)
+    pm = H.add_lora(_model(tiny_hf_dir), rank=4, alpha=8)
+    with torch.no_grad():  # LoRA's B starts at zero, which would leave A's gradient zero: give it weights
+        for name, p in pm.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    params = {k: v for k, v in pm.named_parameters() if v.requires_grad}
+
+    def grads(max_targets):
+        for v in params.values():
+            v.grad = None
+        losses = H.backward(pm, tok, batch, [2, 3], kl_weight=0.5, max_targets=max_targets)
+        return losses, {k: v.grad.clone() for k, v in params.items() if v.grad is not None}
+
+    (ce, kl), whole = grads(1 << 20)
+    (ce_cut, kl_cut), cut = grads(24)
+    assert ce > 0 and kl > 0 and (ce_cut, kl_cut) == pytest.approx((ce, kl), rel=1e-5)
+    skipped = {k for k in params if re.search(r"layers\.[23]\.", k)}  # the set's own blocks never run
+    assert set(whole) == set(cut) == set(params) - skipped and all(v.abs().max() > 0 for v in whole.values())
+    for k in whole:
+        assert torch.allclose(cut[k], whole[k], rtol=1e-4, atol=1e-7), k
+
+
 # -- the CLI: `pudding-mlx train distill-answers | distill-search | heal` ----------------------------------------
 # The work runs in this process (CliRunner: no second start of torch); a bad input in a fresh one, as a user
 # meets it (one line, exit 2).
@@ -261,6 +296,16 @@ def test_cli_heal_writes_an_adapter_that_lowers_the_sets_val_nll(cli_inputs, tmp
     printed = re.search(r"omit-2-3: unhealed ([\d.]+) -> healed ([\d.]+)", log)
     assert printed and float(printed[1]) == pytest.approx(row["unhealed"], abs=1e-4)
     assert float(printed[2]) == pytest.approx(row["default"], abs=1e-4)
+    # more data: a second answers file, each with its prompts; the adapter's heal.json keeps both headers
+    first_log, both = log, tmp_path / "adapter-both"
+    log = _cli("heal", model_dir, "--answers", answers, "--prompts", prompts, "--answers", answers, "--prompts",
+               prompts, "--sets", "2,3", "--out", both, "--steps", 2, "--batch", 4, "--rank", 4)
+    info = json.loads((both / "heal.json").read_text())
+    assert [d["n"] for d in info["data"]] == [18, 18] and info["val_nll"]["examples"] == 12
+    one, two = (re.search(r"1 sets, (\d+) train examples, (\d+) val replies", x) for x in (first_log, log))
+    assert int(two[1]) == 2 * int(one[1]) > 0 and int(two[2]) == 2 * int(one[2]) == 12  # both files' examples
+    _one_line_error(run_cli("train", "heal", model_dir, "--answers", answers, "--answers", answers, "--prompts",
+                            prompts, "--sets", "2,3", "--out", tmp_path / "x"), "2 --answers and 1 --prompts")
     # an adapter folder that exists is not replaced without --force: one line, before the model loads
     _one_line_error(run_cli("train", "heal", model_dir, "--answers", answers, "--prompts", prompts, "--sets", "2,3",
                             "--out", out), "already exists", "--force")

@@ -62,14 +62,53 @@ def _lr(step: int, steps: int, warmup: int) -> float:
     return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
 
 
+def micro_batches(batch: Sequence[Example], max_targets: int) -> List[List[Example]]:
+    """`batch` cut, in order, into runs of at most `max_targets` target tokens (one example may exceed it alone):
+    the vocabulary-wide logits of a step cost memory by the target, and long code examples would not fit."""
+    out, size = [[]], 0
+    for e in batch:
+        n = len(e.ids) - e.start
+        if out[-1] and size + n > max_targets:
+            out.append([])
+            size = 0
+        out[-1].append(e)
+        size += n
+    return out
+
+
+def backward(peft_model, tokenizer, batch: Sequence[Example], omitted: Sequence[int], kl_weight: float = 1.0,
+             max_targets: int = 4096) -> tuple:
+    """The batch's loss (module doc: CE per reply target + kl_weight x KL per target) backpropagated into the
+    adapter's gradients, `max_targets` target tokens at a time (`micro_batches`: each part's summed losses over the
+    whole batch's counts, so the gradients add up to the batch's own, in less memory). Returns (CE, KL)."""
+    base = peft_model.get_base_model()
+    device = next(base.parameters()).device
+    n_all = sum(len(e.ids) - e.start for e in batch)  # KL over every target; CE over the replies' targets
+    n_ce = sum(len(e.ids) - e.start for e in batch if e.kind != "code-text")
+    ce_sum = kl_sum = 0.0
+    for part in micro_batches(batch, max_targets):
+        ids, mask, target = pad_batch(part, _pad_id(tokenizer), device)
+        with torch.no_grad(), peft_model.disable_adapter():
+            teacher, labels, rows = target_logits(base, ids, mask, target)
+        with skip_blocks(base, omitted):
+            student, _, _ = target_logits(base, ids, mask, target)
+        s = torch.log_softmax(student.float(), -1)
+        t = torch.log_softmax(teacher.float(), -1)
+        kl = torch.nn.functional.kl_div(s, t, log_target=True, reduction="sum")
+        replies = torch.tensor([e.kind != "code-text" for e in part], device=device)[rows]
+        ce = (torch.nn.functional.nll_loss(s[replies], labels[replies], reduction="sum") if replies.any()
+              else s.new_zeros(()))
+        (ce / max(1, n_ce) + kl_weight * kl / n_all).backward()
+        ce_sum, kl_sum = ce_sum + float(ce.detach()), kl_sum + float(kl.detach())
+    return ce_sum / max(1, n_ce), kl_sum / n_all
+
+
 def train_adapter(peft_model, tokenizer, examples: Sequence[Example], sets: Sequence[Sequence[int]], steps: int,
                   batch_size: int = 16, lr: float = 2e-4, kl_weight: float = 1.0, seed: int = 0, log: Log = print,
-                  every: int = 10) -> List[dict]:
+                  every: int = 10, max_targets: int = 4096) -> List[dict]:
     """Train the active adapter (module doc); returns the loss curve, one record per `every` steps."""
     if not examples or not sets or any(not s for s in sets):
         raise PuddingError("healing needs train examples and non-empty omission sets")
-    base = peft_model.get_base_model()
-    device = next(base.parameters()).device
     params = [p for p in peft_model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr(s, steps, max(1, steps // 20)))
@@ -85,23 +124,11 @@ def train_adapter(peft_model, tokenizer, examples: Sequence[Example], sets: Sequ
         batch = [examples[i] for i in order[:batch_size]]
         del order[:batch_size]
         omitted = list(rng.choice(list(sets)))
-        ids, mask, target = pad_batch(batch, _pad_id(tokenizer), device)
-        with torch.no_grad(), peft_model.disable_adapter():
-            teacher, labels, rows = target_logits(base, ids, mask, target)
-        with skip_blocks(base, omitted):
-            student, _, _ = target_logits(base, ids, mask, target)
-        s = torch.log_softmax(student.float(), -1)
-        t = torch.log_softmax(teacher.float(), -1)
-        kl = torch.nn.functional.kl_div(s, t, log_target=True, reduction="batchmean")
-        replies = torch.tensor([e.kind != "code-text" for e in batch], device=device)[rows]
-        ce = torch.nn.functional.nll_loss(s[replies], labels[replies]) if replies.any() else s.new_zeros(())
-        loss = ce + kl_weight * kl
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        window.append(backward(peft_model, tokenizer, batch, omitted, kl_weight, max_targets))
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         sched.step()
-        window.append((float(ce.detach()), float(kl.detach())))
         if (step + 1) % every == 0 or step + 1 == steps:
             ce_m, kl_m = (sum(v) / len(window) for v in zip(*window))
             curve.append({"step": step + 1, "ce": round(ce_m, 4), "kl": round(kl_m, 4),
