@@ -313,6 +313,52 @@ def per_set(work: Path, run: Path) -> Optional[dict]:
     return {"sets": rows}
 
 
+def wide_data(work: Path, run: Path) -> Optional[dict]:
+    """Per-set adapters trained on more code (WORK/adapters/wide<S>-<set>/, benchmarks/heal_gpu.py wide: the first
+    answers file and the wide code prompts' answers, S steps) against the per-set adapter of the same set trained on
+    the first file alone (set-<set>): val NLL on the first file's val replies (both) and on the wide code val
+    replies, HumanEval and the multiple-choice average with paired 95% intervals, and HumanEval against dense."""
+    folders = sorted((p for p in (work / "adapters").glob("wide*-*") if (p / "heal.json").is_file()),
+                     key=lambda p: (p.name.split("-", 1)[1], int(p.name.split("-", 1)[0].removeprefix("wide"))))
+    if not folders:
+        return None
+    nll = _read(work / "heal" / "val_nll_wide.json") or {}
+    first = _read(work / "heal" / "val_nll_per_set.json") or {}
+    dense_he = load_sets(run / "generation")["dense"]
+    ids = [r["task_id"] for r in dense_he["humaneval"]["records"]]
+    dense = passed(dense_he, ids)
+    rows = []
+    for f in folders:
+        tag = f.name
+        name = tag.split("-", 1)[1]
+        info = json.loads((f / "heal.json").read_text())
+        data = info["data"] if isinstance(info["data"], list) else [info["data"]]
+        row = {"adapter": tag, "set": name, "steps": info["steps"],
+               "train_prompts": sum(d["counts"]["train"] for d in data),
+               "val_nll": nll.get(name, {}).get(tag), "unhealed_val_nll": nll.get(name, {}).get("unhealed"),
+               "dense_val_nll": nll.get("dense", {}).get("unhealed"),
+               "per_set_val_nll": first.get(name, {}).get(f"set-{name}")}
+        gen = work / f"gen-{tag}"
+        if (gen / "sets" / f"{name}.json").is_file():
+            h = passed(load_sets(gen)[name], ids)
+            row.update(humaneval=100 * float(h.mean()), minus_dense_ci95=bootstrap(h, dense))
+            if (work / f"gen-set-{name}" / "sets" / f"{name}.json").is_file():
+                p = passed(load_sets(work / f"gen-set-{name}")[name], ids)
+                row.update(per_set_humaneval=100 * float(p.mean()), minus_per_set_ci95=bootstrap(h, p))
+        parts = _mc_parts(work, f"mc-{tag}")
+        if parts:
+            mc = load_eval(parts)
+            ref, h = {"task": mc["task"]}, mc["hit"][:, 0]
+            row["mc"] = average(per_task(ref, h))
+            theirs = _mc_parts(work, f"mc-set-{name}")
+            if theirs:
+                other = load_eval(theirs)
+                p = other["hit"][_aligned(other, list(zip(mc["task"], mc["id"]))), 0]
+                row.update(per_set_mc=average(per_task(ref, p)), mc_minus_per_set_ci95=bootstrap_delta(ref, h, p))
+        rows.append(row)
+    return {"rows": rows, "he_dense": 100 * float(dense.mean())}
+
+
 def retrained_routers(work: Path, run: Path) -> Optional[dict]:
     """Routers retrained on the healed pool's scores and on the same pool unhealed (`train heal-routers`,
     WORK/routers/): their multiple-choice rows (each run's report: routed vs its best static set, chosen on the
@@ -365,7 +411,8 @@ def build(work, run_dir, model: str) -> dict:
     settings = {k: info.get(k) for k in ("steps", "batch", "lr", "rank", "alpha", "kl_weight", "layers", "sets", "data")}
     return {"model": model, "adapter": settings, "humaneval": humaneval(work, run), "mc": multiple_choice(work, run),
             "generation_aware": generation_aware(work, run), "val_nll": val_nll(work), "mlx": mlx_runs(work, run),
-            "fused": fused(work), "per_set": per_set(work, run), "routers": retrained_routers(work, run),
+            "fused": fused(work), "per_set": per_set(work, run), "wide": wide_data(work, run),
+            "routers": retrained_routers(work, run),
             "generation_routers": _read(work / "routers" / "generation.json")}
 
 
@@ -466,6 +513,25 @@ def to_markdown(rep: dict) -> str:
                        f"{_f(r['val_nll'], 3)} | {_f(r.get('pool_humaneval'))} | {_f(r.get('humaneval'))} | "
                        f"{_ci(r.get('minus_pool_ci95'))} | {_f(r.get('pool_mc'))} | {_f(r.get('mc'))} | "
                        f"{_ci(r.get('mc_minus_pool_ci95'))} |")
+    wd = rep.get("wide")
+    if wd:
+        out += ["", "## More code to learn from: per-set adapters on the wide code prompts too", "",
+                "The same recipe (rank 16, batch 16, lr 2e-4) on the first answers file and the dense replies to "
+                "2,830 more code prompts (every standard-library module and class: `train distill-prompts --wide`), "
+                "against the per-set adapter trained on the first file alone. Val NLL: the first file's val replies "
+                "(what the first adapters were chosen on) / the wide code val replies (dense "
+                f"{_f((wd['rows'][0].get('dense_val_nll') or {}).get('code_val'), 3)}). HumanEval dense "
+                f"{wd['he_dense']:.1f}; held out, it chose nothing.", "",
+                "| adapter | set | steps | train prompts | val NLL unhealed | first-file adapter | this | code val NLL "
+                "unhealed | this | HumanEval first-file | this | this - first-file [95%] | this - dense [95%] | "
+                "MC first-file | this | this - first-file [95%] |", "|" + "---|" * 16]
+        for r in wd["rows"]:
+            u, v = r.get("unhealed_val_nll") or {}, r.get("val_nll") or {}
+            out.append(f"| {r['adapter']} | {r['set']} | {r['steps']} | {r['train_prompts']} | {_f(u.get('val'), 3)} | "
+                       f"{_f(r.get('per_set_val_nll'), 3)} | {_f(v.get('val'), 3)} | {_f(u.get('code_val'), 3)} | "
+                       f"{_f(v.get('code_val'), 3)} | {_f(r.get('per_set_humaneval'))} | {_f(r.get('humaneval'))} | "
+                       f"{_ci(r.get('minus_per_set_ci95'))} | {_ci(r.get('minus_dense_ci95'))} | "
+                       f"{_f(r.get('per_set_mc'))} | {_f(r.get('mc'))} | {_ci(r.get('mc_minus_per_set_ci95'))} |")
     ga = rep.get("generation_aware")
     if ga:
         mc_dense = f"; MC dense {ga['mc_dense']:.1f}" if ga["mc_dense"] is not None else ""
