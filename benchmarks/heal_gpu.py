@@ -50,7 +50,7 @@ PHASES, in this order (default all):
   wide      per-set adapters (the PER_SET sets of lowest healed val NLL) trained on both answer files, for each
             step count of WIDE_STEPS (default 240,480), each with its val NLL on the first file's val replies and
             on the wide code val replies, HumanEval and multiple choice: does more code data heal code?
-                                           -> WORK/adapters/wide<S>-<set>/, heal/val_nll_wide.json, gen-/mc-wide<S>-<set>
+                                           -> WORK/adapters/wide<S>-<set>/, heal/val_nll_wide-*.json, gen-/mc-wide<S>-<set>
 
 Sets are chosen on the val split of the distillation data and on nothing else; HumanEval is only reported.
 Env: STEPS (training steps per adapter, default 240), BATCH (16), LR (2e-4), RANK (16), EVAL_N (3), PER_SET (2);
@@ -377,7 +377,7 @@ def wide(pm, tok, train, val_replies, sets, code_prompts: Path, code_answers: Pa
     code_val = [e for e in code if e.split == "val" and e.kind != "code-text"]
     log(f"wide: {len(train)} + {len(code_train)} train examples; val {len(val_replies)} + {len(code_val)} code replies")
     base = pm.get_base_model()
-    path = work / "heal" / "val_nll_wide.json"
+    path = work / "heal" / f"val_nll_wide-{'-'.join(map(str, WIDE_STEPS))}.json"  # one per process (WIDE_BESIDE)
     table = json.loads(path.read_text()) if path.is_file() else {}
 
     def val_nll(s):

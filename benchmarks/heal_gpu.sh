@@ -149,7 +149,8 @@ start-perset)
 start-wide)
     # the seventh heal run: N shards answer the wide code prompts (results/distill/prompts-code.json), then one
     # process trains per-set adapters on both answer files (phase wide: WIDE_STEPS, PER_SET sets, default 1) with
-    # their val NLL, HumanEval and multiple choice. Seeded from the committed results (the val NLL that ranks the sets)
+    # their val NLL, HumanEval and multiple choice. Seeded from the committed results (the val NLL that ranks the sets).
+    # WIDE_BESIDE=1: one training process per step count, side by side (H200 only: training holds tens of GB)
     model=$2 work=$3 n=${4:-4}
     D="python3 benchmarks/heal_gpu.py $model $work"
     mkdir -p "$work"
@@ -158,7 +159,12 @@ start-wide)
     setsid nohup sh -c "
         i=0; while [ \$i -lt $n ]; do SHARD=\$i/$n $D answers-code >$work/answers-code-\$i.log 2>&1 & i=\$((i+1)); done; wait
         echo answers-code done
-        PER_SET=\${PER_SET:-1} $D answers,wide >$work/wide-0.log 2>&1; echo wide done; touch $work/wide.done" >"$work/run.log" 2>&1 &
+        if [ ${WIDE_BESIDE:-0} = 1 ]; then  # one process per step count, at once (an H200's 139 GB hold them)
+            for s in \$(echo \${WIDE_STEPS:-240,480} | tr , ' '); do
+                WIDE_STEPS=\$s PER_SET=\${PER_SET:-1} $D answers,wide >$work/wide-\$s.log 2>&1 &
+            done; wait
+        else PER_SET=\${PER_SET:-1} $D answers,wide >$work/wide-0.log 2>&1; fi
+        echo wide done; touch $work/wide.done" >"$work/run.log" 2>&1 &
     echo $! >"$work/run.pid"
     echo "started $(cat "$work/run.pid"): $work/run.log" ;;
 mlx)

@@ -322,7 +322,10 @@ def wide_data(work: Path, run: Path) -> Optional[dict]:
                      key=lambda p: (p.name.split("-", 1)[1], int(p.name.split("-", 1)[0].removeprefix("wide"))))
     if not folders:
         return None
-    nll = _read(work / "heal" / "val_nll_wide.json") or {}
+    nll: Dict[str, dict] = {}  # heal/val_nll_wide-<steps>.json: one file per training process
+    for f in sorted((work / "heal").glob("val_nll_wide*.json")):
+        for name, cols in json.loads(f.read_text()).items():
+            nll.setdefault(name, {}).update(cols)
     first = _read(work / "heal" / "val_nll_per_set.json") or {}
     dense_he = load_sets(run / "generation")["dense"]
     ids = [r["task_id"] for r in dense_he["humaneval"]["records"]]
