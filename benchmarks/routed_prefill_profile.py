@@ -34,7 +34,7 @@ import time
 import mlx.core as mx
 from mlx_lm.generate import generate_step
 
-from pudding_mlx.bench import shape_hidden_router, spread
+from pudding_mlx.bench import interleaved_rounds, shape_hidden_router, spread
 from pudding_mlx.hidden_router import block_output, routed_prefill, run_blocks
 from pudding_mlx.shapes import random_model
 from pudding_mlx.skip import SkipView
@@ -197,15 +197,9 @@ for T in [int(t) for t in args.tokens.split(",")]:
     run = {**{n: (lambda f=f: f(prompt, ids)) for n, f in REQUESTS.items()}, **heads}
     for n in names:  # warm-up: kernels compiled, graphs built
         run[n](); run[n]()
-    total = {n: [] for n in names}
-    pre = {n: [] for n in names}
-    for r in range(args.rounds):
-        for n in names[r % len(names):] + names[:r % len(names)]:
-            v = run[n]()
-            t, p_ = v if isinstance(v, tuple) else (v, None)
-            total[n].append(t)
-            if p_ is not None:
-                pre[n].append(p_)
+    times = interleaved_rounds(run, args.rounds)  # a timer returns a total, or (total, prefill)
+    total = {n: [v[0] if isinstance(v, tuple) else v for v in times[n]] for n in names}
+    pre = {n: [v[1] for v in times[n] if isinstance(v, tuple) and v[1] is not None] for n in names}
     rows = {}
     for n in names:
         row = {"total_ms": 1e3 * statistics.median(total[n]), "total_min_ms": 1e3 * min(total[n]),
