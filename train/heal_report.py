@@ -113,6 +113,12 @@ def _mc_parts(folder: Path, prefix: str) -> Optional[List[Path]]:
     return parts if all((p / "router_data.npz").is_file() for p in parts) else None
 
 
+def _one_set_mc(folder: Path, prefix: str) -> Optional[dict]:
+    """The multiple-choice data of one adapter's set (FOLDER/PREFIX-{val,test}, one set column), or None."""
+    parts = _mc_parts(folder, prefix)
+    return load_eval(parts) if parts else None
+
+
 def _unhealed_columns(work: Path, run_data: dict, keys: List[tuple]) -> Dict[tuple, np.ndarray]:
     """{set: its per-example hits, unhealed, in the order of `keys`}: RUN's data (`run_data`), then
     WORK/mc-unhealed, then WORK/data-extra (heal_gpu.py mc-extra: the same rows, more sets)."""
@@ -298,9 +304,8 @@ def per_set(work: Path, run: Path) -> Optional[dict]:
             if name in pool_he:
                 p = passed(pool_he[name], ids)
                 row.update(pool_humaneval=100 * float(p.mean()), minus_pool_ci95=bootstrap(h, p))
-        parts = _mc_parts(work, f"mc-set-{name}")
-        if parts:
-            mc = load_eval(parts)
+        mc = _one_set_mc(work, f"mc-set-{name}")
+        if mc is not None:
             ref, h = {"task": mc["task"]}, mc["hit"][:, 0]
             row["mc"] = average(per_task(ref, h))
             if pool_mc is not None:
@@ -348,14 +353,12 @@ def wide_data(work: Path, run: Path) -> Optional[dict]:
             if (work / f"gen-set-{name}" / "sets" / f"{name}.json").is_file():
                 p = passed(load_sets(work / f"gen-set-{name}")[name], ids)
                 row.update(per_set_humaneval=100 * float(p.mean()), minus_per_set_ci95=bootstrap(h, p))
-        parts = _mc_parts(work, f"mc-{tag}")
-        if parts:
-            mc = load_eval(parts)
+        mc = _one_set_mc(work, f"mc-{tag}")
+        if mc is not None:
             ref, h = {"task": mc["task"]}, mc["hit"][:, 0]
             row["mc"] = average(per_task(ref, h))
-            theirs = _mc_parts(work, f"mc-set-{name}")
-            if theirs:
-                other = load_eval(theirs)
+            other = _one_set_mc(work, f"mc-set-{name}")
+            if other is not None:
                 p = other["hit"][_aligned(other, list(zip(mc["task"], mc["id"]))), 0]
                 row.update(per_set_mc=average(per_task(ref, p)), mc_minus_per_set_ci95=bootstrap_delta(ref, h, p))
         rows.append(row)
