@@ -64,6 +64,7 @@ run every n-th set. Start the n processes together with the same PHASES (benchma
 """
 
 import json
+import math
 import os
 import shutil
 import sys
@@ -403,6 +404,9 @@ def wide(pm, tok, train, val_replies, sets, code_prompts: Path, code_answers: Pa
             table[set_name(s)][tag] = val_nll(s)
             write_json(path, table)
             log(f"{tag}: val NLL {table[set_name(s)][tag]} (unhealed {table[set_name(s)]['unhealed']})")
+            if not all(math.isfinite(v) for v in table[set_name(s)][tag].values()):
+                log(f"{tag}: its val NLL is not finite; no HumanEval or multiple choice (see the skipped steps)")
+                continue
             seed_dense(work / f"gen-{tag}")
             run_generation(base, tok, sets_dict([s], f"{tag} adapter"), work / f"gen-{tag}", tasks=("humaneval",),
                            limit=HE_LIMIT, batch_size=164, workers=12, log=log)

@@ -185,13 +185,41 @@ def test_a_batch_cut_into_micro_batches_has_the_whole_batchs_loss_and_gradients(
         losses = H.backward(pm, tok, batch, [2, 3], kl_weight=0.5, max_targets=max_targets)
         return losses, {k: v.grad.clone() for k, v in params.items() if v.grad is not None}
 
-    (ce, kl), whole = grads(1 << 20)
-    (ce_cut, kl_cut), cut = grads(24)
+    (ce, kl, bad), whole = grads(1 << 20)
+    (ce_cut, kl_cut, bad_cut), cut = grads(24)
+    assert bad == bad_cut == []
     assert ce > 0 and kl > 0 and (ce_cut, kl_cut) == pytest.approx((ce, kl), rel=1e-5)
     skipped = {k for k in params if re.search(r"layers\.[23]\.", k)}  # the set's own blocks never run
     assert set(whole) == set(cut) == set(params) - skipped and all(v.abs().max() > 0 for v in whole.values())
     for k in whole:
         assert torch.allclose(cut[k], whole[k], rtol=1e-4, atol=1e-7), k
+
+
+def test_a_step_that_is_not_finite_is_skipped_and_named(tiny_hf_dir, distilled):
+    """One example whose logits are NaN (the embedding of a token only it holds poisoned) must not spoil the
+    adapter: its step is skipped, named in the curve with the model whose logits were not finite, and the others
+    train."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_hf_dir)
+    prompts, answers = distilled
+    examples = [e for e in D.build_examples(tok, prompts, answers) if e.kind == "code"][:8]
+    pad = D._pad_id(tok)  # padding runs through every row's attention: poison a token only examples[0] holds
+    poison = next(t for t in examples[0].ids if t != pad and not any(t in e.ids for e in examples[1:]))
+    model = _model(tiny_hf_dir)
+    with torch.no_grad():  # untied first: a tied output row would make every position's logits NaN
+        model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone(), requires_grad=False)
+        model.get_input_embeddings().weight[poison] = float("nan")
+    torch.manual_seed(0)
+    pm = H.add_lora(model, rank=4, alpha=8)
+    # batch 4, two passes over the 8: two steps hold the poisoned example, two do not
+    curve = H.train_adapter(pm, tok, examples, [[2, 3]], steps=4, batch_size=4, lr=3e-3, every=1, log=lambda m: None)
+    skipped = [x for c in curve for x in c.get("skipped", [])]
+    assert len(skipped) == 2 and all(c.get("ce") is not None for c in curve if not c.get("skipped"))
+    assert any(examples[0].id in b["examples"] and not b["teacher_finite"] and not b["student_finite"]
+               for x in skipped for b in x["bad"])
+    assert all(torch.isfinite(p).all() for p in pm.parameters() if p.requires_grad)
+    assert any(p.abs().max() > 0 for n, p in pm.named_parameters() if "lora_B" in n)  # the clean steps trained
 
 
 # -- the CLI: `pudding-mlx train distill-answers | distill-search | heal` ----------------------------------------

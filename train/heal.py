@@ -80,12 +80,15 @@ def backward(peft_model, tokenizer, batch: Sequence[Example], omitted: Sequence[
              max_targets: int = 4096) -> tuple:
     """The batch's loss (module doc: CE per reply target + kl_weight x KL per target) backpropagated into the
     adapter's gradients, `max_targets` target tokens at a time (`micro_batches`: each part's summed losses over the
-    whole batch's counts, so the gradients add up to the batch's own, in less memory). Returns (CE, KL)."""
+    whole batch's counts, so the gradients add up to the batch's own, in less memory). Returns (CE, KL, bad):
+    `bad` names the examples of a micro-batch whose loss was not finite (not backpropagated), and which model's
+    logits were not (the dense teacher's, the skipping student's)."""
     base = peft_model.get_base_model()
     device = next(base.parameters()).device
     n_all = sum(len(e.ids) - e.start for e in batch)  # KL over every target; CE over the replies' targets
     n_ce = sum(len(e.ids) - e.start for e in batch if e.kind != "code-text")
     ce_sum = kl_sum = 0.0
+    bad: List[dict] = []
     for part in micro_batches(batch, max_targets):
         ids, mask, target = pad_batch(part, _pad_id(tokenizer), device)
         with torch.no_grad(), peft_model.disable_adapter():
@@ -98,15 +101,22 @@ def backward(peft_model, tokenizer, batch: Sequence[Example], omitted: Sequence[
         replies = torch.tensor([e.kind != "code-text" for e in part], device=device)[rows]
         ce = (torch.nn.functional.nll_loss(s[replies], labels[replies], reduction="sum") if replies.any()
               else s.new_zeros(()))
-        (ce / max(1, n_ce) + kl_weight * kl / n_all).backward()
+        loss = ce / max(1, n_ce) + kl_weight * kl / n_all
+        if not torch.isfinite(loss):
+            bad.append({"examples": [e.id for e in part], "teacher_finite": bool(torch.isfinite(teacher).all()),
+                        "student_finite": bool(torch.isfinite(student).all())})
+            continue
+        loss.backward()
         ce_sum, kl_sum = ce_sum + float(ce.detach()), kl_sum + float(kl.detach())
-    return ce_sum / max(1, n_ce), kl_sum / n_all
+    return ce_sum / max(1, n_ce), kl_sum / n_all, bad
 
 
 def train_adapter(peft_model, tokenizer, examples: Sequence[Example], sets: Sequence[Sequence[int]], steps: int,
                   batch_size: int = 16, lr: float = 2e-4, kl_weight: float = 1.0, seed: int = 0, log: Log = print,
                   every: int = 10, max_targets: int = 4096) -> List[dict]:
-    """Train the active adapter (module doc); returns the loss curve, one record per `every` steps."""
+    """Train the active adapter (module doc); returns the loss curve, one record per `every` steps. A step whose
+    loss or gradient is not finite is skipped (no update: one NaN would spoil every weight after it), logged and
+    counted in its record ("skipped", with the examples and which model's logits were not finite)."""
     if not examples or not sets or any(not s for s in sets):
         raise PuddingError("healing needs train examples and non-empty omission sets")
     params = [p for p in peft_model.parameters() if p.requires_grad]
@@ -114,7 +124,7 @@ def train_adapter(peft_model, tokenizer, examples: Sequence[Example], sets: Sequ
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr(s, steps, max(1, steps // 20)))
     rng = random.Random(seed)
     order: List[int] = []
-    curve, window, t0 = [], [], time.perf_counter()
+    curve, window, skipped, t0 = [], [], [], time.perf_counter()
     peft_model.eval()  # no dropout anywhere; gradients flow all the same
     for step in range(steps):
         if len(order) < batch_size:
@@ -125,15 +135,28 @@ def train_adapter(peft_model, tokenizer, examples: Sequence[Example], sets: Sequ
         del order[:batch_size]
         omitted = list(rng.choice(list(sets)))
         opt.zero_grad(set_to_none=True)
-        window.append(backward(peft_model, tokenizer, batch, omitted, kl_weight, max_targets))
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
+        ce, kl, bad = backward(peft_model, tokenizer, batch, omitted, kl_weight, max_targets)
+        norm = torch.nn.utils.clip_grad_norm_(params, 1.0)
+        if bad or not torch.isfinite(norm):
+            skipped.append({"step": step + 1, "set": omitted,
+                            "bad": bad or [{"examples": [e.id for e in batch], "gradient_finite": False}]})
+            log(f"step {step + 1}: not finite, skipped ({skipped[-1]['bad']})")
+        else:
+            opt.step()
+            window.append((ce, kl))
         sched.step()
         if (step + 1) % every == 0 or step + 1 == steps:
-            ce_m, kl_m = (sum(v) / len(window) for v in zip(*window))
-            curve.append({"step": step + 1, "ce": round(ce_m, 4), "kl": round(kl_m, 4),
-                          "seconds": round(time.perf_counter() - t0, 1)})
-            log(f"step {step + 1}/{steps}: CE {ce_m:.4f}, KL {kl_m:.4f} ({time.perf_counter() - t0:.0f} s)")
+            record = {"step": step + 1, "seconds": round(time.perf_counter() - t0, 1)}
+            if window:
+                ce_m, kl_m = (sum(v) / len(window) for v in zip(*window))
+                record.update(ce=round(ce_m, 4), kl=round(kl_m, 4))
+            late = [x for x in skipped if x["step"] > step + 1 - every]
+            if late:
+                record["skipped"] = late
+            curve.append(record)
+            log(f"step {step + 1}/{steps}: CE {record.get('ce', float('nan')):.4f}, KL "
+                f"{record.get('kl', float('nan')):.4f}{f', {len(late)} skipped' if late else ''} "
+                f"({time.perf_counter() - t0:.0f} s)")
             window = []
     return curve
 
