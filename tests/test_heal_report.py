@@ -3,7 +3,9 @@ figures are the committed per-problem and per-example records, recomputed here b
 unhealed, from the model run or the heal run's own unhealed folder; the multiple-choice average; the
 generation-aware sets against today's best static set); a heal folder without an adapter is one line, exit 2."""
 
+import gzip
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +20,7 @@ from pudding_mlx.train.report import average, load_eval, per_task  # noqa: E402
 pytestmark = pytest.mark.torch
 RUN = Path(__file__).resolve().parents[1] / "results" / "qwen2.5-coder-1.5b"
 HEAL = RUN / "heal"
+DISTILL = RUN.parent / "distill"
 
 
 def _pass_rate(folder: Path, name: str) -> float:
@@ -153,3 +156,39 @@ def test_the_per_set_adapters_row_is_its_committed_records_against_the_pool_adap
         assert row["mc"] == pytest.approx(average(per_task(ref, own["hit"][:, 0])))
         lo, hi = row["mc_minus_pool_ci95"]
         assert lo <= row["mc"] - row["pool_mc"] <= hi
+
+
+def test_a_wide_data_adapters_row_is_recomputed_from_its_folders(tmp_path):
+    """heal_gpu.py wide writes adapters/wide<S>-<set>/, gen-wide<S>-<set>/, mc-wide<S>-<set>-{val,test}/ and
+    heal/val_nll_wide-*.json. Stand-ins from the committed run (no wide adapter has finished yet): the pool adapter's
+    HumanEval records and the per-set adapter's MC rows as the wide adapter's, beside the per-set adapter's own. The
+    row is recomputed from them: pass rates, paired intervals that hold the difference, MC equal to itself."""
+    name, tag = "omit-5-13-14", "wide240-omit-5-13-14"
+    for sub in (f"adapters/set-{name}", f"gen-set-{name}", f"mc-set-{name}-val", f"mc-set-{name}-test"):
+        shutil.copytree(HEAL / sub, tmp_path / sub)
+    shutil.copytree(HEAL / "gen-pool", tmp_path / f"gen-{tag}")  # the pool adapter's replies stand in
+    for part in ("val", "test"):
+        shutil.copytree(HEAL / f"mc-set-{name}-{part}", tmp_path / f"mc-{tag}-{part}")
+    (tmp_path / "heal").mkdir()
+    shutil.copy(HEAL / "heal" / "val_nll_per_set.json", tmp_path / "heal")
+    headers = [json.loads(gzip.open(DISTILL / f, "rt").readline()) for f in ("answers.jsonl.gz", "answers-code.jsonl.gz")]
+    (tmp_path / "adapters" / tag).mkdir()
+    (tmp_path / "adapters" / tag / "heal.json").write_text(json.dumps({"steps": 240, "sets": [[5, 13, 14]],
+                                                                       "data": headers}))
+    nll = {"dense": {"unhealed": {"val": 0.35, "code_val": 0.17}},  # the reader's input, not a measurement
+           name: {"unhealed": {"val": 0.56, "code_val": 0.30}, tag: {"val": 0.37, "code_val": 0.2}}}
+    (tmp_path / "heal" / "val_nll_wide-240.json").write_text(json.dumps(nll))
+    got = R.wide_data(tmp_path, RUN)
+    (row,) = got["rows"]
+    assert row["train_prompts"] == headers[0]["counts"]["train"] + headers[1]["counts"]["train"] == 1456 + 2465
+    assert row["humaneval"] == pytest.approx(_pass_rate(HEAL / "gen-pool", name))
+    assert row["per_set_humaneval"] == pytest.approx(_pass_rate(HEAL / f"gen-set-{name}", name))
+    lo, hi = row["minus_per_set_ci95"]
+    assert lo <= row["humaneval"] - row["per_set_humaneval"] <= hi and lo < hi
+    lo, hi = row["minus_dense_ci95"]
+    assert lo <= row["humaneval"] - _pass_rate(RUN / "generation", "dense") <= hi < 0
+    assert row["mc"] == row["per_set_mc"] and row["mc_minus_per_set_ci95"] == pytest.approx([0.0, 0.0])
+    assert row["val_nll"] == nll[name][tag] and row["per_set_val_nll"] == json.loads(
+        (HEAL / "heal" / "val_nll_per_set.json").read_text())[name][f"set-{name}"]
+    md = R.to_markdown({**R.build(HEAL, RUN, "m"), "wide": got})
+    assert f"| {tag} | {name} | 240 | 3921 | 0.560 |" in md
