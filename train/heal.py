@@ -22,7 +22,7 @@ import math
 import random
 import time
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, Iterator, List, Optional, Sequence
 
 import torch
 
@@ -111,6 +111,23 @@ def backward(peft_model, tokenizer, batch: Sequence[Example], omitted: Sequence[
     return ce_sum / max(1, n_ce), kl_sum / n_all, bad
 
 
+def schedule(n_examples: int, sets: Sequence[Sequence[int]], steps: int, batch_size: int = 16,
+             seed: int = 0) -> Iterator[tuple]:
+    """(example indices, omitted set) of each training step: seeded passes over the examples, each shuffled, and
+    the set drawn per step. Its own function so that a step can be rebuilt outside training (e.g. to look at the
+    examples of a step that failed: benchmarks/heal_step_probe.py)."""
+    rng = random.Random(seed)
+    order: List[int] = []
+    for _ in range(steps):
+        if len(order) < batch_size:
+            more = list(range(n_examples))
+            rng.shuffle(more)
+            order += more
+        rows = order[:batch_size]
+        del order[:batch_size]
+        yield rows, list(rng.choice(list(sets)))
+
+
 def train_adapter(peft_model, tokenizer, examples: Sequence[Example], sets: Sequence[Sequence[int]], steps: int,
                   batch_size: int = 16, lr: float = 2e-4, kl_weight: float = 1.0, seed: int = 0, log: Log = print,
                   every: int = 10, max_targets: int = 4096) -> List[dict]:
@@ -122,18 +139,10 @@ def train_adapter(peft_model, tokenizer, examples: Sequence[Example], sets: Sequ
     params = [p for p in peft_model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr(s, steps, max(1, steps // 20)))
-    rng = random.Random(seed)
-    order: List[int] = []
     curve, window, skipped, t0 = [], [], [], time.perf_counter()
     peft_model.eval()  # no dropout anywhere; gradients flow all the same
-    for step in range(steps):
-        if len(order) < batch_size:
-            more = list(range(len(examples)))
-            rng.shuffle(more)
-            order += more
-        batch = [examples[i] for i in order[:batch_size]]
-        del order[:batch_size]
-        omitted = list(rng.choice(list(sets)))
+    for step, (rows, omitted) in enumerate(schedule(len(examples), sets, steps, batch_size, seed)):
+        batch = [examples[i] for i in rows]
         opt.zero_grad(set_to_none=True)
         ce, kl, bad = backward(peft_model, tokenizer, batch, omitted, kl_weight, max_targets)
         norm = torch.nn.utils.clip_grad_norm_(params, 1.0)
