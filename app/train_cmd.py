@@ -632,8 +632,8 @@ def heal(
         raise PuddingError(f"--lora-from {lora_from}: give auto or a block index 0..{n_blocks - 1}")
     layers = list(range(first, n_blocks))
     pairs = list(zip(prompts, answers))
-    train = [e for p, a in pairs for e in D.build_examples(tokenizer, p, a, split="train")]
-    val = [e for p, a in pairs for e in D.build_examples(tokenizer, p, a, split="val", kinds=("code", "task"))]
+    train = D.build_examples_of(tokenizer, pairs, split="train")
+    val = D.build_examples_of(tokenizer, pairs, split="val", kinds=("code", "task"))
     if not train:
         raise PuddingError(f"--answers {' '.join(map(str, answers))}: no train examples; answer more prompts "
                            "(without --limit)")

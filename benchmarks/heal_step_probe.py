@@ -38,8 +38,8 @@ made_by = {D.read_answers(DISTILL / f)[0]["model"] for f in ("answers.jsonl.gz",
 if made_by != {model_identity(args.model)}:
     raise SystemExit(f"{args.model}: not the model that answered the distillation prompts ({', '.join(made_by)})")
 lm, tok, _ = load_hf(args.model, "cpu", args.dtype)
-examples = [e for prompts, answers in (("prompts.json", "answers.jsonl.gz"), ("prompts-code.json", "answers-code.jsonl.gz"))
-            for e in D.build_examples(tok, DISTILL / prompts, DISTILL / answers, split="train")]
+examples = D.build_examples_of(tok, [(DISTILL / "prompts.json", DISTILL / "answers.jsonl.gz"),
+                                     (DISTILL / "prompts-code.json", DISTILL / "answers-code.jsonl.gz")], split="train")
 print(f"{len(examples)} train examples", flush=True)
 torch.set_grad_enabled(False)
 for step, (rows, _) in enumerate(H.schedule(len(examples), [omitted], last, args.batch, args.seed), start=1):

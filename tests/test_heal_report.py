@@ -174,6 +174,7 @@ def test_a_wide_data_adapters_row_is_recomputed_from_its_folders(tmp_path):
     headers = [json.loads(gzip.open(DISTILL / f, "rt").readline()) for f in ("answers.jsonl.gz", "answers-code.jsonl.gz")]
     (tmp_path / "adapters" / tag).mkdir()
     (tmp_path / "adapters" / tag / "heal.json").write_text(json.dumps({"steps": 240, "sets": [[5, 13, 14]],
+                                                                       "rank": 16, "batch": 16, "lr": 2e-4,
                                                                        "data": headers}))
     nll = {"dense": {"unhealed": {"val": 0.35, "code_val": 0.17}},  # the reader's input, not a measurement
            name: {"unhealed": {"val": 0.56, "code_val": 0.30}, tag: {"val": 0.37, "code_val": 0.2}}}
@@ -192,3 +193,4 @@ def test_a_wide_data_adapters_row_is_recomputed_from_its_folders(tmp_path):
         (HEAL / "heal" / "val_nll_per_set.json").read_text())[name][f"set-{name}"]
     md = R.to_markdown({**R.build(HEAL, RUN, "m"), "wide": got})
     assert f"| {tag} | {name} | 240 | 3921 | 0.560 |" in md
+    assert "(rank 16, batch 16, lr 0.0002) on the first answers file and the dense replies to 2,830 more" in md

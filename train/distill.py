@@ -170,6 +170,13 @@ def build_examples(tokenizer, prompts_path, answers_path, split: Optional[str] =
     return out
 
 
+def build_examples_of(tokenizer, pairs: Sequence[tuple], split: Optional[str] = None,
+                      kinds: Sequence[str] = KINDS) -> List[Example]:
+    """`build_examples` of each (prompts, answers) pair, in the order given: one training set from several answer
+    files (`train heal --answers A --answers B`, heal_gpu.py wide: the first file's examples, then the next's)."""
+    return [e for prompts, answers in pairs for e in build_examples(tokenizer, prompts, answers, split, kinds)]
+
+
 def pad_batch(examples: Sequence[Example], pad: int, device) -> tuple:
     """(ids, attention mask, target mask), right-padded [n, width]."""
     width = max(len(e.ids) for e in examples)

@@ -342,6 +342,7 @@ def wide_data(work: Path, run: Path) -> Optional[dict]:
         info = json.loads((f / "heal.json").read_text())
         data = info["data"] if isinstance(info["data"], list) else [info["data"]]
         row = {"adapter": tag, "set": name, "steps": info["steps"],
+               "recipe": {k: info.get(k) for k in ("rank", "batch", "lr")}, "code_prompts": data[-1].get("n"),
                "train_prompts": sum(d["counts"]["train"] for d in data),
                "val_nll": nll.get(name, {}).get(tag), "unhealed_val_nll": nll.get(name, {}).get("unhealed"),
                "dense_val_nll": nll.get("dense", {}).get("unhealed"),
@@ -521,12 +522,14 @@ def to_markdown(rep: dict) -> str:
                        f"{_ci(r.get('mc_minus_pool_ci95'))} |")
     wd = rep.get("wide")
     if wd:
+        first, recipe = wd["rows"][0], wd["rows"][0]["recipe"]
         out += ["", "## More code to learn from: per-set adapters on the wide code prompts too", "",
-                "The same recipe (rank 16, batch 16, lr 2e-4) on the first answers file and the dense replies to "
-                "2,830 more code prompts (every standard-library module and class: `train distill-prompts --wide`), "
+                f"The same recipe (rank {recipe['rank']}, batch {recipe['batch']}, lr {recipe['lr']:g}) on the first "
+                f"answers file and the dense replies to {first['code_prompts']:,} more code prompts (every "
+                "standard-library module and class: `train distill-prompts --wide`), "
                 "against the per-set adapter trained on the first file alone. Val NLL: the first file's val replies "
                 "(what the first adapters were chosen on) / the wide code val replies (dense "
-                f"{_f((wd['rows'][0].get('dense_val_nll') or {}).get('code_val'), 3)}). HumanEval dense "
+                f"{_f((first.get('dense_val_nll') or {}).get('code_val'), 3)}). HumanEval dense "
                 f"{wd['he_dense']:.1f}; held out, it chose nothing.", "",
                 "| adapter | set | steps | train prompts | val NLL unhealed | first-file adapter | this | code val NLL "
                 "unhealed | this | HumanEval first-file | this | this - first-file [95%] | this - dense [95%] | "
