@@ -27,6 +27,8 @@
 #        # wheels): the qwen2.5-coder-1.5b preset, and once WORK's pool adapter exists, the preset with it
 #        # (WORK/mlx/healed-preset), its adapter cost and lossless drafting (bench) and HumanEval healed (eval).
 #        # Start it with start-shards: it waits for the HumanEval shards, then shares the GPU with multiple choice
+#   benchmarks/heal_gpu.sh mlx-speed STAGED OUT   # MLX (CUDA), alone on the GPU: each depth's decode speed
+#        # (benchmarks/depth_speed.py; DEPTH_SETS, DECODE_TOKENS) and lossless drafting at an aggressive k = 7 draft
 #   benchmarks/heal_gpu.sh status WORK           # running or not, the log's tail, the GPU's use
 #   benchmarks/heal_gpu.sh poll WORK OUT          # status, then collect: use it to wait, so a lost machine loses less
 #   benchmarks/heal_gpu.sh collect WORK OUT      # WORK as OUT/heal.tgz (unfinished answers too: a lost machine
@@ -48,6 +50,15 @@ C=$HOME/.cache/pudding-mlx
 # without `heal_gpu.py seed` (which would also bring the committed val NLL and HumanEval, so nll and he-pool skip)
 copy_search() {
     for f in results/qwen2.5-coder-1.5b/heal/cand-distill*.json; do [ -e "$1/${f##*/}" ] || cp "$f" "$1/"; done
+}
+# MLX (its CUDA backend) from STAGED's wheels into /tmp/site, and the qwen2.5-coder-1.5b preset built from the GGUF
+mlx_preset() {
+    mkdir -p "$C/files"
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+        "$1"/mlx-*.whl "$1"/mlx_*.whl "$1"/gguf-*.whl
+    ln -sf "$1/qwen2.5-coder-1.5b-instruct-q4_k_m.gguf" "$C/files/"
+    [ -d "$PUDDING_MLX_DATA" ] || tar xf "$1/bench.tar" -C /tmp/data  # lossless.py's prompts
+    python3 -c "from pudding_mlx.convert.default_bundle import ensure_default_bundle; print(ensure_default_bundle(preset='qwen2.5-coder-1.5b'))"
 }
 case $phase in
 setup)
@@ -170,12 +181,8 @@ start-wide)
 mlx)
     staged=$2 work=$3 out=$4
     PM="python3 -m pudding_mlx.app.cli" P=$C/preset-qwen2.5-coder-1.5b H=$work/mlx/healed-preset
-    mkdir -p "$out" "$C/files" "$work/mlx"
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
-        "$staged"/mlx-*.whl "$staged"/mlx_*.whl "$staged"/gguf-*.whl
-    ln -sf "$staged/qwen2.5-coder-1.5b-instruct-q4_k_m.gguf" "$C/files/"
-    [ -d "$PUDDING_MLX_DATA" ] || tar xf "$staged/bench.tar" -C /tmp/data  # lossless.py's prompts
-    python3 -c "from pudding_mlx.convert.default_bundle import ensure_default_bundle; print(ensure_default_bundle(preset='qwen2.5-coder-1.5b'))"
+    mkdir -p "$out" "$work/mlx"
+    mlx_preset "$staged"
     # after the HumanEval shards (WORK/he.done): MLX beside them ran out of GPU memory
     while [ ! -f "$work/adapters/pool-k3/heal.json" ] || [ ! -f "$work/he.done" ]; do sleep 10; done
     python3 -c "import json; m = json.load(open('$P/pudding.json')); json.dump([c['omitted'] for c in m['candidates']], open('$work/mlx/cands.json', 'w'))"
@@ -202,6 +209,20 @@ mlx)
     $L "$P" --static "${AGGRESSIVE:-4,9,13,16,17,19,26}" --json "$out/mlx_lossless_k7.json" \
         --md "$out/mlx_lossless_k7.md" >"$out/mlx_lossless_k7.log" 2>&1 || echo "failed: $out/mlx_lossless_k7.log"
     echo "mlx done" ;;
+mlx-speed)
+    # for issue "Adaptive depth" on the GPU: each depth's decode time (benchmarks/depth_speed.py, the sets of the
+    # CPU run, docs/adaptive.md) and, for "Healed omission sets", lossless drafting at an aggressive unhealed k = 7
+    # draft. Alone on the GPU: a training run beside it would time its kernels too
+    staged=$2 out=$3 P=$C/preset-qwen2.5-coder-1.5b
+    mkdir -p "$out"
+    mlx_preset "$staged"
+    python3 benchmarks/depth_speed.py "$P" --omit "${DEPTH_SETS:-9;9,14;13,14,15;11,12,13,14,15}" --runs 10 \
+        --decode-tokens "${DECODE_TOKENS:-32}" --json "$out/depth_speed_qwen_cuda.json" \
+        >"$out/depth_speed_qwen_cuda.log" 2>&1 || echo "failed: $out/depth_speed_qwen_cuda.log"
+    python3 benchmarks/lossless.py "$P" --per-task 2 --max-tokens 64 --draft-tokens 2,3,5,8 --no-strict \
+        --static "${AGGRESSIVE:-4,9,13,16,17,19,26}" --json "$out/mlx_lossless_k7.json" --md "$out/mlx_lossless_k7.md" \
+        >"$out/mlx_lossless_k7.log" 2>&1 || echo "failed: $out/mlx_lossless_k7.log"
+    echo "mlx-speed done" ;;
 status)
     work=$2
     if [ -f "$work/run.pid" ] && kill -0 "$(cat "$work/run.pid")" 2>/dev/null; then echo running; else echo "not running"; fi
@@ -236,5 +257,5 @@ collect)
     if [ "$name" != 0 ] && [ -f "$a" ]; then split -b 12M -d "$a" "$out/$name.safetensors.part"; fi
     ls -l "$out" ;;
 *)
-    echo "usage: $0 setup STAGED | start GGUF WORK [PHASES] | start-shards GGUF WORK N | start-lanes GGUF WORK | start-retrain GGUF WORK | start-perset GGUF WORK | start-wide GGUF WORK [N] | mlx STAGED WORK OUT | status WORK | poll WORK OUT | collect WORK OUT" >&2; exit 2 ;;
+    echo "usage: $0 setup STAGED | start GGUF WORK [PHASES] | start-shards GGUF WORK N | start-lanes GGUF WORK | start-retrain GGUF WORK | start-perset GGUF WORK | start-wide GGUF WORK [N] | mlx STAGED WORK OUT | mlx-speed STAGED OUT | status WORK | poll WORK OUT | collect WORK OUT" >&2; exit 2 ;;
 esac
