@@ -160,9 +160,9 @@ def test_the_per_set_adapters_row_is_its_committed_records_against_the_pool_adap
 
 def test_a_wide_data_adapters_row_is_recomputed_from_its_folders(tmp_path):
     """heal_gpu.py wide writes adapters/wide<S>-<set>/, gen-wide<S>-<set>/, mc-wide<S>-<set>-{val,test}/ and
-    heal/val_nll_wide-*.json. Stand-ins from the committed run (no wide adapter has finished yet): the pool adapter's
-    HumanEval records and the per-set adapter's MC rows as the wide adapter's, beside the per-set adapter's own. The
-    row is recomputed from them: pass rates, paired intervals that hold the difference, MC equal to itself."""
+    heal/val_nll_wide-*.json. Stand-ins with known relations: the pool adapter's HumanEval records and the per-set
+    adapter's MC rows as the wide adapter's, beside the per-set adapter's own. The row is recomputed from them: pass
+    rates, paired intervals that hold the difference, MC equal to itself (a zero-width interval)."""
     name, tag = "omit-5-13-14", "wide240-omit-5-13-14"
     for sub in (f"adapters/set-{name}", f"gen-set-{name}", f"mc-set-{name}-val", f"mc-set-{name}-test"):
         shutil.copytree(HEAL / sub, tmp_path / sub)
@@ -194,3 +194,24 @@ def test_a_wide_data_adapters_row_is_recomputed_from_its_folders(tmp_path):
     md = R.to_markdown({**R.build(HEAL, RUN, "m"), "wide": got})
     assert f"| {tag} | {name} | 240 | 3921 | 0.560 |" in md
     assert "(rank 16, batch 16, lr 0.0002) on the first answers file and the dense replies to 2,830 more" in md
+
+
+def test_the_committed_wide_adapters_row_is_its_own_records(report):
+    """The eighth GPU run's wide adapter (results/qwen2.5-coder-1.5b/heal/*wide240-omit-5-13-14*): HumanEval its
+    per-problem records, MC its 6,000 scored questions against the per-set adapter's on the same ones, val NLL the
+    run's file; the committed report holds this row."""
+    name, tag = "omit-5-13-14", "wide240-omit-5-13-14"
+    (row,) = report["wide"]["rows"]
+    assert row["adapter"] == tag and row["set"] == name and row["steps"] == 240
+    assert row["humaneval"] == pytest.approx(_pass_rate(HEAL / f"gen-{tag}", name))
+    lo, hi = row["minus_per_set_ci95"]
+    assert lo <= row["humaneval"] - _pass_rate(HEAL / f"gen-set-{name}", name) <= hi
+    wide = load_eval([HEAL / f"mc-{tag}-val", HEAL / f"mc-{tag}-test"])
+    own = load_eval([HEAL / f"mc-set-{name}-val", HEAL / f"mc-set-{name}-test"])
+    assert len(wide["task"]) == 6000 and list(zip(wide["task"], wide["id"])) == list(zip(own["task"], own["id"]))
+    assert row["mc"] == pytest.approx(average(per_task(wide, wide["hit"][:, 0])))
+    lo, hi = row["mc_minus_per_set_ci95"]
+    assert lo <= row["mc"] - average(per_task(own, own["hit"][:, 0])) <= hi
+    nll = json.loads((HEAL / "heal" / "val_nll_wide-240.json").read_text())
+    assert row["val_nll"] == nll[name][tag] and row["unhealed_val_nll"] == nll[name]["unhealed"]
+    assert json.loads((HEAL / "heal_report.json").read_text())["wide"]["rows"][0]["humaneval"] == row["humaneval"]
