@@ -452,6 +452,28 @@ def pass_at_1(outcomes: Sequence[Outcome]) -> float:
     return 100.0 * sum(o.passed for o in outcomes) / len(outcomes) if outcomes else float("nan")
 
 
+FAILURE_KINDS = ("passed", "wrong answer", "runtime error", "syntax error", "cut off", "timed out", "killed")
+
+
+def failure_kind(record: dict) -> str:
+    """How one problem's record (`passed`, `result`; `finished`: False where the reply hit the token limit) ended,
+    as one of FAILURE_KINDS: a wrong answer is a test's assertion failing (the code ran, its logic was wrong); a
+    runtime error any other exception; a reply cut off by the token limit counts as cut off whatever its error."""
+    result = record.get("result") or ""
+    if record.get("passed"):
+        return "passed"
+    if record.get("finished") is False:
+        return "cut off"
+    if result == "timed out" or result.startswith("killed"):
+        return "timed out" if result == "timed out" else "killed"
+    error = result.removeprefix("failed: ").split(":")[0].strip()
+    if error == "AssertionError":
+        return "wrong answer"
+    if error in ("SyntaxError", "IndentationError", "TabError"):
+        return "syntax error"
+    return "runtime error"
+
+
 def summary(outcomes: Sequence[Outcome]) -> Dict[str, int]:
     """How many problems ended each way: passed, failed, timed out, killed."""
     out: Dict[str, int] = {}

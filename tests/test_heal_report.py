@@ -215,3 +215,27 @@ def test_the_committed_wide_adapters_row_is_its_own_records(report):
     nll = json.loads((HEAL / "heal" / "val_nll_wide-240.json").read_text())
     assert row["val_nll"] == nll[name][tag] and row["unhealed_val_nll"] == nll[name]["unhealed"]
     assert json.loads((HEAL / "heal_report.json").read_text())["wide"]["rows"][0]["humaneval"] == row["humaneval"]
+
+
+def test_the_failure_kinds_are_the_committed_records_counted(report):
+    """How the HumanEval replies end: dense from the model's generation run, each adapter of [5, 13, 14] from its
+    own folder, and the pool's sets run both ways averaged; each row's kinds add up to the 164 problems."""
+    from pudding_mlx.humaneval import failure_kind
+
+    def counts(folder, name):
+        records = json.loads((folder / "sets" / f"{name}.json").read_text())["humaneval"]["records"]
+        return [failure_kind(r) for r in records]
+
+    rows = {(r["set"], r["model"]): r["counts"] for r in report["failures"]["rows"]}
+    for (name, _), row in rows.items():  # the means are rounded to 0.1 a kind
+        assert sum(row.values()) == (pytest.approx(164, abs=0.05 * len(row)) if name.startswith("mean") else 164)
+    dense = counts(RUN / "generation", "dense")
+    assert rows[("dense", "dense")] == {k: dense.count(k) for k in report["failures"]["kinds"]}
+    wide = counts(HEAL / "gen-wide240-omit-5-13-14", "omit-5-13-14")
+    assert rows[("omit-5-13-14", "wide240 adapter")]["passed"] == wide.count("passed")
+    assert rows[("omit-5-13-14", "set adapter")]["wrong answer"] == counts(HEAL / "gen-set-omit-5-13-14",
+                                                                         "omit-5-13-14").count("wrong answer")
+    (n_pool,) = {int(s.split()[2]) for s, m in rows if s.startswith("mean of")}
+    assert n_pool == sum(1 for r in report["humaneval"]["sets"] if "unhealed" in r)
+    assert rows[(f"mean of {n_pool} pool sets", "pool adapter")]["passed"] == pytest.approx(
+        np.mean([r["healed"] for r in report["humaneval"]["sets"] if "unhealed" in r]) * 164 / 100, abs=0.051)

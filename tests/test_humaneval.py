@@ -56,6 +56,23 @@ def test_the_canonical_solutions_pass_and_a_wrong_one_fails(problems):
     assert all(o.result.startswith("failed: ") for o in wrong)
 
 
+def test_each_way_a_reply_ends_has_its_kind(problems):
+    """failure_kind on the sandbox's own outcomes for one problem's replies: right, wrong logic, a crash, broken
+    syntax; a reply that hit the token limit is cut off whatever its error; hangs and kills from their results."""
+    p = problems[0]
+    body = {"passed": p.canonical_solution, "wrong answer": "    return not any(numbers)\n",
+            "runtime error": "    raise ValueError('nope')\n", "syntax error": "    return (numbers\n"}
+    for kind, code in body.items():
+        o = he.check(p, f"```python\n{p.prompt}{code}```", FAST)
+        assert he.failure_kind({"passed": o.passed, "result": o.result, "finished": True}) == kind, o.result
+        assert he.failure_kind({"passed": o.passed, "result": o.result, "finished": False}) == (
+            "passed" if o.passed else "cut off")
+    assert he.failure_kind({"passed": False, "result": "timed out", "finished": True}) == "timed out"
+    assert he.failure_kind({"passed": False, "result": "killed: signal 6", "finished": True}) == "killed"
+    assert set(he.FAILURE_KINDS) == {"passed", "wrong answer", "runtime error", "syntax error", "cut off",
+                                     "timed out", "killed"}
+
+
 # -- extraction ------------------------------------------------------------------------------------------
 
 

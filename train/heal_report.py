@@ -37,6 +37,7 @@ import numpy as np
 
 from pudding_mlx.atomic import write_json, write_text
 from pudding_mlx.errors import PuddingError
+from pudding_mlx.humaneval import FAILURE_KINDS, failure_kind
 
 from .generation import set_name
 from .generation_report import OBJECTIVES, bootstrap, load_sets, passed, router_picks
@@ -409,6 +410,39 @@ def retrained_routers(work: Path, run: Path) -> Optional[dict]:
     return out
 
 
+def failures(work: Path, run: Path) -> Optional[dict]:
+    """How the HumanEval replies of each set that has per-set or wide-data adapters end (pudding_mlx.humaneval.
+    failure_kind), dense, unhealed and under each adapter: whether healing turns broken code into running code, and
+    running code into right code."""
+    names = sorted({p.name.split("-", 1)[1] for p in (work / "adapters").glob("*-omit-*") if (p / "heal.json").is_file()
+                    and p.name.startswith(("set-", "wide"))})
+    if not names:
+        return None
+    unhealed, pool = _unhealed_sets(work, run), load_sets(work / "gen-pool")
+
+    def kinds(result: dict) -> dict:
+        records = result["humaneval"]["records"]
+        counts = {k: 0 for k in FAILURE_KINDS}
+        for r in records:
+            counts[failure_kind(r)] += 1
+        return {"n": len(records), "counts": counts}
+
+    rows = [{"set": "dense", "model": "dense", **kinds(unhealed["dense"])}]
+    both = sorted(n for n in pool if n != "dense" and n in unhealed)
+    for model, source in (("unhealed", unhealed), ("pool adapter", pool)):  # the pool's sets run both ways, averaged
+        if both:
+            each = [kinds(source[n])["counts"] for n in both]
+            rows.append({"set": f"mean of {len(both)} pool sets", "model": model, "n": 164,
+                         "counts": {k: round(float(np.mean([c[k] for c in each])), 1) for k in FAILURE_KINDS}})
+    for name in names:
+        sources = [("unhealed", unhealed.get(name)), ("pool adapter", pool.get(name))]
+        for folder in sorted(work.glob(f"gen-*-{name}"), key=lambda p: (not p.name.startswith("gen-set-"), p.name)):
+            tag = folder.name.removeprefix("gen-")
+            sources.append((f"{tag.split('-', 1)[0]} adapter", load_sets(folder).get(name)))
+        rows += [{"set": name, "model": model, **kinds(res)} for model, res in sources if res is not None]
+    return {"kinds": list(FAILURE_KINDS), "rows": rows}
+
+
 def build(work, run_dir, model: str) -> dict:
     work, run = Path(work), Path(run_dir)
     heal = work / "adapters" / "pool-k3" / "heal.json"
@@ -419,6 +453,7 @@ def build(work, run_dir, model: str) -> dict:
     return {"model": model, "adapter": settings, "humaneval": humaneval(work, run), "mc": multiple_choice(work, run),
             "generation_aware": generation_aware(work, run), "val_nll": val_nll(work), "mlx": mlx_runs(work, run),
             "fused": fused(work), "per_set": per_set(work, run), "wide": wide_data(work, run),
+            "failures": failures(work, run),
             "routers": retrained_routers(work, run),
             "generation_routers": _read(work / "routers" / "generation.json")}
 
@@ -541,6 +576,15 @@ def to_markdown(rep: dict) -> str:
                        f"{_f(v.get('code_val'), 3)} | {_f(r.get('per_set_humaneval'))} | {_f(r.get('humaneval'))} | "
                        f"{_ci(r.get('minus_per_set_ci95'))} | {_ci(r.get('minus_dense_ci95'))} | "
                        f"{_f(r.get('per_set_mc'))} | {_f(r.get('mc'))} | {_ci(r.get('mc_minus_per_set_ci95'))} |")
+    fl = rep.get("failures")
+    if fl:
+        out += ["", "## How the HumanEval replies end", "",
+                "Per problem (164): passed; a wrong answer (a test's assertion failed: the code ran, its logic was "
+                "wrong); a runtime error (any other exception); a syntax error; cut off (the reply hit the token "
+                "limit); timed out; killed.", "",
+                "| set | model | " + " | ".join(fl["kinds"]) + " |", "|" + "---|" * (2 + len(fl["kinds"]))]
+        for r in fl["rows"]:
+            out.append(f"| {r['set']} | {r['model']} | " + " | ".join(str(r["counts"][k]) for k in fl["kinds"]) + " |")
     ga = rep.get("generation_aware")
     if ga:
         mc_dense = f"; MC dense {ga['mc_dense']:.1f}" if ga["mc_dense"] is not None else ""
