@@ -464,8 +464,10 @@ def failure_kind(record: dict) -> str:
         return "passed"
     if record.get("finished") is False:
         return "cut off"
-    if result == "timed out" or result.startswith("killed"):
-        return "timed out" if result == "timed out" else "killed"
+    if result == "timed out":
+        return "timed out"
+    if result.startswith("killed"):
+        return "killed"
     error = result.removeprefix("failed: ").split(":")[0].strip()
     if error == "AssertionError":
         return "wrong answer"

@@ -431,9 +431,9 @@ def failures(work: Path, run: Path) -> Optional[dict]:
     both = sorted(n for n in pool if n != "dense" and n in unhealed)
     for model, source in (("unhealed", unhealed), ("pool adapter", pool)):  # the pool's sets run both ways, averaged
         if both:
-            each = [kinds(source[n])["counts"] for n in both]
-            rows.append({"set": f"mean of {len(both)} pool sets", "model": model, "n": 164,
-                         "counts": {k: round(float(np.mean([c[k] for c in each])), 1) for k in FAILURE_KINDS}})
+            each = [kinds(source[n]) for n in both]
+            rows.append({"set": f"mean of {len(both)} pool sets", "model": model, "n": each[0]["n"],
+                         "counts": {k: round(float(np.mean([c["counts"][k] for c in each])), 1) for k in FAILURE_KINDS}})
     for name in names:
         sources = [("unhealed", unhealed.get(name)), ("pool adapter", pool.get(name))]
         for folder in sorted(work.glob(f"gen-*-{name}"), key=lambda p: (not p.name.startswith("gen-set-"), p.name)):
@@ -579,7 +579,7 @@ def to_markdown(rep: dict) -> str:
     fl = rep.get("failures")
     if fl:
         out += ["", "## How the HumanEval replies end", "",
-                "Per problem (164): passed; a wrong answer (a test's assertion failed: the code ran, its logic was "
+                f"Per problem ({fl['rows'][0]['n']}): passed; a wrong answer (a test's assertion failed: the code ran, its logic was "
                 "wrong); a runtime error (any other exception); a syntax error; cut off (the reply hit the token "
                 "limit); timed out; killed.", "",
                 "| set | model | " + " | ".join(fl["kinds"]) + " |", "|" + "---|" * (2 + len(fl["kinds"]))]
