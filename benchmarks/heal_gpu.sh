@@ -161,7 +161,9 @@ start-wide)
     # the seventh heal run: N shards answer the wide code prompts (results/distill/prompts-code.json), then one
     # process trains per-set adapters on both answer files (phase wide: WIDE_STEPS, PER_SET sets, default 1) with
     # their val NLL, HumanEval and multiple choice. Seeded from the committed results (the val NLL that ranks the sets).
-    # WIDE_BESIDE=1: one training process per step count, side by side (H200 only: training holds tens of GB)
+    # WIDE_BESIDE=1: one training process per step count, side by side (H200 only: training holds tens of GB).
+    # WIDE_THEN: phases run after the training, before WORK/wide.done (e.g. he-new: HumanEval of the
+    # generation-aware sets the seeded gen-unhealed lacks)
     model=$2 work=$3 n=${4:-4}
     D="python3 benchmarks/heal_gpu.py $model $work"
     mkdir -p "$work"
@@ -175,7 +177,9 @@ start-wide)
                 WIDE_STEPS=\$s PER_SET=\${PER_SET:-1} $D answers,wide >$work/wide-\$s.log 2>&1 &
             done; wait
         else PER_SET=\${PER_SET:-1} $D answers,wide >$work/wide-0.log 2>&1; fi
-        echo wide done; touch $work/wide.done" >"$work/run.log" 2>&1 &
+        echo wide done
+        if [ -n \"${WIDE_THEN:-}\" ]; then $D ${WIDE_THEN:-} >$work/then-0.log 2>&1; echo ${WIDE_THEN:-} done; fi
+        touch $work/wide.done" >"$work/run.log" 2>&1 &
     echo $! >"$work/run.pid"
     echo "started $(cat "$work/run.pid"): $work/run.log" ;;
 mlx)
