@@ -673,8 +673,9 @@ def adaptive_report(
     extra: Optional[Path] = typer.Option(None, "--extra", help="A heal run's folder with data-extra-{train,val,test}/ "
                                          "(benchmarks/heal_gpu.py mc-extra): MC scores of more sets on the run's "
                                          "rows, joined in (the k = 1, 2 menu)."),
-    speed: Optional[Path] = typer.Option(None, "--speed", help="benchmarks/depth_speed.py --json of this model: "
-                                         "measured decode time per k, mixed per budget beside the ideal speedup."),
+    speed: Optional[List[Path]] = typer.Option(None, "--speed", help="benchmarks/depth_speed.py --json of this "
+                                               "model: measured decode time per k, mixed per budget beside the ideal "
+                                               "speedup. One per backend (repeat it: CPU and GPU)."),
     model: str = typer.Option(..., help="Model name for the title."),
 ):
     """Adaptive depth (issue #23): fit the loss predictor (OUT/predictor/) and write OUT/adaptive.md/.json/.png,
@@ -682,9 +683,9 @@ def adaptive_report(
     from pudding_mlx.errors import PuddingError
     from pudding_mlx.train.adaptive import write
 
-    for flag, f in (("--nll", nll), ("--bench", bench), ("--speed", speed)):
+    for flag, f in (("--nll", nll), ("--bench", bench), *(("--speed", f) for f in speed or ())):
         if f is not None and not f.is_file():
             raise PuddingError(f"{flag} {f}: no such file")
     if extra is not None and not (extra / "data-extra-train" / "router_data.npz").is_file():
         raise PuddingError(f"--extra {extra}: no data-extra-train/router_data.npz; run benchmarks/heal_gpu.py mc-extra")
-    console.print(f"report -> {write(run_dir, gen, out or run_dir / 'adaptive', model, nll, bench, extra, speed)}")
+    console.print(f"report -> {write(run_dir, gen, out or run_dir / 'adaptive', model, nll, bench, extra, speed or ())}")

@@ -20,6 +20,7 @@ NLL = RUN / "heal" / "adaptive" / "nll.npz"
 AGREE = RUN / "heal" / "adaptive" / "agree.npz"  # the GPU run of 2026-12-07: reply NLL and greedy agreement
 EXTRA = RUN / "heal"  # its data-extra-{train,val,test}: the MC rows scored for the k = 1 and 2 sets
 SPEED = RUN.parents[1] / "results" / "bench" / "depth_speed_qwen_cpu.json"  # per-depth decode times, this CPU
+SPEEDS = [SPEED] + sorted((RUN.parents[1] / "results" / "bench").glob("depth_speed_qwen_cuda.json"))  # and the GPU's
 SIZES = [0, 3, 3, 5, 5]
 
 
@@ -304,7 +305,7 @@ def built():
 
     # as the committed report is made: the MC router data (with the mc-extra sets) and the GPU run's agree.npz
     return build(RUN, RUN / "generation", "qwen2.5-coder-1.5b", nll_path=AGREE, extra=EXTRA,
-                 bench_file=RUN.parents[1] / "results" / "bench" / "bench_qwen_preset_cuda.json", speed_file=SPEED)
+                 bench_file=RUN.parents[1] / "results" / "bench" / "bench_qwen_preset_cuda.json", speed_files=SPEEDS)
 
 
 def test_the_gpu_runs_replies_are_a_training_source(built):
@@ -589,19 +590,19 @@ def test_the_report_command_writes_its_files(tmp_path):
     assert read_predictor(tmp_path / "a" / "predictor", hidden_size=1536).sets[0] == []
 
 
-def _depth_speed_file(path, blocks=28, ms=None):
+def _depth_speed_file(path, blocks=28, ms=None, backend="cpu"):
     """A benchmarks/depth_speed.py JSON (its fields; the times made up)."""
     ms = ms or {0: 100.0, 3: 90.0, 5: 84.0}
     rows = [{"omitted": list(range(10, 10 + k)), "k": k, "ms_per_token": t,
              "speedup": {"median": ms[0] / t, "ci95": [ms[0] / t - 0.01, ms[0] / t + 0.01]}, "ideal": blocks / (blocks - k)}
             for k, t in ms.items() if k]
-    path.write_text(json.dumps({"backend": "cpu", "blocks": blocks, "decode_prompt": 16, "decode_tokens": 8, "runs": 5,
+    path.write_text(json.dumps({"backend": backend, "blocks": blocks, "decode_prompt": 16, "decode_tokens": 8, "runs": 5,
                                 "dense_ms_per_token": ms[0], "rows": rows}))
     return path
 
 
 def test_the_measured_mix_is_dense_time_over_the_mean_time_of_the_depths_chosen(tmp_path):
-    from pudding_mlx.train.adaptive import depth_speeds, measured_mix
+    from pudding_mlx.train.adaptive import depth_speeds, depth_speeds_of, measured_mix, measured_mixes
 
     sp = depth_speeds(_depth_speed_file(tmp_path / "s.json"), 28)
     assert measured_mix(np.array([0, 3, 5, 5]), sp) == pytest.approx(100 / np.mean([100, 90, 84, 84]))
@@ -610,6 +611,11 @@ def test_the_measured_mix_is_dense_time_over_the_mean_time_of_the_depths_chosen(
     assert measured_mix(np.array([3]), None) is None
     with pytest.raises(PuddingError, match="28 blocks"):
         depth_speeds(_depth_speed_file(tmp_path / "other.json", blocks=30), 28)
+    with pytest.raises(PuddingError, match="second depth_speed.py result for backend cpu"):
+        depth_speeds_of([tmp_path / "s.json", _depth_speed_file(tmp_path / "again.json")], 28)
+    two = depth_speeds_of([tmp_path / "s.json", _depth_speed_file(tmp_path / "gpu.json", ms={0: 10.0, 3: 8.0}, backend="cuda")], 28)
+    assert measured_mixes(np.array([3, 3]), two) == {"cpu": pytest.approx(100 / 90), "cuda": pytest.approx(10 / 8)}
+    assert measured_mixes(np.array([5]), two) == {"cpu": pytest.approx(100 / 84), "cuda": None}  # k = 5 not timed on cuda
     (tmp_path / "junk.json").write_text('{"blocks": 28}')
     with pytest.raises(PuddingError, match="not a depth_speed.py result") as e:
         depth_speeds(tmp_path / "junk.json", 28)
@@ -617,11 +623,13 @@ def test_the_measured_mix_is_dense_time_over_the_mean_time_of_the_depths_chosen(
 
 
 def test_with_measured_depths_every_budget_gets_its_measured_mix(tmp_path):
-    """build with --speed: each frontier row's measured mix follows its usage; dense is 1; the markdown shows the
-    columns and the per-depth line."""
+    """build with --speed, one file per backend: each frontier row's measured mix on each backend follows its
+    usage; dense is 1; the markdown shows a column per backend, the per-depth lines and the fastest budget that keeps
+    95% of dense's HumanEval."""
     from pudding_mlx.train.adaptive import build, plot, to_markdown
 
-    rep, _ = build(RUN, RUN / "generation", "q", speed_file=_depth_speed_file(tmp_path / "s.json"))
+    files = [_depth_speed_file(tmp_path / "s.json"), _depth_speed_file(tmp_path / "g.json", ms={0: 10.0, 3: 8.0, 5: 7.0}, backend="cuda")]
+    rep, _ = build(RUN, RUN / "generation", "q", speed_files=files)
     plot(rep, tmp_path / "a.png")  # the measured-mix line drawn beside the ideal one
     assert (tmp_path / "a.png").stat().st_size > 10_000
     assert sorted(set(rep["sizes"])) == [0, 3, 5]
@@ -629,11 +637,16 @@ def test_with_measured_depths_every_budget_gets_its_measured_mix(tmp_path):
         for part in ("mc", "humaneval"):
             usage = r[part]["usage"]
             k_of = {("dense" if not m else "omit-" + "-".join(map(str, m))): len(m) for m in rep["menu"]}
-            times = [{0: 100.0, 3: 90.0, 5: 84.0}[k_of[name]] for name, c in usage.items() for _ in range(c)]
-            assert r[part]["speedup_measured_mix"] == pytest.approx(100 / np.mean(times))
-    assert next(r for r in rep["frontier"] if r["budget"] == -math.inf)["mc"]["speedup_measured_mix"] == 1.0
+            for backend, ms in (("cpu", {0: 100.0, 3: 90.0, 5: 84.0}), ("cuda", {0: 10.0, 3: 8.0, 5: 7.0})):
+                times = [ms[k_of[name]] for name, c in usage.items() for _ in range(c)]
+                assert r[part]["speedup_measured_mix"][backend] == pytest.approx(ms[0] / np.mean(times))
+    assert next(r for r in rep["frontier"] if r["budget"] == -math.inf)["mc"]["speedup_measured_mix"] == {"cpu": 1.0, "cuda": 1.0}
+    f95 = rep["targets"]["humaneval_95_fastest"]
+    kept = [r for r in rep["frontier"] if r["humaneval"]["pass@1"] >= 0.95 * rep["dense"]["humaneval"]["pass@1"]]
+    assert f95["speedup_ideal"] == max(r["humaneval"]["speedup_ideal"] for r in kept) and f95["pass@1"] >= 0.95 * rep["dense"]["humaneval"]["pass@1"]
     md = to_markdown(rep)
-    assert "MC measured mix" in md and "HE measured mix" in md and "k = 3 [10, 11, 12] 1.111" in md
+    assert "MC measured mix (cpu)" in md and "HE measured mix (cuda)" in md and "k = 3 [10, 11, 12] 1.111" in md
+    assert "k = 3 [10, 11, 12] 1.250" in md and "The fastest budget that keeps 95% of dense's HumanEval" in md
 
 
 def test_depth_speed_measures_what_the_report_reads(tmp_path, monkeypatch, tiny_llm_dir):
@@ -674,5 +687,5 @@ def test_the_committed_measured_mix_is_the_benchmarks_times_weighted_by_the_rout
     for r in rep["frontier"]:
         for part in ("mc", "humaneval"):
             times = [ms[k_of[name]] for name, c in r[part]["usage"].items() for _ in range(c)]
-            assert r[part]["speedup_measured_mix"] == pytest.approx(ms[0] / np.mean(times))
-    assert rep["speed"]["depths"]["backend"] == raw["backend"] and set(rep["speed"]["depths"]["ms"]) == set(ms)
+            assert r[part]["speedup_measured_mix"][raw["backend"]] == pytest.approx(ms[0] / np.mean(times))
+    assert rep["speed"]["depths"][0]["backend"] == raw["backend"] and set(rep["speed"]["depths"][0]["ms"]) == set(ms)

@@ -292,6 +292,17 @@ def depth_speeds(speed_file, n_blocks: int) -> dict:
             "decode": f"{d.get('decode_tokens')} tokens after {d.get('decode_prompt')}", "runs": d.get("runs")}
 
 
+def depth_speeds_of(speed_files, n_blocks: int) -> list:
+    """depth_speeds of each file, one per backend (the CPU run and the GPU run, say): two of one backend would
+    give two figures under one name."""
+    speeds = [depth_speeds(f, n_blocks) for f in speed_files]
+    for i, sp in enumerate(speeds):
+        if any(o["backend"] == sp["backend"] for o in speeds[:i]):
+            raise PuddingError(f"{sp['file']}: a second depth_speed.py result for backend {sp['backend']}; "
+                               "give one --speed per backend")
+    return speeds
+
+
 def measured_mix(sizes_chosen: np.ndarray, speeds: Optional[dict]) -> Optional[float]:
     """Dense's time per token over the mean time per token of the depths chosen (each prompt's k measured
     alone: depth_speeds; equal reply lengths assumed); None without speeds or where a chosen k was not
@@ -301,14 +312,19 @@ def measured_mix(sizes_chosen: np.ndarray, speeds: Optional[dict]) -> Optional[f
     return speeds["dense_ms"] / float(np.mean([speeds["ms"][int(k)] for k in sizes_chosen]))
 
 
+def measured_mixes(sizes_chosen: np.ndarray, speeds: list) -> dict:
+    """measured_mix on each backend measured: {backend: speedup or None}."""
+    return {sp["backend"]: measured_mix(sizes_chosen, sp) for sp in speeds}
+
+
 def build(run_dir, gen_dir, model: str, nll_path=None, bench_file=None, seed: int = 0, extra=None,
-          speed_file=None) -> dict:
+          speed_files=()) -> dict:
     """The report as a dict, and the fitted predictor (module doc)."""
     from .router_data import split_by_question
 
     run, gen = Path(run_dir), Path(gen_dir)
     n_blocks = json.loads((run / "cand.state.json").read_text())["settings"]["num_blocks"]
-    speeds = depth_speeds(speed_file, n_blocks) if speed_file is not None else None  # checked before the fit
+    speeds = depth_speeds_of(speed_files, n_blocks)  # checked before the fit
     train = mc_source(run, "train", extra)
     gen_sets = G.load_sets(gen)
     he_by_key = {_key(s["omitted"]): name for name, s in gen_sets.items()}
@@ -375,10 +391,10 @@ def build(run_dir, gen_dir, model: str, nll_path=None, bench_file=None, seed: in
         mk, hk = float(sizes[cm].mean()), float(sizes[ch].mean())
         return {"budget": b, "mc": {**mc_measure(ev_data, ev_hit[np.arange(len(cm)), cm]), "mean_k": mk,
                                     "speedup_ideal": ideal_speedup(n_blocks, mk),
-                                    "speedup_measured_mix": measured_mix(sizes[cm], speeds), "usage": _usage(cm, menu)},
+                                    "speedup_measured_mix": measured_mixes(sizes[cm], speeds), "usage": _usage(cm, menu)},
                 "humaneval": {"pass@1": float(he_hit[np.arange(len(ch)), ch].mean() * 100), "mean_k": hk,
                               "speedup_ideal": ideal_speedup(n_blocks, hk),
-                              "speedup_measured_mix": measured_mix(sizes[ch], speeds), "usage": _usage(ch, menu)},
+                              "speedup_measured_mix": measured_mixes(sizes[ch], speeds), "usage": _usage(ch, menu)},
                 "_mc_hit": ev_hit[np.arange(len(cm)), cm], "_he_hit": he_hit[np.arange(len(ch)), ch]}
 
     frontier = [adaptive_at(b) for b in grid]
@@ -409,6 +425,11 @@ def build(run_dir, gen_dir, model: str, nll_path=None, bench_file=None, seed: in
     predicted["humaneval"] = _lowest_by_k(he_pred, sizes)
     at_default = adaptive_at(default)
     he_target = [r for r in frontier if r["humaneval"]["pass@1"] >= 0.95 * dense_he and r["humaneval"]["speedup_ideal"] >= 1.10]
+    # the fastest budget that keeps 95% of dense's HumanEval (ideal speed; its measured mix beside it)
+    kept_95 = [r for r in frontier if r["humaneval"]["pass@1"] >= 0.95 * dense_he]
+    fastest_95 = max(kept_95, key=lambda r: (r["humaneval"]["speedup_ideal"], -r["budget"]))
+    fastest_95 = {"budget": fastest_95["budget"], **{k: fastest_95["humaneval"][k] for k in
+                                                     ("pass@1", "mean_k", "speedup_ideal", "speedup_measured_mix")}}
     for r in frontier + [at_default]:
         r.pop("_mc_hit"), r.pop("_he_hit")
     # how far the predictor is from what the menu allows on HumanEval: the ceiling of a router that knew the
@@ -450,7 +471,7 @@ def build(run_dir, gen_dir, model: str, nll_path=None, bench_file=None, seed: in
            "dense": {"mc": dense_mc, "humaneval": {"pass@1": dense_he}},
            "frontier": frontier, "default": at_default, "statics": statics, "best_static": best,
            "routers": routers, "matched": matched, "predicted_lowest_loss": predicted,
-           "targets": {"humaneval_95_speed_1.10_ideal": [r["budget"] for r in he_target]},
+           "targets": {"humaneval_95_speed_1.10_ideal": [r["budget"] for r in he_target], "humaneval_95_fastest": fastest_95},
            "humaneval_oracle": {**oracle, "best_static_per_k_sets": [list(menu[c]) for c in small[1:]]},
            "speed": {"model": "ideal L / (L - mean k), equal reply lengths", "measured": measured_k3(bench_file) if bench_file else None,
                      "depths": speeds},
@@ -659,7 +680,7 @@ def to_markdown(rep: dict) -> str:
            f"were chosen on {sel['rows']} held-out rows of the training split (whole questions held out); MC evaluation ({rep['n']['mc_eval']} rows: "
            f"the tasks' validation and test splits) and HumanEval ({rep['n']['humaneval']} problems, held out) chose nothing.", "",
            ("**Speed**: the ideal L / (L − mean k), equal reply lengths assumed, and beside it a *measured mix* of "
-            "per-depth decode times (below)." if rep["speed"].get("depths") else
+            "per-depth decode times on each backend measured (below)." if rep["speed"].get("depths") else
             "**Speed is ideal**, not measured: L / (L − mean k), equal reply lengths assumed.")]
     if rep.get("mc_extra"):
         out.insert(3, f"MC scores of the sets the run's data lacks (the same rows, unhealed): `{rep['mc_extra']}`/"
@@ -670,30 +691,35 @@ def to_markdown(rep: dict) -> str:
         out.append(f"The one measured decode figure for this model: the k = {m['k']} static set {m['set']} at "
                    f"{m['cell']} tokens on {m['backend']}, {m['static_speedup']:.3f} [{m['ci95'][0]:.3f}, {m['ci95'][1]:.3f}] "
                    f"against the ideal {m['ideal']:.3f} (`{m['file']}`).")
-    sp = rep["speed"].get("depths")
-    if sp:
+    depths = rep["speed"].get("depths") or []
+    for sp in depths:
         per_k = "; ".join(f"k = {k} {v['omitted']} {v['median']:.3f} [{v['ci95'][0]:.3f}, {v['ci95'][1]:.3f}] (ideal {v['ideal']:.3f})"
                           for k, v in sorted(sp["speedup"].items(), key=lambda kv: int(kv[0])))
         out.append(f"Measured per depth on {sp['backend']} (`{sp['file']}`, benchmarks/depth_speed.py: decode {sp['decode']}, "
-                   f"median of {sp['runs']} interleaved rounds, dense {sp['dense_ms']:.1f} ms per token): {per_k}. The frontier's "
-                   "*measured mix* is dense's time per token over the mean of the chosen depths' measured times "
-                   "(each depth timed alone with one set of its k: every block costs alike, so the time per token follows k; "
-                   "equal reply lengths assumed; the routing itself is inside the prefill).")
-    mix = bool(sp)
+                   f"median of {sp['runs']} interleaved rounds, dense {sp['dense_ms']:.1f} ms per token): {per_k}.")
+    if depths:
+        out.append("The frontier's *measured mix* on a backend is dense's time per token over the mean of the chosen "
+                   "depths' measured times there (each depth timed alone with one set of its k: every block costs "
+                   "alike, so the time per token follows k; equal reply lengths assumed; the routing itself is inside "
+                   "the prefill).")
+    backends = [sp["backend"] for sp in depths]
 
     def cols(part) -> str:  # the frontier's speed columns of one prompt set
-        return f"{part['speedup_ideal']:.3f} | " + (f"{_f(part['speedup_measured_mix'], 3)} | " if mix else "")
+        return f"{part['speedup_ideal']:.3f} | " + "".join(f"{_f(part['speedup_measured_mix'][b], 3)} | " for b in backends)
+
+    def mix_heads(what) -> str:
+        return "".join(f"{what} measured mix ({b}) | " for b in backends)
 
     out += ["", f"Default budget (`--max-loss`): **{_f(sel['default_max_loss'], 4)}**, the largest budget whose MC average on "
             f"those held-out training rows keeps ≥ {sel['keep']:.0%} of dense's ({sel['dense_average']:.2f}, the average over their tasks).", "",
             "## Frontier", "",
             "Per budget: mean blocks skipped and ideal speedup on each prompt set (the predictor routes each prompt), "
             "six-task MC average (%), HumanEval pass@1 (%).", "",
-            "| budget | MC mean k | MC ideal speedup | " + ("MC measured mix | " if mix else "") + "MC avg | HumanEval mean k | "
-            "HE ideal speedup | " + ("HE measured mix | " if mix else "") + "HumanEval pass@1 |",
-            "|---|---|---|---|---|---|---|" + ("---|---|" if mix else ""),
-            f"| dense | 0 | 1.000 | " + ("1.000 | " if mix else "") + f"{d['mc']['average']:.2f} | 0 | 1.000 | "
-            + ("1.000 | " if mix else "") + f"{d['humaneval']['pass@1']:.1f} |"]
+            "| budget | MC mean k | MC ideal speedup | " + mix_heads("MC") + "MC avg | HumanEval mean k | "
+            "HE ideal speedup | " + mix_heads("HE") + "HumanEval pass@1 |",
+            "|---|---|---|---|---|---|---|" + "---|---|" * len(backends),
+            f"| dense | 0 | 1.000 | " + "1.000 | " * len(backends) + f"{d['mc']['average']:.2f} | 0 | 1.000 | "
+            + "1.000 | " * len(backends) + f"{d['humaneval']['pass@1']:.1f} |"]
     seen = set()
     for r in rep["frontier"]:
         key = (round(r["mc"]["mean_k"], 3), round(r["humaneval"]["mean_k"], 3))
@@ -707,7 +733,8 @@ def to_markdown(rep: dict) -> str:
     a = rep["default"]
 
     def speeds_of(part) -> str:
-        return f"{part['speedup_ideal']:.3f}x ideal" + (f", {_f(part['speedup_measured_mix'], 3)}x measured mix" if mix else "")
+        return f"{part['speedup_ideal']:.3f}x ideal" + "".join(
+            f", {_f(part['speedup_measured_mix'][b], 3)}x measured mix on {b}" for b in backends)
 
     out += ["", f"At the default budget: MC {a['mc']['average']:.2f} at mean k {a['mc']['mean_k']:.2f} "
             f"({speeds_of(a['mc'])}); HumanEval {a['humaneval']['pass@1']:.1f} at mean k "
@@ -734,12 +761,15 @@ def to_markdown(rep: dict) -> str:
     for name, by_k in rep["predicted_lowest_loss"].items():
         out.append(f"| {name} | " + " | ".join(f"{by_k[str(k)]:+.3f}" for k in ks) + " |")
     t = rep["targets"]["humaneval_95_speed_1.10_ideal"]
+    f95 = rep["targets"].get("humaneval_95_fastest")
     out += ["", "## The issue's targets", "",
             "- At equal mean k, adaptive ≥ the best static set with an interval excluding a loss (lower bound ≥ 0): "
             + "; ".join(f"k = {r['k']}: MC {'met' if r['mc']['ci95'][0] >= 0 else 'not met'}, HumanEval "
                         f"{'met' if r['humaneval']['ci95'][0] >= 0 else 'not met'}" for r in rep["matched"]) + ".",
             "- A budget with HumanEval pass@1 ≥ 95% of dense and ideal speedup ≥ 1.10: "
-            + (f"met at budgets {', '.join(_f(b, 4) for b in t)} (ideal speed, not measured)." if t else "**not met** at any budget."),
+            + (f"met at budgets {', '.join(_f(b, 4) for b in t)} (ideal speed)." if t else "**not met** at any budget.")
+            + (f" The fastest budget that keeps 95% of dense's HumanEval, {_f(f95['budget'], 4)}: pass@1 "
+               f"{f95['pass@1']:.1f} at mean k {f95['mean_k']:.2f}, {speeds_of(f95)}." if f95 else ""),
             ]
     orc = rep.get("humaneval_oracle")
     if orc:
@@ -786,7 +816,7 @@ def plot(rep: dict, path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
-    sp = rep["speed"].get("depths")  # measured per-depth times: the budgets drawn again at their measured mix
+    depths = rep["speed"].get("depths") or []  # measured per-depth times: the budgets drawn again at their measured mix
     for ax, key, y, label in ((axes[0], "mc", "average", "MC average, 6 tasks (%)"),
                               (axes[1], "humaneval", "pass@1", "HumanEval pass@1 (%)")):
         st = "mc_average" if key == "mc" else "pass@1"
@@ -797,17 +827,18 @@ def plot(rep: dict, path) -> None:
         ax.plot([1.0] + [p[0] for p in best], [dense] + [p[1] for p in best], "s--", color="tab:gray", label="best static per k")
         fr = sorted({(r[key]["speedup_ideal"], r[key][y]) for r in rep["frontier"]})
         ax.plot(*zip(*fr), "o-", ms=3, color="tab:blue", label="adaptive (budgets)")
-        mixed = sorted({(r[key]["speedup_measured_mix"], r[key][y]) for r in rep["frontier"]
-                        if r[key].get("speedup_measured_mix") is not None})
-        if mixed:
-            ax.plot(*zip(*mixed), "o--", ms=2, color="tab:cyan", label=f"adaptive, measured mix ({sp['backend']})")
+        for sp, color in zip(depths, ("tab:cyan", "tab:purple", "tab:olive")):
+            mixed = sorted({(r[key]["speedup_measured_mix"][sp["backend"]], r[key][y]) for r in rep["frontier"]
+                            if r[key]["speedup_measured_mix"].get(sp["backend"]) is not None})
+            if mixed:
+                ax.plot(*zip(*mixed), "o--", ms=2, color=color, label=f"adaptive, measured mix ({sp['backend']})")
         for r in rep["routers"]:
             if r[st] is not None:
                 ax.scatter(r["speedup_ideal"], r[st], marker="^", s=40, label=f"fixed k = {r['k']}, {r['router']}")
         a = rep["default"][key]
         ax.scatter(a["speedup_ideal"], a[y], marker="*", s=180, color="tab:red", zorder=5, label="default budget")
         ax.axhline(dense, color="black", linestyle=":", lw=1)
-        ax.set_xlabel("decode speedup: ideal L / (L − mean k)" + ("; cyan: measured mix" if mixed else ""))
+        ax.set_xlabel("decode speedup: ideal L / (L − mean k)" + ("; dashed: measured mix" if depths else ""))
         ax.set_ylabel(label)
     axes[1].axhline(0.95 * rep["dense"]["humaneval"]["pass@1"], color="tab:red", linestyle=":", lw=1, label="95% of dense")
     orc = rep.get("humaneval_oracle")
@@ -820,8 +851,8 @@ def plot(rep: dict, path) -> None:
     shown = [(h, t) for h, t in zip(*axes[1].get_legend_handles_labels()) if t.startswith(("ceiling", "95%"))]
     axes[1].legend(*zip(*shown), fontsize=7, loc="center right")
     axes[0].legend(fontsize=7)
-    fig.suptitle(f"Adaptive depth on {rep['model']} (speed: ideal" + (f"; dashed cyan: the budgets at their measured "
-                 f"mix, {sp['backend']})" if sp else ", not measured)"), fontsize=10)
+    fig.suptitle(f"Adaptive depth on {rep['model']} (speed: ideal" + (f"; dashed: the budgets at their measured "
+                 f"mix, {', '.join(sp['backend'] for sp in depths)})" if depths else ", not measured)"), fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
@@ -838,10 +869,10 @@ def _strict(value):
     return value
 
 
-def write(run_dir, gen_dir, out_dir, model: str, nll_path=None, bench_file=None, extra=None, speed_file=None) -> Path:
+def write(run_dir, gen_dir, out_dir, model: str, nll_path=None, bench_file=None, extra=None, speed_files=()) -> Path:
     """Build the report, write OUT_DIR/adaptive.{json,md,png} and the predictor (OUT_DIR/predictor/); a
     rerun replaces them."""
-    rep, predictor = build(run_dir, gen_dir, model, nll_path, bench_file, extra=extra, speed_file=speed_file)
+    rep, predictor = build(run_dir, gen_dir, model, nll_path, bench_file, extra=extra, speed_files=speed_files)
     out = Path(out_dir)
     write_json(out / "adaptive.json", _strict(rep))
     write_text(out / "adaptive.md", to_markdown(rep))
