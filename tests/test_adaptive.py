@@ -689,3 +689,30 @@ def test_the_committed_measured_mix_is_the_benchmarks_times_weighted_by_the_rout
             times = [ms[k_of[name]] for name, c in r[part]["usage"].items() for _ in range(c)]
             assert r[part]["speedup_measured_mix"][raw["backend"]] == pytest.approx(ms[0] / np.mean(times))
     assert rep["speed"]["depths"][0]["backend"] == raw["backend"] and set(rep["speed"]["depths"][0]["ms"]) == set(ms)
+
+
+def test_the_code_static_baseline_is_chosen_on_training_code_replies_and_scored_on_its_records(built):
+    """The second static baseline for HumanEval: per k, the set of lowest mean generation loss on agree.npz's
+    training-split code replies (recomputed here from the raw arrays, val and task replies left out), among
+    the sets with HumanEval results; its pass@1 is its committed records', and the interval holds the delta."""
+    from pudding_mlx.train.adaptive import _key, basis_of, nll_source
+    from pudding_mlx.train import generation_report as G
+
+    rep, _ = built
+    src = nll_source(AGREE, basis_of(RUN))
+    gen_sets = G.load_sets(RUN / "generation")
+    he = {_key(s["omitted"]): s for s in gen_sets.values() if s["omitted"]}
+    rows = (src["split"] == "train") & (src["kind"] == "code")
+    loss = src["losses"][rep["predictor"]["gen_loss"]][rows].mean(0)
+    ids = [r["task_id"] for r in gen_sets["dense"]["humaneval"]["records"]]
+    assert rep["matched_code_static"] and {r["k"] for r in rep["matched_code_static"]} <= set(rep["best_static"])
+    for r in rep["matched_code_static"]:
+        same_k = [i for i, s in enumerate(src["sets"]) if len(s) == r["k"] and s in he]
+        assert _key(r["set"]) == src["sets"][min(same_k, key=lambda i: loss[i])]
+        assert r["train_loss"] == pytest.approx(loss[src["sets"].index(_key(r["set"]))])
+        assert r["static"] == pytest.approx(100 * G.passed(he[_key(r["set"])], ids).mean())
+        lo, hi = r["ci95"]
+        assert lo <= r["adaptive_minus_static"] <= hi
+        # the adaptive side is the main table's at that k
+        main = next(m for m in rep["matched"] if m["k"] == r["k"])
+        assert r["adaptive"] == main["humaneval"]["adaptive"]
