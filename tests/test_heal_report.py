@@ -239,3 +239,31 @@ def test_the_failure_kinds_are_the_committed_records_counted(report):
     assert n_pool == sum(1 for r in report["humaneval"]["sets"] if "unhealed" in r)
     assert rows[(f"mean of {n_pool} pool sets", "pool adapter")]["passed"] == pytest.approx(
         np.mean([r["healed"] for r in report["humaneval"]["sets"] if "unhealed" in r]) * 164 / 100, abs=0.051)
+
+
+def test_the_targets_are_the_best_of_the_committed_records_and_their_margins(report):
+    """The targets section: the best healed k = 3 HumanEval figure is the highest pass rate of the committed
+    healed records (pool adapter per set, per-set and wide adapters), the routed one the generation router's
+    picks scored on the healed records, the MC static best the highest healed MC average; a miss is stated with
+    its margin in the markdown."""
+    t = report["targets"]
+    dense = report["humaneval"]["dense"]
+    rates = [_pass_rate(HEAL / "gen-pool", p.stem) for p in (HEAL / "gen-pool" / "sets").glob("omit-*.json")]
+    for folder in HEAL.glob("gen-*-omit-*"):  # the per-set and wide adapters' own HumanEval runs
+        rates += [_pass_rate(folder, p.stem) for p in (folder / "sets").glob("omit-*.json")]
+    assert t["humaneval_static"]["best"]["value"] == pytest.approx(max(rates))
+    assert t["humaneval_routed"]["target"] == pytest.approx(0.9 * dense)
+    gen = json.loads((HEAL / "routers" / "generation.json").read_text())["runs"]["healed"]
+    picks = gen["picks"]
+    hit = [next(r["passed"] for r in json.loads((HEAL / "gen-pool" / "sets" / f"{picks[i]}.json").read_text())["humaneval"]["records"]
+                if r["task_id"] == i) for i in picks]
+    assert t["humaneval_routed"]["best"]["value"] >= 100 * np.mean(hit) - 1e-9
+    mc_best = max([r["healed"] for r in report["mc"]["sets"]] + [r["mc"] for r in report["per_set"]["sets"]]
+                  + [r["mc"] for r in report["wide"]["rows"]])
+    assert t["mc"]["best_static"]["value"] == pytest.approx(mc_best) and t["mc"]["target"] == pytest.approx(report["mc"]["dense"] - 2)
+    md = R.to_markdown(report)
+    gap = t["humaneval_routed"]["target"] - t["humaneval_routed"]["best"]["value"]
+    assert gap > 0 and f"**missed by {gap:.1f}**" in md
+    for run, r in t["lossless_fastest"].items():  # the fastest draft of each lossless run, from its own summary
+        summary = report["mlx"]["lossless"][run]
+        assert r["speedup"] == max(e["mean_speedup"] for e in summary.values() if isinstance(e, dict) and "mean_speedup" in e)
