@@ -57,7 +57,7 @@ mlx_preset() {
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
         "$1"/mlx-*.whl "$1"/mlx_*.whl "$1"/gguf-*.whl
     ln -sf "$1/qwen2.5-coder-1.5b-instruct-q4_k_m.gguf" "$C/files/"
-    [ -d "$PUDDING_MLX_DATA" ] || tar xf "$1/bench.tar" -C /tmp/data  # lossless.py's prompts
+    [ -d "$PUDDING_MLX_DATA" ] || { mkdir -p /tmp/data && tar xf "$1/bench.tar" -C /tmp/data; }  # lossless.py's prompts
     python3 -c "from pudding_mlx.convert.default_bundle import ensure_default_bundle; print(ensure_default_bundle(preset='qwen2.5-coder-1.5b'))"
 }
 case $phase in
