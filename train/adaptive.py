@@ -402,8 +402,11 @@ def build(run_dir, gen_dir, model: str, nll_path=None, bench_file=None, seed: in
     routers = _routers(run, gen, ev_data, gen_sets, ids, n_blocks)
 
     # adaptive against the best static set at the same mean k (budgets matched on each prompt set's own
-    # predictions, no labels), with paired intervals
-    matched = []
+    # predictions, no labels), with paired intervals. HumanEval also against a static baseline as strong as the
+    # predictor's code signal: per k, the set of lowest mean generation loss (the one the predictor uses) on the
+    # training split's code replies, among every set with HumanEval results (not only the menu's)
+    code_best = _best_static_on_code(nll, gen_loss, he_by_key) if nll is not None else {}
+    matched, code_static = [], []
     for k, b_row in sorted(best.items()):
         name = b_row["name"]
         if _key(b_row["set"]) not in menu:
@@ -420,22 +423,14 @@ def build(run_dir, gen_dir, model: str, nll_path=None, bench_file=None, seed: in
                                       "adaptive": ah["humaneval"]["pass@1"], "static": b_row["pass@1"],
                                       "adaptive_minus_static": ah["humaneval"]["pass@1"] - b_row["pass@1"],
                                       "ci95": G.bootstrap(ah["_he_hit"], he_hit[:, col])}})
-    # HumanEval against a static baseline as strong as the predictor's code signal: per k, the set of lowest mean
-    # generation loss (the one the predictor uses) on the training split's code replies, among every set with
-    # HumanEval results (not only the menu's); the adaptive side as above, at the same mean k
-    code_static = []
-    code_best = _best_static_on_code(nll, gen_loss, he_by_key) if nll is not None else {}
-    for k, b_row in sorted(code_best.items()):
-        if k not in best:
-            continue  # the k the main table compares
-        bh = budget_for_mean_k(he_pred, sizes, k)
-        ah = adaptive_at(bh)
-        hit = G.passed(gen_sets[he_by_key[b_row["set"]]], ids)
-        code_static.append({"k": k, "set": list(b_row["set"]), "chosen_on": b_row["chosen_on"],
-                            "train_loss": b_row["loss"], "adaptive_mean_k": ah["humaneval"]["mean_k"],
-                            "adaptive": ah["humaneval"]["pass@1"], "static": float(hit.mean() * 100),
-                            "adaptive_minus_static": ah["humaneval"]["pass@1"] - float(hit.mean() * 100),
-                            "ci95": G.bootstrap(ah["_he_hit"], hit)})
+        if k in code_best:
+            c_row = code_best[k]
+            hit = G.passed(gen_sets[he_by_key[c_row["set"]]], ids)
+            code_static.append({"k": k, "set": list(c_row["set"]), "chosen_on": c_row["chosen_on"],
+                                "train_loss": c_row["loss"], "adaptive_mean_k": ah["humaneval"]["mean_k"],
+                                "adaptive": ah["humaneval"]["pass@1"], "static": float(hit.mean() * 100),
+                                "adaptive_minus_static": ah["humaneval"]["pass@1"] - float(hit.mean() * 100),
+                                "ci95": G.bootstrap(ah["_he_hit"], hit)})
     # what the predictor says per prompt set: the mean over prompts of the lowest predicted loss of each k
     predicted = {t: _lowest_by_k(ev_pred[ev_data["task"] == t], sizes) for t in dict.fromkeys(ev_data["task"].tolist())}
     predicted["humaneval"] = _lowest_by_k(he_pred, sizes)

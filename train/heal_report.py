@@ -450,15 +450,15 @@ def targets(rep: dict) -> dict:
     per_set = (rep.get("per_set") or {}).get("sets", [])
     wide = (rep.get("wide") or {}).get("rows", [])
     he_static = [(f"{r['set']}, pool adapter", r["healed"]) for r in he["sets"] if r["k"] == 3]
-    he_static += [(f"{r['set']}, per-set adapter", r["humaneval"]) for r in per_set if r.get("humaneval") is not None]
-    he_static += [(f"{r['set']}, {r['adapter']} adapter", r["humaneval"]) for r in wide if r.get("humaneval") is not None]
+    he_static += [(f"{r['set']}, per-set adapter", r["humaneval"]) for r in per_set if _k(r["set"]) == 3 and r.get("humaneval") is not None]
+    he_static += [(f"{r['set']}, {r['adapter']} adapter", r["humaneval"]) for r in wide if _k(r["set"]) == 3 and r.get("humaneval") is not None]
     he_routed = [(f"routed ({r['router']}), pool adapter", r["healed"]) for r in he["routed"] if "healed" in r]
     gr = ((rep.get("generation_routers") or {}).get("runs") or {}).get("healed") or {}
     if gr.get("routed_humaneval") is not None:
         he_routed.append(("routed (generation scores), pool adapter", gr["routed_humaneval"]))
-    mc_static = [(f"{r['set']}, pool adapter", r["healed"]) for r in (mc or {}).get("sets", []) if r.get("healed") is not None]
-    mc_static += [(f"{r['set']}, per-set adapter", r["mc"]) for r in per_set if r.get("mc") is not None]
-    mc_static += [(f"{r['set']}, {r['adapter']} adapter", r["mc"]) for r in wide if r.get("mc") is not None]
+    mc_static = [(f"{r['set']}, pool adapter", r["healed"]) for r in (mc or {}).get("sets", []) if _k(r["set"]) == 3 and r.get("healed") is not None]
+    mc_static += [(f"{r['set']}, per-set adapter", r["mc"]) for r in per_set if _k(r["set"]) == 3 and r.get("mc") is not None]
+    mc_static += [(f"{r['set']}, {r['adapter']} adapter", r["mc"]) for r in wide if _k(r["set"]) == 3 and r.get("mc") is not None]
     rr = (((rep.get("routers") or {}).get("runs") or {}).get("healed") or {}).get("routers") or {}
     mc_routed = [(f"routed ({name}, healed scores), pool adapter", r["mc"]) for name, r in rr.items() if r.get("mc") is not None]
     he_routed += [(f"routed ({name}, healed scores), pool adapter", r["humaneval"]) for name, r in rr.items()
