@@ -448,16 +448,20 @@ def heal_routers(
     """Routers retrained on the k = 3 pool's healed per-prompt scores, beside the same routers unhealed: on the
     generation scores (reply NLL; HumanEval of each router's picks against its static rival, chosen on the same
     train prompts), and, where the healed multiple-choice data exists, hidden-state routers of every objective on
-    it (each run's report). CPU, a minute; `train heal-report` quotes them."""
+    it (each run's report; without the healed train split, trained on the unhealed training rows and scored on
+    the healed evaluation rows). CPU, a minute; `train heal-report` quotes them."""
     from pudding_mlx.train.heal_routers import build, write_generation_routers
 
     console.print(f"generation routers -> {write_generation_routers(work / 'adaptive' / 'nll.npz', run_dir, work, out / 'generation.json')}")
-    if (work / "data-healed-train" / "router_data.npz").is_file():
+    if all((work / f"data-healed-{s}" / "router_data.npz").is_file() for s in ("val", "test")):
         for name, path in build(work, run_dir, out, model).items():
             console.print(f"{name}: {path}/report.md")
+        if not (work / "data-healed-train" / "router_data.npz").is_file():
+            console.print(f"{work}/data-healed-train: none: the healed MC routers are trained on the unhealed "
+                          "training rows (only the evaluation rows are healed)")
     else:
-        console.print(f"{work}/data-healed-train: none (benchmarks/heal_gpu.py mc-healed): the multiple-choice routers "
-                      "are not retrained")
+        console.print(f"{work}/data-healed-val, -test: none (benchmarks/heal_gpu.py mc-healed): the multiple-choice "
+                      "routers are not retrained")
 
 
 def _distill_inputs(prompts: Path, answers: Path) -> dict:

@@ -267,3 +267,26 @@ def test_the_targets_are_the_best_of_the_committed_records_and_their_margins(rep
     for run, r in t["lossless_fastest"].items():  # the fastest draft of each lossless run, from its own summary
         summary = report["mlx"]["lossless"][run]
         assert r["speedup"] == max(e["mean_speedup"] for e in summary.values() if isinstance(e, dict) and "mean_speedup" in e)
+
+
+def test_the_routed_mc_target_is_the_healed_routers_best_and_the_adapter_check_recounts(report):
+    """The routed MC target's figure is the best hidden-state router of the committed healed routers' report
+    (routers/healed/report.json); with no healed train split it says the routers were trained on the unhealed rows;
+    the same-adapter line recounts, from the two committed npz files per split, the row-set answers on which the
+    healed router data and the pool sets' healed MC differ."""
+    rep = json.loads((HEAL / "routers" / "healed" / "report.json").read_text())
+    routed = [r["average"] for r in rep["rows"] if r["method"] == "routed" and str(r.get("router", "")).startswith("hidden-")]
+    best = report["targets"]["mc"]["best_routed"]
+    assert best["value"] == pytest.approx(max(routed))
+    train_rows = json.loads((HEAL / "routers" / "healed_vs_unhealed.json").read_text())["train_rows"]
+    assert (train_rows == "unhealed") == ("unhealed train rows" in best["what"])
+    differing = rows = 0
+    for split in ("val", "test"):
+        new, old = (np.load(HEAL / f"{d}-{split}" / "router_data.npz") for d in ("data-healed", "mc-pool"))
+        new_sets = [tuple(s) for s in json.loads((HEAL / f"data-healed-{split}" / "router_data.json").read_text())["sets"]]
+        for j, s in enumerate(json.loads((HEAL / f"mc-pool-{split}" / "router_data.json").read_text())["sets"]):
+            a, b = new["correct"][:, new_sets.index(tuple(s))], old["correct"][:, j]
+            differing, rows = differing + int((a != b).sum()), rows + len(a)
+    check = report["routers"]["adapter_check"]
+    assert (check["differing"], check["rows"]) == (differing, rows) and 0 < differing < rows
+    assert f"{differing} of {rows} row-set answers differ" in R.to_markdown(report)

@@ -21,7 +21,7 @@ RUN = Path(__file__).resolve().parents[1] / "results" / "smollm2-135m"
 
 def _fake_source(folder: Path, split: str, sets, shift: float, rows=None, label=None):
     """A router data folder with SETS' columns of RUN's data (named LABEL if given), y shifted by SHIFT and
-    correctness flipped."""
+    correctness (both kinds) flipped."""
     with np.load(RUN / f"data-{split}.npz", allow_pickle=False) as z:
         arrays = {k: z[k] for k in z.files}
     meta = json.loads((RUN / f"data-{split}.json").read_text())
@@ -31,6 +31,7 @@ def _fake_source(folder: Path, split: str, sets, shift: float, rows=None, label=
         arrays[k] = arrays[k][:, idx]
     arrays["y"] = arrays["y"] + shift
     arrays["correct"] = ~arrays["correct"].astype(bool)
+    arrays["correct_norm"] = ~arrays["correct_norm"].astype(bool)
     arrays["dense"] = arrays["dense"] - 5.0  # a heal run's dense column: never to be used
     if rows is not None:
         arrays["id"] = arrays["id"][::-1].copy()
@@ -114,3 +115,26 @@ def test_generation_routers_on_the_committed_heal_run():
     assert row["routed_humaneval"] == pytest.approx(by_hand)
     lo, hi = row["routed_minus_dense_ci95"]
     assert lo <= row["routed_humaneval"] - got["dense_humaneval"] <= hi
+
+
+def test_without_a_healed_train_split_both_runs_train_on_the_unhealed_rows(tmp_path, pool):
+    """A heal run that scored only the evaluation rows healed (MC_SPLITS=test,val): the healed run's routers and
+    best static set are chosen on the unhealed training rows, so both runs pick alike; the evaluation rows are the
+    healed source's (here flipped correctness, so the two runs' MC must differ), and the comparison says so."""
+    work = tmp_path / "work"
+    for split in ("val", "test"):
+        _fake_source(work / f"data-healed-{split}", split, pool, shift=0.0)
+    written = H.build(work, RUN, tmp_path / "out", model="smollm2")
+    compare = json.loads((tmp_path / "out" / "healed_vs_unhealed.json").read_text())
+    assert compare["train_rows"] == "unhealed" and compare["pool"] == [sorted(s) for s in pool]
+    picks = {name: json.loads((path / "he_picks.json").read_text()) for name, path in written.items()}
+    assert picks["healed"] == picks["unhealed"]
+    reps = {name: json.loads((path / "report.json").read_text()) for name, path in written.items()}
+    best = {name: next(d["best_static_set"] for d in rep["deltas"] if d["k"] == 3) for name, rep in reps.items()}
+    assert best["healed"] == best["unhealed"]
+    for objective, row in compare["mc"].items():  # correctness flipped on every evaluation row: far apart
+        assert abs(row["healed"] - row["unhealed"]) > 5, objective
+
+    (work / "data-healed-test" / "router_data.npz").unlink()
+    with pytest.raises(PuddingError, match="data-healed-test missing"):
+        H.build(work, RUN, tmp_path / "out2", model="smollm2")

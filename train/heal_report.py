@@ -378,7 +378,8 @@ def retrained_routers(work: Path, run: Path) -> Optional[dict]:
     healed_he, unhealed_he = load_sets(work / "gen-pool"), _unhealed_sets(work, run)
     ids = [r["task_id"] for r in unhealed_he["dense"]["humaneval"]["records"]]
     dense = passed(unhealed_he["dense"], ids)
-    out = {"mc": compare["mc"], "rows": compare["rows"], "pool": compare["pool"], "runs": {}}
+    out = {"mc": compare["mc"], "rows": compare["rows"], "pool": compare["pool"],
+           "train_rows": compare.get("train_rows", "healed"), "runs": {}}
     for name, results in (("healed", healed_he), ("unhealed", unhealed_he)):
         rep = json.loads((folder / name / "report.json").read_text())
         statics = [r for r in rep["rows"] if r["method"] == "static" and r["k"] == 3]
@@ -407,7 +408,32 @@ def retrained_routers(work: Path, run: Path) -> Optional[dict]:
         if best_set and set_name(best_set) in results:
             best_row["humaneval"] = 100 * float(passed(results[set_name(best_set)], ids).mean())
         out["runs"][name] = {"best_static": best_row, "routers": routers}
+    out["adapter_check"] = _same_adapter_check(work)
     return out
+
+
+def _same_adapter_check(work: Path) -> Optional[dict]:
+    """The healed router data (data-healed-{val,test}) against the pool sets' healed multiple choice of the run
+    that made the committed HumanEval replies (mc-pool-{val,test}), on the sets both scored: whether the adapter
+    behind the routers' MC rows behaves as the one behind their HumanEval rows (a later heal run trains it again)."""
+    rows = differing = 0
+    gaps = []
+    for split in ("val", "test"):
+        a, b = work / f"data-healed-{split}", work / f"mc-pool-{split}"
+        if not ((a / "router_data.npz").is_file() and (b / "router_data.npz").is_file()):
+            return None
+        sa = [tuple(x) for x in json.loads((a / "router_data.json").read_text())["sets"]]
+        sb = [tuple(x) for x in json.loads((b / "router_data.json").read_text())["sets"]]
+        with np.load(a / "router_data.npz", allow_pickle=False) as za, np.load(b / "router_data.npz", allow_pickle=False) as zb:
+            if not np.array_equal(za["id"], zb["id"]):
+                return None
+            for j, s in enumerate(sb):
+                if s in sa:
+                    x, y = za["correct"][:, sa.index(s)], zb["correct"][:, j]
+                    rows += len(x)
+                    differing += int((x != y).sum())
+                    gaps.append(100 * abs(float(x.mean()) - float(y.mean())))
+    return {"sets": len(gaps) // 2, "rows": rows, "differing": differing, "max_gap": max(gaps)} if gaps else None
 
 
 def failures(work: Path, run: Path) -> Optional[dict]:
@@ -460,8 +486,9 @@ def targets(rep: dict) -> dict:
     mc_static += [(f"{r['set']}, per-set adapter", r["mc"]) for r in per_set if _k(r["set"]) == 3 and r.get("mc") is not None]
     mc_static += [(f"{r['set']}, {r['adapter']} adapter", r["mc"]) for r in wide if _k(r["set"]) == 3 and r.get("mc") is not None]
     rr = (((rep.get("routers") or {}).get("runs") or {}).get("healed") or {}).get("routers") or {}
-    mc_routed = [(f"routed ({name}, healed scores), pool adapter", r["mc"]) for name, r in rr.items() if r.get("mc") is not None]
-    he_routed += [(f"routed ({name}, healed scores), pool adapter", r["humaneval"]) for name, r in rr.items()
+    trained = "healed scores" if (rep.get("routers") or {}).get("train_rows", "healed") == "healed" else "unhealed train rows"
+    mc_routed = [(f"routed ({name}, {trained}), pool adapter", r["mc"]) for name, r in rr.items() if r.get("mc") is not None]
+    he_routed += [(f"routed ({name}, {trained}), pool adapter", r["humaneval"]) for name, r in rr.items()
                   if r.get("humaneval") is not None]
 
     def best(rows):
@@ -584,11 +611,20 @@ def to_markdown(rep: dict) -> str:
                        f"{_ci(r.get('healed_minus_unhealed_ci95'))} | {_ci(r['healed_minus_dense_ci95'])} |")
     rr = rep.get("routers")
     if rr:
-        out += ["", f"## Routers retrained on the healed scores (k = 3 pool of {len(rr['pool'])} sets)", "",
+        if rr.get("train_rows", "healed") == "unhealed":
+            title, intro = "Routers on the healed multiple-choice scores", (
+                "The healed router data covers the evaluation rows only (data-healed-val, -test; the healed train split "
+                "was not scored): hidden-state routers of each objective are trained on the pool's unhealed "
+                "multiple-choice scores of the training rows, and the best static set is chosen on those rows, so the "
+                "healed and unhealed rows below make the same picks and differ only in the pool adapter being on.")
+        else:
+            title, intro = "Routers retrained on the healed scores", (
                 "Hidden-state routers of each objective trained on the pool's multiple-choice scores of the training "
                 "rows, healed (the pool adapter on) and unhealed (the same pool, the same rows); the best static set of "
-                "each is chosen on those training rows. MC: the six-task average on the evaluation rows "
-                f"({rr['rows']}); HumanEval: the router's pick per problem, run healed or unhealed.", "",
+                "each is chosen on those training rows.")
+        out += ["", f"## {title} (k = 3 pool of {len(rr['pool'])} sets)", "",
+                f"{intro} MC: the six-task average on the evaluation rows ({rr['rows']}); HumanEval: the router's pick "
+                "per problem, run healed or unhealed.", "",
                 "| | router | MC | - its best static [95%] | HumanEval | - dense [95%] | HumanEval picks |",
                 "|---|---|---|---|---|---|---|"]
         for name in ("unhealed", "healed"):
@@ -605,6 +641,12 @@ def to_markdown(rep: dict) -> str:
                            f"{_f(r.get('humaneval'))} | {_ci(r.get('humaneval_minus_dense_ci95'))} | {picks} |")
         out += ["", "Routed MC, healed minus unhealed (paired, 95%): " + "; ".join(
             f"{k} {v['healed']:.1f} vs {v['unhealed']:.1f}, {_ci(v['healed_minus_unhealed_ci95'])}" for k, v in rr["mc"].items())]
+        c = rr.get("adapter_check")
+        if c:
+            out += ["", f"Same adapter? The healed MC rows here and the pool sets' healed MC above (the run whose HumanEval "
+                    f"replies the picks use) on the {c['sets']} sets both scored: {c['differing']} of {c['rows']} "
+                    f"row-set answers differ ({100 * c['differing'] / c['rows']:.1f}%), per-split accuracy within "
+                    f"{c['max_gap']:.2f} points."]
     gr = rep.get("generation_routers")
     if gr:
         out += ["", f"## Routers retrained on the generation scores (k = 3 pool of {len(gr['pool'])} sets; `train heal-routers`)", "",

@@ -11,6 +11,10 @@ This module joins those columns into run folders laid out as results/<model>/pip
             column with the adapter loaded, which the runtime never runs: the adapter is on only while blocks
             are skipped);
   unhealed: the pool's columns from RUN's data, or data-extra where RUN lacks the set.
+Where the heal run scored only the evaluation splits healed (data-healed-{val,test}: the healed train split costs
+more than half of mc-healed, ~940 s on an H100), the healed run's training rows are the pool's unhealed columns:
+its routers and its best static set are then chosen on the unhealed training rows, the same as the unhealed run's
+(same picks), and only the evaluation rows are healed (healed_vs_unhealed.json `train_rows`: "unhealed").
 Then, for each, the hidden-state routers of every objective (`train router --variant probe`, as
 benchmarks/hidden_routers.sh trains them), their scores on val and test, and the run report
 (`train.report.report_run_dir`: the best static set chosen on the training rows, routed vs static with paired
@@ -91,12 +95,13 @@ def joined_split(run: Path, split: str, sources: Sequence[Path], sets: Sequence[
 
 
 def write_joined_run(run: Path, out: Path, sources: Dict[str, List[Path]], sets: Sequence[Sequence[int]],
-                     from_run: bool = True) -> Path:
+                     from_run=True) -> Path:
     """A run folder OUT (module doc) for SETS: data-{split}.npz/.json joined (`joined_split`), RUN's features,
-    cand-k3.json."""
+    cand-k3.json. FROM_RUN: True, False, or the names of the splits whose columns may come from RUN's data."""
     out.mkdir(parents=True, exist_ok=True)
     for split in SPLITS:
-        arrays, meta = joined_split(run, split, sources.get(split, []), sets, from_run)
+        here = from_run if isinstance(from_run, bool) else split in from_run
+        arrays, meta = joined_split(run, split, sources.get(split, []), sets, here)
         write_npz(out / f"data-{split}.npz", **arrays)
         write_json(out / f"data-{split}.json", meta)
         shutil.copy(run / f"features-{split}.npz", out / f"features-{split}.npz")
@@ -168,18 +173,23 @@ def routed_hits(run: Path, objective: str) -> tuple:
 
 def build(work, run_dir, out_dir, model: str) -> Dict[str, Path]:
     """Both joined runs, their routers, reports and HumanEval picks, into OUT/{healed,unhealed}/, and
-    OUT/healed_vs_unhealed.json: per objective, the routed MC average healed minus unhealed (paired, 95%)."""
+    OUT/healed_vs_unhealed.json: per objective, the routed MC average healed minus unhealed (paired, 95%). Without
+    a healed train split, the healed run trains on the unhealed training rows (module doc)."""
     from .report import average, bootstrap_delta, per_task, report_run_dir
 
     work, run, out = Path(work), Path(run_dir), Path(out_dir)
-    for split in SPLITS:
-        if not (work / f"data-healed-{split}" / "router_data.npz").is_file():
-            raise PuddingError(f"{work}/data-healed-{split}: missing; run benchmarks/heal_gpu.py mc-healed first")
-    pool = read_json(work / "data-healed-train" / "router_data.json", "router data", "rebuild it")["sets"]
+    healed = [s for s in SPLITS if (work / f"data-healed-{s}" / "router_data.npz").is_file()]
+    if healed not in (list(SPLITS), ["val", "test"]):
+        missing = ", ".join(f"data-healed-{s}" for s in SPLITS if s not in healed and s != "train")
+        raise PuddingError(f"{work}: {missing} missing; run benchmarks/heal_gpu.py mc-healed first "
+                           "(MC_SPLITS=test,val for the evaluation rows alone)")
+    train_rows = "healed" if "train" in healed else "unhealed"
+    pool = read_json(work / f"data-healed-{healed[-1]}" / "router_data.json", "router data", "rebuild it")["sets"]
+    healed_sources = {s: [work / (f"data-healed-{s}" if s in healed else f"data-extra-{s}")] for s in SPLITS}
     written = {}
     with tempfile.TemporaryDirectory() as tmp:
-        joined = {"healed": write_joined_run(run, Path(tmp) / "healed", {s: [work / f"data-healed-{s}"] for s in SPLITS},
-                                             pool, from_run=False),
+        joined = {"healed": write_joined_run(run, Path(tmp) / "healed", healed_sources, pool,
+                                             from_run=[s for s in SPLITS if s not in healed]),
                   "unhealed": write_joined_run(run, Path(tmp) / "unhealed",
                                                {s: [work / f"data-extra-{s}"] for s in SPLITS}, pool)}
         for name, j in joined.items():
@@ -199,7 +209,8 @@ def build(work, run_dir, out_dir, model: str) -> Dict[str, Path]:
             ref = {"task": data["task"]}
             compare[f"hidden-{objective}"] = {"healed": average(per_task(ref, h)), "unhealed": average(per_task(ref, u)),
                                               "healed_minus_unhealed_ci95": list(bootstrap_delta(ref, h, u))}
-        write_json(out / "healed_vs_unhealed.json", {"pool": pool, "rows": int(len(data["task"])), "mc": compare})
+        write_json(out / "healed_vs_unhealed.json", {"pool": pool, "rows": int(len(data["task"])), "train_rows": train_rows,
+                                                     "mc": compare})
     return written
 
 
