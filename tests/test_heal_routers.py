@@ -138,3 +138,20 @@ def test_without_a_healed_train_split_both_runs_train_on_the_unhealed_rows(tmp_p
     (work / "data-healed-test" / "router_data.npz").unlink()
     with pytest.raises(PuddingError, match="data-healed-test missing"):
         H.build(work, RUN, tmp_path / "out2", model="smollm2")
+
+
+def test_the_committed_qwen_routers_are_what_the_command_writes(tmp_path):
+    """results/qwen2.5-coder-1.5b/heal/routers/healed_vs_unhealed.json and both run reports come from
+    `build` on the committed heal folder (healed evaluation rows only: trained on the unhealed training rows)."""
+    heal = QWEN / "heal"
+    H.build(heal, QWEN, tmp_path, model="Qwen2.5-Coder-1.5B-Instruct")
+    got = json.loads((tmp_path / "healed_vs_unhealed.json").read_text())
+    want = json.loads((heal / "routers" / "healed_vs_unhealed.json").read_text())
+    assert got["train_rows"] == want["train_rows"] == "unhealed" and got["pool"] == want["pool"]
+    for objective, row in want["mc"].items():
+        assert got["mc"][objective]["healed"] == pytest.approx(row["healed"])
+        assert got["mc"][objective]["unhealed"] == pytest.approx(row["unhealed"])
+    for name in ("healed", "unhealed"):
+        assert (tmp_path / name / "report.md").read_text() == (heal / "routers" / name / "report.md").read_text()
+        assert json.loads((tmp_path / name / "he_picks.json").read_text()) == json.loads(
+            (heal / "routers" / name / "he_picks.json").read_text())

@@ -32,7 +32,7 @@ from typing import Dict, List, Sequence
 
 import numpy as np
 
-from pudding_mlx.atomic import write_json, write_npz
+from pudding_mlx.atomic import write_json, write_npz, write_text
 from pudding_mlx.errors import PuddingError
 from pudding_mlx.jsonio import read_json
 
@@ -197,9 +197,12 @@ def build(work, run_dir, out_dir, model: str) -> Dict[str, Path]:
             report_run_dir(j, model=model)
             dest = out / name
             dest.mkdir(parents=True, exist_ok=True)
-            for f in ("report.md", "report.json", "report.png"):
-                if (j / f).is_file():
-                    shutil.copy(j / f, dest / f)
+            rows = train_rows if name == "healed" else "unhealed"
+            for f in ("report.md", "report.json"):  # named for what they are, not for the temporary folder
+                text = (j / f).read_text().replace(f"{j}/data-train.npz", f"the training rows ({rows} scores)")
+                write_text(dest / f, text.replace(str(j), f"the joined {name} run"))
+            if (j / "report.png").is_file():
+                shutil.copy(j / "report.png", dest / "report.png")
             write_json(dest / "he_picks.json", he_picks(j, run))
             written[name] = dest
         compare = {}
