@@ -13,8 +13,8 @@ multiple-choice data, both made with the same model, prompts and settings):
 - Routed: the k = 3 hidden-state routers of RUN (retrained from its committed data, as the generation
   report does) pick a set per problem; healed routed is that set's healed result, where every set picked
   was run healed.
-- The six-task multiple-choice average (WORK/mc-pool-{val,test}) against unhealed (RUN/data-{val,test}),
-  paired per example. Dense comes from RUN's data: the heal run scores its "dense" column with the adapter
+- The six-task multiple-choice average (WORK/mc-pool-{val,test}, and every pool set where WORK/data-healed-{val,test}
+  exists) against unhealed (RUN/data-{val,test}, then WORK/mc-unhealed, data-extra), paired per example. Dense comes from RUN's data: the heal run scores its "dense" column with the adapter
   loaded, which is not what the runtime runs (the adapter is on only while blocks are skipped).
 - Routers retrained on the healed scores (`train heal-routers`, WORK/routers/): on the generation scores
   (generation.json: reply NLL of the distillation prompts, healed and unhealed, HumanEval of the picks), and on the
@@ -136,8 +136,11 @@ def _unhealed_columns(work: Path, run_data: dict, keys: List[tuple]) -> Dict[tup
     return cols
 
 
-def multiple_choice(work: Path, run: Path) -> Optional[dict]:
-    parts = _mc_parts(work, "mc-pool")
+def multiple_choice(work: Path, run: Path, prefix: str = "mc-pool") -> Optional[dict]:
+    """The six-task MC average of the sets in WORK/PREFIX-{val,test} healed, against unhealed and dense (paired
+    per example): mc-pool, the pool sets the first pool adapter's run scored; data-healed, every pool set (the
+    healed router data of `mc-healed`)."""
+    parts = _mc_parts(work, prefix)
     if not parts:
         return None
     healed = load_eval(parts)
@@ -483,6 +486,8 @@ def targets(rep: dict) -> dict:
     if gr.get("routed_humaneval") is not None:
         he_routed.append(("routed (generation scores), pool adapter", gr["routed_humaneval"]))
     mc_static = [(f"{r['set']}, pool adapter", r["healed"]) for r in (mc or {}).get("sets", []) if _k(r["set"]) == 3 and r.get("healed") is not None]
+    mc_static += [(f"{r['set']}, pool adapter trained again", r["healed"]) for r in (rep.get("mc_pool_all") or {}).get("sets", [])
+                  if _k(r["set"]) == 3]
     mc_static += [(f"{r['set']}, per-set adapter", r["mc"]) for r in per_set if _k(r["set"]) == 3 and r.get("mc") is not None]
     mc_static += [(f"{r['set']}, {r['adapter']} adapter", r["mc"]) for r in wide if _k(r["set"]) == 3 and r.get("mc") is not None]
     rr = (((rep.get("routers") or {}).get("runs") or {}).get("healed") or {}).get("routers") or {}
@@ -519,6 +524,7 @@ def build(work, run_dir, model: str) -> dict:
     info = json.loads(heal.read_text())
     settings = {k: info.get(k) for k in ("steps", "batch", "lr", "rank", "alpha", "kl_weight", "layers", "sets", "data")}
     rep = {"model": model, "adapter": settings, "humaneval": humaneval(work, run), "mc": multiple_choice(work, run),
+           "mc_pool_all": multiple_choice(work, run, "data-healed"),
             "generation_aware": generation_aware(work, run), "val_nll": val_nll(work), "mlx": mlx_runs(work, run),
             "fused": fused(work), "per_set": per_set(work, run), "wide": wide_data(work, run),
             "failures": failures(work, run),
@@ -609,6 +615,18 @@ def to_markdown(rep: dict) -> str:
         for r in mc["sets"]:
             out.append(f"| {r['set']} | {_f(r.get('unhealed'))} | {r['healed']:.1f} | "
                        f"{_ci(r.get('healed_minus_unhealed_ci95'))} | {_ci(r['healed_minus_dense_ci95'])} |")
+    every = rep.get("mc_pool_all")
+    if every:
+        gains = [r["healed"] - r["unhealed"] for r in every["sets"] if r.get("unhealed") is not None]
+        out += ["", f"### Every pool set ({len(every['sets'])}), the same rows, healed by the adapter trained again "
+                "(`mc-healed`: heal/data-healed-{val,test}; \"Same adapter?\" below)", "",
+                "| set | unhealed | healed | healed - unhealed [95%] | healed - dense [95%] |", "|---|---|---|---|---|"]
+        for r in sorted(every["sets"], key=lambda r: -r["healed"]):
+            out.append(f"| {r['set']} | {_f(r.get('unhealed'))} | {r['healed']:.1f} | "
+                       f"{_ci(r.get('healed_minus_unhealed_ci95'))} | {_ci(r['healed_minus_dense_ci95'])} |")
+        if gains:
+            out += ["", f"Healed - unhealed, mean over the {len(gains)} sets: {np.mean(gains):+.2f} points "
+                    f"(from {min(gains):+.2f} to {max(gains):+.2f})."]
     rr = rep.get("routers")
     if rr:
         if rr.get("train_rows", "healed") == "unhealed":
