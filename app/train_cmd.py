@@ -450,13 +450,14 @@ def heal_routers(
     train prompts), and, where the healed multiple-choice data exists, hidden-state routers of every objective on
     it (each run's report; without the healed train split, trained on the unhealed training rows and scored on
     the healed evaluation rows). CPU, a minute; `train heal-report` quotes them."""
-    from pudding_mlx.train.heal_routers import build, write_generation_routers
+    from pudding_mlx.train.heal_routers import build, healed_splits, write_generation_routers
 
     console.print(f"generation routers -> {write_generation_routers(work / 'adaptive' / 'nll.npz', run_dir, work, out / 'generation.json')}")
-    if all((work / f"data-healed-{s}" / "router_data.npz").is_file() for s in ("val", "test")):
+    healed = healed_splits(work)
+    if {"val", "test"} <= set(healed):
         for name, path in build(work, run_dir, out, model).items():
             console.print(f"{name}: {path}/report.md")
-        if not (work / "data-healed-train" / "router_data.npz").is_file():
+        if "train" not in healed:
             console.print(f"{work}/data-healed-train: none: the healed MC routers are trained on the unhealed "
                           "training rows (only the evaluation rows are healed)")
     else:

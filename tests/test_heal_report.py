@@ -289,6 +289,6 @@ def test_the_routed_mc_target_is_the_healed_routers_best_and_the_adapter_check_r
         for j, s in enumerate(json.loads((HEAL / f"mc-pool-{split}" / "router_data.json").read_text())["sets"]):
             a, b = new["correct"][:, new_sets.index(tuple(s))], old["correct"][:, j]
             differing, rows = differing + int((a != b).sum()), rows + len(a)
-    check = report["routers"]["adapter_check"]
+    check = report["mc_pool_all"]["same_adapter"]
     assert (check["differing"], check["rows"]) == (differing, rows) and 0 < differing < rows
     assert f"{differing} of {rows} row-set answers differ" in R.to_markdown(report)

@@ -411,7 +411,6 @@ def retrained_routers(work: Path, run: Path) -> Optional[dict]:
         if best_set and set_name(best_set) in results:
             best_row["humaneval"] = 100 * float(passed(results[set_name(best_set)], ids).mean())
         out["runs"][name] = {"best_static": best_row, "routers": routers}
-    out["adapter_check"] = _same_adapter_check(work)
     return out
 
 
@@ -530,6 +529,8 @@ def build(work, run_dir, model: str) -> dict:
             "failures": failures(work, run),
             "routers": retrained_routers(work, run),
             "generation_routers": _read(work / "routers" / "generation.json")}
+    if rep["mc_pool_all"]:
+        rep["mc_pool_all"]["same_adapter"] = _same_adapter_check(work)
     rep["targets"] = targets(rep)
     return rep
 
@@ -584,6 +585,12 @@ def _targets_markdown(t: dict, dense_he: float, dense_mc: Optional[float]) -> Li
     return out
 
 
+def _mc_row(r: dict) -> str:
+    """One set's row of a multiple-choice table (multiple_choice's rows)."""
+    return (f"| {r['set']} | {_f(r.get('unhealed'))} | {r['healed']:.1f} | "
+            f"{_ci(r.get('healed_minus_unhealed_ci95'))} | {_ci(r['healed_minus_dense_ci95'])} |")
+
+
 def to_markdown(rep: dict) -> str:
     he, mc, nll = rep["humaneval"], rep["mc"], rep["val_nll"]
     a = rep["adapter"]
@@ -612,21 +619,23 @@ def to_markdown(rep: dict) -> str:
     if mc:
         out += ["", f"## Multiple choice, six-task average ({mc['n']} examples; dense {mc['dense']:.1f})", "",
                 "| set | unhealed | healed | healed - unhealed [95%] | healed - dense [95%] |", "|---|---|---|---|---|"]
-        for r in mc["sets"]:
-            out.append(f"| {r['set']} | {_f(r.get('unhealed'))} | {r['healed']:.1f} | "
-                       f"{_ci(r.get('healed_minus_unhealed_ci95'))} | {_ci(r['healed_minus_dense_ci95'])} |")
+        out += [_mc_row(r) for r in mc["sets"]]
     every = rep.get("mc_pool_all")
     if every:
         gains = [r["healed"] - r["unhealed"] for r in every["sets"] if r.get("unhealed") is not None]
         out += ["", f"### Every pool set ({len(every['sets'])}), the same rows, healed by the adapter trained again "
-                "(`mc-healed`: heal/data-healed-{val,test}; \"Same adapter?\" below)", "",
+                "(`mc-healed`: heal/data-healed-{val,test}; \"Same adapter?\" below the table)", "",
                 "| set | unhealed | healed | healed - unhealed [95%] | healed - dense [95%] |", "|---|---|---|---|---|"]
-        for r in sorted(every["sets"], key=lambda r: -r["healed"]):
-            out.append(f"| {r['set']} | {_f(r.get('unhealed'))} | {r['healed']:.1f} | "
-                       f"{_ci(r.get('healed_minus_unhealed_ci95'))} | {_ci(r['healed_minus_dense_ci95'])} |")
+        out += [_mc_row(r) for r in sorted(every["sets"], key=lambda r: -r["healed"])]
         if gains:
             out += ["", f"Healed - unhealed, mean over the {len(gains)} sets: {np.mean(gains):+.2f} points "
                     f"(from {min(gains):+.2f} to {max(gains):+.2f})."]
+        c = every.get("same_adapter")
+        if c:
+            out += ["", f"Same adapter? These healed rows and the pool sets' healed MC above (the run whose HumanEval "
+                    f"replies the routers' picks use) on the {c['sets']} sets both scored: {c['differing']} of {c['rows']} "
+                    f"row-set answers differ ({100 * c['differing'] / c['rows']:.1f}%), per-split accuracy within "
+                    f"{c['max_gap']:.2f} points."]
     rr = rep.get("routers")
     if rr:
         if rr.get("train_rows", "healed") == "unhealed":
@@ -659,12 +668,6 @@ def to_markdown(rep: dict) -> str:
                            f"{_f(r.get('humaneval'))} | {_ci(r.get('humaneval_minus_dense_ci95'))} | {picks} |")
         out += ["", "Routed MC, healed minus unhealed (paired, 95%): " + "; ".join(
             f"{k} {v['healed']:.1f} vs {v['unhealed']:.1f}, {_ci(v['healed_minus_unhealed_ci95'])}" for k, v in rr["mc"].items())]
-        c = rr.get("adapter_check")
-        if c:
-            out += ["", f"Same adapter? The healed MC rows here and the pool sets' healed MC above (the run whose HumanEval "
-                    f"replies the picks use) on the {c['sets']} sets both scored: {c['differing']} of {c['rows']} "
-                    f"row-set answers differ ({100 * c['differing'] / c['rows']:.1f}%), per-split accuracy within "
-                    f"{c['max_gap']:.2f} points."]
     gr = rep.get("generation_routers")
     if gr:
         out += ["", f"## Routers retrained on the generation scores (k = 3 pool of {len(gr['pool'])} sets; `train heal-routers`)", "",

@@ -171,6 +171,11 @@ def routed_hits(run: Path, objective: str) -> tuple:
     return data, data["hit"][np.arange(len(chosen)), chosen]
 
 
+def healed_splits(work) -> List[str]:
+    """The splits of WORK's healed router data (data-healed-{split}/router_data.npz), in SPLITS' order."""
+    return [s for s in SPLITS if (Path(work) / f"data-healed-{s}" / "router_data.npz").is_file()]
+
+
 def build(work, run_dir, out_dir, model: str) -> Dict[str, Path]:
     """Both joined runs, their routers, reports and HumanEval picks, into OUT/{healed,unhealed}/, and
     OUT/healed_vs_unhealed.json: per objective, the routed MC average healed minus unhealed (paired, 95%). Without
@@ -178,7 +183,7 @@ def build(work, run_dir, out_dir, model: str) -> Dict[str, Path]:
     from .report import average, bootstrap_delta, per_task, report_run_dir
 
     work, run, out = Path(work), Path(run_dir), Path(out_dir)
-    healed = [s for s in SPLITS if (work / f"data-healed-{s}" / "router_data.npz").is_file()]
+    healed = healed_splits(work)
     if healed not in (list(SPLITS), ["val", "test"]):
         missing = ", ".join(f"data-healed-{s}" for s in SPLITS if s not in healed and s != "train")
         raise PuddingError(f"{work}: {missing} missing; run benchmarks/heal_gpu.py mc-healed first "
