@@ -23,13 +23,15 @@
 #        # reproduce?), HumanEval of a few pool sets, then PER_SET per-set adapters with HumanEval and multiple choice
 #   benchmarks/heal_gpu.sh start-wide GGUF WORK [N]  # the seventh run: N shards (default 4) answer the wide code
 #        # prompts, then per-set adapters trained on both answer files (phase wide), with HumanEval and multiple choice
+#   benchmarks/heal_gpu.sh start-mc-healed GGUF WORK [STAGED]  # the tenth run: the pool adapter, mc-healed's train
+#        # split, then (STAGED given) the lossless k = 7 draft on MLX alone, then mc-healed's val and test splits
 #   benchmarks/heal_gpu.sh mlx STAGED WORK OUT   # MLX (CUDA; STAGED also holds the mlx, mlx-cuda-13 and mlx-lm
 #        # wheels): the qwen2.5-coder-1.5b preset, and once WORK's pool adapter exists, the preset with it
 #        # (WORK/mlx/healed-preset), its adapter cost and lossless drafting (bench) and HumanEval healed (eval).
 #        # Start it with start-shards: it waits for the HumanEval shards, then shares the GPU with multiple choice
 #   benchmarks/heal_gpu.sh mlx-speed STAGED OUT   # MLX (CUDA), alone on the GPU: each depth's decode speed
 #        # (benchmarks/depth_speed.py; DEPTH_SETS, DECODE_TOKENS) and lossless drafting at an aggressive k = 7 draft
-#        # (LOSSLESS=0: without it)
+#        # (LOSSLESS=0: without it; DEPTH=0: the lossless draft alone)
 #   benchmarks/heal_gpu.sh status WORK           # running or not, the log's tail, the GPU's use
 #   benchmarks/heal_gpu.sh poll WORK OUT          # status, then collect: use it to wait, so a lost machine loses less
 #   benchmarks/heal_gpu.sh collect WORK OUT      # WORK as OUT/heal.tgz (unfinished answers too: a lost machine
@@ -183,6 +185,25 @@ start-wide)
         touch $work/wide.done" >"$work/run.log" 2>&1 &
     echo $! >"$work/run.pid"
     echo "started $(cat "$work/run.pid"): $work/run.log" ;;
+start-mc-healed)
+    # the tenth run: the pool adapter trained again (its weights are not committed), multiple choice of every pool
+    # set healed on the train rows of the run's data-train (mc-healed, MC_SPLITS=train: what `pudding-mlx train
+    # heal-routers` needs to train the healed routers on healed rows), then with STAGED the aggressive lossless
+    # draft on MLX alone (mlx-speed with DEPTH=0, into WORK/mlx-out), then the evaluation splits with the same
+    # adapter (a lease that ends first leaves the committed ones, from the ninth run's adapter). One process at a
+    # time: each step has the GPU to itself
+    model=$2 work=$3 staged=${4:-}
+    D="python3 benchmarks/heal_gpu.py $model $work"
+    mkdir -p "$work"
+    copy_search "$work"
+    $D seed
+    setsid nohup sh -c "
+        MC_SPLITS=train $D pool,mc-healed >$work/mc-healed-train.log 2>&1; echo mc-healed train done
+        if [ -n \"$staged\" ]; then DEPTH=0 $0 mlx-speed $staged $work/mlx-out >$work/mlx-speed.log 2>&1; echo mlx-speed done; fi
+        MC_SPLITS=val,test $D mc-healed >$work/mc-healed-eval.log 2>&1; echo mc-healed val,test done
+        touch $work/mc-healed.done" >"$work/run.log" 2>&1 &
+    echo $! >"$work/run.pid"
+    echo "started $(cat "$work/run.pid"): $work/run.log" ;;
 mlx)
     staged=$2 work=$3 out=$4
     PM="python3 -m pudding_mlx.app.cli" P=$C/preset-qwen2.5-coder-1.5b H=$work/mlx/healed-preset
@@ -221,7 +242,8 @@ mlx-speed)
     staged=$2 out=$3 P=$C/preset-qwen2.5-coder-1.5b
     mkdir -p "$out"
     mlx_preset "$staged"
-    python3 benchmarks/depth_speed.py "$P" --omit "${DEPTH_SETS:-9;9,14;13,14,15;11,12,13,14,15}" --runs 10 \
+    # DEPTH=0 skips the depth timings (committed: results/bench/depth_speed_qwen_cuda.json), for a lossless-only call
+    [ "${DEPTH:-1}" = 0 ] || python3 benchmarks/depth_speed.py "$P" --omit "${DEPTH_SETS:-9;9,14;13,14,15;11,12,13,14,15}" --runs 10 \
         --decode-tokens "${DECODE_TOKENS:-32}" --json "$out/depth_speed_qwen_cuda.json" \
         >"$out/depth_speed_qwen_cuda.log" 2>&1 || echo "failed: $out/depth_speed_qwen_cuda.log"
     # LOSSLESS=0 skips the k = 7 draft (its CPU run's bound is under 1 for the static draft: results/lossless)
