@@ -269,6 +269,13 @@ def test_the_targets_are_the_best_of_the_committed_records_and_their_margins(rep
     for run, r in t["lossless_fastest"].items():  # the fastest draft of each lossless run, from its own summary
         summary = report["mlx"]["lossless"][run]
         assert r["speedup"] == max(e["mean_speedup"] for e in summary.values() if isinstance(e, dict) and "mean_speedup" in e)
+        # its label says what it drafted with, read from its own rows: the static set's size and the bundle
+        payload = json.loads((HEAL / "mlx-out" / f"mlx_lossless_{run}.json").read_text())
+        k = {len(row["sets"]["static"]) for row in payload["rows"]}
+        healed = {Path(payload["bundle"]).name == "healed-preset"}
+        assert len(k) == 1 and f"k = {k.pop()} static draft" in r["label"] and f"lossless ({r['label']})" in md
+        assert r["label"].startswith("healed" if healed.pop() else "unhealed")
+    assert {d["static_k"] for d in report["mlx"]["lossless_drafts"].values()} >= {3, 7}  # the aggressive draft is there
 
 
 def test_the_routed_mc_target_is_the_healed_routers_best_and_the_adapter_check_recounts(report):

@@ -142,12 +142,15 @@ def test_without_a_healed_train_split_both_runs_train_on_the_unhealed_rows(tmp_p
 
 def test_the_committed_qwen_routers_are_what_the_command_writes(tmp_path):
     """results/qwen2.5-coder-1.5b/heal/routers/healed_vs_unhealed.json and both run reports come from
-    `build` on the committed heal folder (healed evaluation rows only: trained on the unhealed training rows)."""
+    `build` on the committed heal folder (all three splits healed: the healed routers train on the healed training
+    rows, so their picks are their own)."""
     heal = QWEN / "heal"
     H.build(heal, QWEN, tmp_path, model="Qwen2.5-Coder-1.5B-Instruct")
     got = json.loads((tmp_path / "healed_vs_unhealed.json").read_text())
     want = json.loads((heal / "routers" / "healed_vs_unhealed.json").read_text())
-    assert got["train_rows"] == want["train_rows"] == "unhealed" and got["pool"] == want["pool"]
+    assert got["train_rows"] == want["train_rows"] == "healed" and got["pool"] == want["pool"]
+    assert json.loads((tmp_path / "healed" / "he_picks.json").read_text()) != json.loads(
+        (tmp_path / "unhealed" / "he_picks.json").read_text())
     for objective, row in want["mc"].items():
         assert got["mc"][objective]["healed"] == pytest.approx(row["healed"])
         assert got["mc"][objective]["unhealed"] == pytest.approx(row["unhealed"])

@@ -251,9 +251,33 @@ def mlx_runs(work: Path, run: Path) -> Optional[dict]:
     cost = None
     if (out / "mlx_adapter_cost_cuda.json").is_file():
         cost = json.loads((out / "mlx_adapter_cost_cuda.json").read_text()).get("summary")
-    lossless = {p.stem.removeprefix("mlx_lossless_"): lossless_summary(json.loads(p.read_text()), run)
-                for p in sorted(out.glob("mlx_lossless_*.json"))}
-    return {"eval": runs, "adapter_cost": cost, "lossless": lossless, "lossless_needed": lossless_needed(run)}
+    lossless, drafts = {}, {}
+    for p in sorted(out.glob("mlx_lossless_*.json")):
+        payload, name = json.loads(p.read_text()), p.stem.removeprefix("mlx_lossless_")
+        lossless[name] = lossless_summary(payload, run)
+        drafts[name] = lossless_draft(payload, name)
+    return {"eval": runs, "adapter_cost": cost, "lossless": lossless, "lossless_drafts": drafts,
+            "lossless_needed": lossless_needed(run)}
+
+
+# How each committed lossless run shared the GPU (benchmarks/heal_gpu.sh): `mlx` ran the healed and unhealed k = 3
+# drafts beside multiple-choice scoring, so their speeds are low bounds; `mlx-speed` ran the k = 7 draft alone
+LOSSLESS_ALONE = {"k7"}
+
+
+def lossless_draft(payload: dict, name: str) -> dict:
+    """What a lossless run drafted with, from its own payload: the static draft's blocks skipped, the adapter
+    (the healed preset or not), and whether MLX had the GPU to itself (LOSSLESS_ALONE)."""
+    static = payload.get("static") or (payload.get("rows") or [{}])[0].get("sets", {}).get("static") or []
+    return {"static_k": len(static), "healed": Path(str(payload.get("bundle", ""))).name.startswith("healed"),
+            "alone": name in LOSSLESS_ALONE}
+
+
+def lossless_label(draft: Optional[dict], name: str) -> str:
+    if not draft:
+        return name
+    return (f"{'healed' if draft['healed'] else 'unhealed'} k = {draft['static_k']} static draft"
+            + ("" if draft["alone"] else ", GPU shared"))
 
 
 def lossless_needed(run: Path, speedup: float = 1.10, drafts=(3, 7, 9, 14), sizes=(2, 4, 8)) -> dict:
@@ -505,7 +529,8 @@ def targets(rep: dict) -> dict:
         if rows:
             top = max(rows, key=lambda e: e["mean_speedup"])
             lossless[run] = {"draft": top["draft"], "draft_tokens": top["draft_tokens"], "speedup": top["mean_speedup"],
-                             "accepted": top["mean_accepted"], "bound": top.get("speedup_bound")}
+                             "accepted": top["mean_accepted"], "bound": top.get("speedup_bound"),
+                             "label": lossless_label((rep["mlx"].get("lossless_drafts") or {}).get(run), run)}
     return {"humaneval_routed": {"target": 0.9 * dense_he, "best": best(he_routed)},
             "humaneval_static": {"best": best(he_static)},
             "mc": {"target": None if dense_mc is None else dense_mc - 2, "best_routed": best(mc_routed), "best_static": best(mc_static)},
@@ -569,14 +594,15 @@ def _targets_markdown(t: dict, dense_he: float, dense_mc: Optional[float]) -> Li
     out.append(f"| HumanEval ≥ 95% of dense ({h95['target']:.1f}) at decode ≥ 1.10x (k = 3: ideal 1.12x) | "
                f"{verdict(h95['best'], h95['target'])} | |")
     for run, r in t["lossless_fastest"].items():
-        out.append(f"| lossless ({run} k = 3 draft): speedup vs dense, the fastest draft | {r['speedup']:.3f} ({r['draft']}, "
+        out.append(f"| lossless ({r.get('label', run)}): speedup vs dense, the fastest draft | {r['speedup']:.3f} ({r['draft']}, "
                    f"{r['draft_tokens']} draft tokens, acceptance {r['accepted']:.3f}"
                    + (f", bound {r['bound']:.3f}" if r.get("bound") is not None else "") + "): "
                    + ("pays" if r["speedup"] > 1 else "does not pay") + " | |")
     if t["lossless_fastest"]:
-        out += ["", "Lossless rows: the MLX runs on CUDA below (the GPU shared with multiple-choice scoring, so speeds are low "
-                "bounds; the bound is the speedup at that acceptance with a verify as cheap as one dense step). The adapter's "
-                "decode cost (≤ 2%): \"The adapter fused\" below."]
+        out += ["", "Lossless rows: the MLX runs on CUDA below (\"GPU shared\": beside multiple-choice scoring, so speeds are "
+                "low bounds; the others had the GPU to themselves; the routed draft is always the preset's router among its "
+                "k = 3 sets; the bound is the speedup at that acceptance with a verify as cheap as one dense step). The "
+                "adapter's decode cost (≤ 2%): \"The adapter fused\" below."]
     tr = t["tried"]
     no_mc = " (routers on the healed pool's MC scores need its MC router data, `mc-healed`: not run)" if not tr["routed_mc"] else ""
     out += ["", f"Tried: one pool adapter ({tr['pool_steps']} steps) on {tr['pool_sets']} sets; {tr['per_set']} per-set "
@@ -765,17 +791,18 @@ def to_markdown(rep: dict) -> str:
         if mlx["adapter_cost"]:
             out += ["", f"Adapter cost, as LoRA terms: `{json.dumps(mlx['adapter_cost'])[:600]}`"]
         if mlx["lossless"]:
-            out += ["", "Lossless drafting (benchmarks/lossless.py; the GPU was shared with multiple-choice scoring, so the "
+            out += ["", "Lossless drafting (benchmarks/lossless.py; \"GPU shared\": beside multiple-choice scoring, so the "
                     "speeds are low bounds; acceptance is unaffected). The bound is the speedup if the verify cost one "
                     "dense step and a pruned step (n - k) / n of one (`pudding_mlx.omission.lossless_speedup_bound`): "
                     "under 1, lossless cannot pay at that acceptance on any hardware:", "",
                     "| run | draft | draft tokens | mean accepted from draft | mean speedup vs dense | bound |",
                     "|---|---|---|---|---|---|"]
             for name, summary in mlx["lossless"].items():
+                label = lossless_label((mlx.get("lossless_drafts") or {}).get(name), name)
                 for r in (summary or {}).values():
                     if isinstance(r, dict) and "mean_accepted" in r:
                         bound = f"{r['speedup_bound']:.3f}" if "speedup_bound" in r else "-"
-                        out.append(f"| {name} | {r['draft']} | {r['draft_tokens']} | {r['mean_accepted']:.3f} | "
+                        out.append(f"| {label} | {r['draft']} | {r['draft_tokens']} | {r['mean_accepted']:.3f} | "
                                    f"{r['mean_speedup']:.3f} | {bound} |")
             need = mlx.get("lossless_needed")
             if need:
