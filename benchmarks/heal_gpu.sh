@@ -190,7 +190,7 @@ start-mc-healed)
     # set healed on the train rows of the run's data-train (mc-healed, MC_SPLITS=train: what `pudding-mlx train
     # heal-routers` needs to train the healed routers on healed rows), then with STAGED the aggressive lossless
     # draft on MLX alone (mlx-speed with DEPTH=0, into WORK/mlx-out), then the evaluation splits with the same
-    # adapter (a lease that ends first leaves the committed ones, from the ninth run's adapter). One process at a
+    # adapter (a lease that ends first leaves the committed ones, all from one adapter). One process at a
     # time: each step has the GPU to itself
     model=$2 work=$3 staged=${4:-}
     D="python3 benchmarks/heal_gpu.py $model $work"
