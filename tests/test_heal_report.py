@@ -299,3 +299,20 @@ def test_the_routed_mc_target_is_the_healed_routers_best_and_the_adapter_check_r
     check = report["mc_pool_all"]["same_adapter"]
     assert (check["differing"], check["rows"]) == (differing, rows) and 0 < differing < rows
     assert f"{differing} of {rows} row-set answers differ" in R.to_markdown(report)
+
+
+def test_the_routers_section_says_which_training_rows_the_healed_routers_had(report):
+    """The committed routers train on the healed training rows; a heal run with only the evaluation splits healed
+    trains them on the unhealed rows, and the section's title, its text and the MC target's label say so."""
+    import copy
+
+    md = R.to_markdown(report)
+    assert report["routers"]["train_rows"] == "healed"
+    assert "## Routers retrained on the healed scores" in md and "(hidden-task, healed scores)" in md
+    eval_only = copy.deepcopy(report)
+    eval_only["routers"]["train_rows"] = "unhealed"
+    eval_only["targets"] = R.targets(eval_only)
+    md = R.to_markdown(eval_only)
+    assert "## Routers on the healed multiple-choice scores" in md and "the healed train split was not scored" in md
+    assert "unhealed train rows" in eval_only["targets"]["mc"]["best_routed"]["what"]
+    assert "## Routers retrained on the healed scores" not in md
