@@ -49,7 +49,7 @@ def pool():
 def test_joined_columns_come_from_the_named_source_and_dense_from_the_run(tmp_path, pool):
     src = _fake_source(tmp_path / "healed-val", "val", pool, shift=1.0)
     sources = {"val": [src], **{s: [_fake_source(tmp_path / f"healed-{s}", s, pool, 1.0)] for s in ("train", "test")}}
-    out = H.write_joined_run(RUN, tmp_path / "healed", sources, pool, from_run=False)
+    out = H.write_joined_run(RUN, tmp_path / "healed", sources, pool, from_run=())
     with np.load(RUN / "data-val.npz") as run, np.load(out / "data-val.npz") as got:
         meta = json.loads((RUN / "data-val.json").read_text())
         cols = [[tuple(sorted(x)) for x in meta["sets"]].index(tuple(sorted(s))) for s in pool]
@@ -78,7 +78,7 @@ def test_a_source_with_other_rows_is_refused(tmp_path, pool):
 
 def test_routers_on_a_joined_run_pick_among_its_sets(tmp_path, pool):
     sources = {s: [_fake_source(tmp_path / f"h-{s}", s, pool, shift=0.0)] for s in H.SPLITS}
-    run = H.write_joined_run(RUN, tmp_path / "run", sources, pool, from_run=False)
+    run = H.write_joined_run(RUN, tmp_path / "run", sources, pool, from_run=())
     H.train_routers(run)
     for objective in H.OBJECTIVES:
         with np.load(run / "routers" / "preds" / f"hidden-{objective}-k3-test.npz") as z:

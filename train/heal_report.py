@@ -267,17 +267,14 @@ LOSSLESS_ALONE = {"k7"}
 
 def lossless_draft(payload: dict, name: str) -> dict:
     """What a lossless run drafted with, from its own payload: the static draft's blocks skipped, the adapter
-    (the healed preset or not), and whether MLX had the GPU to itself (LOSSLESS_ALONE)."""
+    (the healed preset or not), whether MLX had the GPU to itself (LOSSLESS_ALONE), and the label the report's
+    rows give it."""
     static = payload.get("static") or (payload.get("rows") or [{}])[0].get("sets", {}).get("static") or []
-    return {"static_k": len(static), "healed": Path(str(payload.get("bundle", ""))).name.startswith("healed"),
-            "alone": name in LOSSLESS_ALONE}
-
-
-def lossless_label(draft: Optional[dict], name: str) -> str:
-    if not draft:
-        return name
-    return (f"{'healed' if draft['healed'] else 'unhealed'} k = {draft['static_k']} static draft"
-            + ("" if draft["alone"] else ", GPU shared"))
+    draft = {"static_k": len(static), "healed": Path(str(payload.get("bundle", ""))).name.startswith("healed"),
+             "alone": name in LOSSLESS_ALONE}
+    draft["label"] = (f"{'healed' if draft['healed'] else 'unhealed'} k = {draft['static_k']} static draft"
+                      + ("" if draft["alone"] else ", GPU shared"))
+    return draft
 
 
 def lossless_needed(run: Path, speedup: float = 1.10, drafts=(3, 7, 9, 14), sizes=(2, 4, 8)) -> dict:
@@ -530,7 +527,7 @@ def targets(rep: dict) -> dict:
             top = max(rows, key=lambda e: e["mean_speedup"])
             lossless[run] = {"draft": top["draft"], "draft_tokens": top["draft_tokens"], "speedup": top["mean_speedup"],
                              "accepted": top["mean_accepted"], "bound": top.get("speedup_bound"),
-                             "label": lossless_label((rep["mlx"].get("lossless_drafts") or {}).get(run), run)}
+                             "label": rep["mlx"]["lossless_drafts"][run]["label"]}
     return {"humaneval_routed": {"target": 0.9 * dense_he, "best": best(he_routed)},
             "humaneval_static": {"best": best(he_static)},
             "mc": {"target": None if dense_mc is None else dense_mc - 2, "best_routed": best(mc_routed), "best_static": best(mc_static)},
@@ -798,7 +795,7 @@ def to_markdown(rep: dict) -> str:
                     "| run | draft | draft tokens | mean accepted from draft | mean speedup vs dense | bound |",
                     "|---|---|---|---|---|---|"]
             for name, summary in mlx["lossless"].items():
-                label = lossless_label((mlx.get("lossless_drafts") or {}).get(name), name)
+                label = mlx["lossless_drafts"][name]["label"]
                 for r in (summary or {}).values():
                     if isinstance(r, dict) and "mean_accepted" in r:
                         bound = f"{r['speedup_bound']:.3f}" if "speedup_bound" in r else "-"

@@ -95,13 +95,12 @@ def joined_split(run: Path, split: str, sources: Sequence[Path], sets: Sequence[
 
 
 def write_joined_run(run: Path, out: Path, sources: Dict[str, List[Path]], sets: Sequence[Sequence[int]],
-                     from_run=True) -> Path:
+                     from_run: Sequence[str] = SPLITS) -> Path:
     """A run folder OUT (module doc) for SETS: data-{split}.npz/.json joined (`joined_split`), RUN's features,
-    cand-k3.json. FROM_RUN: True, False, or the names of the splits whose columns may come from RUN's data."""
+    cand-k3.json. FROM_RUN: the splits whose columns may come from RUN's data (none: only SOURCES')."""
     out.mkdir(parents=True, exist_ok=True)
     for split in SPLITS:
-        here = from_run if isinstance(from_run, bool) else split in from_run
-        arrays, meta = joined_split(run, split, sources.get(split, []), sets, here)
+        arrays, meta = joined_split(run, split, sources.get(split, []), sets, split in from_run)
         write_npz(out / f"data-{split}.npz", **arrays)
         write_json(out / f"data-{split}.json", meta)
         shutil.copy(run / f"features-{split}.npz", out / f"features-{split}.npz")
