@@ -600,7 +600,9 @@ def heal(
 ):
     """Train one LoRA adapter that heals the given omission sets (the set skipped drawn per step from them),
     by distillation from the dense model (the same weights, adapter off) on the train split of the answers;
-    then print each set's val NLL of the dense replies, unhealed and healed (also in OUT/heal.json)."""
+    then print each set's val NLL of the dense replies, unhealed and healed (also in OUT/heal.json).
+    Several GPUs: `torchrun --nproc-per-node N -m pudding_mlx.app.cli train heal ...` (data parallel; --batch is
+    the whole step's, split across the GPUs)."""
     _need_torch()
     from pudding_mlx.atomic import check_output
     from pudding_mlx.errors import PuddingError
@@ -624,10 +626,13 @@ def heal(
     headers = [_distill_inputs(p, a) for p, a in zip(prompts, answers)]
     from pudding_mlx.train import distill as D
     from pudding_mlx.train import heal as H
+    from pudding_mlx.train.distributed import init_from_env, is_main, world
     from pudding_mlx.train.generation import set_name
     from pudding_mlx.train.hf import load_hf
     from pudding_mlx.train.scoring import num_blocks
 
+    init_from_env()
+    say = console.print if is_main() else (lambda *a, **k: None)
     lm, tokenizer, _ = load_hf(model, device, dtype)
     n_blocks = num_blocks(lm)
     what = f"--candidates {candidates}" if candidates is not None else "--sets"
@@ -642,27 +647,30 @@ def heal(
     if not train:
         raise PuddingError(f"--answers {' '.join(map(str, answers))}: no train examples; answer more prompts "
                            "(without --limit)")
-    console.print(f"{len(chosen)} sets, {len(train)} train examples, {len(val)} val replies; {steps} steps, "
-                  f"LoRA on blocks {first}..{n_blocks - 1}")
+    processes = world()[1]
+    say(f"{len(chosen)} sets, {len(train)} train examples, {len(val)} val replies; {steps} steps, "
+        f"LoRA on blocks {first}..{n_blocks - 1}" + (f"; {processes} processes" if processes > 1 else ""))
     import torch
 
     torch.manual_seed(seed)  # LoRA's A matrices: the same adapter from the same command
     pm = H.add_lora(lm, rank=rank, alpha=2 * rank, layers=layers)
     curve = H.train_adapter(pm, tokenizer, train, chosen, steps, batch, lr, kl_weight, seed, log=console.print)
     table = H.nll_table(pm, tokenizer, val, chosen, ["default"]) if val else {}
-    H.save_adapter(pm, out, chosen, {"steps": steps, "batch": batch, "lr": lr, "rank": rank, "alpha": 2 * rank,
-                                     "kl_weight": kl_weight, "seed": seed, "layers": layers,
-                                     "data": headers[0] if len(headers) == 1 else headers,
-                                     "val_nll": {"examples": len(val), "table": table}, "curve": curve},
-                   force=force)
+    if is_main():  # one writer
+        H.save_adapter(pm, out, chosen, {"steps": steps, "batch": batch, "lr": lr, "rank": rank, "alpha": 2 * rank,
+                                         "kl_weight": kl_weight, "seed": seed, "layers": layers,
+                                         "processes": processes, "data": headers[0] if len(headers) == 1 else headers,
+                                         "val_nll": {"examples": len(val), "table": table}, "curve": curve},
+                       force=force)
     if not table:
-        console.print("no val replies: no NLL to report")
+        say("no val replies: no NLL to report")
     else:
-        console.print(f"val NLL per token of the dense replies ({len(val)}): dense {table['dense']['unhealed']:.4f}")
+        say(f"val NLL per token of the dense replies ({len(val)}): dense {table['dense']['unhealed']:.4f}")
         for s in chosen:
             row = table[set_name(s)]
-            console.print(f"  {set_name(s)}: unhealed {row['unhealed']:.4f} -> healed {row['default']:.4f}")
-    console.print(f"adapter -> {out}")
+            say(f"  {set_name(s)}: unhealed {row['unhealed']:.4f} -> healed {row['default']:.4f}")
+    say(f"adapter -> {out}")
+    _finish()
 
 
 @train_app.command("adaptive-report")

@@ -7,7 +7,9 @@ files the runtime reads, an adapter folder whose printed healed val NLL is below
 input of each command is one line, exit 2."""
 
 import json
+import os
 import re
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -337,6 +339,45 @@ def test_cli_heal_writes_an_adapter_that_lowers_the_sets_val_nll(cli_inputs, tmp
     # an adapter folder that exists is not replaced without --force: one line, before the model loads
     _one_line_error(run_cli("train", "heal", model_dir, "--answers", answers, "--prompts", prompts, "--sets", "2,3",
                             "--out", out), "already exists", "--force")
+
+
+def test_cli_heal_on_two_processes_trains_the_adapter_one_process_trains(cli_inputs, tmp_path):
+    """`torchrun --nproc-per-node 2 ... train heal` (two gloo processes on the CPU here, as torchrun starts them):
+    each rank takes its share of every step's batch (5 examples: 3 and 2) and the summed gradients make one
+    process's update. Two sets, drawn per step: the adapter of a block a step skips gets no gradient on either rank,
+    and must get none after the sum either (a zero would still move it through AdamW's moments)."""
+    from safetensors.numpy import load_file
+
+    from helpers import CLI
+    from test_search_e2e import free_port
+
+    model_dir, prompts, answers, _ = cli_inputs
+    args = ["train", "heal", model_dir, "--answers", answers, "--prompts", prompts, "--sets", "2,3;3,4", "--steps", 4,
+            "--batch", 5, "--lr", 5e-3, "--rank", 4, "--device", "cpu"]
+    _cli(*args[1:-2], "--out", tmp_path / "one")
+    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), WORLD_SIZE="2")
+    procs = [subprocess.Popen([*CLI, *map(str, args), "--out", str(tmp_path / "two")], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, env=dict(env, RANK=str(r), LOCAL_RANK=str(r)))
+             for r in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    for r, (p, (out, err)) in enumerate(zip(procs, outs)):
+        assert p.returncode == 0, f"rank {r}: {out[-2000:]} {err[-2000:]}"
+    said = [" ".join((out + err).split()) for out, err in outs]
+    assert "2 processes" in said[0] and "adapter ->" in said[0] and "adapter ->" not in said[1]  # rank 0 speaks
+    one, two = (json.loads((tmp_path / d / "heal.json").read_text()) for d in ("one", "two"))
+    assert one["processes"] == 1 and two["processes"] == 2
+    for a, b in zip(one["curve"], two["curve"]):
+        assert a["ce"] == pytest.approx(b["ce"], abs=1e-4) and a["kl"] == pytest.approx(b["kl"], abs=1e-4)
+    for name, row in one["val_nll"]["table"].items():
+        for key, v in row.items():
+            assert two["val_nll"]["table"][name][key] == pytest.approx(v, abs=1e-5), (name, key)
+    wa, wb = (load_file(str(tmp_path / d / "adapter_model.safetensors")) for d in ("one", "two"))
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        assert np.abs(wa[k] - wb[k]).max() < 1e-5, k
+        if "lora_B" in k:  # B starts at zero: block 3, skipped by both sets, never trains; 2 and 4 do (both drawn)
+            block = int(re.search(r"layers\.(\d+)\.", k)[1])
+            assert (np.abs(wb[k]).max() > 0) == (block != 3), k
 
 
 def test_answer_shards_write_what_one_run_writes(tiny, distilled, tmp_path, monkeypatch):

@@ -10,7 +10,7 @@ import atexit
 import logging
 import os
 import sys
-from typing import Iterable, Sequence
+from typing import Iterable, List, Sequence
 
 import torch
 import torch.distributed as dist
@@ -82,3 +82,54 @@ def evaluate_everywhere(model, tokenizer, examples: Sequence[Example], omitted: 
     """`train.scoring.evaluate`, spread across ranks."""
     scores = score_requests_everywhere(model, tokenizer, flatten(examples), omitted, **kwargs)
     return metrics(examples, scores)
+
+
+# -- data-parallel training (train.heal): every rank takes its share of each step's batch ----------------------
+
+
+def broadcast_parameters(params: Sequence[torch.Tensor]) -> None:
+    """Rank 0's values of `params` on every rank: training starts from one set of weights even where a rank's
+    random draws differed."""
+    if world()[1] > 1:
+        for p in params:
+            dist.broadcast(p.data, 0)
+
+
+def all_reduce_gradients(params: Sequence[torch.Tensor]) -> None:
+    """Sum each parameter's gradient over the ranks, in one call (float32, whatever the parameters' dtype). A
+    parameter that no rank gave a gradient keeps none, as in one process: the optimizer then leaves it and its
+    state alone (e.g. the adapter of a block the step skipped), where a zero gradient would still move it."""
+    if world()[1] == 1:
+        return
+    device = params[0].device
+    had = torch.tensor([p.grad is not None for p in params], dtype=torch.float32, device=device)
+    dist.all_reduce(had)
+    flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).float()
+                      for p in params])
+    dist.all_reduce(flat)
+    at = 0
+    for p, h in zip(params, had.tolist()):
+        n = p.numel()
+        if h:
+            p.grad = flat[at:at + n].view_as(p).to(p.dtype)
+        at += n
+
+
+def sum_everywhere(values: Sequence[float]) -> List[float]:
+    """`values` summed over the ranks (float64)."""
+    if world()[1] == 1:
+        return [float(v) for v in values]
+    t = torch.tensor(list(values), dtype=torch.float64)
+    if dist.get_backend() == "nccl":
+        t = t.cuda()
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def gather_lists(items: list) -> list:
+    """Every rank's list, concatenated in rank order, on every rank."""
+    if world()[1] == 1:
+        return list(items)
+    parts = [None] * world()[1]
+    dist.all_gather_object(parts, list(items))
+    return [x for part in parts for x in part]

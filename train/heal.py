@@ -29,7 +29,7 @@ import torch
 from pudding_mlx.atomic import building, write_json
 from pudding_mlx.errors import PuddingError
 
-from .distill import Example, _pad_id, mean_nll, pad_batch, target_logits, target_nll
+from .distill import Example, _pad_id, pad_batch, target_logits, target_nll
 from .generation import set_name
 from .scoring import skip_blocks
 
@@ -56,6 +56,10 @@ def add_lora(model, rank: int = 16, alpha: int = 32, name: str = "default", targ
     return get_peft_model(model, config, adapter_name=name)
 
 
+def _quiet(message: str) -> None:
+    """The log of a rank other than 0: one rank speaks for all."""
+
+
 def _lr(step: int, steps: int, warmup: int) -> float:
     if step < warmup:
         return (step + 1) / warmup
@@ -76,20 +80,26 @@ def micro_batches(batch: Sequence[Example], max_targets: int) -> List[List[Examp
     return out
 
 
+def target_counts(batch: Sequence[Example]) -> tuple:
+    """(every target, the replies' targets) of a batch: what its KL and its CE are divided by."""
+    return (sum(len(e.ids) - e.start for e in batch),
+            sum(len(e.ids) - e.start for e in batch if e.kind != "code-text"))
+
+
 def backward(peft_model, tokenizer, batch: Sequence[Example], omitted: Sequence[int], kl_weight: float = 1.0,
-             max_targets: int = 4096) -> tuple:
+             max_targets: int = 4096, counts: Optional[tuple] = None) -> tuple:
     """The batch's loss (module doc: CE per reply target + kl_weight x KL per target) backpropagated into the
     adapter's gradients, `max_targets` target tokens at a time (`micro_batches`: each part's summed losses over the
-    whole batch's counts, so the gradients add up to the batch's own, in less memory). Returns (CE, KL, bad):
-    `bad` names the examples of a micro-batch whose loss was not finite (not backpropagated), and which model's
-    logits were not (the dense teacher's, the skipping student's)."""
+    whole batch's counts, so the gradients add up to the batch's own, in less memory). `counts`: the whole step's
+    `target_counts` where `batch` is one rank's share of it (the ranks' gradients then sum to the step's). Returns
+    (CE, KL, bad): `bad` names the examples of a micro-batch whose loss was not finite (not backpropagated), and
+    which model's logits were not (the dense teacher's, the skipping student's)."""
     base = peft_model.get_base_model()
     device = next(base.parameters()).device
-    n_all = sum(len(e.ids) - e.start for e in batch)  # KL over every target; CE over the replies' targets
-    n_ce = sum(len(e.ids) - e.start for e in batch if e.kind != "code-text")
+    n_all, n_ce = counts or target_counts(batch)  # KL over every target; CE over the replies' targets
     ce_sum = kl_sum = 0.0
     bad: List[dict] = []
-    for part in micro_batches(batch, max_targets):
+    for part in micro_batches(batch, max_targets) if batch else []:
         ids, mask, target = pad_batch(part, _pad_id(tokenizer), device)
         with torch.no_grad(), peft_model.disable_adapter():
             teacher, labels, rows = target_logits(base, ids, mask, target)
@@ -133,10 +143,23 @@ def train_adapter(peft_model, tokenizer, examples: Sequence[Example], sets: Sequ
                   every: int = 10, max_targets: int = 4096) -> List[dict]:
     """Train the active adapter (module doc); returns the loss curve, one record per `every` steps. A step whose
     loss or gradient is not finite is skipped (no update: one NaN would spoil every weight after it), logged and
-    counted in its record ("skipped", with the examples and which model's logits were not finite)."""
+    counted in its record ("skipped", with the examples and which model's logits were not finite).
+
+    Under torchrun (`train.distributed`), data parallel: every rank draws the same steps (the schedule is seeded),
+    takes every world-size-th example of each step's batch, and the ranks' gradients are summed before the step,
+    so the update is the one a single process makes with the whole batch (up to the order of float sums). The
+    gradients are reduced by hand rather than by DistributedDataParallel: the adapter of a block the step skips
+    gets no gradient, and a step is several micro-batches, which DDP would need `find_unused_parameters` and
+    `no_sync` for. Only rank 0 logs."""
+    from .distributed import all_reduce_gradients, broadcast_parameters, gather_lists, sum_everywhere, world
+
     if not examples or not sets or any(not s for s in sets):
         raise PuddingError("healing needs train examples and non-empty omission sets")
+    rank, size = world()
+    if rank:
+        log = _quiet
     params = [p for p in peft_model.parameters() if p.requires_grad]
+    broadcast_parameters(params)
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr(s, steps, max(1, steps // 20)))
     curve, window, skipped, t0 = [], [], [], time.perf_counter()
@@ -144,7 +167,12 @@ def train_adapter(peft_model, tokenizer, examples: Sequence[Example], sets: Sequ
     for step, (rows, omitted) in enumerate(schedule(len(examples), sets, steps, batch_size, seed)):
         batch = [examples[i] for i in rows]
         opt.zero_grad(set_to_none=True)
-        ce, kl, bad = backward(peft_model, tokenizer, batch, omitted, kl_weight, max_targets)
+        ce, kl, bad = backward(peft_model, tokenizer, batch[rank::size], omitted, kl_weight, max_targets,
+                               counts=target_counts(batch))
+        if size > 1:
+            all_reduce_gradients(params)
+            ce, kl = sum_everywhere([ce, kl])
+            bad = gather_lists(bad)
         norm = torch.nn.utils.clip_grad_norm_(params, 1.0)
         if bad or not torch.isfinite(norm):
             skipped.append({"step": step + 1, "set": omitted,
@@ -190,19 +218,30 @@ def save_adapter(peft_model, out, sets: Sequence[Sequence[int]], info: dict, for
 
 def nll_table(peft_model, tokenizer, examples: Sequence[Example], sets: Sequence[Sequence[int]],
               adapters: Sequence[str] = (), batch_size: int = 32) -> Dict[str, dict]:
-    """{set name: {"unhealed": mean NLL, adapter: mean NLL, ...}} on `examples` (the val split), and "dense"."""
+    """{set name: {"unhealed": mean NLL, adapter: mean NLL, ...}} on `examples` (the val split), and "dense".
+    Under torchrun every rank scores every world-size-th example and the sums are added up: every rank gets the
+    whole table."""
+    from .distributed import sum_everywhere, world
+
+    rank, size = world()
     base = peft_model.get_base_model()
     active = peft_model.active_adapter
     table: Dict[str, dict] = {}
+
+    def nll(s) -> float:
+        mine = target_nll(base, tokenizer, examples[rank::size], s, batch_size) if examples[rank::size] else None
+        total, count = sum_everywhere(mine.sum(0) if mine is not None else [0.0, 0.0])
+        return total / max(1.0, count)
+
     with peft_model.disable_adapter():
-        table["dense"] = {"unhealed": mean_nll(target_nll(base, tokenizer, examples, (), batch_size))}
+        table["dense"] = {"unhealed": nll(())}
         for s in sets:
-            table[set_name(s)] = {"unhealed": mean_nll(target_nll(base, tokenizer, examples, s, batch_size))}
+            table[set_name(s)] = {"unhealed": nll(s)}
     try:
         for a in adapters:
             peft_model.set_adapter(a)
             for s in sets:
-                table[set_name(s)][a] = mean_nll(target_nll(base, tokenizer, examples, s, batch_size))
+                table[set_name(s)][a] = nll(s)
     finally:
         peft_model.set_adapter(active)
     return table
