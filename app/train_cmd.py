@@ -686,6 +686,9 @@ def adaptive_report(
     extra: Optional[Path] = typer.Option(None, "--extra", help="A heal run's folder with data-extra-{train,val,test}/ "
                                          "(benchmarks/heal_gpu.py mc-extra): MC scores of more sets on the run's "
                                          "rows, joined in (the k = 1, 2 menu)."),
+    healed: Optional[Path] = typer.Option(None, "--healed", help="A heal run's folder (data-healed-{train,val,test}/, "
+                                          "gen-pool/): the healed menu, the sets its pool adapter heals run healed "
+                                          "(MC, HumanEval, and with --nll its nll.npz's healed reply NLL)."),
     speed: Optional[List[Path]] = typer.Option(None, "--speed", help="benchmarks/depth_speed.py --json of this "
                                                "model: measured decode time per k, mixed per budget beside the ideal "
                                                "speedup. One per backend (repeat it: CPU and GPU)."),
@@ -701,4 +704,8 @@ def adaptive_report(
             raise PuddingError(f"{flag} {f}: no such file")
     if extra is not None and not (extra / "data-extra-train" / "router_data.npz").is_file():
         raise PuddingError(f"--extra {extra}: no data-extra-train/router_data.npz; run benchmarks/heal_gpu.py mc-extra")
-    console.print(f"report -> {write(run_dir, gen, out or run_dir / 'adaptive', model, nll, bench, extra, speed or ())}")
+    if healed is not None:
+        for need in [f"data-healed-{s}/router_data.npz" for s in ("train", "val", "test")] + ["gen-pool/sets/dense.json"]:
+            if not (healed / need).is_file():
+                raise PuddingError(f"--healed {healed}: no {need}; run benchmarks/heal_gpu.py mc-healed and he-pool")
+    console.print(f"report -> {write(run_dir, gen, out or run_dir / 'adaptive', model, nll, bench, extra, speed or (), healed)}")

@@ -716,3 +716,102 @@ def test_the_code_static_baseline_is_chosen_on_training_code_replies_and_scored_
         # the adaptive side is the main table's at that k
         main = next(m for m in rep["matched"] if m["k"] == r["k"])
         assert r["adaptive"] == main["humaneval"]["adaptive"]
+
+
+# -- the healed menu (issue #23: "healed sets where healing provides them") ------------------------------------
+
+
+def test_join_sets_replaces_the_columns_both_hold_only_when_asked():
+    from pudding_mlx.train.report import join_sets
+
+    def data(sets, base):
+        n = 4
+        cols = {k: np.arange(n * len(sets), dtype=float).reshape(n, len(sets)) + base
+                for k in ("correct", "correct_norm", "y", "hit", "margin")}
+        return {"task": np.array(["piqa"] * n), "id": np.arange(n), "sets": sets, "dense_hit": np.ones(n), **cols}
+
+    a, b = data([(1,), (2, 3)], 0.0), data([(2, 3), (4,)], 100.0)
+    kept, replaced = join_sets(a, b, "b"), join_sets(a, b, "b", replace=True)
+    for got in (kept, replaced):
+        assert got["sets"] == [(1,), (2, 3), (4,)] and np.array_equal(got["hit"][:, 2], b["hit"][:, 1])
+        assert np.array_equal(got["hit"][:, 0], a["hit"][:, 0]) and np.array_equal(got["dense_hit"], a["dense_hit"])
+    assert np.array_equal(kept["margin"][:, 1], a["margin"][:, 1])
+    assert np.array_equal(replaced["margin"][:, 1], b["margin"][:, 0])
+    assert np.array_equal(a["margin"][:, 1], np.arange(4) * 2 + 1.0)  # the input is left as it was
+
+
+def test_nll_source_healed_takes_the_pools_healed_nll_and_only_the_nll_loss(tmp_path):
+    from pudding_mlx.train.adaptive import nll_source
+
+    n, sets = 6, ("", "5,9", "5,9,13")
+    tokens = np.arange(10, 10 + n, dtype=np.float32)
+    healed = np.stack([np.stack([1.25 * tokens, tokens], -1), np.stack([4.0 * tokens, tokens], -1)], 1)
+    unhealed = np.stack([np.stack([1.0 * tokens, tokens], -1), np.stack([1.5 * tokens, tokens], -1),
+                         np.stack([2.5 * tokens, tokens], -1)], 1)
+    agree = np.concatenate([unhealed, unhealed[..., 1:], unhealed[..., 1:]], -1)  # agreement columns: ignored healed
+    _write_nll(tmp_path / "nll.npz", n=n, sets=sets, unhealed=agree.astype(np.float32),
+               pool=np.array(["5,9,13", "6,7,8"]), healed=healed.astype(np.float32))
+    plain = nll_source(tmp_path / "nll.npz", _basis())
+    got = nll_source(tmp_path / "nll.npz", _basis(), healed=True)
+    assert "agree" in plain["losses"] and set(got["losses"]) == {"nll"} and got["verbatim"] is None
+    assert got["sets"] == [(), (5, 9), (5, 9, 13), (6, 7, 8)] and got["healed_sets"] == [(5, 9, 13), (6, 7, 8)]
+    assert np.allclose(got["loss"][:, 1], plain["loss"][:, 1])  # not in the pool: unhealed
+    assert np.allclose(got["loss"][:, 2], 0.25) and np.allclose(plain["loss"][:, 2], 1.5)
+    assert np.allclose(got["loss"][:, 3], 3.0)  # a pool set the unhealed columns lack joins
+    _write_nll(tmp_path / "bare.npz", pool=None, healed=None)
+    with pytest.raises(PuddingError, match="no 'healed' and 'pool' arrays"):
+        nll_source(tmp_path / "bare.npz", _basis(), healed=True)
+
+
+@pytest.fixture(scope="module")
+def built_healed():
+    from pudding_mlx.train.adaptive import build
+
+    return build(RUN, RUN / "generation", "qwen2.5-coder-1.5b", nll_path=NLL, extra=EXTRA, healed=EXTRA,
+                 speed_files=SPEEDS)
+
+
+def test_the_healed_menu_runs_the_pools_sets_healed_and_the_rest_as_before(built_healed, built):
+    """Checked against the heal report (its own code over the same files): every menu set of the pool has the
+    healed MC average and HumanEval pass@1 the heal report gives it; every other set keeps the unhealed report's.
+    The best static set per k is chosen over the same (healed) columns, the fixed-k routers (unhealed) are left
+    out, and the predictor says which of its sets are healed."""
+    from pudding_mlx.train.adaptive import to_markdown
+
+    rep, predictor = built_healed
+    heal = json.loads((EXTRA / "heal_report.json").read_text())
+    mc = {r["set"]: r["healed"] for r in heal["mc_pool_all"]["sets"]}
+    he = {r["set"]: r["healed"] for r in heal["humaneval"]["sets"]}
+    name = lambda s: "omit-" + "-".join(map(str, s))  # noqa: E731
+    healed = [s for s in rep["menu"] if name(s) in he]
+    assert rep["healed"]["sets"] == healed and predictor.settings["healed_sets"] == healed
+    assert [13, 14, 15] in healed and len(healed) == len(he)  # every pool set is in the menu
+    unhealed = {tuple(r["set"]): r for r in built[0]["statics"]}
+    for r in rep["statics"]:
+        if r["set"] in healed:
+            assert r["mc_average"] == pytest.approx(mc[name(r["set"])], abs=1e-9)
+            assert r["pass@1"] == pytest.approx(he[name(r["set"])], abs=1e-9)
+        elif tuple(r["set"]) in unhealed:
+            assert (r["mc_average"], r["pass@1"]) == (unhealed[tuple(r["set"])]["mc_average"],
+                                                      unhealed[tuple(r["set"])]["pass@1"])
+    best3 = rep["best_static"][3]
+    assert best3["set"] in healed and best3["mc_average"] == pytest.approx(mc[name(best3["set"])])
+    assert rep["routers"] == [] and rep["predictor"]["gen_loss"] == "nll"
+    assert rep["predictor"]["sources"] == ["mc-train", "nll-healed"] and "Healed menu" in to_markdown(rep)
+
+
+def test_the_healed_menu_needs_one_pool_in_every_source(tmp_path):
+    from typer.testing import CliRunner
+
+    from pudding_mlx.app.cli import app
+    from pudding_mlx.train.adaptive import build
+
+    with np.load(NLL, allow_pickle=False) as z:
+        arrays = {k: z[k] for k in z.files}
+    write_npz(tmp_path / "nll.npz", **dict(arrays, pool=arrays["pool"][1:], healed=arrays["healed"][:, 1:]))
+    with pytest.raises(PuddingError, match="not the same pool"):
+        build(RUN, RUN / "generation", "q", nll_path=tmp_path / "nll.npz", extra=EXTRA, healed=EXTRA)
+    got = CliRunner().invoke(app, ["train", "adaptive-report", str(RUN), "--gen", str(RUN / "generation"), "--model",
+                                   "q", "--out", str(tmp_path / "a"), "--healed", str(tmp_path)])
+    assert isinstance(got.exception, PuddingError) and "--healed" in str(got.exception)
+    assert "data-healed-train" in str(got.exception) and not (tmp_path / "a").exists()

@@ -23,7 +23,9 @@ Never chosen on: the MC evaluation data (data-val and data-test: the tasks' own 
 splits, the main report's evaluation rows) and HumanEval (held out: report only).
 
 The menu: dense and the omission sets that have both MC scores and HumanEval results (`train
-generate`'s sets/). Speed: the ideal L / (L - mean k) (the blocks run; equal reply lengths assumed),
+generate`'s sets/). The healed menu (`build(healed=HEAL_DIR)`): the sets a heal run's pool adapter heals take
+their healed MC columns (data-healed-*), HumanEval (gen-pool) and reply NLL (nll.npz's healed columns; so
+"nll" is the only generation loss), as a bundle with that adapter runs them; the rest stay unhealed. Speed: the ideal L / (L - mean k) (the blocks run; equal reply lengths assumed),
 labelled "ideal"; the one measured decode figure for this model (k = 3, results/bench) is quoted
 beside it. Intervals: paired bootstrap, 95% (MC: within tasks, `train.report.bootstrap_delta`;
 HumanEval: over problems, `train.generation_report.bootstrap`).
@@ -83,14 +85,19 @@ def project(raw: Dict[str, np.ndarray], basis: Dict[str, np.ndarray]) -> Dict[st
             for k in raw if f"basis_{k}" in basis}
 
 
-def eval_data(run_dir, splits: Sequence[str], extra=None) -> dict:
+def eval_data(run_dir, splits: Sequence[str], extra=None, healed=None) -> dict:
     """The run's router data of SPLITS (data-<split>.npz, concatenated), joined with EXTRA/data-extra-<split>/
-    (the same rows scored for more sets: benchmarks/heal_gpu.py mc-extra) when EXTRA is given."""
+    (the same rows scored for more sets: benchmarks/heal_gpu.py mc-extra) when EXTRA is given; with HEALED (a heal
+    run's folder), the columns of the sets its pool adapter heals replaced by HEALED/data-healed-<split>/ (the same
+    rows, the adapter on: benchmarks/heal_gpu.py mc-healed)."""
     run = Path(run_dir)
     data = R.load_eval([run / f"data-{s}.npz" for s in splits])
     if extra is not None:
         parts = [Path(extra) / f"data-extra-{s}" for s in splits]
         data = R.join_sets(data, R.load_eval(parts), ", ".join(map(str, parts)))
+    if healed is not None:
+        parts = [Path(healed) / f"data-healed-{s}" for s in splits]
+        data = R.join_sets(data, R.load_eval(parts), ", ".join(map(str, parts)), replace=True)
     return data
 
 
@@ -109,10 +116,10 @@ def features_of(run_dir, splits: Sequence[str], data: dict) -> Dict[str, np.ndar
     return {k: feats[k] for k in feats if k.startswith(("mean_", "last_"))}
 
 
-def mc_source(run_dir, split: str, extra=None) -> dict:
-    """The router data of one split (with EXTRA's sets: eval_data): its MC losses (MC_LOSSES; "loss" is the
-    first), the hits by each task's metric, PCA features."""
-    data = eval_data(run_dir, [split], extra)
+def mc_source(run_dir, split: str, extra=None, healed=None) -> dict:
+    """The router data of one split (with EXTRA's sets and HEALED's columns: eval_data): its MC losses
+    (MC_LOSSES; "loss" is the first), the hits by each task's metric, PCA features."""
+    data = eval_data(run_dir, [split], extra, healed)
     losses = {"gold": data["dense_y"].astype(np.float64)[:, None] - data["y"].astype(np.float64),
               "margin": data["dense_margin"][:, None] - data["margin"]}
     return {"name": f"mc-{split}", "data": data, "sets": [_key(s) for s in data["sets"]], "losses": losses,
@@ -127,14 +134,16 @@ def per_token(summed) -> np.ndarray:
     return summed[..., 0].astype(np.float64) / np.maximum(summed[..., 1], 1)
 
 
-def nll_source(path, basis: Dict[str, np.ndarray]) -> dict:
+def nll_source(path, basis: Dict[str, np.ndarray], healed: bool = False) -> dict:
     """The generation source (module doc): nll.npz (or agree.npz) with id, kind, split [n], sets [S] (comma
     strings, dense ""), unhealed [n, S, 2] (summed NLL, token count) or [n, S, 4] (agree.npz: also the reply's
     tokens that are the set's own greedy choice and the first that is not, `distill.target_nll(agreement=True)`),
     mean_3 / last_3 [n, hidden] (full width, projected here on the router data's basis). Losses: "nll", the NLL
     per token under the set minus dense's; with 4 columns also "agree", the share of the dense model's greedy
     reply that the set, decoding greedily, would not reproduce word for word, minus dense's own share (the
-    numerics of a full pass against cached decoding): 0 when the set decodes the whole reply as dense does."""
+    numerics of a full pass against cached decoding): 0 when the set decodes the whole reply as dense does.
+    With `healed`, the sets of its pool (pool [P], healed [n, P, 2]: the same replies with the pool adapter on)
+    take their healed NLL, and "nll" is the only loss (no healed agreement was measured)."""
     path = Path(path)
     try:
         with np.load(path, allow_pickle=False) as z:
@@ -152,9 +161,23 @@ def nll_source(path, basis: Dict[str, np.ndarray]) -> dict:
         raise PuddingError(f"{path}: 'sets' has no dense entry (\"\"); the loss is against dense")
     dense = sets.index(())
     nll = per_token(d["unhealed"])
+    healed_sets: List[tuple] = []
+    if healed:
+        if "healed" not in d or "pool" not in d:
+            raise PuddingError(f"{path}: no 'healed' and 'pool' arrays (the pool adapter's NLL); give the heal run's "
+                               "nll.npz (benchmarks/heal_gpu.py adaptive-data)")
+        healed_sets = [_key(s.split(",")) for s in map(str, d["pool"])]
+        if d["healed"].shape != (n, len(healed_sets), 2):
+            raise PuddingError(f"{path}: 'healed' is {list(d['healed'].shape)}, expected [{n}, {len(healed_sets)}, 2]")
+        at = {s: i for i, s in enumerate(sets)}
+        extra_sets = [s for s in healed_sets if s not in at]
+        sets = sets + extra_sets
+        nll = np.concatenate([nll, np.zeros((n, len(extra_sets)))], 1)
+        for j, s in enumerate(healed_sets):
+            nll[:, sets.index(s)] = per_token(d["healed"][:, j])
     losses = {"nll": nll - nll[:, [dense]]}
     verbatim, dense_verbatim = None, None
-    if d["unhealed"].shape[2] == 4:
+    if d["unhealed"].shape[2] == 4 and not healed:
         count = np.maximum(d["unhealed"][..., 1].astype(np.float64), 1)
         lost = 1 - d["unhealed"][..., 3] / count  # the share of the reply after the first token it departs at
         losses["agree"] = lost - lost[:, [dense]]
@@ -166,7 +189,8 @@ def nll_source(path, basis: Dict[str, np.ndarray]) -> dict:
             raise PuddingError(f"{path}: {k!r} is {list(d[k].shape)}, expected [{n}, {len(basis[f'center_{k}'])}] "
                                "(the router data's model); was it made with another model?")
     feats = project({k: d[k] for k in ("mean_3", "last_3")}, basis)
-    return {"name": path.stem, "sets": sets, "losses": losses, "loss": losses["nll"], "verbatim": verbatim,
+    return {"name": path.stem + ("-healed" if healed else ""), "sets": sets, "healed_sets": healed_sets,
+            "losses": losses, "loss": losses["nll"], "verbatim": verbatim,
             "dense_verbatim": dense_verbatim, "feats": feats, "split": d["split"].astype(str),
             "kind": d["kind"].astype(str), "id": d["id"].astype(str)}
 
@@ -318,15 +342,20 @@ def measured_mixes(sizes_chosen: np.ndarray, speeds: list) -> dict:
 
 
 def build(run_dir, gen_dir, model: str, nll_path=None, bench_file=None, seed: int = 0, extra=None,
-          speed_files=()) -> dict:
-    """The report as a dict, and the fitted predictor (module doc)."""
+          speed_files=(), healed=None) -> dict:
+    """The report as a dict, and the fitted predictor (module doc). HEALED (a heal run's folder): the healed
+    menu, every set of its pool adapter run healed (module doc)."""
     from .router_data import split_by_question
 
     run, gen = Path(run_dir), Path(gen_dir)
     n_blocks = json.loads((run / "cand.state.json").read_text())["settings"]["num_blocks"]
     speeds = depth_speeds_of(speed_files, n_blocks)  # checked before the fit
-    train = mc_source(run, "train", extra)
+    train = mc_source(run, "train", extra, healed)
     gen_sets = G.load_sets(gen)
+    healed_he = {}
+    if healed is not None:  # the pool's sets' HumanEval with the adapter on replace the unhealed ones
+        healed_he = {name: s for name, s in G.load_sets(Path(healed) / "gen-pool").items() if s["omitted"]}
+        gen_sets = {**gen_sets, **healed_he}
     he_by_key = {_key(s["omitted"]): name for name, s in gen_sets.items()}
     menu = [()] + sorted((s for s in train["sets"] if s in he_by_key), key=lambda s: (len(s), train["sets"].index(s)))
     if len(menu) < 2:
@@ -338,7 +367,14 @@ def build(run_dir, gen_dir, model: str, nll_path=None, bench_file=None, seed: in
     _, held_rows = split_by_question(train["data"], SELECT_FRACTION, seed)
     held = np.zeros(len(train["loss"]), bool)
     held[held_rows] = True
-    nll = nll_source(nll_path, basis_of(run)) if nll_path is not None else None
+    nll = nll_source(nll_path, basis_of(run), healed is not None) if nll_path is not None else None
+    if healed is not None:  # one pool: its MC, its HumanEval and its reply NLL all healed, or the menu would mix
+        mc_pool = {_key(x) for x in R.load_eval([Path(healed) / "data-healed-train"])["sets"]}
+        he_pool = {_key(x["omitted"]) for x in healed_he.values()}
+        nll_pool = set(nll["healed_sets"]) if nll is not None else he_pool
+        if not mc_pool == he_pool == nll_pool:
+            raise PuddingError(f"{healed}: data-healed-train heals {len(mc_pool)} sets, gen-pool {len(he_pool)}, "
+                               f"the --nll file {len(nll_pool)}, not the same pool; give one heal run's files")
     sel = {k: v[held] for k, v in train["feats"].items()}
     sel_data = {k: (v[held] if isinstance(v, np.ndarray) and len(v) == len(held) else v) for k, v in train["data"].items()}
     sel_hit = _menu_hits(sel_data, menu)
@@ -376,7 +412,7 @@ def build(run_dir, gen_dir, model: str, nll_path=None, bench_file=None, seed: in
     default = max(fits, key=lambda r: (r["mean_k"], -r["budget"]))["budget"]  # the fastest that keeps 95%
 
     # evaluation: MC (the tasks' validation + test splits), HumanEval (held out)
-    ev_data = eval_data(run, ["val", "test"], extra)
+    ev_data = eval_data(run, ["val", "test"], extra, healed)
     ev_pred = predict(fitted["head"], features_of(run, ["val", "test"], ev_data), pooling)
     ev_hit = _menu_hits(ev_data, menu)
     ids = [r["task_id"] for r in gen_sets["dense"]["humaneval"]["records"]]
@@ -399,7 +435,8 @@ def build(run_dir, gen_dir, model: str, nll_path=None, bench_file=None, seed: in
 
     frontier = [adaptive_at(b) for b in grid]
     statics, best = _statics(run, train, ev_data, gen_sets, ids, n_blocks)
-    routers = _routers(run, gen, ev_data, gen_sets, ids, n_blocks)
+    # the fixed-k routers were trained and their picks scored unhealed; the healed routers are the heal report's
+    routers = _routers(run, gen, ev_data, gen_sets, ids, n_blocks) if healed is None else []
 
     # adaptive against the best static set at the same mean k (budgets matched on each prompt set's own
     # predictions, no labels), with paired intervals. HumanEval also against a static baseline as strong as the
@@ -464,9 +501,11 @@ def build(run_dir, gen_dir, model: str, nll_path=None, bench_file=None, seed: in
                                                for g, v in by_gen.items()}
     with np.load(run / "features-train.npz", allow_pickle=False) as z:
         max_tokens = int(z["max_tokens"])  # the router's prompt length: the predictor reads the same prompt
+    healed_menu = [list(s) for s in menu if s in {_key(x["omitted"]) for x in healed_he.values()}]
+    healed_meta = {} if healed is None else {"healed_sets": healed_menu}  # run with the pool adapter on
     predictor = LossPredictor([list(s) for s in menu], AFTER, pooling, max_tokens,
                               *_folded(fitted["head"], pooling, basis_of(run)), float(default),
-                              {"loss": _loss_text(mc_loss, gen_loss, nll_path),
+                              {"loss": _loss_text(mc_loss, gen_loss, nll_path), **healed_meta,
                                "ridge": fitted["ridge"], "trained_on": [s["name"] for s in sources],
                                "default_max_loss_rule": f"largest budget keeping {KEEP:.0%} of dense's MC average "
                                                         "on held-out training questions"})
@@ -487,6 +526,7 @@ def build(run_dir, gen_dir, model: str, nll_path=None, bench_file=None, seed: in
            "speed": {"model": "ideal L / (L - mean k), equal reply lengths", "measured": measured_k3(bench_file) if bench_file else None,
                      "depths": speeds},
            "n": {"mc_eval": int(len(ev_data["task"])), "humaneval": len(ids)}, "mc_extra": None if extra is None else str(extra),
+           "healed": None if healed is None else {"folder": str(healed), "sets": healed_menu},
            "held_out": "HumanEval chose nothing; MC evaluation rows (data-val, data-test) chose nothing"}
     return rep, predictor
 
@@ -708,6 +748,16 @@ def to_markdown(rep: dict) -> str:
            ("**Speed**: the ideal L / (L − mean k), equal reply lengths assumed, and beside it a *measured mix* of "
             "per-depth decode times on each backend measured (below)." if rep["speed"].get("depths") else
             "**Speed is ideal**, not measured: L / (L − mean k), equal reply lengths assumed.")]
+    if rep.get("healed"):
+        h = rep["healed"]
+        out.insert(3, f"**Healed menu**: the {len(h['sets'])} menu sets the pool adapter heals run with it on: their MC "
+                      f"columns from `{h['folder']}`/data-healed-{{train,val,test}}, their HumanEval from `{h['folder']}`/"
+                      "gen-pool, their reply NLL from the --nll file's healed columns (so the generation loss is nll: no "
+                      "healed agreement was measured). Every other set runs unhealed. Best static sets are chosen the "
+                      "same way over the same columns, so they are healed where the menu is. The fixed-k routers are "
+                      "left out (trained unhealed; the healed ones: heal_report.md). The adapter's cost in speed is not "
+                      "in the ideal or measured-mix speedups (it is measured in heal_report.md: adapter cost).")
+        out.insert(4, "")
     if rep.get("mc_extra"):
         out.insert(3, f"MC scores of the sets the run's data lacks (the same rows, unhealed): `{rep['mc_extra']}`/"
                       "data-extra-{train,val,test} (benchmarks/heal_gpu.py mc-extra).")
@@ -906,10 +956,12 @@ def _strict(value):
     return value
 
 
-def write(run_dir, gen_dir, out_dir, model: str, nll_path=None, bench_file=None, extra=None, speed_files=()) -> Path:
+def write(run_dir, gen_dir, out_dir, model: str, nll_path=None, bench_file=None, extra=None, speed_files=(),
+          healed=None) -> Path:
     """Build the report, write OUT_DIR/adaptive.{json,md,png} and the predictor (OUT_DIR/predictor/); a
     rerun replaces them."""
-    rep, predictor = build(run_dir, gen_dir, model, nll_path, bench_file, extra=extra, speed_files=speed_files)
+    rep, predictor = build(run_dir, gen_dir, model, nll_path, bench_file, extra=extra, speed_files=speed_files,
+                           healed=healed)
     out = Path(out_dir)
     write_json(out / "adaptive.json", _strict(rep))
     write_text(out / "adaptive.md", to_markdown(rep))

@@ -75,17 +75,23 @@ def margin(mean_ll: np.ndarray, gold: np.ndarray, n_choices: np.ndarray) -> np.n
     return gold_ll - best_wrong
 
 
-def join_sets(data: dict, more: dict, what: str) -> dict:
+def join_sets(data: dict, more: dict, what: str, replace: bool = False) -> dict:
     """`data` (load_eval) with the columns of `more`, evaluation data scored on the same rows for other sets (e.g.
-    benchmarks/heal_gpu.py mc-extra beside a run's data-*.npz); sets both hold keep `data`'s column."""
+    benchmarks/heal_gpu.py mc-extra beside a run's data-*.npz); sets both hold keep `data`'s column, or with
+    `replace` take `more`'s (e.g. the same sets healed: benchmarks/heal_gpu.py mc-healed). The dense columns stay
+    `data`'s."""
     if list(more["task"]) != list(data["task"]) or list(more["id"]) != list(data["id"]):
         raise PuddingError(f"{what}: other rows than the data it joins; score it on the same rows (the run's "
                            "tasks, split, seed and size)")
-    have = set(data["sets"])
+    have = {s: i for i, s in enumerate(data["sets"])}
     new = [i for i, s in enumerate(more["sets"]) if s not in have]
     out = dict(data, sets=list(data["sets"]) + [more["sets"][i] for i in new])
     for key in ("correct", "correct_norm", "y", "hit", "margin"):
         out[key] = np.concatenate([data[key], more[key][:, new]], 1)
+        if replace:
+            for i, s in enumerate(more["sets"]):
+                if s in have:
+                    out[key][:, have[s]] = more[key][:, i]
     return out
 
 
