@@ -23,11 +23,11 @@ Never chosen on: the MC evaluation data (data-val and data-test: the tasks' own 
 splits, the main report's evaluation rows) and HumanEval (held out: report only).
 
 The menu: dense and the omission sets that have both MC scores and HumanEval results (`train
-generate`'s sets/). The healed menu (`build(healed=HEAL_DIR)`): the sets a heal run's pool adapter heals take
-their healed MC columns (data-healed-*), HumanEval (gen-pool) and reply NLL (nll.npz's healed columns; so
-"nll" is the only generation loss), as a bundle with that adapter runs them; the rest stay unhealed. Speed: the ideal L / (L - mean k) (the blocks run; equal reply lengths assumed),
-labelled "ideal"; the one measured decode figure for this model (k = 3, results/bench) is quoted
-beside it. Intervals: paired bootstrap, 95% (MC: within tasks, `train.report.bootstrap_delta`;
+generate`'s sets/). The healed menu (`build(healed=HEAL_DIR)`): the sets a heal run's pool adapter heals
+take their healed MC columns (data-healed-*), HumanEval (gen-pool) and reply NLL (nll.npz's healed columns;
+so "nll" is the only generation loss), as a bundle with that adapter runs them; the rest stay unhealed.
+Speed: the ideal L / (L - mean k) (the blocks run; equal reply lengths assumed), labelled "ideal"; the one
+measured decode figure for this model (k = 3, results/bench) is quoted beside it. Intervals: paired bootstrap, 95% (MC: within tasks, `train.report.bootstrap_delta`;
 HumanEval: over problems, `train.generation_report.bootstrap`).
 """
 

@@ -24,12 +24,13 @@ import time
 from pathlib import Path
 from typing import Callable, Dict, Iterator, List, Optional, Sequence
 
+import numpy as np
 import torch
 
 from pudding_mlx.atomic import building, write_json
 from pudding_mlx.errors import PuddingError
 
-from .distill import Example, _pad_id, pad_batch, target_logits, target_nll
+from .distill import Example, _pad_id, mean_nll, pad_batch, target_logits, target_nll
 from .generation import set_name
 from .scoring import skip_blocks
 
@@ -230,8 +231,7 @@ def nll_table(peft_model, tokenizer, examples: Sequence[Example], sets: Sequence
 
     def nll(s) -> float:
         mine = target_nll(base, tokenizer, examples[rank::size], s, batch_size) if examples[rank::size] else None
-        total, count = sum_everywhere(mine.sum(0) if mine is not None else [0.0, 0.0])
-        return total / max(1.0, count)
+        return mean_nll(np.array([sum_everywhere(mine.sum(0) if mine is not None else [0.0, 0.0])]))
 
     with peft_model.disable_adapter():
         table["dense"] = {"unhealed": nll(())}
