@@ -33,6 +33,10 @@ PHASES, in this order (default all):
             heal/adaptive/nll.npz's rows and sets (those with HumanEval results: a menu can hold no other) plus
             every code reply of the distillation data (train and val),
             with the router's features                                        -> WORK/adaptive/agree.npz
+  agree-healed  the committed agree.npz's rows and sets again, with the k = 3 pool's reply NLL and greedy agreement
+            under the pool adapter added (pool, healed [n, P, 4]; its first ADAPTIVE_N rows): the healed menu's
+            generation loss may then be agreement, as the unhealed menu's is (`train adaptive-report --healed`)
+                                                                          -> WORK/adaptive/agree-healed.npz
   mc-healed router data (multiple choice, the rows of results/qwen2.5-coder-1.5b's data-train/val/test: their
             tasks, splits, seeds and sizes) of every k = 3 pool set with the pool adapter on, for routers retrained
             on the healed sets' scores (the `dense` columns there have the adapter on: use the run's own)
@@ -82,6 +86,7 @@ from pudding_mlx.train.scoring import num_blocks
 from pudding_mlx.train.search import model_identity
 
 PHASES = ("answers", "search", "pool", "nll", "nll-check", "he-pool", "he-new", "mc-pool", "mc-new", "adaptive-data", "agree-data",
+          "agree-healed",
           "mc-healed", "mc-extra", "per-set", "answers-code", "wide")
 REPO = Path(__file__).resolve().parents[1]
 RUN = REPO / "results" / "qwen2.5-coder-1.5b"
@@ -243,6 +248,27 @@ def agree_data(pm, tok, examples, out: Path):
     log(f"agree-data: {len(rows)} examples x {len(sets)} sets -> {out / 'agree.npz'}")
 
 
+def agree_healed(pm, tok, examples, pool, out: Path):
+    """agree-healed (module doc): the committed agree.npz with the pool's healed statistics beside its own."""
+    import numpy as np
+
+    from pudding_mlx.atomic import write_npz
+
+    with np.load(HEAL / "adaptive" / "agree.npz", allow_pickle=False) as z:
+        arrays = {k: z[k] for k in z.files}
+    by_id = {e.id: e for e in examples if e.kind != "code-text"}
+    keep = np.array([str(i) in by_id for i in arrays["id"]])
+    keep &= np.arange(len(keep)) < ADAPTIVE_N  # all 594 by default; fewer for a smoke run
+    if not keep.all():
+        arrays = {k: (v[keep] if v.ndim and len(v) == len(keep) and k != "sets" else v) for k, v in arrays.items()}
+    rows = [by_id[str(i)] for i in arrays["id"]]
+    healed = D.nll_matrix(pm.get_base_model(), tok, rows, [tuple(s) for s in pool], agreement=True,
+                          progress=lambda d, t: log(f"agree-healed {d}/{t}"))  # the pool adapter on
+    write_npz(out / "agree-healed.npz", **arrays, pool=np.array([",".join(map(str, s)) for s in pool]),
+              healed=healed.astype(np.float32))
+    log(f"agree-healed: {len(rows)} examples x {len(pool)} pool sets healed -> {out / 'agree-healed.npz'}")
+
+
 def main():
     model_path, work = sys.argv[1], Path(sys.argv[2])
     phases = sys.argv[3].split(",") if len(sys.argv) > 3 else PHASES
@@ -344,6 +370,10 @@ def main():
         adaptive_data(pm, tok, examples, new, pool, work / "adaptive")
     if "agree-data" in phases and not (work / "adaptive" / "agree.npz").is_file():
         agree_data(pm, tok, examples, work / "adaptive")
+    if "agree-healed" in phases and not (work / "adaptive" / "agree-healed.npz").is_file():
+        if not (pool_dir / "heal.json").is_file():
+            sys.exit("agree-healed: no pool adapter in WORK/adapters/pool-k3; run the phase pool first")
+        agree_healed(pm, tok, examples, pool, work / "adaptive")
     if "mc-healed" in phases:
         router_data_like_run(base, tok, pool, work / "data-healed", f"{ident}+pool-k3")
     if "mc-extra" in phases:

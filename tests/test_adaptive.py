@@ -761,6 +761,16 @@ def test_nll_source_healed_takes_the_pools_healed_nll_and_only_the_nll_loss(tmp_
     _write_nll(tmp_path / "bare.npz", pool=None, healed=None)
     with pytest.raises(PuddingError, match="no 'healed' and 'pool' arrays"):
         nll_source(tmp_path / "bare.npz", _basis(), healed=True)
+    # with agreement on both sides (heal_gpu.py agree-healed), the healed columns give the agree loss too
+    first = np.stack([tokens, tokens // 2], -1)  # dense's reply decoded whole; (5, 9, 13) healed departs halfway
+    healed4 = np.concatenate([healed, np.stack([first, first], 1)], -1)
+    _write_nll(tmp_path / "agree-healed.npz", n=n, sets=sets, unhealed=agree.astype(np.float32),
+               pool=np.array(["5,9,13", "6,7,8"]), healed=healed4.astype(np.float32))
+    both = nll_source(tmp_path / "agree-healed.npz", _basis(), healed=True)
+    assert set(both["losses"]) == {"nll", "agree"} and np.allclose(both["loss"][:, 2], 0.25)
+    assert np.allclose(both["losses"]["agree"][:, 2], 1 - (tokens // 2) / tokens)
+    assert np.allclose(both["losses"]["agree"][:, 1], plain["losses"]["agree"][:, 1])
+    assert not both["verbatim"][:, 2].any() and both["verbatim"][:, 1].all()
 
 
 @pytest.fixture(scope="module")
@@ -798,6 +808,32 @@ def test_the_healed_menu_runs_the_pools_sets_healed_and_the_rest_as_before(built
     assert best3["set"] in healed and best3["mc_average"] == pytest.approx(mc[name(best3["set"])])
     assert rep["routers"] == [] and rep["predictor"]["gen_loss"] == "nll"
     assert rep["predictor"]["sources"] == ["mc-train", "nll-healed"] and "Healed menu" in to_markdown(rep)
+
+
+def test_with_healed_agreement_the_healed_menus_generation_loss_is_chosen_as_the_unhealed_ones(tmp_path):
+    """What heal_gpu.py agree-healed will bring (here: the committed nll.npz with made-up agreement columns on both
+    sides, as in the unhealed test above): the healed menu then tries both generation losses and keeps the one
+    its held-out replies prefer, and the report says the healed columns had agreement."""
+    from pudding_mlx.train.adaptive import GEN_LOSSES, build, to_markdown
+
+    with np.load(NLL, allow_pickle=False) as z:
+        arrays = {k: z[k] for k in z.files}
+    assert str(arrays["sets"][0]) == ""  # dense's column
+    dense = (arrays["unhealed"][..., 0] / arrays["unhealed"][..., 1])[:, :1]
+
+    def with_agreement(u):
+        per_tok = u[..., 0] / u[..., 1]
+        first = np.floor(u[..., 1] * np.clip(1.2 - (per_tok - dense), 0, 1))
+        return np.concatenate([u, first[..., None], first[..., None]], -1).astype(np.float32)
+
+    arrays["unhealed"], arrays["healed"] = with_agreement(arrays["unhealed"]), with_agreement(arrays["healed"])
+    write_npz(tmp_path / "agree-healed.npz", **arrays)
+    rep, predictor = build(RUN, RUN / "generation", "q", nll_path=tmp_path / "agree-healed.npz", extra=EXTRA,
+                           healed=EXTRA)
+    p = rep["predictor"]
+    assert set(p["gen_loss_area"]) == set(GEN_LOSSES) and p["gen_loss"] == max(GEN_LOSSES, key=p["gen_loss_area"].get)
+    assert rep["healed"]["gen"] == "reply NLL and greedy agreement" and "greedy agreement)" in to_markdown(rep)
+    assert predictor.settings["healed_sets"] == rep["healed"]["sets"] and len(rep["healed"]["sets"]) == 14
 
 
 def test_the_healed_menu_needs_one_pool_in_every_source(tmp_path):

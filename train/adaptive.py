@@ -142,8 +142,8 @@ def nll_source(path, basis: Dict[str, np.ndarray], healed: bool = False) -> dict
     per token under the set minus dense's; with 4 columns also "agree", the share of the dense model's greedy
     reply that the set, decoding greedily, would not reproduce word for word, minus dense's own share (the
     numerics of a full pass against cached decoding): 0 when the set decodes the whole reply as dense does.
-    With `healed`, the sets of its pool (pool [P], healed [n, P, 2]: the same replies with the pool adapter on)
-    take their healed NLL, and "nll" is the only loss (no healed agreement was measured)."""
+    With `healed`, the sets of its pool (pool [P], healed [n, P, 2 or 4]: the same replies with the pool adapter
+    on) take their healed columns; "agree" only where both the unhealed and the healed arrays have agreement."""
     path = Path(path)
     try:
         with np.load(path, allow_pickle=False) as z:
@@ -160,30 +160,31 @@ def nll_source(path, basis: Dict[str, np.ndarray], healed: bool = False) -> dict
     if () not in sets:
         raise PuddingError(f"{path}: 'sets' has no dense entry (\"\"); the loss is against dense")
     dense = sets.index(())
-    nll = per_token(d["unhealed"])
-    healed_sets: List[tuple] = []
-    if healed:
+    stats, healed_sets = d["unhealed"], []
+    if healed:  # the pool's columns (appended where the unhealed ones lack a set) take their healed statistics
         if "healed" not in d or "pool" not in d:
             raise PuddingError(f"{path}: no 'healed' and 'pool' arrays (the pool adapter's NLL); give the heal run's "
-                               "nll.npz (benchmarks/heal_gpu.py adaptive-data)")
+                               "nll.npz or agree-healed.npz (benchmarks/heal_gpu.py adaptive-data, agree-healed)")
         healed_sets = [_key(s.split(",")) for s in map(str, d["pool"])]
-        if d["healed"].shape != (n, len(healed_sets), 2):
-            raise PuddingError(f"{path}: 'healed' is {list(d['healed'].shape)}, expected [{n}, {len(healed_sets)}, 2]")
-        at = {s: i for i, s in enumerate(sets)}
-        extra_sets = [s for s in healed_sets if s not in at]
-        sets = sets + extra_sets
-        nll = np.concatenate([nll, np.zeros((n, len(extra_sets)))], 1)
+        if d["healed"].shape not in ((n, len(healed_sets), 2), (n, len(healed_sets), 4)):
+            raise PuddingError(f"{path}: 'healed' is {list(d['healed'].shape)}, expected [{n}, {len(healed_sets)}, 2] "
+                               "(or 4 columns with agreement)")
+        width = min(stats.shape[2], d["healed"].shape[2])  # agreement only where both sides measured it
+        more = [s for s in healed_sets if s not in sets]
+        sets = sets + more
+        stats = np.concatenate([stats[..., :width], np.zeros((n, len(more), width), stats.dtype)], 1)
         for j, s in enumerate(healed_sets):
-            nll[:, sets.index(s)] = per_token(d["healed"][:, j])
+            stats[:, sets.index(s)] = d["healed"][:, j, :width]
+    nll = per_token(stats)
     losses = {"nll": nll - nll[:, [dense]]}
     verbatim, dense_verbatim = None, None
-    if d["unhealed"].shape[2] == 4 and not healed:
-        count = np.maximum(d["unhealed"][..., 1].astype(np.float64), 1)
-        lost = 1 - d["unhealed"][..., 3] / count  # the share of the reply after the first token it departs at
+    if stats.shape[2] == 4:
+        count = np.maximum(stats[..., 1].astype(np.float64), 1)
+        lost = 1 - stats[..., 3] / count  # the share of the reply after the first token it departs at
         losses["agree"] = lost - lost[:, [dense]]
-        verbatim = d["unhealed"][..., 3] >= d["unhealed"][:, [dense], 3]  # as far as dense itself decodes it
+        verbatim = stats[..., 3] >= stats[:, [dense], 3]  # as far as dense itself decodes it
         # dense's own replies decoded word for word by a full-sequence pass: the numerics' share (1.0 in float32)
-        dense_verbatim = float((d["unhealed"][:, dense, 3] >= d["unhealed"][:, dense, 1]).mean())
+        dense_verbatim = float((stats[:, dense, 3] >= stats[:, dense, 1]).mean())
     for k in ("mean_3", "last_3"):
         if d[k].shape != (n, len(basis[f"center_{k}"])):
             raise PuddingError(f"{path}: {k!r} is {list(d[k].shape)}, expected [{n}, {len(basis[f'center_{k}'])}] "
@@ -526,7 +527,10 @@ def build(run_dir, gen_dir, model: str, nll_path=None, bench_file=None, seed: in
            "speed": {"model": "ideal L / (L - mean k), equal reply lengths", "measured": measured_k3(bench_file) if bench_file else None,
                      "depths": speeds},
            "n": {"mc_eval": int(len(ev_data["task"])), "humaneval": len(ids)}, "mc_extra": None if extra is None else str(extra),
-           "healed": None if healed is None else {"folder": str(healed), "sets": healed_menu},
+           "healed": None if healed is None else {
+               "folder": str(healed), "sets": healed_menu,
+               "gen": "reply NLL and greedy agreement" if nll is not None and "agree" in nll["losses"] else
+                      "reply NLL only: no healed greedy agreement, so the generation loss is nll"},
            "held_out": "HumanEval chose nothing; MC evaluation rows (data-val, data-test) chose nothing"}
     return rep, predictor
 
@@ -752,8 +756,8 @@ def to_markdown(rep: dict) -> str:
         h = rep["healed"]
         out.insert(3, f"**Healed menu**: the {len(h['sets'])} menu sets the pool adapter heals run with it on: their MC "
                       f"columns from `{h['folder']}`/data-healed-{{train,val,test}}, their HumanEval from `{h['folder']}`/"
-                      "gen-pool, their reply NLL from the --nll file's healed columns (so the generation loss is nll: no "
-                      "healed agreement was measured). Every other set runs unhealed. Best static sets are chosen the "
+                      f"gen-pool, their replies' statistics from the --nll file's healed columns ({h.get('gen', 'reply NLL')}). "
+                      "Every other set runs unhealed. Best static sets are chosen the "
                       "same way over the same columns, so they are healed where the menu is. The fixed-k routers are "
                       "left out (trained unhealed; the healed ones: heal_report.md). The adapter's cost in speed is not "
                       "in the ideal or measured-mix speedups (it is measured in heal_report.md: adapter cost).")
