@@ -259,8 +259,8 @@ def agree_healed(pm, tok, examples, pool, out: Path):
     by_id = {e.id: e for e in examples if e.kind != "code-text"}
     keep = np.array([str(i) in by_id for i in arrays["id"]])
     keep &= np.arange(len(keep)) < ADAPTIVE_N  # all 594 by default; fewer for a smoke run
-    if not keep.all():
-        arrays = {k: (v[keep] if v.ndim and len(v) == len(keep) and k != "sets" else v) for k, v in arrays.items()}
+    if not keep.all():  # the per-row arrays (every one but "sets")
+        arrays = {k: (v if k == "sets" else v[keep]) for k, v in arrays.items()}
     rows = [by_id[str(i)] for i in arrays["id"]]
     healed = D.nll_matrix(pm.get_base_model(), tok, rows, [tuple(s) for s in pool], agreement=True,
                           progress=lambda d, t: log(f"agree-healed {d}/{t}"))  # the pool adapter on

@@ -42,6 +42,7 @@ import numpy as np
 from pudding_mlx.adaptive import LossPredictor, choose_many, write_predictor
 from pudding_mlx.atomic import write_json, write_text
 from pudding_mlx.errors import PuddingError, first_line
+from pudding_mlx.jsonio import read_json
 from pudding_mlx.omission import ideal_speedup
 
 from . import generation_report as G
@@ -299,7 +300,6 @@ def measured_k3(bench_file) -> Optional[dict]:
 def depth_speeds(speed_file, n_blocks: int) -> dict:
     """benchmarks/depth_speed.py's JSON: {"file", "backend", "dense_ms", "ms": {k: ms per token}, "speedup":
     {k: {median, ci95}}} (k = the number of blocks skipped; a k measured with two sets keeps the first)."""
-    from pudding_mlx.jsonio import read_json
 
     fix = "make it with benchmarks/depth_speed.py MODEL --omit ... --json FILE"
     d = read_json(speed_file, "a depth_speed.py result", fix)
@@ -353,10 +353,11 @@ def build(run_dir, gen_dir, model: str, nll_path=None, bench_file=None, seed: in
     speeds = depth_speeds_of(speed_files, n_blocks)  # checked before the fit
     train = mc_source(run, "train", extra, healed)
     gen_sets = G.load_sets(gen)
-    healed_he = {}
+    he_pool = set()
     if healed is not None:  # the pool's sets' HumanEval with the adapter on replace the unhealed ones
         healed_he = {name: s for name, s in G.load_sets(Path(healed) / "gen-pool").items() if s["omitted"]}
         gen_sets = {**gen_sets, **healed_he}
+        he_pool = {_key(s["omitted"]) for s in healed_he.values()}
     he_by_key = {_key(s["omitted"]): name for name, s in gen_sets.items()}
     menu = [()] + sorted((s for s in train["sets"] if s in he_by_key), key=lambda s: (len(s), train["sets"].index(s)))
     if len(menu) < 2:
@@ -370,8 +371,8 @@ def build(run_dir, gen_dir, model: str, nll_path=None, bench_file=None, seed: in
     held[held_rows] = True
     nll = nll_source(nll_path, basis_of(run), healed is not None) if nll_path is not None else None
     if healed is not None:  # one pool: its MC, its HumanEval and its reply NLL all healed, or the menu would mix
-        mc_pool = {_key(x) for x in R.load_eval([Path(healed) / "data-healed-train"])["sets"]}
-        he_pool = {_key(x["omitted"]) for x in healed_he.values()}
+        mc_pool = {_key(x) for x in read_json(Path(healed) / "data-healed-train" / "router_data.json",
+                                              "router data", "rebuild it (heal_gpu.py mc-healed)")["sets"]}
         nll_pool = set(nll["healed_sets"]) if nll is not None else he_pool
         if not mc_pool == he_pool == nll_pool:
             raise PuddingError(f"{healed}: data-healed-train heals {len(mc_pool)} sets, gen-pool {len(he_pool)}, "
@@ -502,7 +503,7 @@ def build(run_dir, gen_dir, model: str, nll_path=None, bench_file=None, seed: in
                                                for g, v in by_gen.items()}
     with np.load(run / "features-train.npz", allow_pickle=False) as z:
         max_tokens = int(z["max_tokens"])  # the router's prompt length: the predictor reads the same prompt
-    healed_menu = [list(s) for s in menu if s in {_key(x["omitted"]) for x in healed_he.values()}]
+    healed_menu = [list(s) for s in menu if s in he_pool]
     healed_meta = {} if healed is None else {"healed_sets": healed_menu}  # run with the pool adapter on
     predictor = LossPredictor([list(s) for s in menu], AFTER, pooling, max_tokens,
                               *_folded(fitted["head"], pooling, basis_of(run)), float(default),

@@ -69,11 +69,12 @@ def _lr(step: int, steps: int, warmup: int) -> float:
 
 def micro_batches(batch: Sequence[Example], max_targets: int) -> List[List[Example]]:
     """`batch` cut, in order, into runs of at most `max_targets` target tokens (one example may exceed it alone):
-    the vocabulary-wide logits of a step cost memory by the target, and long code examples would not fit."""
-    out, size = [[]], 0
+    the vocabulary-wide logits of a step cost memory by the target, and long code examples would not fit. An empty
+    batch (a rank's share of a step smaller than the world) is no part at all."""
+    out, size = [], 0
     for e in batch:
         n = len(e.ids) - e.start
-        if out[-1] and size + n > max_targets:
+        if not out or (out[-1] and size + n > max_targets):
             out.append([])
             size = 0
         out[-1].append(e)
@@ -100,7 +101,7 @@ def backward(peft_model, tokenizer, batch: Sequence[Example], omitted: Sequence[
     n_all, n_ce = counts or target_counts(batch)  # KL over every target; CE over the replies' targets
     ce_sum = kl_sum = 0.0
     bad: List[dict] = []
-    for part in micro_batches(batch, max_targets) if batch else []:
+    for part in micro_batches(batch, max_targets):
         ids, mask, target = pad_batch(part, _pad_id(tokenizer), device)
         with torch.no_grad(), peft_model.disable_adapter():
             teacher, labels, rows = target_logits(base, ids, mask, target)
@@ -229,9 +230,9 @@ def nll_table(peft_model, tokenizer, examples: Sequence[Example], sets: Sequence
     active = peft_model.active_adapter
     table: Dict[str, dict] = {}
 
-    def nll(s) -> float:
-        mine = target_nll(base, tokenizer, examples[rank::size], s, batch_size) if examples[rank::size] else None
-        return mean_nll(np.array([sum_everywhere(mine.sum(0) if mine is not None else [0.0, 0.0])]))
+    def nll(s) -> float:  # this rank's summed NLL and count (zeros for no examples), added up over the ranks
+        mine = target_nll(base, tokenizer, examples[rank::size], s, batch_size).sum(0)
+        return mean_nll(np.array([sum_everywhere(mine)]))
 
     with peft_model.disable_adapter():
         table["dense"] = {"unhealed": nll(())}
